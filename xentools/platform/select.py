@@ -1,0 +1,26 @@
+"""Choosing a platform: the software Xen when a simulation directory is given, else real Xen.
+
+Owns: the one place that decides which Platform implementation a command or device gets.
+Must not: be imported by xentools.core or by the platform implementations themselves.
+"""
+
+from __future__ import annotations
+
+import os
+
+from xentools.platform.interface import Platform
+
+SIM_DIR_ENV = "XENTOOLS_SIM_DIR"
+
+
+def open_platform(sim_dir: str | None = None, domid: int | None = None) -> Platform:
+    """A Platform for `domid` on the software Xen rooted at `sim_dir` (or $XENTOOLS_SIM_DIR),
+    or on the real Xen this process runs on when neither is set."""
+    sim_dir = sim_dir or os.environ.get(SIM_DIR_ENV)
+    if sim_dir:
+        from xentools.platform.sim.platform import SoftwarePlatform
+
+        return SoftwarePlatform(sim_dir, 0 if domid is None else domid)
+    from xentools.platform.xen.platform import XenPlatform
+
+    return XenPlatform() if domid is None else XenPlatform(domid=domid)
