@@ -17,7 +17,7 @@ from xentools.core.errors import XentoolsError
 # (module, attribute) of each click command or group; a module that is not written yet is
 # simply not listed.
 SUBCOMMANDS: list[tuple[str, str]] = [
-    
+    ("xentools.tools.sim_cmd", "sim"),
 ]
 
 EXIT_USAGE = 2
