@@ -52,4 +52,10 @@ class VbdError(ProtocolError):
 
 
 class GrantDmaError(XentoolsError):
-    """The grant-DMA layer was used against its rules (bad tag, map in the wrong state)."""
+    """The grant-DMA layer was used against its rules (bad tag, buffer that does not fit the
+    tag, map in the wrong state). Like ProtocolError it carries `rule` and `detail`."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        super().__init__(f"{rule}: {detail}")
+        self.rule = rule
+        self.detail = detail
