@@ -1,0 +1,77 @@
+"""The in-dom0 suite: runs only inside dom0 under real Xen (booted by tests/nested/run.py).
+
+Owns: the guard that FAILS every test here with the reason when this is not dom0 on real
+Xen with the grant and event channel devices (no skips: a missing Xen is a failure), the
+`xen` marker on every test here, and shared fixtures that check nothing leaks.
+Must not: start Xen services (tests/nested/dom0/boot.sh did that before pytest started).
+
+Run it with `make test-xen`, or: python3 tests/nested/run.py -- .venv/bin/python -m pytest -q tests/xen
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REQUIRED = ("/proc/xen/capabilities", "/dev/xen/gntdev", "/dev/xen/gntalloc", "/dev/xen/evtchn")
+
+
+def _not_dom0_reason() -> str | None:
+    absent = [p for p in REQUIRED if not Path(p).exists()]
+    if absent:
+        return (
+            f"tests/xen runs only in dom0 on real Xen; absent here: {', '.join(absent)}. "
+            "Run it through the nested harness: make test-xen"
+        )
+    if "control_d" not in Path("/proc/xen/capabilities").read_text():
+        return "tests/xen runs only in dom0: /proc/xen/capabilities lacks control_d"
+    return None
+
+
+NOT_DOM0 = _not_dom0_reason()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.xen)
+
+
+@pytest.fixture(autouse=True)
+def _require_dom0() -> None:
+    if NOT_DOM0 is not None:
+        pytest.fail(NOT_DOM0, pytrace=False)
+
+
+@pytest.fixture
+def platform():
+    from xentools.platform.xen import XenPlatform
+
+    return XenPlatform()
+
+
+@pytest.fixture
+def gntshr(platform):
+    sharer = platform.open_gntshr()
+    yield sharer
+    leaked = sharer.shared
+    sharer.close()
+    assert not leaked, f"test left {len(leaked)} grant shares behind"
+
+
+@pytest.fixture
+def gnttab(platform):
+    mapper = platform.open_gnttab()
+    yield mapper
+    leaked = mapper.mapped
+    mapper.close()
+    assert not leaked, f"test left {len(leaked)} grant mappings behind"
+
+
+@pytest.fixture
+def evtchn(platform):
+    channels = platform.open_evtchn()
+    yield channels
+    channels.close()

@@ -1,0 +1,71 @@
+"""A real full memory barrier (store->load ordering across CPUs) for shared rings.
+
+Owns: `full_barrier()`, the callable the ring calls where xen/io/ring.h calls xen_mb():
+between publishing a producer index and reading the peer's event index
+(RING_PUSH_*_AND_CHECK_NOTIFY, RING_FINAL_CHECK_FOR_*). Without it a CPU may read the old
+event index before its own store is visible, both sides decide not to notify, and the ring
+stalls.
+Must not: pretend. Python cannot emit a fence, and cffi's ABI mode cannot either; the GIL
+orders nothing for a peer in another process or domain. So the two instructions
+`mfence; ret` (4 bytes of x86-64 machine code, no compiler needed) are placed in a page that
+is written, then made executable and read-only (W^X), and called through ctypes. Intel SDM
+vol. 3A 8.2.5: MFENCE orders every load and store issued before it against every one after.
+On other machines, or where executable memory is refused, `full_barrier()` returns None and
+the ring always notifies and re-checks instead (never a lost wakeup).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import threading
+from collections.abc import Callable
+
+MFENCE_RET = bytes((0x0F, 0xAE, 0xF0, 0xC3))  # mfence; ret
+_PAGE = 4096
+_PROT_READ, _PROT_WRITE, _PROT_EXEC = 0x1, 0x2, 0x4
+_MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
+
+_lock = threading.Lock()
+_cached: list[Callable[[], None] | None] = []
+_code_address: list[int] = []  # the page stays mapped for the life of the process
+
+
+def _make_mfence() -> Callable[[], None] | None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    mmap = libc.mmap
+    mmap.restype = ctypes.c_void_p
+    mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                     ctypes.c_int, ctypes.c_long]
+    mprotect = libc.mprotect
+    mprotect.restype = ctypes.c_int
+    mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    addr = mmap(None, _PAGE, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE_ANONYMOUS, -1, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        return None
+    ctypes.memmove(addr, MFENCE_RET, len(MFENCE_RET))
+    if mprotect(addr, _PAGE, _PROT_READ | _PROT_EXEC) != 0:
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(_PAGE))
+        return None
+    _code_address.append(addr)
+    return ctypes.CFUNCTYPE(None)(addr)
+
+
+def code_bytes() -> bytes:
+    """The machine code the barrier executes (empty when there is none), for inspection."""
+    if not _code_address:
+        return b""
+    return ctypes.string_at(_code_address[0], len(MFENCE_RET))
+
+
+def full_barrier() -> Callable[[], None] | None:
+    """The full-barrier function, or None when no real barrier can be had here."""
+    with _lock:
+        if not _cached:
+            try:
+                _cached.append(_make_mfence())
+            except (OSError, AttributeError):
+                _cached.append(None)
+        return _cached[0]
