@@ -18,6 +18,8 @@ from xentools.core.errors import XentoolsError
 # simply not listed.
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("xentools.tools.sim_cmd", "sim"),
+    ("xentools.tools.doctor", "doctor"),
+    ("xentools.tools.image_cmd", "image"),
 ]
 
 EXIT_USAGE = 2

@@ -1,0 +1,408 @@
+"""The boot-test engine driven by a fake `xl` (a script that simulates create -p, domid,
+console, unpause, destroy and xenconsoled's guest log): verdicts, files, and the guest
+always destroyed."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+from test_images_support import FakeXl, freebsd_like_image, vhd_footer
+from xentools.tools.image_cmd import image as image_group
+from xentools.tools.images.boottest import (
+    BootTest,
+    Console,
+    DiskServer,
+    GuestConfig,
+    HostDisk,
+    SubprocessRunner,
+    XentoolsDisk,
+    default_blkback_argv,
+    domain_name,
+    preflight,
+    render_xl_cfg,
+)
+from xentools.tools.images.catalog import load_catalog
+from xentools.tools.images.errors import BootTestError, ImageFormatError
+from xentools.tools.images.verdict import Outcome, Rules, Verdict
+
+CATALOG = load_catalog(Path(__file__).resolve().parents[1] / "vm-images" / "catalog.toml")
+NAME = "xtbt-test-1"
+BOOT = "Booting...\r\nCopyright (c) 1992-2024 The FreeBSD Project.\r\nxbd0: 2MB <Virtual Block Device>\r\n"
+PANIC_LINE = "panic: Assertion nseg <= sc->xbd_max_indirectpages failed at blkfront.c:312"
+
+
+def rules(**kw):
+    opts = {"first_output_timeout": 5.0, "boot_timeout": 10.0, "prompt_grace": 0.2}
+    opts.update(kw)
+    return Rules.build(CATALOG.profile("default").patterns, **opts)
+
+
+@pytest.fixture
+def image(tmp_path):
+    p = tmp_path / "disk.raw"
+    p.write_bytes(bytes(freebsd_like_image(1 << 20)))
+    return p
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    f = FakeXl(tmp_path)
+    monkeypatch.setenv("FAKE_XL_STATE", str(f.state))
+    return f
+
+
+def boot(tmp_path, fake, image, *, r=None, disk=None, guest_type="hvm", log_dir=None, kernel=None, runner=None):
+    disk = disk or HostDisk(str(image))
+    guest = GuestConfig(name=NAME, guest_type=guest_type, memory_mb=256, vcpus=1, kernel=kernel,
+                        disks=tuple(disk.xl_disks()))
+    test = BootTest(image=str(image), image_format="raw", guest=guest, rules=r or rules(), disk=disk,
+                    out_dir=tmp_path / "out", xl=str(fake.path), log_dir=log_dir, liveness_interval=0.05,
+                    runner=runner)
+    return test.run()
+
+
+def commands(fake):
+    return [c[0] for c in fake.calls()]
+
+
+def test_pass_through_xl_console_on_a_pty(tmp_path, fake, image):
+    fake.configure(transcript=[[0.05, BOOT], [0.05, "\r\nFreeBSD/amd64 (xen) (ttyu0)\r\n\r\nlogin: "]])
+    res = boot(tmp_path, fake, image)
+    assert res.decision.verdict is Verdict.PASS and res.decision.line == "login:"
+    assert res.outcome is Outcome.PASS and res.exit_code == 0
+    cmds = commands(fake)
+    assert cmds[:2] == ["create", "domid"] and "console" in cmds and cmds[-1] == "destroy"
+    assert cmds.index("create") < cmds.index("unpause") < cmds.index("destroy")
+    assert fake.calls()[0] == ["create", "-p", str(tmp_path / "out" / "xl.cfg")]
+    assert fake.live_domains() == []
+    assert res.destroyed and res.cleanup_errors == () and res.domid == 7
+    assert b"FreeBSD/amd64 (xen) (ttyu0)" in (tmp_path / "out" / "console.log").read_bytes()
+    cfg = fake.last_cfg()
+    assert "type = 'hvm'" in cfg and "serial = 'pty'" in cfg
+    assert f"disk = [ 'format=raw,vdev=xvda,access=rw,target={image}' ]" in cfg
+
+
+def test_panic_from_the_xenconsoled_log_is_quoted_in_every_report(tmp_path, fake, image):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / f"guest-{NAME}.log").write_bytes(b"an older run of the same name\npanic: old\n")
+    fake.configure(log_dir=str(logs), transcript=[[0.05, BOOT], [0.05, PANIC_LINE + "\ncpuid = 0\nKDB: enter: panic\n"]])
+    res = boot(tmp_path, fake, image, log_dir=str(logs))
+    d = res.decision
+    assert d.verdict is Verdict.PANIC and d.line == PANIC_LINE and d.line_no == 4
+    assert res.exit_code == 5 and res.console_mode == "log"
+    assert fake.live_domains() == [] and commands(fake)[-1] == "destroy"
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "panic" and report["outcome"] == "fail" and report["exit_code"] == 5
+    assert report["matched_line"] == PANIC_LINE and report["matched_pattern"] == "(?:^|\\s)panic: "
+    assert report["image"] == str(image) and report["backend"] == "host" and report["destroyed"] is True
+    assert report["files"]["console_log"] == str(out / "console.log")
+    assert report["timeouts_s"]["boot"] == 10.0
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    assert suite.get("failures") == "1" and suite.get("errors") == "0" and suite.get("tests") == "1"
+    case = suite.find("testcase")
+    assert case.get("name") == "disk.raw" and case.get("classname") == "boot-test.default"
+    failure = case.find("failure")
+    assert failure.get("type") == "panic" and PANIC_LINE in failure.get("message")
+    assert PANIC_LINE in case.find("system-out").text
+    props = {p.get("name"): p.get("value") for p in suite.find("properties")}
+    assert props["verdict"] == "panic" and props["outcome"] == "fail"
+    log = (out / "console.log").read_bytes()
+    assert PANIC_LINE.encode() in log and b"an older run" not in log
+
+
+def test_timeout_quotes_the_last_line_and_destroys(tmp_path, fake, image):
+    fake.configure(transcript=[[0.02, "Booting...\nwaiting for something that never comes\n"]])
+    res = boot(tmp_path, fake, image, r=rules(boot_timeout=0.6))
+    assert res.decision.verdict is Verdict.TIMEOUT and res.exit_code == 6
+    assert res.decision.line == "waiting for something that never comes"
+    assert fake.live_domains() == [] and commands(fake)[-1] == "destroy"
+    suite = ET.parse(tmp_path / "out" / "junit.xml").getroot().find("testsuite")
+    assert suite.find("testcase/failure").get("type") == "timeout"
+
+
+def test_guest_that_never_prints(tmp_path, fake, image):
+    fake.configure(transcript=[])
+    res = boot(tmp_path, fake, image, r=rules(first_output_timeout=0.4))
+    assert res.decision.verdict is Verdict.NO_OUTPUT and res.exit_code == 6
+    assert "no output from the guest in 0.4 s" in res.decision.reason
+    assert fake.live_domains() == []
+    assert (tmp_path / "out" / "console.log").read_bytes() == b""
+
+
+def test_mountroot_prompt(tmp_path, fake, image):
+    fake.configure(transcript=[[0.02, BOOT + "Mounting from ufs:/dev/gpt/rootfs failed with error 19.\r\n\r\nmountroot> "]])
+    res = boot(tmp_path, fake, image)
+    assert res.decision.verdict is Verdict.MOUNTROOT and res.exit_code == 5
+    assert res.decision.line == "Mounting from ufs:/dev/gpt/rootfs failed with error 19."
+
+
+def test_guest_that_powers_off_without_a_verdict(tmp_path, fake, image):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    fake.configure(log_dir=str(logs), hold=False, transcript=[[0.02, "Booting...\nUptime: 1s\n"]])
+    res = boot(tmp_path, fake, image, log_dir=str(logs))
+    assert res.decision.verdict is Verdict.ENDED and res.exit_code == 5
+    assert "the domain is gone" in res.decision.reason and res.decision.line == "Uptime: 1s"
+    assert res.destroyed and res.cleanup_errors == ()  # already gone counts as destroyed
+
+
+def test_failed_create_is_an_error_and_destroy_is_still_tried(tmp_path, fake, image):
+    fake.configure(create_rc=3)
+    res = boot(tmp_path, fake, image)
+    assert res.decision.verdict is Verdict.ERROR and res.exit_code == 4
+    assert "xl create failed (exit 3): libxl: error: fake create failure" in res.decision.reason
+    assert commands(fake) == ["create", "destroy", "domid"]
+    assert res.cleanup_errors == ()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["outcome"] == "error"
+    assert ET.parse(tmp_path / "out" / "junit.xml").getroot().find("testsuite").get("errors") == "1"
+
+
+def test_failed_unpause_still_destroys_the_guest(tmp_path, fake, image):
+    fake.configure(unpause_rc=1)
+    res = boot(tmp_path, fake, image)
+    assert res.decision.verdict is Verdict.ERROR and "xl unpause failed" in res.decision.reason
+    assert fake.live_domains() == [] and commands(fake)[-1] == "destroy" and res.destroyed
+
+
+class BrokenDisk(DiskServer):
+    kind = "broken"
+
+    def __init__(self):
+        self.stopped = False
+
+    def xl_disks(self):
+        return []
+
+    def start(self, domid):
+        raise BootTestError("boottest.blkback", "cannot start blkback: test")
+
+    def stop(self):
+        self.stopped = True
+        return None
+
+
+def test_backend_failure_still_destroys_and_stops(tmp_path, fake, image):
+    disk = BrokenDisk()
+    res = boot(tmp_path, fake, image, disk=disk, guest_type="pv", kernel=str(image))
+    assert res.decision.verdict is Verdict.ERROR and "cannot start blkback" in res.decision.reason
+    assert disk.stopped and fake.live_domains() == [] and commands(fake)[-1] == "destroy"
+
+
+def test_a_guest_that_cannot_be_destroyed_turns_a_pass_into_an_error(tmp_path, fake, image):
+    fake.configure(destroy_rc=1, transcript=[[0.02, "login: \n"]])
+    res = boot(tmp_path, fake, image)
+    assert res.decision.verdict is Verdict.PASS
+    assert res.outcome is Outcome.ERROR and res.exit_code == 4
+    assert "xl destroy xtbt-test-1 failed: libxl: error: fake destroy failure" in res.cleanup_errors[0]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["destroyed"] is False and report["outcome"] == "error"
+
+
+class InterruptingRunner(SubprocessRunner):
+    def spawn_console(self, argv):
+        class Boom(Console):
+            mode = "xl"
+
+            def read(self, timeout):
+                raise KeyboardInterrupt
+
+            def close(self):
+                pass
+
+        return Boom()
+
+
+def test_interrupt_still_destroys_the_guest(tmp_path, fake, image):
+    fake.configure(transcript=[])
+    with pytest.raises(KeyboardInterrupt):
+        boot(tmp_path, fake, image, runner=InterruptingRunner())
+    assert fake.live_domains() == [] and commands(fake)[-1] == "destroy"
+
+
+BLKBACK = r'''
+import json, signal, sys, time
+report = sys.argv[sys.argv.index("--report") + 1]
+def stop(*_):
+    json.dump({"requests": 12, "violations": {}, "backend": sys.argv[sys.argv.index("--backend-path") + 1]},
+              open(report, "w"))
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("fake blkback serving", flush=True)
+while True:
+    time.sleep(0.05)
+'''
+
+
+def test_xentools_backend_writes_the_vbd_runs_blkback_and_collects_its_report(tmp_path, fake, image):
+    script = tmp_path / "fake_blkback.py"
+    script.write_text(BLKBACK)
+    seen = SimpleNamespace(created=None, destroyed=None, closed=False, live_at_destroy=None)
+
+    class Xs:
+        def close(self):
+            seen.closed = True
+
+    def create_vbd(xs, **kw):
+        seen.created = kw
+        return SimpleNamespace(backend=f"/local/domain/0/backend/vbd/{kw['frontend_domid']}/{kw['devid']}",
+                               frontend=f"/local/domain/{kw['frontend_domid']}/device/vbd/{kw['devid']}")
+
+    def destroy_vbd(xs, paths):
+        seen.destroyed = paths
+        seen.live_at_destroy = fake.live_domains()
+
+    report = tmp_path / "out" / "blkback-report.json"
+    disk = XentoolsDisk(str(image), report_path=str(report), connect=Xs, create_vbd=create_vbd,
+                        destroy_vbd=destroy_vbd,
+                        blkback_argv=lambda backend, img, rep, read_only: [
+                            sys.executable, str(script), "--backend-path", backend, "--image", img, "--report", rep,
+                            *(["--read-only"] if read_only else [])])
+    fake.configure(transcript=[[0.3, "[    0.5] blkfront: xvda: flush diskcache: enabled\nlogin: \n"]])
+    res = boot(tmp_path, fake, image, disk=disk, guest_type="pv", kernel=str(image))
+    assert res.decision.verdict is Verdict.PASS and res.backend == "xentools"
+    assert seen.created == {"backend_domid": 0, "frontend_domid": 7, "devid": 51712, "params": str(image), "mode": "w"}
+    assert seen.destroyed.backend == "/local/domain/0/backend/vbd/7/51712"
+    assert seen.live_at_destroy == [] and seen.closed  # the vbd goes after the guest
+    assert res.disk_report["blkback_exit_code"] == 0 and res.disk_report["errors"] == []
+    assert Path(res.disk_report["log_file"]).read_text() == "fake blkback serving\n"
+    assert res.disk_report["conformance"] == {"requests": 12, "violations": {},
+                                              "backend": "/local/domain/0/backend/vbd/7/51712"}
+    cfg = fake.last_cfg()
+    assert "disk = [  ]" in cfg and f"kernel = '{image}'" in cfg and "serial" not in cfg
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["disk_backend_report"]["conformance"]["requests"] == 12
+
+
+def test_default_blkback_command_line():
+    argv = default_blkback_argv("/local/domain/0/backend/vbd/7/51712", "/i.raw", "/o/r.json", read_only=True)
+    assert argv[1:] == ["-m", "xentools.devices.blkback", "--backend-path", "/local/domain/0/backend/vbd/7/51712",
+                        "--image", "/i.raw", "--report", "/o/r.json", "--read-only"]
+    assert "--read-only" not in default_blkback_argv("/b", "/i", "/r")
+
+
+def test_xentools_backend_refuses_hvm(tmp_path, image):
+    disk = XentoolsDisk(str(image), report_path=str(tmp_path / "r.json"))
+    guest = GuestConfig(name=NAME, guest_type="hvm", memory_mb=256, vcpus=1)
+    with pytest.raises(BootTestError) as err:
+        BootTest(image=str(image), image_format="raw", guest=guest, rules=rules(), disk=disk, out_dir=tmp_path)
+    assert err.value.rule == "boottest.backend"
+
+
+# ---------------------------------------------------------------------- cfg and checks
+
+def test_render_pv_and_hvm_configs():
+    pv = render_xl_cfg(GuestConfig("g1", "pv", 256, 1, kernel="/boot/vmlinuz", ramdisk="/boot/initrd.img",
+                                   extra="console=hvc0 root=/dev/xvda1"))
+    assert "type = 'pv'" in pv and "kernel = '/boot/vmlinuz'" in pv and "ramdisk = '/boot/initrd.img'" in pv
+    assert "extra = 'console=hvc0 root=/dev/xvda1'" in pv and "serial" not in pv
+    assert "on_crash = 'destroy'" in pv and "memory = 256" in pv
+    hvm = render_xl_cfg(GuestConfig("g2", "hvm", 2048, 2, disks=("format=raw,vdev=xvda,access=rw,target=/i.raw",)))
+    assert "serial = 'pty'" in hvm and "kernel" not in hvm and "vcpus = 2" in hvm
+
+
+@pytest.mark.parametrize("cfg, rule", [
+    (GuestConfig("g", "pv", 256, 1), "xlcfg.kernel"),
+    (GuestConfig("g", "kvm", 256, 1), "xlcfg.type"),
+    (GuestConfig("g'; x", "hvm", 256, 1), "xlcfg.value"),
+    (GuestConfig("g", "pv", 256, 1, kernel="/k", extra="a\nb"), "xlcfg.value"),
+])
+def test_bad_configs_are_refused(cfg, rule):
+    with pytest.raises(BootTestError) as err:
+        render_xl_cfg(cfg)
+    assert err.value.rule == rule
+
+
+def test_domain_names_are_safe_and_unique_per_process():
+    assert domain_name("/x/FreeBSD-14.1-RELEASE-amd64-ufs.raw", pid=42) == "xtbt-FreeBSD-14.1-RELEASE-amd64-ufs-42"
+    assert domain_name("/x/we ird$name.img", pid=1) == "xtbt-we-ird-name-1"
+
+
+def test_preflight(tmp_path, image, fake):
+    vhd = tmp_path / "disk.vhd"
+    vhd.write_bytes(image.read_bytes() + vhd_footer(1 << 20))
+    with pytest.raises(ImageFormatError) as err:
+        preflight(vhd, xl=str(fake.path), euid=0)
+    assert err.value.rule == "image.not_raw" and "qemu-img convert -f vpc -O raw" in str(err.value)
+    with pytest.raises(BootTestError) as err:
+        preflight(image, xl=str(fake.path), kernel=str(tmp_path / "nokernel"), euid=0)
+    assert err.value.rule == "boottest.kernel_missing"
+    with pytest.raises(BootTestError) as err:
+        preflight(image, xl="xl-that-does-not-exist-anywhere", euid=0)
+    assert err.value.rule == "boottest.no_xl"
+    with pytest.raises(BootTestError) as err:
+        preflight(image, xl=str(fake.path), euid=1000)
+    assert err.value.rule == "boottest.not_root" and "root" in str(err.value)
+    info, xl = preflight(image, xl=str(fake.path), euid=0)
+    assert info.is_raw and xl == str(fake.path)
+
+
+# --------------------------------------------------------------------- the CLI, in-process
+
+@pytest.fixture
+def as_root(monkeypatch, fake):
+    # xl runs only as root; the fake does not care, and the check itself is tested above.
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setenv("PATH", fake.env()["PATH"])
+
+
+def cli(*args):
+    return CliRunner().invoke(image_group, ["boot-test", *args], catch_exceptions=False)
+
+
+def test_cli_pass_prints_the_verdict_and_writes_files(tmp_path, fake, image, as_root):
+    fake.configure(transcript=[[0.02, BOOT + "login: \n"]])
+    out = tmp_path / "res"
+    r = cli(str(image), "--out", str(out), "--name", NAME, "--prompt-grace", "0.1")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.splitlines() == [r.stdout.strip()] and r.stdout.startswith("pass: pass: matched: 'login:'")
+    assert {p.name for p in out.iterdir()} == {"xl.cfg", "console.log", "report.json", "junit.xml"}
+    cfg = (out / "xl.cfg").read_text()
+    assert "type = 'hvm'" in cfg and "memory = 1024" in cfg  # the default profile's
+
+
+def test_cli_panic_quotes_the_line_and_exits_5(tmp_path, fake, image, as_root):
+    fake.configure(transcript=[[0.02, BOOT + PANIC_LINE + "\n"]])
+    r = cli(str(image), "--out", str(tmp_path / "res"), "--name", NAME)
+    assert r.exit_code == 5
+    assert r.stdout.startswith("fail: panic: matched: ") and PANIC_LINE in r.stdout
+
+
+def test_cli_no_output_exits_6_with_one_line(tmp_path, fake, image, as_root):
+    fake.configure(transcript=[])
+    r = cli(str(image), "--out", str(tmp_path / "res"), "--name", NAME, "--first-output-timeout", "0.3")
+    assert r.exit_code == 6
+    assert re.fullmatch(r"timeout: no_output: no output from the guest in 0\.3 s \(\d+\.\d s\)\n", r.stdout)
+
+
+def test_cli_kernel_makes_a_pv_guest_with_the_profile_command_line(tmp_path, fake, image, as_root):
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"\x7fELF")
+    fake.configure(transcript=[[0.02, "login: \n"]])
+    r = cli(str(image), "--out", str(tmp_path / "res"), "--name", NAME, "--kernel", str(kernel),
+            "--profile", "linux-pv", "--json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["guest_type"] == "pv" and report["profile"] == "linux-pv" and report["verdict"] == "pass"
+    cfg = (tmp_path / "res" / "xl.cfg").read_text()
+    assert f"kernel = '{kernel}'" in cfg and "extra = 'console=hvc0'" in cfg and "memory = 256" in cfg
+
+
+def test_cli_uses_the_profile_fetch_recorded(tmp_path, fake, as_root):
+    img = tmp_path / "FreeBSD-13.4-RELEASE-amd64.raw"
+    img.write_bytes(bytes(freebsd_like_image(1 << 20)))
+    fake.configure(transcript=[[0.02, "login: \n"]])
+    r = cli(str(img), "--out", str(tmp_path / "res"), "--name", NAME, "--json")
+    assert json.loads(r.stdout)["profile"] == "freebsd-13"
+    (tmp_path / (img.name + ".fetch.json")).write_text(json.dumps({"profile": "linux-pv"}))
+    r = cli(str(img), "--out", str(tmp_path / "res2"), "--name", NAME, "--json", "--type", "hvm")
+    assert json.loads(r.stdout)["profile"] == "linux-pv"

@@ -1,0 +1,217 @@
+"""`xentools image`: fetch FreeBSD release images, inspect image files, boot-test them.
+
+Owns: the click group `image` and its commands `fetch`, `inspect`, `boot-test`: options,
+the progress bar on stderr, what goes to stdout (a path, a verdict line, or JSON), and the
+boot test's exit codes (xtf-runner's: 0 pass, 4 error, 5 fail, 6 timeout).
+Must not: implement fetching, parsing or the boot test (xentools.tools.images does).
+
+`fetch` and `inspect` leave errors to the CLI's policy (one line, exit 1); `boot-test`
+reports its own errors with exit 4 so that a CI job can tell "the guest failed" (5, 6)
+from "the test could not run" (4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from xentools.core.errors import XentoolsError
+from xentools.tools.images.boottest import (
+    BootTest,
+    DiskServer,
+    GuestConfig,
+    HostDisk,
+    XentoolsDisk,
+    domain_name,
+    preflight,
+)
+from xentools.tools.images.catalog import Catalog, Profile, load_catalog
+from xentools.tools.images.diskformat import inspect_image
+from xentools.tools.images.fetch import Mirror, fetch_image, read_fetch_record
+from xentools.tools.images.verdict import Outcome, Rules
+
+
+def default_dest() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "xentools", "vm-images")
+
+
+class _QuietBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int | None) -> Iterator[object]:
+    if total is None:
+        click.echo(f"{label} (size unknown)", err=True)
+        yield _QuietBar()
+        return
+    # click prints only the label once when stderr is not a terminal: CI logs stay short.
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False) as bar:
+        yield bar
+
+
+def _notice(message: str) -> None:
+    click.echo(f"xentools: {message}", err=True)
+
+
+@click.group("image")
+def image() -> None:
+    """Guest images: fetch release images, inspect image files, boot-test them under xl."""
+
+
+@image.command("fetch")
+@click.argument("release")
+@click.option("--arch", default="amd64", show_default=True, help="Architecture (amd64, arm64).")
+@click.option("--fs", type=click.Choice(["ufs", "zfs"]), default=None,
+              help="File system of the image (default: the unsuffixed image, else UFS).")
+@click.option("--mirror", default=None, metavar="URL",
+              help="Root of a tree laid out like the FreeBSD download site: http(s)://, file:// or a directory.")
+@click.option("--dest", default=default_dest, show_default="~/.cache/xentools/vm-images",
+              type=click.Path(file_okay=False), help="Directory of the cache and the RAW image.")
+@click.option("--catalog", default=None, type=click.Path(dir_okay=False), help="Catalog file (default: vm-images/catalog.toml).")
+@click.option("--family", default="freebsd", show_default=True, help="Image family in the catalog.")
+@click.option("--retries", default=3, show_default=True, type=click.IntRange(0, 100),
+              help="Resume an interrupted download this many times before giving up.")
+@click.option("--retry-delay", default=1.0, show_default=True, type=click.FloatRange(0, 60), help="Seconds between retries.")
+@click.option("--fresh", is_flag=True, help="Decompress again even if the RAW image is cached.")
+@click.option("--keep-xz/--no-keep-xz", default=True, show_default=True, help="Keep the verified .xz as the cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the image's path.")
+def fetch_cmd(release: str, arch: str, fs: str | None, mirror: str | None, dest: str, catalog: str | None,
+              family: str, retries: int, retry_delay: float, fresh: bool, keep_xz: bool, as_json: bool) -> None:
+    """Download, verify and decompress the VM image of RELEASE (14.1 or 14.1-RELEASE).
+
+    Prints the path of the RAW image. An interrupted download is kept as <name>.part and
+    resumed by the next run; it is used only after its checksum matched.
+    """
+    cat = load_catalog(catalog)
+    fam = cat.family(family)
+    ref = fam.ref(release, arch, fs)
+    src = Mirror.parse(mirror if mirror is not None else cat.default_mirror)
+    result = fetch_image(ref, src, Path(dest), profile=fam.profile_name(ref.release), retries=retries,
+                         backoff=retry_delay, fresh=fresh, keep_compressed=keep_xz,
+                         progress=_progress, notice=_notice)  # type: ignore[arg-type]
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(result.raw_path)
+
+
+@image.command("inspect")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def inspect_cmd(file: str, as_json: bool) -> None:
+    """Report the format of an image FILE: RAW (MBR/GPT partitions), VHD, qcow2, vmdk, ..."""
+    info = inspect_image(file)
+    if as_json:
+        click.echo(json.dumps(info.to_json(), indent=2))
+    else:
+        for line in info.describe():
+            click.echo(line)
+
+
+def _choose_profile(cat: Catalog, name: str | None, image_path: str) -> Profile:
+    if name:
+        return cat.profile(name)
+    record = read_fetch_record(Path(image_path))
+    if record and isinstance(record.get("profile"), str):
+        return cat.profile(str(record["profile"]))
+    found = cat.profile_for_file(os.path.basename(image_path))
+    return found if found is not None else cat.profile("default")
+
+
+@image.command("boot-test")
+@click.argument("image_path", metavar="IMAGE", type=click.Path(dir_okay=False))
+@click.option("--profile", "profile_name", default=None,
+              help="Catalog profile (default: the one fetch recorded, or the image name's, or 'default').")
+@click.option("--catalog", default=None, type=click.Path(dir_okay=False), help="Catalog file.")
+@click.option("--type", "guest_type", type=click.Choice(["hvm", "pv", "pvh"]), default=None,
+              help="Guest type (default: the profile's; pv when --kernel is given to an hvm profile).")
+@click.option("--kernel", default=None, type=click.Path(dir_okay=False), help="Kernel for a PV/PVH guest.")
+@click.option("--ramdisk", default=None, type=click.Path(dir_okay=False), help="Initial ramdisk for --kernel.")
+@click.option("--extra", default=None, help="Kernel command line for --kernel (default: the profile's).")
+@click.option("--backend", type=click.Choice(["host", "xentools"]), default="host", show_default=True,
+              help="Who serves the disk: the host's usual backend, or xentools' blkback.")
+@click.option("--vdev", default="xvda", show_default=True, help="The guest's name for the disk.")
+@click.option("--read-only", is_flag=True, help="Give the guest the disk read-only.")
+@click.option("--log-dir", default=None, type=click.Path(file_okay=False),
+              help="xenconsoled's --log-dir: read guest-<name>.log instead of running xl console.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Directory for xl.cfg, console.log, report.json, junit.xml (default: boot-test-results/<name>).")
+@click.option("--name", default=None, help="Domain name (default: xtbt-<image>-<pid>).")
+@click.option("--memory", type=click.IntRange(16), default=None, help="MiB (default: the profile's).")
+@click.option("--vcpus", type=click.IntRange(1), default=None, help="Default: the profile's.")
+@click.option("--first-output-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds to the first console byte (default: the profile's).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
+              help="Seconds without output before giving up, 0 off (default: the profile's).")
+@click.option("--timeout", "boot_timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds to a verdict (default: the profile's).")
+@click.option("--prompt-grace", type=click.FloatRange(min=0), default=None,
+              help="Quiet seconds after an unterminated prompt before it counts.")
+@click.option("--xl", default="xl", show_default=True, help="The xl command.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the verdict line.")
+@click.pass_context
+def boot_test_cmd(ctx: click.Context, image_path: str, profile_name: str | None, catalog: str | None,
+                  guest_type: str | None, kernel: str | None, ramdisk: str | None, extra: str | None,
+                  backend: str, vdev: str, read_only: bool, log_dir: str | None, out_dir: str | None,
+                  name: str | None, memory: int | None, vcpus: int | None,
+                  first_output_timeout: float | None, idle_timeout: float | None,
+                  boot_timeout: float | None, prompt_grace: float | None, xl: str, as_json: bool) -> None:
+    """Boot IMAGE under xl and decide: pass (login prompt), fail (panic, mountroot, guest
+    gone), timeout (no verdict, or no output at all), error (the test could not run).
+
+    The guest is created paused, its console attached, then unpaused; it is always
+    destroyed at the end. Exit codes: 0 pass, 4 error, 5 fail, 6 timeout.
+    """
+    try:
+        cat = load_catalog(catalog)
+        info, xl_path = preflight(image_path, xl=xl, kernel=kernel, ramdisk=ramdisk)
+        profile = _choose_profile(cat, profile_name, image_path)
+        rules = Rules.build(
+            profile.patterns,
+            first_output_timeout=first_output_timeout or profile.first_output_timeout,
+            boot_timeout=boot_timeout or profile.boot_timeout,
+            idle_timeout=profile.idle_timeout if idle_timeout is None else idle_timeout,
+            prompt_grace=profile.prompt_grace if prompt_grace is None else prompt_grace,
+        )
+        kind = guest_type or ("pv" if kernel and profile.guest_type == "hvm" else profile.guest_type)
+        dom = name or domain_name(image_path)
+        out = Path(out_dir) if out_dir else Path("boot-test-results") / dom
+        disk: DiskServer
+        if backend == "xentools":
+            disk = XentoolsDisk(image_path, report_path=str(out / "blkback-report.json"), vdev=vdev,
+                                writable=not read_only)
+        else:
+            disk = HostDisk(image_path, vdev=vdev, writable=not read_only)
+        guest = GuestConfig(
+            name=dom, guest_type=kind, memory_mb=memory or profile.memory_mb, vcpus=vcpus or profile.vcpus,
+            kernel=os.path.abspath(kernel) if kernel else None,
+            ramdisk=os.path.abspath(ramdisk) if ramdisk else None,
+            extra=extra if extra is not None else (profile.extra if kernel else None),
+        )
+        guest = dataclasses.replace(guest, disks=tuple(disk.xl_disks()))
+        test = BootTest(image=os.path.abspath(image_path), image_format=info.format, guest=guest, rules=rules,
+                        disk=disk, out_dir=out, profile=profile.name, xl=xl_path, log_dir=log_dir)
+        result = test.run()
+    except XentoolsError as err:
+        click.echo(f"xentools: error: {err}", err=True)
+        ctx.exit(Outcome.ERROR.exit_code)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        line = f"{result.outcome.label}: {result.decision.summary()}"
+        if result.cleanup_errors:
+            line += "; " + "; ".join(result.cleanup_errors)
+        click.echo(line)
+        click.echo(f"xentools: console log {result.files['console_log']}, report {result.files['report']}, "
+                   f"junit {result.files['junit']}", err=True)
+    ctx.exit(result.exit_code)

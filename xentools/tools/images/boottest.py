@@ -1,0 +1,557 @@
+"""Boot a guest image under xl and decide whether it booted.
+
+Owns: the xl.cfg of a test guest (HVM for release images; PV/PVH with kernel=, ramdisk=,
+extra=), the checks before a run (image is RAW, xl found, root), the disk servers (the
+host's usual backend through the cfg's `disk=` line, or OUR blkback: xenstore nodes written
+by xentools.devices.toolstack plus a `python -m xentools.devices.blkback` process), the
+console (xenconsoled's `guest-<name>.log`, or `xl console` on a pty), and the run itself:
+`xl create -p`, attach the console, `xl unpause`, feed the verdict engine, and ALWAYS
+`xl destroy` at the end. Writes the cfg, the console log, the JSON report, the JUnit XML.
+Must not: decide a verdict itself (verdict.py does), or run a process other than through
+its Runner (so tests drive it with a fake `xl`).
+
+Order matters: the guest is created paused and the console attached before `xl unpause`,
+so that no early output is lost (measured, xen-in-qemu.md); a vbd served by our blkback is
+written (both directories in one transaction) before the guest runs, so its blkfront finds
+the device at boot.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import datetime
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from xentools.core.errors import XentoolsError
+from xentools.tools.images.diskformat import ImageInfo, inspect_image, require_raw
+from xentools.tools.images.errors import BootTestError
+from xentools.tools.images.report import BootResult, write_reports
+from xentools.tools.images.verdict import Rules, VerdictEngine
+
+__all__ = [
+    "BootTest", "Completed", "Console", "DiskServer", "GuestConfig", "HostDisk", "LogConsole",
+    "PtyConsole", "Runner", "SubprocessRunner", "XentoolsDisk", "default_blkback_argv",
+    "domain_name", "preflight", "render_xl_cfg",
+]
+
+XL_TIMEOUT = 120.0
+READ_SLICE = 0.2
+_NAME_OK = re.compile(r"[^A-Za-z0-9_.-]+")
+# xl.cfg strings are quoted; these characters would need escapes libxlu may not read back.
+_CFG_BAD = re.compile(r"['\"\\\n\r\x00-\x1f]")
+
+
+# ------------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class GuestConfig:
+    """What goes into the xl.cfg of a test guest."""
+
+    name: str
+    guest_type: str  # hvm, pv, pvh
+    memory_mb: int
+    vcpus: int
+    kernel: str | None = None
+    ramdisk: str | None = None
+    extra: str | None = None
+    disks: tuple[str, ...] = ()
+
+
+def _q(key: str, value: str) -> str:
+    if _CFG_BAD.search(value):
+        raise BootTestError("xlcfg.value", f"{key} {value!r} contains a quote, backslash or control character")
+    return f"'{value}'"
+
+
+def render_xl_cfg(cfg: GuestConfig) -> str:
+    """The xl.cfg text. Every exit of the guest destroys it: a test never reboots into a loop."""
+    if cfg.guest_type not in ("hvm", "pv", "pvh"):
+        raise BootTestError("xlcfg.type", f"guest type {cfg.guest_type!r} is not hvm, pv or pvh")
+    if cfg.guest_type != "hvm" and not cfg.kernel:
+        raise BootTestError("xlcfg.kernel", f"a {cfg.guest_type} guest needs --kernel (this tool does not run pygrub)")
+    lines = [
+        "# Written by xentools image boot-test.",
+        f"name = {_q('name', cfg.name)}",
+        f"type = '{cfg.guest_type}'",
+        f"memory = {int(cfg.memory_mb)}",
+        f"vcpus = {int(cfg.vcpus)}",
+    ]
+    if cfg.kernel:
+        lines.append(f"kernel = {_q('kernel', cfg.kernel)}")
+    if cfg.ramdisk:
+        lines.append(f"ramdisk = {_q('ramdisk', cfg.ramdisk)}")
+    if cfg.extra:
+        lines.append(f"extra = {_q('extra', cfg.extra)}")
+    if cfg.guest_type == "hvm":
+        # The emulated UART goes to a pty that `xl console -t serial` reads; no display.
+        lines += ["serial = 'pty'", "vnc = 0", "sdl = 0", "boot = 'c'"]
+    disks = ", ".join(_q("disk", d) for d in cfg.disks)
+    lines.append(f"disk = [ {disks} ]")
+    lines += ["on_poweroff = 'destroy'", "on_reboot = 'destroy'", "on_crash = 'destroy'"]
+    return "\n".join(lines) + "\n"
+
+
+def domain_name(image: str | os.PathLike[str], pid: int | None = None) -> str:
+    """A domain name unique to this run: xtbt-<image stem>-<pid>."""
+    stem = Path(image).name
+    for suffix in (".xz", ".raw", ".img"):
+        stem = stem.removesuffix(suffix)
+    stem = _NAME_OK.sub("-", stem).strip("-")[:40] or "image"
+    return f"xtbt-{stem}-{os.getpid() if pid is None else pid}"
+
+
+def preflight(image: str | os.PathLike[str], *, xl: str = "xl", kernel: str | None = None,
+              ramdisk: str | None = None, euid: int | None = None) -> tuple[ImageInfo, str]:
+    """Check before anything runs: the image is RAW, kernel/ramdisk exist, xl is found, we are
+    root. Returns the image's info and xl's path; raises ImageFormatError or BootTestError."""
+    info = inspect_image(image)
+    require_raw(info)
+    for what, path in (("kernel", kernel), ("ramdisk", ramdisk)):
+        if path is not None and not os.path.isfile(path):
+            raise BootTestError(f"boottest.{what}_missing", f"{what} {path} does not exist")
+    xl_path = shutil.which(xl)
+    if xl_path is None:
+        raise BootTestError("boottest.no_xl", f"{xl!r} not found on PATH: boot tests run in a Xen host's dom0 "
+                                              "(Debian: apt-get install xen-utils-4.17), or give --xl")
+    if (os.geteuid() if euid is None else euid) != 0:
+        raise BootTestError("boottest.not_root", "boot-test must run as root: xl needs dom0's privileged Xen "
+                                                 "interfaces (try sudo)")
+    return info, xl_path
+
+
+# ------------------------------------------------------------------------------ runners
+
+@dataclass(frozen=True)
+class Completed:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Console(abc.ABC):
+    """A guest console being read."""
+
+    mode: str
+
+    @abc.abstractmethod
+    def read(self, timeout: float) -> bytes | None:
+        """Bytes that arrived within `timeout` s (b"" for none), None once the console ended."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Runner(abc.ABC):
+    """How xl is run. SubprocessRunner runs it for real (tests put a fake `xl` first on PATH);
+    a caller may pass its own, e.g. to run xl inside another environment."""
+
+    @abc.abstractmethod
+    def run(self, argv: Sequence[str], timeout: float) -> Completed: ...
+
+    @abc.abstractmethod
+    def spawn_console(self, argv: Sequence[str]) -> Console: ...
+
+
+class PtyConsole(Console):
+    """`xl console` on a pseudo-terminal: xenconsole wants a terminal for its stdin."""
+
+    mode = "xl"
+
+    def __init__(self, proc: subprocess.Popen[bytes], master: int) -> None:
+        self.proc = proc
+        self._master: int | None = master
+
+    def read(self, timeout: float) -> bytes | None:
+        if self._master is None:
+            return None
+        ready, _, _ = select.select([self._master], [], [], max(0.0, timeout))
+        if not ready:
+            return b""
+        try:
+            data = os.read(self._master, 65536)
+        except OSError:  # EIO: the other side of the pty is closed
+            return None
+        return data or None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self._master is not None:
+            os.close(self._master)
+            self._master = None
+
+
+class LogConsole(Console):
+    """xenconsoled's log of the guest (`xenconsoled --log=guest --log-dir=DIR`), followed from
+    `offset` on (xenconsoled appends to an existing log). It never ends by itself: the caller
+    asks xl whether the domain is still there."""
+
+    mode = "log"
+
+    def __init__(self, path: Path, offset: int, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.path = path
+        self.offset = offset
+        self._sleep = sleep
+        self._f: IO[bytes] | None = None
+
+    def read(self, timeout: float) -> bytes | None:
+        if self._f is None:
+            try:
+                self._f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+            except FileNotFoundError:
+                self._sleep(min(timeout, 0.05))
+                return b""
+            self._f.seek(self.offset)
+        data = self._f.read(65536)
+        if not data:
+            self._sleep(min(timeout, 0.05))
+        return data
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class SubprocessRunner(Runner):
+    def run(self, argv: Sequence[str], timeout: float) -> Completed:
+        try:
+            p = subprocess.run(list(argv), capture_output=True, text=True, errors="replace",
+                               timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+        except FileNotFoundError:
+            raise BootTestError("boottest.no_xl", f"{argv[0]} not found") from None
+        except subprocess.TimeoutExpired:
+            raise BootTestError("boottest.xl_timeout", f"{' '.join(argv[:3])} did not finish in {timeout:g} s") from None
+        return Completed(p.returncode, p.stdout, p.stderr)
+
+    def spawn_console(self, argv: Sequence[str]) -> Console:
+        master, slave = os.openpty()
+        try:
+            proc = subprocess.Popen(list(argv), stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                                    start_new_session=True)
+        except OSError as err:
+            os.close(master)
+            raise BootTestError("boottest.console", f"cannot start {argv[0]}: {err.strerror}") from None
+        finally:
+            os.close(slave)
+        return PtyConsole(proc, master)
+
+
+# --------------------------------------------------------------------------------- disks
+
+class DiskServer(abc.ABC):
+    """Who serves the guest's disk. `start` runs after `xl create -p` and before unpause;
+    `stop` after the guest is destroyed and returns what the backend reported."""
+
+    kind: str
+
+    @abc.abstractmethod
+    def xl_disks(self) -> list[str]:
+        """Entries of the cfg's disk= list."""
+
+    def start(self, domid: int) -> None:
+        """Nothing to do for a backend the toolstack starts."""
+
+    def stop(self) -> Mapping[str, object] | None:
+        return None
+
+
+class HostDisk(DiskServer):
+    """The host's usual backend: xl and its hotplug scripts attach the image."""
+
+    kind = "host"
+
+    def __init__(self, image: str, vdev: str = "xvda", writable: bool = True) -> None:
+        self.image = os.path.abspath(image)
+        self.vdev = vdev
+        self.access = "rw" if writable else "ro"
+
+    def xl_disks(self) -> list[str]:
+        # target= must come last: everything after it, commas included, is the path.
+        return [f"format=raw,vdev={self.vdev},access={self.access},target={self.image}"]
+
+
+def default_blkback_argv(backend_path: str, image: str, report: str, *, read_only: bool = False) -> list[str]:
+    """How our blkback process is started for one vbd (its command line is owned by
+    xentools.devices.blkback; this is the one place that spells it here)."""
+    argv = [sys.executable, "-m", "xentools.devices.blkback", "--backend-path", backend_path,
+            "--image", image, "--report", report]
+    return argv + ["--read-only"] if read_only else argv
+
+
+class XentoolsDisk(DiskServer):
+    """OUR blkback: the vbd's xenstore directories written by xentools.devices.toolstack
+    (one transaction), then a blkback process serving them; at stop, the process is ended
+    (SIGTERM) and its conformance report (JSON file) read, and both directories removed.
+    blkback's own output goes to `<report>.log`: our stdout carries the verdict only."""
+
+    kind = "xentools"
+
+    def __init__(self, image: str, *, report_path: str, vdev: str = "xvda", writable: bool = True,
+                 backend_domid: int = 0, connect: Callable[[], Any] | None = None,
+                 create_vbd: Callable[..., Any] | None = None, destroy_vbd: Callable[..., Any] | None = None,
+                 blkback_argv: Callable[..., list[str]] = default_blkback_argv,
+                 stop_timeout: float = 10.0) -> None:
+        self.image = os.path.abspath(image)
+        self.report_path = report_path
+        self.log_path = report_path + ".log"
+        self.vdev = vdev
+        self.writable = writable
+        self.backend_domid = backend_domid
+        self._connect = connect
+        self._create_vbd = create_vbd
+        self._destroy_vbd = destroy_vbd
+        self._blkback_argv = blkback_argv
+        self._stop_timeout = stop_timeout
+        self._xs: Any = None
+        self._paths: Any = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def xl_disks(self) -> list[str]:
+        return []  # the toolstack part is ours: xl must not attach the disk as well
+
+    def start(self, domid: int) -> None:
+        # Imported here: the devices layer is needed only when our backend is chosen.
+        from xentools.core.vbd import encode_vbd
+
+        if self._create_vbd is None or self._destroy_vbd is None:
+            from xentools.devices import toolstack
+            self._create_vbd = self._create_vbd or toolstack.create_vbd
+            self._destroy_vbd = self._destroy_vbd or toolstack.destroy_vbd
+        if self._connect is None:
+            from xentools.platform.xenstore import XenstoreClient
+            self._connect = XenstoreClient.connect
+        self._xs = self._connect()
+        self._paths = self._create_vbd(
+            self._xs, backend_domid=self.backend_domid, frontend_domid=domid, devid=encode_vbd(self.vdev),
+            params=self.image, mode="w" if self.writable else "r",
+        )
+        argv = self._blkback_argv(self._paths.backend, self.image, self.report_path, read_only=not self.writable)
+        try:
+            with open(self.log_path, "ab") as log:
+                self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                              start_new_session=True)
+        except OSError as err:
+            raise BootTestError("boottest.blkback", f"cannot start blkback ({argv[0]}): {err.strerror}") from None
+
+    def stop(self) -> Mapping[str, object] | None:
+        errors = []
+        exit_code = None
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.send_signal(signal.SIGTERM)
+                try:
+                    self._proc.wait(self._stop_timeout)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+                    errors.append(f"blkback did not stop within {self._stop_timeout:g} s of SIGTERM; killed")
+            exit_code = self._proc.returncode
+        if self._xs is not None and self._paths is not None:
+            try:
+                self._destroy_vbd(self._xs, self._paths)  # type: ignore[misc]
+            except XentoolsError as err:
+                errors.append(f"removing the vbd's xenstore directories failed: {err}")
+        if self._xs is not None:
+            with contextlib.suppress(Exception):
+                self._xs.close()
+        if self._proc is None:
+            return None
+        report: dict[str, object] = {"blkback_exit_code": exit_code, "report_file": self.report_path,
+                                     "log_file": self.log_path}
+        try:
+            report["conformance"] = json.loads(Path(self.report_path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            report["conformance"] = None
+            errors.append(f"no blkback report at {self.report_path}: {getattr(err, 'strerror', None) or err}")
+        report["errors"] = errors
+        return report
+
+
+# ---------------------------------------------------------------------------------- run
+
+class BootTest:
+    """One boot test run. `run()` returns a BootResult and has written all its files."""
+
+    def __init__(self, *, image: str, image_format: str, guest: GuestConfig, rules: Rules, disk: DiskServer,
+                 out_dir: str | os.PathLike[str], profile: str = "default", xl: str = "xl",
+                 runner: Runner | None = None, log_dir: str | None = None,
+                 clock: Callable[[], float] = time.monotonic, liveness_interval: float = 1.0) -> None:
+        if disk.kind == "xentools" and guest.guest_type == "hvm":
+            raise BootTestError("boottest.backend", "the xentools backend serves PV/PVH guests: an HVM guest's "
+                                                    "firmware needs the host's emulated disk (--backend host)")
+        self.image = image
+        self.image_format = image_format
+        self.guest = guest
+        self.rules = rules
+        self.disk = disk
+        self.out_dir = Path(out_dir)
+        self.profile = profile
+        self.xl = xl
+        self.runner = runner or SubprocessRunner()
+        self.log_dir = log_dir
+        self.clock = clock
+        self.liveness_interval = liveness_interval
+        self.files = {
+            "xl_cfg": str(self.out_dir / "xl.cfg"),
+            "console_log": str(self.out_dir / "console.log"),
+            "report": str(self.out_dir / "report.json"),
+            "junit": str(self.out_dir / "junit.xml"),
+        }
+
+    # -- xl
+
+    def _xl(self, *args: str, timeout: float = XL_TIMEOUT) -> Completed:
+        done = self.runner.run([self.xl, *args], timeout)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
+            raise BootTestError("boottest.xl_failed", f"xl {args[0]} failed (exit {done.returncode}): {last}")
+        return done
+
+    def _alive(self) -> bool:
+        return self.runner.run([self.xl, "domid", self.guest.name], XL_TIMEOUT).returncode == 0
+
+    def _domid(self) -> int:
+        out = self._xl("domid", self.guest.name).stdout.strip()
+        if not out.isdigit():
+            raise BootTestError("boottest.xl_failed", f"xl domid printed {out[:40]!r}, not a domain id")
+        return int(out)
+
+    # -- run
+
+    def run(self) -> BootResult:
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            Path(self.files["xl_cfg"]).write_text(render_xl_cfg(self.guest), encoding="utf-8")
+            log = open(self.files["console_log"], "wb")  # noqa: SIM115 - closed in finally
+        except OSError as err:
+            raise BootTestError("boottest.output", f"cannot write to {self.out_dir}: {err.strerror}") from None
+        started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        t0 = self.clock()
+        engine = VerdictEngine(self.rules, t0)
+        console: Console | None = None
+        create_tried = created = destroyed = False
+        domid: int | None = None
+        cleanup: list[str] = []
+        disk_report: Mapping[str, object] | None = None
+        create_out = ""
+        try:
+            try:
+                log_path, offset = self._log_position()
+                create_tried = True
+                done = self._xl("create", "-p", self.files["xl_cfg"])
+                created = True
+                create_out = (done.stdout + done.stderr).strip()[-2000:]
+                domid = self._domid()
+                self.disk.start(domid)
+                console = self._attach(log_path, offset)
+                self._xl("unpause", self.guest.name)
+                # The guest's time starts now: timeouts count from the unpause.
+                engine = VerdictEngine(self.rules, self.clock())
+                self._watch(engine, console, log)
+            except (XentoolsError, OSError) as err:
+                engine.error(self.clock(), str(err) if isinstance(err, XentoolsError) else f"{err.strerror or err}")
+        finally:
+            if console is not None:
+                with contextlib.suppress(OSError):
+                    console.close()
+            if create_tried:
+                destroyed, why = self._destroy(created)
+                if why:
+                    cleanup.append(why)
+            try:
+                disk_report = self.disk.stop()
+            except (XentoolsError, OSError) as err:
+                cleanup.append(f"stopping the {self.disk.kind} disk backend failed: {err}")
+            log.close()
+        assert engine.decision is not None
+        result = BootResult(
+            name=self.guest.name, image=self.image, image_format=self.image_format, profile=self.profile,
+            guest_type=self.guest.guest_type, backend=self.disk.kind,
+            console_mode="log" if self.log_dir else "xl", decision=engine.decision, started_at=started_at,
+            duration=self.clock() - t0, files=dict(self.files), domid=domid, destroyed=destroyed,
+            cleanup_errors=tuple(cleanup), disk_report=disk_report, xl_create_output=create_out,
+            timeouts={"first_output": self.rules.first_output_timeout, "idle": self.rules.idle_timeout,
+                      "boot": self.rules.boot_timeout, "prompt_grace": self.rules.prompt_grace},
+        )
+        try:
+            write_reports(result)
+        except OSError as err:
+            raise BootTestError("boottest.output", f"cannot write the reports to {self.out_dir}: {err.strerror}") from None
+        return result
+
+    def _log_position(self) -> tuple[Path | None, int]:
+        if not self.log_dir:
+            return None, 0
+        path = Path(self.log_dir) / f"guest-{self.guest.name}.log"
+        try:
+            return path, path.stat().st_size
+        except FileNotFoundError:
+            return path, 0
+
+    def _attach(self, log_path: Path | None, offset: int) -> Console:
+        if log_path is not None:
+            return LogConsole(log_path, offset)
+        return self.runner.spawn_console([self.xl, "console", self.guest.name])
+
+    def _watch(self, engine: VerdictEngine, console: Console, log: IO[bytes]) -> None:
+        next_check = self.clock() + self.liveness_interval
+        while True:
+            now = self.clock()
+            if engine.tick(now) is not None:
+                return
+            wait = max(0.0, min(engine.next_deadline() - now, READ_SLICE))
+            data = console.read(wait)
+            now = self.clock()
+            if data is None:
+                engine.finish(now, "the console closed")
+                return
+            if data:
+                log.write(data)
+                log.flush()
+            if engine.feed(data, now) is not None:
+                return
+            if console.mode == "log" and now >= next_check:
+                next_check = now + self.liveness_interval
+                if not self._alive():
+                    rest = console.read(0.0) or b""
+                    log.write(rest)
+                    engine.feed(rest, now)
+                    engine.finish(now, "the domain is gone")
+                    return
+
+    def _destroy(self, created: bool) -> tuple[bool, str | None]:
+        """Destroy the guest; (gone, why not). A domain that is already gone counts as gone;
+        after a failed `xl create` a missing domain is expected, not an error."""
+        try:
+            done = self.runner.run([self.xl, "destroy", self.guest.name], XL_TIMEOUT)
+            if done.returncode == 0:
+                return True, None
+            if not self._alive():
+                return True, None
+            detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        except (XentoolsError, OSError) as err:
+            if not created:
+                return False, None
+            detail = str(err)
+        return False, f"xl destroy {self.guest.name} failed: {detail}; the guest may still be running"
