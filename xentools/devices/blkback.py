@@ -1,0 +1,666 @@
+"""Userspace blkback: serve a RAW image file to one blkif frontend, and report its conformance.
+
+Owns: `BackendConfig` (what this backend offers), `BlkBackend` (one vbd: the xenbus handshake
+as the backend, driven by xenbus.Handshake; the queues while connected; the conformance
+report) and `main()` (`python -m xentools.devices.blkback --sim-dir DIR --backend-path P
+--image FILE [options]`; the CLI `xentools blkback serve` is the same).
+Must not: implement ring, request or key formats (core does), know whether the platform is
+real Xen or the software Xen, or trust anything the frontend wrote.
+
+What is offered (BackendFeatures, written before InitWait): max-ring-page-order (default
+4), multi-queue-max-queues (default 4), feature-max-indirect-segments (default 256; 0 leaves
+the key out), feature-persistent, feature-flush-cache, feature-barrier, and feature-discard
+with discard-granularity = the image's sector size, discard-alignment 0, discard-secure 0
+(when the image is writable and its filesystem can punch holes).
+At Connected (DiskInfo): sector-size is the image's sector size when the frontend wrote
+feature-large-sector-size=1; otherwise 512 (blkif.h: a frontend that did not say it copes
+must see 512), with physical-sector-size = the image's sector size. `info` has
+VDISK_READONLY in read-only mode (toolstack `mode` = "r", or --read-only).
+
+Lifecycle: the xenbus.Handshake table decides; this module only performs its actions.
+- A frontend that breaks a handshake rule (missing ring-ref, order or queue count above the
+  offer, unknown protocol, a state the table does not allow, refs that cannot be mapped) is
+  counted in the report and the device goes to Closing (Linux: xenbus_dev_fatal).
+- A fatal ring violation (the request producer overflowing the ring) stops that queue and
+  feeds `error`: disconnect, Closing.
+- When the frontend's domain is released (@releaseDomain), the device disconnects and goes
+  to Closed, waiting for a reconnect (a frontend process that dies without its domain
+  leaves nothing to notice: its rings simply stay idle). When the frontend's directory
+  disappears after the handshake began, the table tears the device down and the backend
+  exits; so it does when its own directory disappears, when `online` is 0 and the device
+  is Closed, and on request_stop() (SIGTERM, SIGINT).
+On every way out, every queue is stopped, every grant unmapped and every port unbound
+before the backend writes Closed, so a frontend can revoke its grants (XSA-396).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import selectors
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from xentools.core.blkif import BLKIF_MAX_INDIRECT_SEGMENTS, VDISK_READONLY, abi_for_protocol
+from xentools.core.errors import ProtocolError, XentoolsError
+from xentools.core.features import (
+    RING_PAGE_ORDER_LIMIT,
+    BackendFeatures,
+    DiskInfo,
+    FeatureError,
+    FrontendRingInfo,
+    parse_uint,
+)
+from xentools.core.xenbus import Action, Handshake, Milestone, Step, XenbusState, parse_state
+from xentools.devices.blkback_conformance import ConformanceReport, FrontendLog
+from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
+from xentools.devices.blkback_image import ImageError, ImageFile, open_image
+from xentools.devices.blkback_queue import DeviceGate, QueueWorker
+from xentools.devices.blkback_validate import RequestPolicy
+from xentools.platform.interface import Platform, PlatformError, XenstoreError
+
+__all__ = ["BackendConfig", "BackendError", "BlkBackend", "main", "serve"]
+
+log = logging.getLogger("xentools.blkback")
+
+MAX_QUEUES_LIMIT = 64  # more queues than this is a configuration mistake, not a wish
+_BACKEND_PATH = re.compile(r"^/local/domain/(\d+)/backend/vbd/(\d+)/(\d+)$")
+_TRANSACTION_ATTEMPTS = 20
+
+
+class BackendError(XentoolsError):
+    """The backend cannot start or run: bad configuration, a backend directory without the
+    toolstack's keys, or a platform failure. One line, naming what is wrong."""
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """What the backend offers; every field maps to a command-line option."""
+
+    read_only: bool = False
+    max_ring_page_order: int = RING_PAGE_ORDER_LIMIT
+    max_queues: int = 4
+    max_indirect_segments: int = 256
+    persistent: bool = True
+    sector_size: int = 512
+    max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS
+    report_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_ring_page_order <= RING_PAGE_ORDER_LIMIT:
+            raise BackendError(f"config.max_ring_page_order: {self.max_ring_page_order} not in 0..{RING_PAGE_ORDER_LIMIT}")
+        if not 1 <= self.max_queues <= MAX_QUEUES_LIMIT:
+            raise BackendError(f"config.max_queues: {self.max_queues} not in 1..{MAX_QUEUES_LIMIT}")
+        if not 0 <= self.max_indirect_segments <= BLKIF_MAX_INDIRECT_SEGMENTS:
+            raise BackendError(
+                f"config.max_indirect_segments: {self.max_indirect_segments} not in 0..{BLKIF_MAX_INDIRECT_SEGMENTS}"
+            )
+        size = self.sector_size
+        if size < 512 or size > 4096 or size & (size - 1):
+            raise BackendError(f"config.sector_size: {size} is not a power of two in 512..4096")
+        if self.max_persistent_grants < 0:
+            raise BackendError(f"config.max_persistent_grants: {self.max_persistent_grants} < 0")
+
+
+class _LazyKeys(Mapping):
+    """A frontend directory read key by key (only the keys a parser asks for are read, so a
+    hostile frontend cannot make us list a huge directory). Iteration is not supported."""
+
+    def __init__(self, xs, base: str, tx: int) -> None:  # type: ignore[no-untyped-def]
+        self._xs = xs
+        self._base = base
+        self._tx = tx
+
+    def __getitem__(self, key: str) -> bytes:
+        try:
+            return self._xs.read(f"{self._base}/{key}", self._tx)
+        except XenstoreError as err:
+            if err.errno_name == "ENOENT":
+                raise KeyError(key) from None
+            raise
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+class BlkBackend:
+    """One vbd served by this process. run() blocks until the device is gone or
+    request_stop() is called; it always leaves nothing mapped or bound."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        backend_path: str,
+        image: ImageFile,
+        config: BackendConfig = BackendConfig(),
+        report: ConformanceReport | None = None,
+    ) -> None:
+        self.platform = platform
+        self.backend_path = backend_path.rstrip("/")
+        self.image = image
+        self.config = config
+        self.report = report if report is not None else ConformanceReport(self.backend_path)
+        self.handshake = Handshake("backend")
+        self.queues: list[QueueWorker] = []
+        self.frontend_path = ""
+        self.frontend_id = -1
+        self.read_only = config.read_only or image.read_only
+        self.discard = not self.read_only and image.can_punch_holes()
+        self._log: FrontendLog | None = None
+        self._xs = None
+        self._stop = threading.Event()
+        self._report_wanted = threading.Event()
+        self._fatal: list[str] = []
+        self._fatal_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._online = True
+        self._large_sectors = False
+        self.policy: RequestPolicy | None = None
+        self._done = False
+        self.started = False  # True once connected to xenstore (the report then means something)
+        self.exit_reason = ""
+
+    # -- control from other threads or signal handlers ------------------------------------------
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake (pipe full) or closing
+
+    def request_stop(self) -> None:
+        """Ask run() to disconnect, write Closed and return (safe from a signal handler)."""
+        self._stop.set()
+        self._wake()
+
+    def request_report(self) -> None:
+        """Ask run() to write the report file now (SIGUSR1)."""
+        self._report_wanted.set()
+        self._wake()
+
+    def write_report(self) -> None:
+        if self.config.report_path:
+            self.report.write(self.config.report_path)
+
+    # -- the main loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        xs = self._xs = self.platform.open_xenstore()
+        self.started = True
+        try:
+            self._read_toolstack_keys()
+            xs.watch(f"{self.frontend_path}/state", "frontend-state")
+            xs.watch(f"{self.backend_path}/online", "online")
+            xs.watch(f"{self.backend_path}/state", "backend-state")
+            if self.frontend_id != self.platform.domid:
+                xs.watch("@releaseDomain", "release")
+            self._step(self.handshake.milestone(Milestone.start))
+            sel = selectors.DefaultSelector()
+            sel.register(xs.fileno(), selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            try:
+                while not self._done and not self._stop.is_set():
+                    self._drain_wake()
+                    self._handle_fatal()
+                    if self._report_wanted.is_set():
+                        self._report_wanted.clear()
+                        self.write_report()
+                    while not self._done and (event := xs.read_watch(timeout=0)) is not None:
+                        self._watch_fired(event[1])
+                    if self._done or self._stop.is_set():
+                        break
+                    sel.select(1.0)
+            finally:
+                sel.close()
+            if self._stop.is_set() and not self.exit_reason:
+                self.exit_reason = "stop requested"
+        finally:
+            self._disconnect()
+            self._write_state_if_present(XenbusState.Closed)
+            try:
+                xs.close()
+            finally:
+                self._xs = None
+                for fd in (self._wake_r, self._wake_w):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                self._wake_r = self._wake_w = -1
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _read_toolstack_keys(self) -> None:
+        xs = self._xs
+        try:
+            frontend = xs.read(f"{self.backend_path}/frontend").decode()
+            frontend_id = xs.read(f"{self.backend_path}/frontend-id")
+        except XenstoreError as err:
+            raise BackendError(
+                f"backend.toolstack: {self.backend_path} lacks the toolstack's keys"
+                f" (frontend, frontend-id): {err}"
+            ) from None
+        except UnicodeDecodeError:
+            raise BackendError(f"backend.toolstack: {self.backend_path}/frontend is not text") from None
+        try:
+            self.frontend_id = parse_uint(frontend_id, "backend.frontend-id", maximum=0x7FEF)
+        except FeatureError as err:
+            raise BackendError(f"backend.toolstack: {err}") from None
+        self.frontend_path = frontend.rstrip("/")
+        try:
+            mode = xs.read(f"{self.backend_path}/mode")
+        except XenstoreError:
+            mode = b"w"
+        if mode == b"r":
+            self.read_only = True
+            self.discard = False
+        self._log = self.report.frontend(self.frontend_path)
+
+    def _watch_fired(self, token: str) -> None:
+        xs = self._xs
+        if token == "frontend-state":
+            try:
+                raw = xs.read(f"{self.frontend_path}/state")
+            except XenstoreError as err:
+                if err.errno_name is None:
+                    raise  # transport failure: ours, not the frontend's
+                if err.errno_name != "ENOENT":
+                    # The frontend owns its state node and may have hidden it from us.
+                    self._violation("frontend.state.unreadable", f"frontend state: {err}")
+                    self._feed_milestone(Milestone.error)
+                    return
+                raw = None
+            try:
+                state = parse_state(raw)
+            except FeatureError as err:
+                self._violation(err.rule, f"frontend state: {err}")
+                self._feed_milestone(Milestone.error)
+                return
+            self._peer(state)
+        elif token == "online":
+            try:
+                self._online = xs.read(f"{self.backend_path}/online") != b"0"
+            except XenstoreError:
+                self._online = True  # absent: stay, as a process that serves one vbd
+            if not self._online:
+                self._feed_milestone(Milestone.close_requested)
+                self._maybe_finish()
+        elif token == "backend-state":
+            if not xs.exists(f"{self.backend_path}/state"):
+                self.exit_reason = "backend directory removed"
+                self._done = True
+        elif token == "release":
+            try:
+                alive = xs.is_introduced(self.frontend_id)
+            except XenstoreError:
+                return  # cannot tell (not privileged enough): keep serving
+            if not alive and self.handshake.state != XenbusState.Closed:
+                log.info("frontend domain %d is gone", self.frontend_id)
+                self._peer(XenbusState.Closed)
+
+    def _peer(self, state: XenbusState) -> None:
+        try:
+            step = self.handshake.peer_changed(state)
+        except ProtocolError as err:
+            self._violation(err.rule, str(err))
+            self._feed_milestone(Milestone.error)
+            return
+        self._step(step)
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if not self._online and self.handshake.state == XenbusState.Closed:
+            self.exit_reason = "closed and offline"
+            self._done = True
+
+    def _feed_milestone(self, milestone: Milestone) -> None:
+        try:
+            step = self.handshake.milestone(milestone)
+        except ProtocolError as err:
+            log.debug("milestone %s ignored: %s", milestone, err)
+            return
+        self._step(step)
+
+    def _step(self, step: Step) -> None:
+        """Carry out one Step: actions in order, then the state; a failed action feeds
+        `error` instead of writing the state."""
+        follow: Milestone | None = None
+        for action in step.actions:
+            try:
+                if action == Action.publish_features:
+                    self._publish_features()
+                    follow = Milestone.features_published
+                elif action == Action.map_rings:
+                    self._map_rings()
+                    follow = Milestone.rings_mapped
+                elif action == Action.publish_disk_info:
+                    self._publish_disk_info()
+                elif action == Action.disconnect:
+                    self._disconnect()
+                elif action == Action.teardown:
+                    self._disconnect()
+                    self.exit_reason = "frontend directory removed"
+                    self._done = True
+            except ProtocolError as err:
+                self._violation(err.rule, str(err))
+                self._disconnect()
+                self._feed_milestone(Milestone.error)
+                return
+            except XenstoreError as err:
+                if action != Action.map_rings or err.errno_name is None:
+                    raise
+                # The frontend's keys cannot be read (its permissions, removed mid-way).
+                self._violation("frontend.keys.unreadable", f"{action.value}: {err}")
+                self._disconnect()
+                self._feed_milestone(Milestone.error)
+                return
+        if step.new_state is not None:
+            self._write_state_if_present(step.new_state)
+        if follow is not None:
+            self._feed_milestone(follow)
+
+    def _violation(self, rule: str, message: str) -> None:
+        log.warning("frontend %s: %s", self.frontend_path, message)
+        if self._log is not None:
+            self._log.record(rule, message)
+
+    # -- actions ------------------------------------------------------------------------------------
+
+    def _transaction(self, work) -> bool:  # type: ignore[no-untyped-def]
+        """Run work(tx) in a transaction, repeated on EAGAIN. False if the backend
+        directory is gone (nothing written then)."""
+        xs = self._xs
+        for _ in range(_TRANSACTION_ATTEMPTS):
+            tx = xs.transaction_start()
+            try:
+                if not xs.exists(f"{self.backend_path}/frontend", tx):
+                    xs.transaction_end(tx, commit=False)
+                    return False
+                work(tx)
+            except BaseException:
+                try:
+                    xs.transaction_end(tx, commit=False)
+                except XenstoreError:
+                    pass
+                raise
+            if xs.transaction_end(tx, commit=True):
+                return True
+        raise XenstoreError(f"xenstore: {self.backend_path}: transaction kept conflicting", errno_name="EAGAIN")
+
+    def _write_keys(self, keys: Mapping[str, str]) -> None:
+        xs = self._xs
+
+        def work(tx: int) -> None:
+            for key, value in keys.items():
+                xs.write(f"{self.backend_path}/{key}", value, tx)
+
+        if not self._transaction(work):
+            self.exit_reason = "backend directory removed"
+            self._done = True
+
+    def _write_state_if_present(self, state: XenbusState) -> None:
+        if self._xs is None:
+            return
+        try:
+            self._write_keys({"state": str(int(state))})
+        except PlatformError as err:
+            log.warning("writing state %s: %s", state.name, err)
+
+    def backend_features(self) -> BackendFeatures:
+        """The offer written before InitWait."""
+        config = self.config
+        return BackendFeatures(
+            feature_flush_cache=True,
+            feature_barrier=True,
+            feature_discard=self.discard,
+            discard_granularity=self.image.sector_size if self.discard else None,
+            discard_alignment=0 if self.discard else None,
+            discard_secure=False,
+            feature_persistent=config.persistent,
+            feature_max_indirect_segments=config.max_indirect_segments,
+            max_ring_page_order=config.max_ring_page_order,
+            multi_queue_max_queues=config.max_queues,
+        )
+
+    def _publish_features(self) -> None:
+        self._write_keys(self.backend_features().to_keys())
+
+    def _read_ring_info(self) -> FrontendRingInfo:
+        xs = self._xs
+        tx = xs.transaction_start()
+        try:
+            keys = _LazyKeys(xs, self.frontend_path, tx)
+            # Bound the key walk before parsing: the parser would read up to 256 queues.
+            raw = keys.get("multi-queue-num-queues")
+            if raw is not None:
+                count = parse_uint(raw, "frontend.multi-queue-num-queues", minimum=1)
+                if count > self.config.max_queues:
+                    raise FeatureError(
+                        "frontend.multi-queue-num-queues.range",
+                        f"{count} queues is above the backend's multi-queue-max-queues {self.config.max_queues}",
+                    )
+            info = FrontendRingInfo.from_keys(keys)
+        finally:
+            try:
+                xs.transaction_end(tx, commit=False)
+            except XenstoreError:
+                pass
+        info.validate(max_ring_page_order=self.config.max_ring_page_order, max_queues=self.config.max_queues)
+        return info
+
+    def _map_rings(self) -> None:
+        self._disconnect()  # idempotent: a reconnect starts from nothing
+        info = self._read_ring_info()
+        abi = abi_for_protocol(info.protocol)
+        self._large_sectors = info.feature_large_sector_size
+        unit = self.image.sector_size if info.feature_large_sector_size else 512
+        policy = RequestPolicy(
+            disk_bytes=self.image.size,
+            unit=unit,
+            readonly=self.read_only,
+            max_indirect_segments=self.config.max_indirect_segments,
+            flush_cache=True,
+            barrier=True,
+            discard=self.discard,
+            discard_secure=False,
+        )
+        persistent = self.config.persistent and info.feature_persistent
+        gate = DeviceGate(info.num_queues)
+        assert self._log is not None
+        queues: list[QueueWorker] = []
+        try:
+            for index, queue in enumerate(info.queues):
+                queues.append(
+                    QueueWorker(
+                        index=index,
+                        platform=self.platform,
+                        frontend_id=self.frontend_id,
+                        ring_refs=queue.ring_refs,
+                        event_channel=queue.event_channel,
+                        abi=abi,
+                        policy=policy,
+                        image=self.image,
+                        gate=gate,
+                        log_to=self._log,
+                        persistent=persistent,
+                        max_persistent=self.config.max_persistent_grants,
+                        on_fatal=self._queue_failed,
+                    )
+                )
+        except BaseException:
+            for worker in queues:
+                worker.stop()
+            raise
+        self.queues = queues
+        self.policy = policy
+        log.info(
+            "connecting %s: %d queue(s), ring order %d, %s, persistent %s, %d-byte sectors",
+            self.frontend_path, info.num_queues, info.order, abi.name, persistent, unit,
+        )
+        for worker in queues:
+            worker.start()
+
+    def _publish_disk_info(self) -> None:
+        unit = self.image.sector_size if self._large_sectors else 512
+        info = DiskInfo(
+            sectors=self.image.size // unit,
+            info=VDISK_READONLY if self.read_only else 0,
+            sector_size=unit,
+            physical_sector_size=self.image.sector_size,
+        )
+        self._write_keys(info.to_keys())
+
+    def _disconnect(self) -> None:
+        queues, self.queues = self.queues, []
+        for worker in queues:
+            worker.stop()
+
+    # -- fatal ring violations (from queue threads) ---------------------------------------------------
+
+    def _queue_failed(self, worker: QueueWorker, message: str) -> None:
+        with self._fatal_lock:
+            self._fatal.append(message)
+        self._wake()
+
+    def _handle_fatal(self) -> None:
+        with self._fatal_lock:
+            fatal, self._fatal = self._fatal, []
+        if fatal:
+            log.error("closing %s: %s", self.backend_path, fatal[0])
+            self._disconnect()
+            self._feed_milestone(Milestone.error)
+
+
+# -- process entry -------------------------------------------------------------------------------------
+
+
+def parse_backend_path(path: str) -> tuple[int, int, int]:
+    """(backend domid, frontend domid, devid) of a blkif backend directory; BackendError if
+    the path is not /local/domain/<n>/backend/vbd/<frontend>/<devid>."""
+    match = _BACKEND_PATH.match(path.rstrip("/"))
+    if match is None:
+        raise BackendError(
+            f"backend.path: {path!r} is not /local/domain/<domid>/backend/vbd/<frontend-domid>/<devid>"
+        )
+    return int(match[1]), int(match[2]), int(match[3])
+
+
+def serve(
+    *,
+    sim_dir: str | None,
+    backend_path: str,
+    image_path: str,
+    config: BackendConfig,
+    report_out=None,  # type: ignore[no-untyped-def]  # a text stream for the report on exit
+    install_signals: bool = True,
+) -> ConformanceReport:
+    """Open the image and the platform, serve until stopped, write and print the report.
+
+    SIGTERM/SIGINT stop, SIGUSR1 writes the report file. Raises ImageError, BackendError or
+    PlatformError (one line each) before serving when something is wrong.
+    """
+    from xentools.platform.select import SIM_DIR_ENV, open_platform
+
+    backend_domid, _, _ = parse_backend_path(backend_path)
+    image = open_image(image_path, read_only=config.read_only, sector_size=config.sector_size)
+    try:
+        if sim_dir or os.environ.get(SIM_DIR_ENV):
+            platform = open_platform(sim_dir, backend_domid)
+        else:
+            platform = open_platform(None)  # real Xen: this domain is whatever Xen says
+            if platform.domid != backend_domid:
+                platform.close()
+                raise BackendError(
+                    f"backend.path: this is domain {platform.domid}, but {backend_path} belongs to"
+                    f" domain {backend_domid}"
+                )
+        backend = BlkBackend(platform, backend_path, image, config)
+        previous = {}
+        if install_signals:
+            handlers = {
+                signal.SIGTERM: lambda *_: backend.request_stop(),
+                signal.SIGINT: lambda *_: backend.request_stop(),
+                signal.SIGUSR1: lambda *_: backend.request_report(),
+            }
+            previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+        try:
+            backend.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if backend.started:
+                backend.write_report()
+                if report_out is not None:
+                    report_out.write(backend.report.to_json() + "\n")
+                    report_out.flush()
+            platform.close()
+        return backend.report
+    finally:
+        image.close()
+
+
+def _argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m xentools.devices.blkback", description=__doc__.split("\n")[0])
+    parser.add_argument("--sim-dir", default=None, help="software Xen root (default: $XENTOOLS_SIM_DIR, else real Xen)")
+    parser.add_argument("--backend-path", required=True)
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--max-ring-page-order", type=int, default=RING_PAGE_ORDER_LIMIT)
+    parser.add_argument("--max-queues", type=int, default=4)
+    parser.add_argument("--max-indirect-segments", type=int, default=256)
+    parser.add_argument("--no-persistent", action="store_true")
+    parser.add_argument("--sector-size", type=int, default=512)
+    parser.add_argument("--max-persistent-grants", type=int, default=DEFAULT_MAX_PERSISTENT_GRANTS)
+    parser.add_argument("--report", default=None, help="write the conformance report (JSON) here on exit and SIGUSR1")
+    parser.add_argument("--verbose", "-v", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _argument_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="blkback: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = BackendConfig(
+            read_only=args.read_only,
+            max_ring_page_order=args.max_ring_page_order,
+            max_queues=args.max_queues,
+            max_indirect_segments=args.max_indirect_segments,
+            persistent=not args.no_persistent,
+            sector_size=args.sector_size,
+            max_persistent_grants=args.max_persistent_grants,
+            report_path=args.report,
+        )
+        serve(
+            sim_dir=args.sim_dir, backend_path=args.backend_path, image_path=args.image,
+            config=config, report_out=sys.stdout,
+        )
+    except (XentoolsError, ImageError) as err:
+        print(f"blkback: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"blkback: error: {err.strerror or err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

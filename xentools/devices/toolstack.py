@@ -1,0 +1,134 @@
+"""The toolstack's part of a vbd: create and remove both xenstore directories of a device.
+
+Owns: `create_vbd` (the keys the toolstack writes into the backend and frontend directories,
+their permissions, and `state` = Initialising in both, all in ONE transaction) and
+`destroy_vbd` (both directories removed in one transaction), with `VbdPaths`.
+Must not: wait for either driver, start a backend, or write a key a driver owns.
+
+Why one transaction: on real Xen the kernel drivers watch these directories and start as
+soon as a `state` node appears; a directory written piecemeal is read half-made (blkback
+reads `frontend` before it exists, blkfront reads `backend` before its permissions let it).
+Permissions, as libxl sets them: the backend directory is owned by the backend domain and
+readable by the frontend domain; the frontend directory is owned by the frontend domain and
+readable by the backend domain. Every node is given its permissions explicitly, so the
+result does not depend on the xenstored's inheritance rule.
+A commit that fails with EAGAIN (another writer touched what we read) is repeated, up to
+TRANSACTION_ATTEMPTS times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from xentools.core.features import BackendToolstackKeys, FrontendToolstackKeys
+from xentools.core.xenbus import XenbusState
+from xentools.platform.interface import XenstoreError
+
+__all__ = ["TRANSACTION_ATTEMPTS", "VbdPaths", "backend_path", "create_vbd", "destroy_vbd", "frontend_path"]
+
+TRANSACTION_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class VbdPaths:
+    """The two directories of one vbd."""
+
+    backend: str
+    frontend: str
+
+
+def backend_path(backend_domid: int, frontend_domid: int, devid: int) -> str:
+    """blkif's backend directory: /local/domain/<backend>/backend/vbd/<frontend>/<devid>."""
+    return f"/local/domain/{backend_domid}/backend/vbd/{frontend_domid}/{devid}"
+
+
+def frontend_path(frontend_domid: int, devid: int) -> str:
+    """blkif's frontend directory: /local/domain/<frontend>/device/vbd/<devid>."""
+    return f"/local/domain/{frontend_domid}/device/vbd/{devid}"
+
+
+def _retry_transaction(xs, work, what: str) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(TRANSACTION_ATTEMPTS):
+        tx = xs.transaction_start()
+        try:
+            work(tx)
+        except BaseException:
+            try:
+                xs.transaction_end(tx, commit=False)
+            except XenstoreError:
+                pass
+            raise
+        if xs.transaction_end(tx, commit=True):
+            return
+    raise XenstoreError(f"toolstack: {what}: the transaction conflicted {TRANSACTION_ATTEMPTS} times", errno_name="EAGAIN")
+
+
+def create_vbd(
+    xs,  # XenstoreClient acting as a privileged domain (dom0)
+    *,
+    backend_domid: int,
+    frontend_domid: int,
+    devid: int,
+    params: str,
+    mode: str = "w",
+    extra_backend: Mapping[str, str] | None = None,
+    frontend_dir: str | None = None,
+    type: str = "file",  # noqa: A002 - the xenstore key's name
+) -> VbdPaths:
+    """Write the toolstack keys of a vbd's backend and frontend directories in one
+    transaction, `state` = 1 (Initialising) in both, and return their paths.
+
+    Backend keys: frontend, frontend-id, params, type, mode, online=1, state, plus
+    `extra_backend` (e.g. {"discard-enable": "0"}). Frontend keys: backend, backend-id,
+    virtual-device (= devid), device-type=disk, state. Keys are validated by
+    features.BackendToolstackKeys / FrontendToolstackKeys (FeatureError when malformed).
+    """
+    paths = VbdPaths(
+        backend_path(backend_domid, frontend_domid, devid),
+        frontend_dir if frontend_dir is not None else frontend_path(frontend_domid, devid),
+    )
+    backend_keys = BackendToolstackKeys(
+        params=params, type=type, mode=mode, frontend=paths.frontend,
+        frontend_id=frontend_domid, online=True,
+    ).to_keys()
+    if extra_backend:
+        backend_keys.update({str(k): str(v) for k, v in extra_backend.items()})
+    backend_keys["state"] = str(int(XenbusState.Initialising))
+    frontend_keys = FrontendToolstackKeys(
+        backend=paths.backend, backend_id=backend_domid, virtual_device=devid,
+    ).to_keys()
+    frontend_keys.setdefault("device-type", "disk")
+    frontend_keys["state"] = str(int(XenbusState.Initialising))
+    backend_perms = [f"n{backend_domid}", f"r{frontend_domid}"]
+    frontend_perms = [f"n{frontend_domid}", f"r{backend_domid}"]
+
+    def work(tx: int) -> None:
+        for directory, keys, perms in (
+            (paths.backend, backend_keys, backend_perms),
+            (paths.frontend, frontend_keys, frontend_perms),
+        ):
+            xs.mkdir(directory, tx)
+            xs.set_perms(directory, perms, tx)
+            for key, value in keys.items():
+                node = f"{directory}/{key}"
+                xs.write(node, value, tx)
+                xs.set_perms(node, perms, tx)
+
+    _retry_transaction(xs, work, f"creating {paths.backend} and {paths.frontend}")
+    return paths
+
+
+
+def destroy_vbd(xs, paths: VbdPaths) -> None:  # type: ignore[no-untyped-def]
+    """Remove both directories in one transaction (a missing one is not an error)."""
+
+    def work(tx: int) -> None:
+        for directory in (paths.frontend, paths.backend):
+            try:
+                xs.rm(directory, tx)
+            except XenstoreError as err:
+                if err.errno_name != "ENOENT":
+                    raise
+
+    _retry_transaction(xs, work, f"removing {paths.backend} and {paths.frontend}")

@@ -1,0 +1,71 @@
+"""`xentools blkback serve`: run the userspace blkback for one vbd in the foreground.
+
+Owns: the click group `blkback` and its `serve` command (options mirror
+`python -m xentools.devices.blkback`). Must not: implement the backend (devices/blkback.py
+does) or print tracebacks: every expected failure is a XentoolsError, printed by the CLI as
+one line with a non-zero exit.
+
+On exit (SIGTERM, SIGINT, the vbd removed) the conformance report is printed on stdout as
+JSON and, with --report FILE, written there; SIGUSR1 rewrites FILE while serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from xentools.core.features import RING_PAGE_ORDER_LIMIT
+from xentools.devices.blkback import BackendConfig, serve
+from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
+
+
+@click.group("blkback")
+def blkback() -> None:
+    """Userspace blkif backend serving RAW image files."""
+
+
+@blkback.command("serve")
+@click.option("--sim-dir", type=click.Path(file_okay=False), default=None,
+              help="Software Xen root directory (default: $XENTOOLS_SIM_DIR, else real Xen).")
+@click.option("--backend-path", required=True,
+              help="Backend directory, /local/domain/<domid>/backend/vbd/<frontend-domid>/<devid>.")
+@click.option("--image", "image_path", required=True, help="RAW image file to serve.")
+@click.option("--read-only", is_flag=True, help="Serve read-only (VDISK_READONLY; writes answered ERROR).")
+@click.option("--max-ring-page-order", type=click.IntRange(0, RING_PAGE_ORDER_LIMIT),
+              default=RING_PAGE_ORDER_LIMIT, show_default=True)
+@click.option("--max-queues", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--max-indirect-segments", type=click.IntRange(0, 4096), default=256, show_default=True,
+              help="feature-max-indirect-segments; 0 disables indirect requests.")
+@click.option("--no-persistent", is_flag=True, help="Do not offer feature-persistent.")
+@click.option("--sector-size", type=click.Choice(["512", "1024", "2048", "4096"]), default="512",
+              show_default=True, help="Logical sector size of the image.")
+@click.option("--max-persistent-grants", type=click.IntRange(0, None),
+              default=DEFAULT_MAX_PERSISTENT_GRANTS, show_default=True, help="Persistent grants cached per ring.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the conformance report (JSON) here on exit and on SIGUSR1.")
+@click.option("--verbose", "-v", is_flag=True, help="Log connections on stderr.")
+def serve_cmd(
+    sim_dir: str | None, backend_path: str, image_path: str, read_only: bool,
+    max_ring_page_order: int, max_queues: int, max_indirect_segments: int, no_persistent: bool,
+    sector_size: str, max_persistent_grants: int, report_path: str | None, verbose: bool,
+) -> None:
+    """Serve IMAGE on the vbd at BACKEND_PATH until stopped or the vbd is removed."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="blkback: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = BackendConfig(
+        read_only=read_only,
+        max_ring_page_order=max_ring_page_order,
+        max_queues=max_queues,
+        max_indirect_segments=max_indirect_segments,
+        persistent=not no_persistent,
+        sector_size=int(sector_size),
+        max_persistent_grants=max_persistent_grants,
+        report_path=report_path,
+    )
+    serve(sim_dir=sim_dir, backend_path=backend_path, image_path=image_path, config=config,
+          report_out=sys.stdout)
