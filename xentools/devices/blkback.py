@@ -69,7 +69,9 @@ __all__ = ["BackendConfig", "BackendError", "BlkBackend", "main", "serve"]
 log = logging.getLogger("xentools.blkback")
 
 MAX_QUEUES_LIMIT = 64  # more queues than this is a configuration mistake, not a wish
-_BACKEND_PATH = re.compile(r"^/local/domain/(\d+)/backend/vbd/(\d+)/(\d+)$")
+# backend/<kind>/: "vbd", or another kind where Linux's xen-blkback claims backend/vbd/
+# (toolstack.USERSPACE_BACKEND_KIND).
+_BACKEND_PATH = re.compile(r"^/local/domain/(\d+)/backend/[a-z][a-z0-9]{0,7}/(\d+)/(\d+)$")
 _TRANSACTION_ATTEMPTS = 20
 
 
@@ -551,11 +553,12 @@ class BlkBackend:
 
 def parse_backend_path(path: str) -> tuple[int, int, int]:
     """(backend domid, frontend domid, devid) of a blkif backend directory; BackendError if
-    the path is not /local/domain/<n>/backend/vbd/<frontend>/<devid>."""
+    the path is not /local/domain/<n>/backend/<kind>/<frontend>/<devid> (kind: "vbd", or
+    "xtvbd" beside Linux's xen-blkback, which claims every node under backend/vbd/)."""
     match = _BACKEND_PATH.match(path.rstrip("/"))
     if match is None:
         raise BackendError(
-            f"backend.path: {path!r} is not /local/domain/<domid>/backend/vbd/<frontend-domid>/<devid>"
+            f"backend.path: {path!r} is not /local/domain/<domid>/backend/<kind>/<frontend-domid>/<devid>"
         )
     return int(match[1]), int(match[2]), int(match[3])
 

@@ -14,6 +14,12 @@ readable by the backend domain. Every node is given its permissions explicitly, 
 result does not depend on the xenstored's inheritance rule.
 A commit that fails with EAGAIN (another writer touched what we read) is repeated, up to
 TRANSACTION_ATTEMPTS times.
+Why a backend kind: the backend directory is /local/domain/<be>/backend/<kind>/<fe>/<devid>,
+and Linux's xen-blkback, when loaded in the backend domain, claims EVERY node under
+backend/vbd/ (it writes InitWait and its features there and binds the frontend's event
+channel before a userspace backend can). A userspace backend beside it uses another kind, as
+QEMU's does ("qdisk"); ours is USERSPACE_BACKEND_KIND. Frontends find the directory through
+their `backend` key, so the kind is invisible to them.
 """
 
 from __future__ import annotations
@@ -21,13 +27,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import re
+
+from xentools.core.errors import FeatureError
 from xentools.core.features import BackendToolstackKeys, FrontendToolstackKeys
 from xentools.core.xenbus import XenbusState
 from xentools.platform.interface import XenstoreError
 
-__all__ = ["TRANSACTION_ATTEMPTS", "VbdPaths", "backend_path", "create_vbd", "destroy_vbd", "frontend_path"]
+__all__ = [
+    "BLKBACK_KIND", "TRANSACTION_ATTEMPTS", "USERSPACE_BACKEND_KIND", "VbdPaths", "backend_path",
+    "create_vbd", "destroy_vbd", "frontend_path",
+]
 
 TRANSACTION_ATTEMPTS = 20
+BLKBACK_KIND = "vbd"  # blkif's own kind: Linux xen-blkback serves every node of it
+USERSPACE_BACKEND_KIND = "xtvbd"  # ours, where no kernel driver looks
+# A word; short, as Linux names the backend's bus device "<kind>-<fe>-<devid>" in 20 bytes.
+_KIND = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 
 
 @dataclass(frozen=True)
@@ -38,9 +54,12 @@ class VbdPaths:
     frontend: str
 
 
-def backend_path(backend_domid: int, frontend_domid: int, devid: int) -> str:
-    """blkif's backend directory: /local/domain/<backend>/backend/vbd/<frontend>/<devid>."""
-    return f"/local/domain/{backend_domid}/backend/vbd/{frontend_domid}/{devid}"
+def backend_path(backend_domid: int, frontend_domid: int, devid: int, kind: str = BLKBACK_KIND) -> str:
+    """blkif's backend directory: /local/domain/<backend>/backend/<kind>/<frontend>/<devid>
+    (kind "vbd" unless given; FeatureError "toolstack.backend_kind" if not a short word)."""
+    if not isinstance(kind, str) or not _KIND.match(kind):
+        raise FeatureError("toolstack.backend_kind", f"backend kind {kind!r} is not a lowercase word of 1-8 characters")
+    return f"/local/domain/{backend_domid}/backend/{kind}/{frontend_domid}/{devid}"
 
 
 def frontend_path(frontend_domid: int, devid: int) -> str:
@@ -75,17 +94,19 @@ def create_vbd(
     extra_backend: Mapping[str, str] | None = None,
     frontend_dir: str | None = None,
     type: str = "file",  # noqa: A002 - the xenstore key's name
+    backend_kind: str = BLKBACK_KIND,
 ) -> VbdPaths:
     """Write the toolstack keys of a vbd's backend and frontend directories in one
     transaction, `state` = 1 (Initialising) in both, and return their paths.
 
     Backend keys: frontend, frontend-id, params, type, mode, online=1, state, plus
-    `extra_backend` (e.g. {"discard-enable": "0"}). Frontend keys: backend, backend-id,
+    `extra_backend` (e.g. {"discard-enable": "0"}), under backend/<backend_kind>/ (pass
+    USERSPACE_BACKEND_KIND for our blkback where Linux's xen-blkback is loaded). Frontend keys: backend, backend-id,
     virtual-device (= devid), device-type=disk, state. Keys are validated by
     features.BackendToolstackKeys / FrontendToolstackKeys (FeatureError when malformed).
     """
     paths = VbdPaths(
-        backend_path(backend_domid, frontend_domid, devid),
+        backend_path(backend_domid, frontend_domid, devid, backend_kind),
         frontend_dir if frontend_dir is not None else frontend_path(frontend_domid, devid),
     )
     backend_keys = BackendToolstackKeys(

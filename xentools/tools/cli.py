@@ -20,6 +20,9 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("xentools.tools.sim_cmd", "sim"),
     ("xentools.tools.doctor", "doctor"),
     ("xentools.tools.blkback_cmd", "blkback"),
+    ("xentools.tools.blk_cmd", "blk"),
+    ("xentools.tools.demo", "demo"),
+    ("xentools.tools.bench", "bench"),
     ("xentools.tools.image_cmd", "image"),
 ]
 

@@ -1,0 +1,161 @@
+"""The `xentools blk`, `demo` and `bench` commands, run as a user runs them (subprocesses).
+
+`blk info|read|write|verify` against blkback serving an image over one software Xen (JSON on
+stdout, progress on stderr); `demo` ending with `demo: OK`; `bench --json` printing its keys
+(a smoke test: no figure is judged here); bad input (an unparsable disk, a backend that never
+reaches InitWait, a mismatch) giving one line on stderr, a non-zero exit and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from xentools.devices.toolstack import create_vbd
+from xentools.platform.sim.launcher import SoftwareXen
+from xentools.tools.blk_cmd import pattern_bytes
+
+IMAGE_BYTES = 8 << 20
+
+
+def xentools(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "xentools", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess, rule: str) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    # Progress labels may come first (stderr is not a terminal); the error is one last line.
+    errors = [line for line in lines if "error" in line.lower()]
+    assert errors == lines[-1:], proc.stderr
+    assert lines[-1].startswith("xentools: error: ") and rule in lines[-1], lines[-1]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A software Xen whose xvda (domain 1) is an 8 MiB image served by blkback; xvdb exists
+    in xenstore but no backend ever serves it."""
+    tmp = tmp_path_factory.mktemp("blk")
+    image = tmp / "disk.img"
+    image.write_bytes(random.Random(9).randbytes(IMAGE_BYTES))
+    with SoftwareXen(domains=(0, 1)) as xen:
+        xs = xen.platform(0).open_xenstore()
+        paths = create_vbd(xs, backend_domid=0, frontend_domid=1, devid=51712, params=str(image))
+        create_vbd(xs, backend_domid=0, frontend_domid=1, devid=51728, params=str(image))
+        xs.close()
+        backend = subprocess.Popen(
+            [sys.executable, "-m", "xentools.devices.blkback", "--sim-dir", xen.root_dir,
+             "--backend-path", paths.backend, "--image", str(image)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        try:
+            yield xen.root_dir, image
+        finally:
+            backend.send_signal(signal.SIGTERM)
+            out, err = backend.communicate(timeout=20)
+        assert backend.returncode == 0, err
+        assert json.loads(out)["total"] == 0  # our frontend broke no rule
+
+
+def blk(sim_dir: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return xentools("blk", *args[:1], "--sim-dir", sim_dir, "--domid", "1", *args[1:], timeout=timeout)
+
+
+def test_info_json(served):
+    sim_dir, _ = served
+    proc = blk(sim_dir, "info", "--vbd", "xvda", "--json", "--queues", "3", "--protocol", "x86_32-abi")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["sectors"] == IMAGE_BYTES // 512 and info["size_bytes"] == IMAGE_BYTES
+    assert (info["num_queues"], info["protocol"], info["persistent"]) == (3, "x86_32-abi", True)
+    assert info["frontend_path"] == "/local/domain/1/device/vbd/51712"
+    text = blk(sim_dir, "info", "--vbd", "51712")
+    assert text.returncode == 0 and "8.0 MiB" in text.stdout
+
+
+def test_write_read_verify_round_trip(served, tmp_path):
+    sim_dir, image = served
+    proc = blk(sim_dir, "write", "--pattern", "5", "--sector", "100", "--count", "3000", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {**json.loads(proc.stdout), "sector": 100, "count": 3000, "bytes": 3000 * 512}
+    assert "writing" in proc.stderr  # progress goes to stderr
+    proc = blk(sim_dir, "verify", "--pattern", "5", "--sector", "100", "--count", "3000", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True
+    assert image.read_bytes()[100 * 512 : 3100 * 512] == pattern_bytes(5, 100 * 512, 3000 * 512)
+    out = tmp_path / "out.bin"
+    proc = blk(sim_dir, "read", "--sector", "90", "--count", "20", "--output", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == image.read_bytes()[90 * 512 : 110 * 512]
+    raw = subprocess.run(
+        [sys.executable, "-m", "xentools", "blk", "read", "--sim-dir", sim_dir, "--domid", "1",
+         "--count", "8", "--output", "-"], capture_output=True, timeout=60,
+    )
+    assert raw.returncode == 0 and raw.stdout == image.read_bytes()[:4096]
+    proc = blk(sim_dir, "verify", "--against", str(image), "--json", "--no-persistent")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["checked"] == IMAGE_BYTES // 512
+
+
+def test_write_from_file(served, tmp_path):
+    sim_dir, image = served
+    data = random.Random(4).randbytes(64 * 512)
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    proc = blk(sim_dir, "write", "--input", str(src), "--sector", "7000")
+    assert proc.returncode == 0, proc.stderr
+    assert image.read_bytes()[7000 * 512 : 7064 * 512] == data
+    src.write_bytes(b"x" * 100)
+    one_error_line(blk(sim_dir, "write", "--input", str(src)), "request.length")
+
+
+def test_verify_mismatch_is_one_line_and_exit_1(served):
+    sim_dir, _ = served
+    proc = blk(sim_dir, "verify", "--pattern", "6", "--sector", "100", "--count", "8")
+    line = one_error_line(proc, "verify.mismatch")
+    assert "8 sectors differ, first at sector 100" in line
+
+
+@pytest.mark.parametrize("spec", ["xvd!", "sdz99", "/bad//path", "banana"])
+def test_unparsable_disk_spec(served, spec):
+    sim_dir, _ = served
+    one_error_line(blk(sim_dir, "info", "--vbd", spec), "vbd.spec")
+
+
+def test_backend_never_reaching_initwait(served):
+    sim_dir, _ = served
+    line = one_error_line(blk(sim_dir, "info", "--vbd", "xvdb", "--timeout", "0.5"), "connect.timeout")
+    assert "never reached InitWait" in line and "Initialising (1)" in line
+
+
+def test_out_of_range_and_usage_errors(served):
+    sim_dir, _ = served
+    one_error_line(blk(sim_dir, "read", "--sector", str(IMAGE_BYTES // 512)), "request.range")
+    one_error_line(blk(sim_dir, "write", "--pattern", "1"), "cli.usage")
+
+
+def test_demo_ends_with_ok():
+    proc = xentools("demo", "--size-mib", "16", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("demo: OK")
+    assert any("negotiated" in line and "indirect" in line for line in lines)
+    assert "Traceback" not in proc.stderr
+
+
+def test_bench_json_keys():
+    proc = xentools("bench", "--json", "--size-mib", "16", "--seconds", "0.2", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for key in ("seq_read_1m_mbps", "seq_read_1m_ratio", "rand_read_4k_qd32_iops", "rand_read_4k_qd32_ratio"):
+        assert isinstance(result[key], (int, float)) and result[key] > 0
+    assert result["config"]["image_mib"] == 16 and result["config"]["rand_depth"] == 32
