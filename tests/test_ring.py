@@ -4,7 +4,10 @@ at 2**32, overflow checks, notification decisions and where the full barrier is 
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import struct
+import subprocess
+import sys
 
 import pytest
 from hypothesis import event, given, settings
@@ -536,3 +539,38 @@ def test_exchange_matches_model_across_wrap(
         assert (fb.calls, bb.calls) == (expected_fb, expected_bb)
     # Coverage note (see --hypothesis-show-statistics): how often the indices wrapped.
     event(f"req wrapped={m.req_prod_pvt >= M > start}, rsp wrapped={m.rsp_cons >= M > start}")
+
+
+# --- indices shared with another process ---------------------------------------------------
+
+_WRITER = """
+import mmap, sys
+from xentools.core.ring import SharedRing
+with open(sys.argv[1], "r+b") as f:
+    ring = SharedRing(memoryview(mmap.mmap(f.fileno(), 4096)), 112, 32)
+    for value in range(1 << 16, 1 << 16 | 400000):
+        ring.rsp_prod = value
+"""
+
+
+def test_indices_are_never_seen_half_written_by_another_process(tmp_path):
+    """A peer process publishes rsp_prod as fast as it can; every value read here is one it
+    wrote, in order: never 0 (struct.pack_into zero-fills first), never backwards."""
+    path = tmp_path / "ring"
+    path.write_bytes(bytes(4096))
+    with open(path, "r+b") as f:
+        shared = mmap.mmap(f.fileno(), 4096)
+    ring = SharedRing(memoryview(shared), 112, 32)
+    ring.rsp_prod = 1 << 16
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)])
+    last = 1 << 16
+    reads = 0
+    while writer.poll() is None:
+        for _ in range(2000):
+            value = ring.rsp_prod
+            assert last <= value < (1 << 16 | 400000), value
+            last = value
+            reads += 1
+    assert writer.wait() == 0 and reads > 10000
+    assert ring.rsp_prod == (1 << 16 | 400000) - 1
+    ring.release()

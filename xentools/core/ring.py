@@ -98,8 +98,9 @@ class SharedRing:
 
     `buf` is a contiguous writable memoryview of the ring pages (at least
     64 + nr_ents * entry_size bytes); `nr_ents` must be a power of two. Header fields are
-    u32 little-endian; setters store the value mod 2**32. Every getter reads shared memory
-    afresh: callers that must not double-fetch read a field once into a local.
+    native u32 (RING_IDX), each read or written with one aligned access; setters store the
+    value mod 2**32. Every getter reads shared memory afresh: callers that must not
+    double-fetch read a field once into a local.
     Raises RingError "ring.buffer" or "ring.size" on a bad buffer or size.
     """
 
@@ -123,12 +124,24 @@ class SharedRing:
         self.buf = view
         self.entry_size = entry_size
         self.nr_ents = nr_ents
+        # The four indices as native u32 cells, as ring.h's RING_IDX. Each get/set is ONE
+        # aligned 32-bit load or store, which the CPU
+        # performs atomically: struct.pack_into zero-fills its target before packing
+        # (CPython's s_pack_internal), so a peer reading between the two would see the index
+        # as 0, a producer running backwards (false overflow) or an event in the past (lost
+        # notification).
+        self._cells = view[:RING_HEADER_SIZE].cast("I")
 
     def _get(self, offset: int) -> int:
-        return struct.unpack_from("<I", self.buf, offset)[0]
+        return self._cells[offset >> 2]
 
     def _set(self, offset: int, value: int) -> None:
-        struct.pack_into("<I", self.buf, offset, value & _MASK)
+        self._cells[offset >> 2] = value & _MASK
+
+    def release(self) -> None:
+        """Drop the views of the shared pages (they pin the buffer) before the pages go."""
+        self._cells.release()
+        self.buf.release()
 
     @property
     def req_prod(self) -> int:

@@ -9,10 +9,7 @@ Must not: talk to xenstore, own grant pages, or complete user futures (blkfront.
 Checks on every response (Linux 5.16 blkfront after XSA-376, and stricter):
 - The response is copied out of the ring once (FrontRing.get_response) and every field is
   read from that private copy (XSA-155).
-- rsp_prod - rsp_cons must not exceed the ring size (FrontRing raises "ring.rsp_overflow");
-  an out-of-range value is read once more first, since a peer writing its index with
-  struct.pack_into shows 0 for an instant (see AtomicIndexRing), and only the fresh value
-  is used. The header indices themselves are read and written atomically here.
+- rsp_prod - rsp_cons must not exceed the ring size (FrontRing raises "ring.rsp_overflow").
 - id: Linux checks id < RING_SIZE and that the slot is waiting. Here an id is
   `sequence * RING_SIZE + slot`, unique over the device's life: the slot is `id & (size-1)`
   (always in range) and the response must carry exactly the id of the request waiting in
@@ -26,7 +23,6 @@ Checks on every response (Linux 5.16 blkfront after XSA-376, and stricter):
 
 from __future__ import annotations
 
-import ctypes
 import struct
 from collections import deque
 
@@ -43,7 +39,7 @@ from xentools.core.errors import RingError
 from xentools.core.ring import FrontRing, SharedRing, ring_entries
 from xentools.platform.interface import SharedPages
 
-__all__ = ["AtomicIndexRing", "BlkfrontQueue", "InFlight", "RingCodec", "Violation"]
+__all__ = ["BlkfrontQueue", "InFlight", "RingCodec", "Violation"]
 
 _STATUSES = (BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP)
 
@@ -185,35 +181,6 @@ class InFlight:
         self.secure = False
 
 
-class AtomicIndexRing(SharedRing):
-    """A SharedRing whose four header indices are read and written with one aligned 32-bit
-    access each.
-
-    Why: CPython's struct.pack_into zero-fills its target before packing the fields
-    (Modules/_struct.c, s_pack_internal), and unpack_from may assemble a value byte by
-    byte. On memory shared with another process, a peer reading req_prod or rsp_event in
-    the middle of such a write sees 0 (measured: about 1.7% of reads against a writer in a
-    loop): a producer index seemingly moving backwards (a false RING_*_PROD_OVERFLOW) or an
-    event index in the past (a lost notification). ctypes reads and writes a c_uint32 with
-    one instruction, which x86 performs atomically on an aligned address.
-    """
-
-    def __init__(self, buf, entry_size: int, nr_ents: int) -> None:
-        super().__init__(buf, entry_size, nr_ents)
-        # req_prod, req_event, rsp_prod, rsp_event at offsets 0, 4, 8, 12 (ring.h).
-        self._cells = (ctypes.c_uint32 * 4).from_buffer(self.buf)
-
-    def _get(self, offset: int) -> int:
-        return self._cells[offset >> 2]
-
-    def _set(self, offset: int, value: int) -> None:
-        self._cells[offset >> 2] = value & 0xFFFFFFFF
-
-    def release(self) -> None:
-        """Drop the ctypes view (it holds an export of the buffer) before the pages go."""
-        self._cells = None
-
-
 class BlkfrontQueue:
     """Ring `index` of a device: 2**order shared pages, one event channel port."""
 
@@ -233,7 +200,7 @@ class BlkfrontQueue:
         self.port = port
         self.size = ring_entries(order, codec.abi.entry_size)
         self.mask = self.size - 1
-        shared = AtomicIndexRing(pages.buf, codec.abi.entry_size, self.size)
+        shared = SharedRing(pages.buf, codec.abi.entry_size, self.size)
         # Only the frontend initialises the shared ring (ring.h SHARED_RING_INIT).
         self.ring = FrontRing.create(shared, full_barrier)
         self.shadow: list[InFlight | None] = [None] * self.size
@@ -243,7 +210,6 @@ class BlkfrontQueue:
         self.unpushed = False  # requests written to slots but req_prod not yet published
         self.in_flight = 0  # requests on the ring or holding a slot while waiting for refs
         self.requests = 0  # requests put on this ring so far
-        self.rereads = 0  # rsp_prod values read again because the first was out of range
 
     def claim_slot(self, entry: InFlight) -> bool:
         """Give `entry` a free shadow slot and a fresh id; False if every slot is busy."""
@@ -275,30 +241,6 @@ class BlkfrontQueue:
         self.unpushed = False
         return self.ring.push_requests_and_check_notify()
 
-    def _unconsumed(self) -> int:
-        """FrontRing.unconsumed_responses, reading rsp_prod once more before giving up.
-
-        A backend whose writer is in the middle of an update (CPython's struct.pack_into
-        zero-fills the field first, see AtomicIndexRing) shows a value it corrects at once.
-        Only the fresh value is checked and used (no double fetch, XSA-155); a backend that
-        really moved rsp_prod out of range is caught by the second read.
-        """
-        try:
-            return self.ring.unconsumed_responses()
-        except RingError:
-            self.rereads += 1
-            return self.ring.unconsumed_responses()
-
-    def _final_check(self) -> bool:
-        """RING_FINAL_CHECK_FOR_RESPONSES (ring.h) over `_unconsumed`."""
-        ring = self.ring
-        if self._unconsumed():
-            return True
-        ring.shared.rsp_event = ring.rsp_cons + 1
-        if ring.full_barrier is not None:
-            ring.full_barrier()
-        return self._unconsumed() > 0
-
     def take_responses(self) -> tuple[list[tuple[InFlight, int]], Violation | None]:
         """Consume every response the ring holds now, checked (see the module docstring).
 
@@ -313,7 +255,7 @@ class BlkfrontQueue:
         done: list[tuple[InFlight, int]] = []
         try:
             while True:
-                count = self._unconsumed()
+                count = ring.unconsumed_responses()
                 for _ in range(count):
                     raw = ring.get_response()  # private copy (XSA-155)
                     rsp_id, op, status = unpack(raw)
@@ -336,7 +278,7 @@ class BlkfrontQueue:
                     self.free_slots.append(entry.slot)
                     self.in_flight -= 1
                     done.append((entry, status))
-                if not self._final_check():
+                if not ring.final_check_for_responses():
                     return done, None
         except RingError as err:
             return done, Violation(err.rule, f"queue {self.index}: {err.detail}")
