@@ -19,6 +19,7 @@ from xentools.core.errors import XentoolsError
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("xentools.tools.sim_cmd", "sim"),
     ("xentools.tools.doctor", "doctor"),
+    ("xentools.tools.vbd_cmd", "vbd"),
     ("xentools.tools.blkback_cmd", "blkback"),
     ("xentools.tools.blk_cmd", "blk"),
     ("xentools.tools.demo", "demo"),
