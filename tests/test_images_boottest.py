@@ -18,6 +18,7 @@ from test_images_support import FakeXl, freebsd_like_image, vhd_footer
 from xentools.tools.image_cmd import image as image_group
 from xentools.tools.images.boottest import (
     BootTest,
+    Completed,
     Console,
     DiskServer,
     GuestConfig,
@@ -156,6 +157,37 @@ def test_guest_that_powers_off_without_a_verdict(tmp_path, fake, image):
     assert res.destroyed and res.cleanup_errors == ()  # already gone counts as destroyed
 
 
+class CrashingXlRunner(SubprocessRunner):
+    """Every `xl domid` after the unpause crashes (SIGSEGV) once before it answers, as xl
+    did in a nested dom0 under load."""
+
+    def __init__(self):
+        self.crashes = 0
+        self._unpaused = False
+        self._crash_next = True
+
+    def run(self, argv, timeout):
+        if argv[1] == "unpause":
+            self._unpaused = True
+        if argv[1] == "domid" and self._unpaused:
+            self._crash_next = not self._crash_next
+            if not self._crash_next:
+                self.crashes += 1
+                return Completed(-11, "", "")
+        return super().run(argv, timeout)
+
+
+def test_an_xl_that_crashes_is_asked_again_not_taken_for_a_gone_guest(tmp_path, fake, image):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    fake.configure(log_dir=str(logs), transcript=[[0.3, "Booting...\n"], [0.3, "login: \n"]])
+    runner = CrashingXlRunner()
+    res = boot(tmp_path, fake, image, log_dir=str(logs), runner=runner)
+    assert runner.crashes >= 2
+    assert res.decision.verdict is Verdict.PASS, res.decision
+    assert res.destroyed and fake.live_domains() == []
+
+
 def test_failed_create_is_an_error_and_destroy_is_still_tried(tmp_path, fake, image):
     fake.configure(create_rc=3)
     res = boot(tmp_path, fake, image)
@@ -250,6 +282,10 @@ def test_xentools_backend_writes_the_vbd_runs_blkback_and_collects_its_report(tm
     seen = SimpleNamespace(created=None, destroyed=None, closed=False, live_at_destroy=None)
 
     class Xs:
+        def read(self, path):
+            seen.state_read = path
+            return b"2"  # what blkback writes once ready: InitWait
+
         def close(self):
             seen.closed = True
 
@@ -264,23 +300,70 @@ def test_xentools_backend_writes_the_vbd_runs_blkback_and_collects_its_report(tm
 
     report = tmp_path / "out" / "blkback-report.json"
     disk = XentoolsDisk(str(image), report_path=str(report), connect=Xs, create_vbd=create_vbd,
-                        destroy_vbd=destroy_vbd,
+                        destroy_vbd=destroy_vbd, exit_grace=0.2,  # this fake ignores its vbd's removal
                         blkback_argv=lambda backend, img, rep, read_only: [
                             sys.executable, str(script), "--backend-path", backend, "--image", img, "--report", rep,
                             *(["--read-only"] if read_only else [])])
     fake.configure(transcript=[[0.3, "[    0.5] blkfront: xvda: flush diskcache: enabled\nlogin: \n"]])
     res = boot(tmp_path, fake, image, disk=disk, guest_type="pv", kernel=str(image))
     assert res.decision.verdict is Verdict.PASS and res.backend == "xentools"
-    assert seen.created == {"backend_domid": 0, "frontend_domid": 7, "devid": 51712, "params": str(image), "mode": "w"}
+    assert seen.created == {"backend_domid": 0, "frontend_domid": 7, "devid": 51712, "params": str(image), "mode": "w",
+                            "backend_kind": "xtvbd"}  # not backend/vbd/, which dom0's xen-blkback claims
     assert seen.destroyed.backend == "/local/domain/0/backend/vbd/7/51712"
     assert seen.live_at_destroy == [] and seen.closed  # the vbd goes after the guest
+    assert seen.state_read == "/local/domain/0/backend/vbd/7/51712/state"  # waited for InitWait
     assert res.disk_report["blkback_exit_code"] == 0 and res.disk_report["errors"] == []
+    assert res.disk_report["ready_after_s"] >= 0
+    phases = json.loads((tmp_path / "out" / "report.json").read_text())["phases_s"]
+    assert list(phases) == ["create", "disk_start", "unpause", "guest", "destroy", "disk_stop"]
+    assert phases["guest"] > 0.1 and phases["disk_stop"] >= 0.2  # the transcript (0.3 s); the exit grace
     assert Path(res.disk_report["log_file"]).read_text() == "fake blkback serving\n"
     assert res.disk_report["conformance"] == {"requests": 12, "violations": {},
                                               "backend": "/local/domain/0/backend/vbd/7/51712"}
     cfg = fake.last_cfg()
     assert "disk = [  ]" in cfg and f"kernel = '{image}'" in cfg and "serial" not in cfg
     assert json.loads((tmp_path / "out" / "report.json").read_text())["disk_backend_report"]["conformance"]["requests"] == 12
+
+
+def _dying_disk(tmp_path, code, *, state=b"2"):
+    """A XentoolsDisk whose blkback prints a line and exits `code` (at once, or after 0.5 s)."""
+    script = tmp_path / "dying_blkback.py"
+    script.write_text(f"import sys, time\nprint('blkback: error: fake failure', flush=True)\n"
+                      f"time.sleep({0.5 if state else 0})\nsys.exit({code})\n")
+
+    class Xs:
+        def read(self, path):
+            return state
+
+        def close(self):
+            pass
+
+    return XentoolsDisk(str(tmp_path / "disk.raw"), report_path=str(tmp_path / "out" / "blkback-report.json"),
+                        connect=Xs, create_vbd=lambda xs, **kw: SimpleNamespace(backend="/b/7/51712", frontend="/f"),
+                        destroy_vbd=lambda xs, paths: None, exit_grace=5.0, ready_timeout=5.0, poll=0.02,
+                        blkback_argv=lambda *a, **kw: [sys.executable, str(script)])
+
+
+def test_a_blkback_that_never_gets_ready_is_an_error_and_the_guest_still_goes(tmp_path, fake, image):
+    disk = _dying_disk(tmp_path, 3, state=None)
+    fake.configure(transcript=[[0.02, "login: \n"]])
+    res = boot(tmp_path, fake, image, disk=disk, guest_type="pv", kernel=str(image))
+    assert res.decision.verdict is Verdict.ERROR and res.exit_code == 4
+    assert "blkback exited 3 (blkback: error: fake failure)" in res.decision.reason
+    assert "before it served the disk" in res.decision.reason
+    assert "unpause" not in commands(fake) and fake.live_domains() == [] and commands(fake)[-1] == "destroy"
+    assert list(res.phases) == ["create", "until_error", "destroy", "disk_stop"]
+    assert "blkback exited 3: blkback: error: fake failure" in res.disk_report["errors"]
+
+
+def test_a_blkback_that_crashes_while_the_guest_runs_is_an_error(tmp_path, fake, image):
+    disk = _dying_disk(tmp_path, -11 % 256)
+    fake.configure(transcript=[[0.02, "Booting...\n"]])  # then waits for its disk, forever
+    res = boot(tmp_path, fake, image, disk=disk, guest_type="pv", kernel=str(image))
+    assert res.decision.verdict is Verdict.ERROR and res.exit_code == 4
+    assert res.decision.reason.startswith("blkback exited 245 (blkback: error: fake failure)")
+    assert fake.live_domains() == [] and commands(fake)[-1] == "destroy"
+    assert res.disk_report["blkback_exit_code"] == 245
 
 
 def test_default_blkback_command_line():

@@ -3,8 +3,9 @@
 command in dom0, and exit with that command's exit code.
 
 Owns: finding the Debian-packaged pieces (Xen, the dom0 kernel and its modules, busybox,
-QEMU), building the initramfs (busybox + the 9p/overlay modules + dom0/init), booting QEMU
-with the host's / shared read-only into dom0, a global timeout, and reading the verdict.
+QEMU), building the initramfs (busybox + the 9p/overlay modules + dom0/init), the test
+guests' uncompressed kernel (guest_vmlinux, handed to dom0 as $NESTED_GUEST_KERNEL), booting
+QEMU with the host's / shared read-only into dom0, a global timeout, and reading the verdict.
 Must not: know what is being tested. What runs in dom0 lives in tests/nested/dom0/:
   dom0/init     stage 1, /init of the initramfs (busybox): overlay root, then stage 2
   dom0/boot.sh  stage 2, PID 1 in the host's userland: xenstored & co, the command, power off
@@ -14,8 +15,9 @@ Usage (from anywhere; the command runs in the repository root unless --cwd is gi
   python3 tests/nested/run.py --console -- xl info
 In dom0 the command sees the host's whole file system (read-only below, writable overlay in
 RAM above), the Xen toolstack up (C xenstored, xenconsoled, xl), the xen-* driver modules
-loaded, and $NESTED_RESULTS: a directory the host keeps (build/nested/run-*/results/) for
-files the command wants to hand back (benchmark JSON, logs).
+loaded, $NESTED_RESULTS: a directory the host keeps (build/nested/run-*/results/) for
+files the command wants to hand back (benchmark JSON, logs, guests' console logs), and
+$NESTED_GUEST_KERNEL: the ELF image of dom0's kernel for PV test guests.
 
 Exit code: the command's own, or 124 when the global timeout killed QEMU, or 125 when the
 machine could not be booted or tested (missing prerequisite, dom0 setup failed). Missing
@@ -30,16 +32,20 @@ multiboot module syntax, the 9p options).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
+import lzma
 import os
 import shlex
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +156,39 @@ def xen_image(cache: Path) -> Path:
     return image
 
 
+def guest_vmlinux(cache: Path, kernel: Kernel) -> Path:
+    """The dom0 kernel's uncompressed ELF image, for test guests (tests/xen/guests.py).
+
+    `xl create` given the bzImage decompresses its xz payload in dom0, which takes ~5 s
+    under nested TCG; given this ELF it takes ~0.7 s. Decompressed once here on the host
+    and cached by mtime. The payload is located by the x86 boot protocol's setup header
+    (payload_offset/payload_length at 0x248, protected-mode code at (setup_sects + 1) * 512,
+    boot protocol >= 2.08), not by scanning for a magic number. Returns the bzImage itself
+    when the payload is not xz or gzip (guests then boot it, only slower to create)."""
+    out = cache / f"vmlinux-{kernel.version}"
+    if out.exists() and out.stat().st_mtime >= kernel.vmlinuz.stat().st_mtime:
+        return out
+    data = kernel.vmlinuz.read_bytes()
+    if data[0x202:0x206] != b"HdrS" or struct.unpack_from("<H", data, 0x206)[0] < 0x208:
+        return kernel.vmlinuz
+    setup_sects = data[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", data, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    payload = data[start : start + length]
+    if payload.startswith(b"\xfd7zXZ\x00"):
+        # The build appends the uncompressed size after the stream: the decompressor stops
+        # at the stream's end and leaves those bytes unused.
+        image = lzma.LZMADecompressor().decompress(payload)
+    elif payload.startswith(b"\x1f\x8b"):
+        image = zlib.decompressobj(wbits=31).decompress(payload)
+    else:
+        return kernel.vmlinuz
+    if not image.startswith(b"\x7fELF"):
+        return kernel.vmlinuz
+    atomic_write(out, image)
+    return out
+
+
 def module_paths(kernel: Kernel) -> list[Path]:
     """Module files for INITRAMFS_MODULES in load order, without repeats (builtins skipped)."""
     modprobe = shutil.which("modprobe") or "/sbin/modprobe"
@@ -216,13 +255,34 @@ def build_initramfs(cache: Path, kernel: Kernel) -> Path:
     return out
 
 
-def new_run_dir(cache: Path) -> Path:
+def _in_use(run: Path) -> bool:
+    """True while another run.py holds the run directory's lock (its QEMU writes there)."""
+    try:
+        fd = os.open(run / ".lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def new_run_dir(cache: Path) -> tuple[Path, int]:
+    """A fresh run directory, locked for this process's life (the fd returned); the oldest
+    runs beyond KEEP_RUNS are removed, except those another run.py still uses (several
+    runs at once share build/nested/)."""
     runs = sorted(cache.glob("run-*"), key=lambda p: p.stat().st_mtime)
     for old in runs[: max(0, len(runs) - (KEEP_RUNS - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        if not _in_use(old):
+            shutil.rmtree(old, ignore_errors=True)
     run = Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%d-%H%M%S-"), dir=cache))
+    lock = os.open(run / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     (run / "results").mkdir()
-    return run
+    return run, lock
 
 
 def no_separators(path: Path) -> str:
@@ -281,7 +341,8 @@ def boot(args: argparse.Namespace) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     xen = xen_image(cache)
     initramfs = build_initramfs(cache, kernel)
-    run = new_run_dir(cache)
+    vmlinux = guest_vmlinux(cache, kernel)
+    run, _lock = new_run_dir(cache)
     results = run / "results"
     cwd = Path(args.cwd).resolve()
     for hidden in ("/run", "/proc", "/sys", "/dev"):
@@ -290,7 +351,11 @@ def boot(args: argparse.Namespace) -> int:
             raise HarnessError(f"--cwd {cwd} is under {hidden}, which dom0 does not see from the host")
     # Same HOME as on the host: caches under ~ (e.g. the barrier) built there are reused.
     home = os.environ.get("HOME", "/root")
-    (results / "command").write_text(f"export HOME={shlex.quote(home)}\nexec {shlex.join(args.command)}\n")
+    # NESTED_GUEST_KERNEL: what tests/xen/guests.py boots guests with (see guest_vmlinux).
+    (results / "command").write_text(
+        f"export HOME={shlex.quote(home)} NESTED_GUEST_KERNEL={shlex.quote(str(vmlinux))}\n"
+        f"exec {shlex.join(args.command)}\n"
+    )
     (results / "cwd").write_text(f"{cwd}\n")
 
     boot_script = HERE / "dom0" / "boot.sh"

@@ -43,6 +43,7 @@ is throttled, not fatal.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import select
@@ -335,6 +336,11 @@ class BlkFront:
             self._queues.append(queue)
             self._by_port[port] = queue
         info = neg.ring_info([QueueRing(q.pages.refs, q.port) for q in self._queues], self.config.protocol)
+        # feature-persistent is the frontend's own wish (blkif.h), written whatever the
+        # backend showed so far: Linux blkback advertises it only when it connects, and
+        # uses persistent grants only if the frontend's key said so before. Whether we
+        # reuse grants is decided at Connected (both sides said 1: _read_disk's negotiate).
+        info = dataclasses.replace(info, feature_persistent=self.config.persistent)
         write_ring_info(self._xs, self.frontend_path, info)
         self._rings_granted = True
         self._neg0 = neg

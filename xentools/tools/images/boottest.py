@@ -12,8 +12,13 @@ its Runner (so tests drive it with a fake `xl`).
 
 Order matters: the guest is created paused and the console attached before `xl unpause`,
 so that no early output is lost (measured, xen-in-qemu.md); a vbd served by our blkback is
-written (both directories in one transaction) before the guest runs, so its blkfront finds
-the device at boot.
+written (both directories in one transaction) and our blkback has reached InitWait before
+the guest runs, so its blkfront finds the device at boot. At the end the guest goes first,
+then the vbd's directories, which makes our blkback unmap the guest's pages (Xen frees a
+destroyed domain only then), write its report and exit.
+An `xl` killed by a signal is asked again (except `create`): under nested emulation dom0
+processes (xenstore-ls, Python) were seen to die of SIGSEGV now and then, and a crash is no
+answer about the guest.
 """
 
 from __future__ import annotations
@@ -275,6 +280,10 @@ class DiskServer(abc.ABC):
     def stop(self) -> Mapping[str, object] | None:
         return None
 
+    def failure(self) -> str | None:
+        """Why the backend can no longer serve the disk (checked while the guest runs), or None."""
+        return None
+
 
 class HostDisk(DiskServer):
     """The host's usual backend: xl and its hotplug scripts attach the image."""
@@ -301,8 +310,12 @@ def default_blkback_argv(backend_path: str, image: str, report: str, *, read_onl
 
 class XentoolsDisk(DiskServer):
     """OUR blkback: the vbd's xenstore directories written by xentools.devices.toolstack
-    (one transaction), then a blkback process serving them; at stop, the process is ended
-    (SIGTERM) and its conformance report (JSON file) read, and both directories removed.
+    (one transaction, the backend one under backend/xtvbd/), then a blkback process serving
+    them. `start` returns once the backend reached InitWait (its features written, its
+    signal handlers installed), so the guest is unpaused only when its disk can connect and
+    a backend that cannot start is the test's error, not the guest's timeout. At stop, the
+    vbd's directories are removed, which makes blkback disconnect, write its conformance
+    report (JSON file) and exit; only a backend that does not is sent SIGTERM, then killed.
     blkback's own output goes to `<report>.log`: our stdout carries the verdict only."""
 
     kind = "xentools"
@@ -311,21 +324,29 @@ class XentoolsDisk(DiskServer):
                  backend_domid: int = 0, connect: Callable[[], Any] | None = None,
                  create_vbd: Callable[..., Any] | None = None, destroy_vbd: Callable[..., Any] | None = None,
                  blkback_argv: Callable[..., list[str]] = default_blkback_argv,
-                 stop_timeout: float = 10.0) -> None:
+                 stop_timeout: float = 10.0, exit_grace: float = 30.0, ready_timeout: float = 120.0,
+                 backend_kind: str | None = None, poll: float = 0.1) -> None:
         self.image = os.path.abspath(image)
         self.report_path = report_path
         self.log_path = report_path + ".log"
         self.vdev = vdev
         self.writable = writable
         self.backend_domid = backend_domid
+        self.backend_kind = backend_kind  # None: toolstack.USERSPACE_BACKEND_KIND
         self._connect = connect
         self._create_vbd = create_vbd
         self._destroy_vbd = destroy_vbd
         self._blkback_argv = blkback_argv
         self._stop_timeout = stop_timeout
+        # Seconds. A Python process in a nested dom0 starts ~18x slower than on bare metal.
+        self._exit_grace = exit_grace
+        self._ready_timeout = ready_timeout
+        self._poll = poll
         self._xs: Any = None
         self._paths: Any = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stopping = False
+        self.ready_after: float | None = None  # seconds from spawn to InitWait
 
     def xl_disks(self) -> list[str]:
         return []  # the toolstack part is ours: xl must not attach the disk as well
@@ -338,27 +359,95 @@ class XentoolsDisk(DiskServer):
             from xentools.devices import toolstack
             self._create_vbd = self._create_vbd or toolstack.create_vbd
             self._destroy_vbd = self._destroy_vbd or toolstack.destroy_vbd
+        if self.backend_kind is None:
+            from xentools.devices.toolstack import USERSPACE_BACKEND_KIND
+            self.backend_kind = USERSPACE_BACKEND_KIND
         if self._connect is None:
             from xentools.platform.xenstore import XenstoreClient
             self._connect = XenstoreClient.connect
         self._xs = self._connect()
+        # Under backend/xtvbd/, not backend/vbd/: dom0's kernel xen-blkback (loaded on any
+        # Xen host) claims every node of backend/vbd/ and would bind the frontend's event
+        # channel before our process could (xen-in-qemu.md).
         self._paths = self._create_vbd(
             self._xs, backend_domid=self.backend_domid, frontend_domid=domid, devid=encode_vbd(self.vdev),
-            params=self.image, mode="w" if self.writable else "r",
+            params=self.image, mode="w" if self.writable else "r", backend_kind=self.backend_kind,
         )
         argv = self._blkback_argv(self._paths.backend, self.image, self.report_path, read_only=not self.writable)
+        # A crash in native code (libxengnttab through cffi) then leaves a traceback in the log.
+        env = dict(os.environ, PYTHONFAULTHANDLER="1")
+        began = time.monotonic()
         try:
             with open(self.log_path, "ab") as log:
                 self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                              start_new_session=True)
+                                              start_new_session=True, env=env)
         except OSError as err:
             raise BootTestError("boottest.blkback", f"cannot start blkback ({argv[0]}): {err.strerror}") from None
+        self._wait_ready(began)
+
+    def _backend_state(self) -> int | None:
+        from xentools.platform.interface import XenstoreError
+
+        try:
+            raw = self._xs.read(f"{self._paths.backend}/state")
+        except XenstoreError:
+            return None
+        text = raw.decode("ascii", "replace").strip() if isinstance(raw, bytes) else str(raw)
+        return int(text) if text.isdigit() else None
+
+    def _wait_ready(self, began: float) -> None:
+        # blkif: the backend writes its features, then InitWait (2); a frontend connects after.
+        deadline = began + self._ready_timeout
+        while True:
+            why = self._exited()
+            if why is not None:
+                raise BootTestError("boottest.blkback", f"{why} before it served the disk; log {self.log_path}")
+            state = self._backend_state()
+            if state is not None and state >= 2:
+                self.ready_after = time.monotonic() - began
+                return
+            if time.monotonic() > deadline:
+                raise BootTestError("boottest.blkback", f"blkback did not reach InitWait at {self._paths.backend} "
+                                                        f"within {self._ready_timeout:g} s (state {state}); "
+                                                        f"see {self.log_path}")
+            time.sleep(self._poll)
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                lines = f.read()[-4000:].decode("utf-8", "replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    def _exited(self) -> str | None:
+        if self._proc is None or self._proc.poll() is None:
+            return None
+        last = self._log_tail()
+        return f"blkback exited {self._proc.returncode}" + (f" ({last})" if last else "")
+
+    def failure(self) -> str | None:
+        # A clean exit while the guest runs means its frontend went away (the guest ended),
+        # which the guest's own state shows; a crash or an error is the backend's failure.
+        if self._stopping or self._proc is None or self._proc.poll() in (None, 0):
+            return None
+        return f"{self._exited()} while the guest ran; log {self.log_path}"
 
     def stop(self) -> Mapping[str, object] | None:
+        self._stopping = True
         errors = []
         exit_code = None
+        if self._xs is not None and self._paths is not None:
+            # Removing its directory is how the toolstack tells blkback to go: it unmaps the
+            # guest's grants, writes its report and exits by itself.
+            try:
+                self._destroy_vbd(self._xs, self._paths)  # type: ignore[misc]
+            except XentoolsError as err:
+                errors.append(f"removing the vbd's xenstore directories failed: {err}")
         if self._proc is not None:
-            if self._proc.poll() is None:
+            try:
+                self._proc.wait(self._exit_grace)
+            except subprocess.TimeoutExpired:
                 self._proc.send_signal(signal.SIGTERM)
                 try:
                     self._proc.wait(self._stop_timeout)
@@ -367,11 +456,9 @@ class XentoolsDisk(DiskServer):
                     self._proc.wait()
                     errors.append(f"blkback did not stop within {self._stop_timeout:g} s of SIGTERM; killed")
             exit_code = self._proc.returncode
-        if self._xs is not None and self._paths is not None:
-            try:
-                self._destroy_vbd(self._xs, self._paths)  # type: ignore[misc]
-            except XentoolsError as err:
-                errors.append(f"removing the vbd's xenstore directories failed: {err}")
+            if exit_code != 0:
+                last = self._log_tail()
+                errors.append(f"blkback exited {exit_code}" + (f": {last}" if last else ""))
         if self._xs is not None:
             with contextlib.suppress(Exception):
                 self._xs.close()
@@ -379,6 +466,8 @@ class XentoolsDisk(DiskServer):
             return None
         report: dict[str, object] = {"blkback_exit_code": exit_code, "report_file": self.report_path,
                                      "log_file": self.log_path}
+        if self.ready_after is not None:
+            report["ready_after_s"] = round(self.ready_after, 3)
         try:
             report["conformance"] = json.loads(Path(self.report_path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
@@ -421,15 +510,31 @@ class BootTest:
 
     # -- xl
 
-    def _xl(self, *args: str, timeout: float = XL_TIMEOUT) -> Completed:
+    def _run_xl(self, args: Sequence[str], timeout: float = XL_TIMEOUT) -> Completed:
         done = self.runner.run([self.xl, *args], timeout)
+        # An xl killed by a signal (negative return code: it crashed) gave no answer at all;
+        # every command here but `create` may simply be asked again.
+        if done.returncode < 0 and args[0] != "create":
+            done = self.runner.run([self.xl, *args], timeout)
+        return done
+
+    def _xl(self, *args: str, timeout: float = XL_TIMEOUT) -> Completed:
+        done = self._run_xl(args, timeout)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
             raise BootTestError("boottest.xl_failed", f"xl {args[0]} failed (exit {done.returncode}): {last}")
         return done
 
-    def _alive(self) -> bool:
-        return self.runner.run([self.xl, "domid", self.guest.name], XL_TIMEOUT).returncode == 0
+    def _alive(self, confirm: bool = False) -> bool:
+        """False when xl says that no domain has the guest's name (with `confirm`: twice in
+        a row, for the watch, where a guest wrongly taken for gone would be judged on half
+        its output)."""
+        for attempt in range(2 if confirm else 1):
+            if attempt:
+                time.sleep(READ_SLICE)
+            if self._run_xl(("domid", self.guest.name)).returncode <= 0:
+                return True  # 0: there; < 0: xl crashed twice, which proves nothing
+        return False
 
     def _domid(self) -> int:
         out = self._xl("domid", self.guest.name).stdout.strip()
@@ -455,6 +560,15 @@ class BootTest:
         cleanup: list[str] = []
         disk_report: Mapping[str, object] | None = None
         create_out = ""
+        # Seconds spent in each step, in order: where a slow run's time went.
+        phases: dict[str, float] = {}
+        mark = [t0]
+
+        def phase(name: str) -> None:
+            now = self.clock()
+            phases[name] = round(phases.get(name, 0.0) + now - mark[0], 3)
+            mark[0] = now
+
         try:
             try:
                 log_path, offset = self._log_position()
@@ -463,26 +577,34 @@ class BootTest:
                 created = True
                 create_out = (done.stdout + done.stderr).strip()[-2000:]
                 domid = self._domid()
+                phase("create")
                 self.disk.start(domid)
+                phase("disk_start")
                 console = self._attach(log_path, offset)
                 self._xl("unpause", self.guest.name)
+                phase("unpause")
                 # The guest's time starts now: timeouts count from the unpause.
                 engine = VerdictEngine(self.rules, self.clock())
                 self._watch(engine, console, log)
+                phase("guest")
             except (XentoolsError, OSError) as err:
                 engine.error(self.clock(), str(err) if isinstance(err, XentoolsError) else f"{err.strerror or err}")
         finally:
             if console is not None:
                 with contextlib.suppress(OSError):
                     console.close()
+            if "guest" not in phases:
+                phase("until_error")  # the step that failed (or was interrupted)
             if create_tried:
                 destroyed, why = self._destroy(created)
                 if why:
                     cleanup.append(why)
+                phase("destroy")
             try:
                 disk_report = self.disk.stop()
             except (XentoolsError, OSError) as err:
                 cleanup.append(f"stopping the {self.disk.kind} disk backend failed: {err}")
+            phase("disk_stop")
             log.close()
         assert engine.decision is not None
         result = BootResult(
@@ -490,7 +612,7 @@ class BootTest:
             guest_type=self.guest.guest_type, backend=self.disk.kind,
             console_mode="log" if self.log_dir else "xl", decision=engine.decision, started_at=started_at,
             duration=self.clock() - t0, files=dict(self.files), domid=domid, destroyed=destroyed,
-            cleanup_errors=tuple(cleanup), disk_report=disk_report, xl_create_output=create_out,
+            cleanup_errors=tuple(cleanup), disk_report=disk_report, xl_create_output=create_out, phases=phases,
             timeouts={"first_output": self.rules.first_output_timeout, "idle": self.rules.idle_timeout,
                       "boot": self.rules.boot_timeout, "prompt_grace": self.rules.prompt_grace},
         )
@@ -531,9 +653,15 @@ class BootTest:
                 log.flush()
             if engine.feed(data, now) is not None:
                 return
-            if console.mode == "log" and now >= next_check:
+            if now >= next_check:
                 next_check = now + self.liveness_interval
-                if not self._alive():
+                # A disk backend that died leaves the guest waiting for its disk: that is
+                # the test's error, not the guest's timeout.
+                why = self.disk.failure()
+                if why is not None:
+                    engine.error(now, why)
+                    return
+                if console.mode == "log" and not self._alive(confirm=True):
                     rest = console.read(0.0) or b""
                     log.write(rest)
                     engine.feed(rest, now)
@@ -544,7 +672,7 @@ class BootTest:
         """Destroy the guest; (gone, why not). A domain that is already gone counts as gone;
         after a failed `xl create` a missing domain is expected, not an error."""
         try:
-            done = self.runner.run([self.xl, "destroy", self.guest.name], XL_TIMEOUT)
+            done = self._run_xl(("destroy", self.guest.name))
             if done.returncode == 0:
                 return True, None
             if not self._alive():

@@ -47,6 +47,8 @@ class BootResult:
     cleanup_errors: tuple[str, ...] = ()
     disk_report: Mapping[str, object] | None = None
     xl_create_output: str = ""
+    # Seconds per step of the run, in order (create, disk_start, unpause, guest, ..., disk_stop).
+    phases: Mapping[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -81,6 +83,7 @@ class BootResult:
             "elapsed_s": round(d.elapsed, 3),
             "started_at": self.started_at,
             "duration_s": round(self.duration, 3),
+            "phases_s": dict(self.phases),
             "timeouts_s": dict(self.timeouts),
             "domid": self.domid,
             "destroyed": self.destroyed,

@@ -1,0 +1,289 @@
+"""Benchmark on real Xen, run in dom0: our blkfront and blkback against Linux's.
+
+Owns: three measurements over one RAW image file, in one dom0, one after the other, and
+their ratios, printed as ONE JSON line (and written to $NESTED_RESULTS/bench-blk.json when
+the nested harness set it):
+  A. Linux blkfront (dom0's xen-blkfront, /dev/xvdX) on Linux blkback (loop device);
+  B. our blkfront (BlkFront in this process) on Linux blkback (loop device, same image);
+  C. Linux blkfront on our blkback (`python -m xentools.devices.blkback`, its own process).
+Each does a 1 MiB sequential read at queue depth 1 (what `dd iflag=direct bs=1M` does) and a
+4 KiB random read at queue depth 32. The kernel frontend is driven by fio (O_DIRECT; psync
+for the sequential read, libaio for the random one), ours by BlkFront (readinto at depth 1;
+32 reads kept in flight by completion callbacks).
+Ratios: B/A (targets: seq >= 1.0, rand >= 0.5) and C/A (target >= 0.7). They are reported,
+never asserted: this is a measurement. Only a wrong answer fails (a read whose data differs
+from the image, a frontend that leaks grants), with a non-zero exit.
+Must not: run under pytest by itself (tests/xen/test_blk_bench.py calls run()), or leave a
+vbd, loop device, backend process or the xen-blkfront module (if it loaded it) behind.
+
+Usage in dom0:  python tests/xen/bench_blk.py [--seconds S] [--size-mib N]
+From the host:  make bench-xen   (or tests/nested/run.py -- .venv/bin/python tests/xen/bench_blk.py)
+Facts: nested Xen under TCG is noisy; compare only figures of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from blk_helpers import (  # noqa: E402
+    DOM0,
+    INIT_WAIT,
+    MiB,
+    SECTOR,
+    CheckedPlatform,
+    KernelFrontVbd,
+    OurBlkback,
+    close_vbd,
+    frontend_released,
+    kernel_blkfront,
+    kernel_disk,
+    our_vbd,
+    unload_kernel_blkfront,
+)
+from guests import self_attach_kernel_vbd  # noqa: E402
+
+from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkFuture  # noqa: E402
+from xentools.devices.toolstack import destroy_vbd  # noqa: E402
+from xentools.platform.xen.platform import XenPlatform  # noqa: E402
+
+TARGETS = {
+    "ours_vs_kernel_front_seq_1m": 1.0,
+    "ours_vs_kernel_front_rand_4k_qd32": 0.5,
+    "kernel_front_on_ours_vs_kernel_back_seq_1m": 0.7,
+    "kernel_front_on_ours_vs_kernel_back_rand_4k_qd32": 0.7,
+}
+# xvdg, xvdh, xvdi: not used by the tests, so a left-over of theirs cannot collide.
+DEVID_KERNEL_KERNEL, DEVID_OURS_KERNEL, DEVID_KERNEL_OURS = 51808, 51824, 51840
+RAND_DEPTH = 32
+FRONTEND = BlkfrontConfig(ring_page_order=4, num_queues=2, max_indirect_segments=256, persistent=True)
+
+
+class BenchError(Exception):
+    """A measurement could not be made or read wrong data; the message says which."""
+
+
+def fio(disk: Path, *, rw: str, bs: int, depth: int, seconds: float, size: int) -> dict:
+    """One fio job on `disk` with O_DIRECT; returns {"mbps", "iops"} of its reads."""
+    engine = "psync" if depth == 1 else "libaio"
+    argv = [
+        "fio", "--name=bench", f"--filename={disk}", f"--rw={rw}", f"--bs={bs}", "--direct=1",
+        f"--ioengine={engine}", f"--iodepth={depth}", f"--size={size}", "--time_based",
+        f"--runtime={max(1, round(seconds))}", "--randrepeat=1", "--norandommap",
+        "--output-format=json",
+    ]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120 + seconds)
+    if result.returncode != 0:
+        raise BenchError(f"fio {rw} on {disk} exited {result.returncode}: {result.stderr.strip()[-500:]}")
+    job = json.loads(result.stdout[result.stdout.index("{"):])["jobs"][0]
+    if job.get("error"):
+        raise BenchError(f"fio {rw} on {disk}: error {job['error']}")
+    read = job["read"]
+    return {"mbps": round(read["bw_bytes"] / 1e6, 1), "iops": round(read["iops"])}
+
+
+def kernel_front(disk: Path, size: int, seconds: float, image: Path) -> dict:
+    """fio on the kernel frontend's disk, after checking it reads the image's bytes."""
+    fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, MiB)  # page aligned, as O_DIRECT wants
+        if os.preadv(fd, [buf], size - MiB) != MiB or bytes(buf) != image_bytes(image, size - MiB, MiB):
+            raise BenchError(f"{disk}: the last MiB read through the kernel frontend differs from {image}")
+    finally:
+        os.close(fd)
+    seq = fio(disk, rw="read", bs=MiB, depth=1, seconds=seconds, size=size)
+    rand = fio(disk, rw="randread", bs=4096, depth=RAND_DEPTH, seconds=seconds, size=size)
+    return {"seq_1m_mbps": seq["mbps"], "rand_4k_qd32_iops": rand["iops"]}
+
+
+def image_bytes(image: Path, offset: int, length: int) -> bytes:
+    with open(image, "rb") as f:
+        return os.pread(f.fileno(), length, offset)
+
+
+def ours_seq(dev: BlkFront, size: int, seconds: float, image: Path) -> float:
+    """MB/s of 1 MiB readinto calls one after the other (depth 1), wrapping at the end."""
+    buf = bytearray(MiB)
+    per = MiB // SECTOR
+    dev.readinto(0, buf)
+    if buf != image_bytes(image, 0, MiB):
+        raise BenchError("the first MiB read through our frontend differs from the image")
+    done = 0
+    sector = 0
+    end = size // SECTOR
+    started = time.perf_counter()
+    deadline = started + seconds
+    while True:
+        dev.readinto(sector, buf)
+        done += MiB
+        sector = (sector + per) % end
+        now = time.perf_counter()
+        if now >= deadline:
+            return done / (now - started) / 1e6
+
+
+def ours_rand(dev: BlkFront, size: int, seconds: float, image: Path) -> float:
+    """IOPS of 4 KiB reads at random 4 KiB-aligned offsets, RAND_DEPTH in flight: each
+    completion callback submits the next read until the time is up."""
+    rng = random.Random(11)
+    pages = size // 4096
+    offsets = [rng.randrange(pages) * 8 for _ in range(8192)]  # in sectors
+    state = {"next": 0, "done": 0, "in_flight": 0, "error": None}
+    finished = threading.Event()
+    deadline = 0.0
+
+    def complete(fut: BlkFuture) -> None:
+        state["in_flight"] -= 1
+        if fut.exception() is not None and state["error"] is None:
+            state["error"] = fut.exception()
+        state["done"] += 1
+        if state["error"] is None and time.perf_counter() < deadline:
+            index = state["next"]
+            state["next"] = index + 1
+            state["in_flight"] += 1
+            dev.submit_read(offsets[index % len(offsets)], 8, callback=complete)
+        elif state["in_flight"] == 0:
+            finished.set()
+
+    probe = offsets[0] * SECTOR
+    if dev.read(offsets[0], 8) != image_bytes(image, probe, 4096):
+        raise BenchError(f"the 4 KiB at {probe} read through our frontend differ from the image")
+    started = time.perf_counter()
+    deadline = started + seconds
+    with dev.batch():
+        for index in range(RAND_DEPTH):
+            state["next"] = index + 1
+            state["in_flight"] += 1
+            dev.submit_read(offsets[index], 8, callback=complete)
+    if not finished.wait(seconds + 60):
+        raise BenchError(f"random reads: {state['in_flight']} still in flight long after the time was up")
+    elapsed = time.perf_counter() - started
+    if state["error"] is not None:
+        raise BenchError(f"random read failed: {state['error']}")
+    return state["done"] / elapsed
+
+
+def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -> dict:
+    """Measure A, B and C; returns the result dict (figures, ratios, targets, timings)."""
+    size = size_mib * MiB
+    own_dir = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="bench-blk-")) if own_dir else workdir
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    xs = XenPlatform().open_xenstore(timeout=30.0)
+    loaded = False
+    try:
+        image = workdir / "bench.raw"
+        image.write_bytes(random.Random(5).randbytes(size))
+        loaded = kernel_blkfront()
+
+        t = time.monotonic()
+        with KernelFrontVbd(xs, image, DEVID_KERNEL_KERNEL, size) as vbd:
+            assert vbd.disk is not None
+            kernel_kernel = kernel_front(vbd.disk, size, seconds, image)
+        timings["kernel_front_on_kernel_back_s"] = round(time.monotonic() - t, 1)
+
+        t = time.monotonic()
+        platform = CheckedPlatform()
+        with self_attach_kernel_vbd(xs, image, devid=DEVID_OURS_KERNEL) as vbd:
+            dev = BlkFront.attach(platform, vbd.paths.frontend, config=FRONTEND)
+            try:
+                info = dev.info
+                assert info is not None
+                ours_kernel = {
+                    "seq_1m_mbps": round(ours_seq(dev, size, seconds, image), 1),
+                    "rand_4k_qd32_iops": round(ours_rand(dev, size, seconds, image)),
+                }
+            finally:
+                dev.close()
+            frontend_released(dev, platform)
+        timings["ours_front_on_kernel_back_s"] = round(time.monotonic() - t, 1)
+
+        t = time.monotonic()
+        paths = our_vbd(xs, image, frontend_domid=DOM0, devid=DEVID_KERNEL_OURS)
+        try:
+            with OurBlkback(paths.backend, image, workdir) as backend:
+                backend.wait_state(xs, {INIT_WAIT, 4})
+                disk = kernel_disk(DEVID_KERNEL_OURS, size)
+                kernel_ours = kernel_front(disk, size, seconds, image)
+                close_vbd(xs, paths)
+                destroy_vbd(xs, paths)
+                backend.wait_exit()
+                backend.exited_cleanly()
+                report = backend.report()
+        finally:
+            destroy_vbd(xs, paths)
+        timings["kernel_front_on_ours_back_s"] = round(time.monotonic() - t, 1)
+    finally:
+        if loaded:
+            unload_kernel_blkfront()
+        xs.close()
+        if own_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    timings["total_s"] = round(time.monotonic() - started, 1)
+
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 3) if b else 0.0
+
+    return {
+        "kernel_front_on_kernel_back": kernel_kernel,
+        "ours_front_on_kernel_back": ours_kernel,
+        "kernel_front_on_ours_back": kernel_ours,
+        "ratios": {
+            "ours_vs_kernel_front_seq_1m": ratio(ours_kernel["seq_1m_mbps"], kernel_kernel["seq_1m_mbps"]),
+            "ours_vs_kernel_front_rand_4k_qd32": ratio(ours_kernel["rand_4k_qd32_iops"], kernel_kernel["rand_4k_qd32_iops"]),
+            "kernel_front_on_ours_vs_kernel_back_seq_1m": ratio(kernel_ours["seq_1m_mbps"], kernel_kernel["seq_1m_mbps"]),
+            "kernel_front_on_ours_vs_kernel_back_rand_4k_qd32": ratio(
+                kernel_ours["rand_4k_qd32_iops"], kernel_kernel["rand_4k_qd32_iops"]),
+        },
+        "targets": TARGETS,
+        "our_blkback_violations": report.get("total"),
+        "config": {
+            "image_mib": size_mib,
+            "seconds_per_measurement": seconds,
+            "seq": "1 MiB reads, depth 1 (fio psync O_DIRECT; BlkFront.readinto)",
+            "rand": f"4 KiB random reads, depth {RAND_DEPTH} (fio libaio O_DIRECT; BlkFront callbacks)",
+            "our_frontend": {
+                "ring_page_order": info.ring_page_order, "num_queues": info.num_queues,
+                "segments_per_request": info.segments_per_request, "persistent": info.persistent,
+            },
+            "kernel": os.uname().release,
+            "cpus": os.cpu_count(),
+            "mbps_unit": "10^6 bytes per second",
+        },
+        "timings": timings,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement (default 2)")
+    parser.add_argument("--size-mib", type=int, default=64, help="image size in MiB (default 64)")
+    args = parser.parse_args(argv)
+    try:
+        result = run(args.seconds, args.size_mib)
+    except (BenchError, AssertionError) as err:
+        print(f"bench_blk: error: {err}", file=sys.stderr)
+        return 1
+    line = json.dumps(result, sort_keys=True)
+    print(line, flush=True)
+    results = os.environ.get("NESTED_RESULTS")
+    if results and Path(results).is_dir():
+        Path(results, "bench-blk.json").write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

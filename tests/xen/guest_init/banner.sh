@@ -1,0 +1,37 @@
+# GUEST SIDE scenario "banner", sourced by /init: what a small real image does at boot, read
+# its disk's partition table and file system, then print a login prompt.
+#
+# Owns: loading xen-blkfront and the ext2 driver (ext4.ko, CONFIG_EXT4_USE_FOR_EXT2), waiting
+# for the disk and its first partition, mounting it read-only, printing one file's sha256
+# and text, unmounting, and setting the banner "xentools-guest login: " that /init prints
+# last, on a line of its own (what a boot test's success pattern "login:" matches). After
+# the banner the guest waits like a getty (xentools.then=wait, the default here) unless
+# told xentools.then=poweroff.
+# Must not: write to the disk (mounted ro: the image must read back unchanged).
+# Parameters (xentools.*): disk (default xvda), part (default 1), file (default motd).
+# Prints:
+#   GUEST: mounted /dev/xvda1 ext2
+#   GUEST: file motd sha256 HEX
+#   GUEST: text <each line of the file>
+#   GUEST: done banner at T s
+#   xentools-guest login:
+
+disk=${XT_disk:-xvda}
+part=$disk${XT_part:-1}
+file=${XT_file:-motd}
+XT_then=${XT_then:-wait}
+load_module xen-blkfront
+load_module ext4
+wait_for_block "$disk"
+wait_for_block "$part"
+mount -t ext2 -o ro "/dev/$part" /mnt 2>/tmp/mount.err \
+    || fail "mount /dev/$part: $(cat /tmp/mount.err)"
+say "mounted /dev/$part ext2"
+[ -f "/mnt/$file" ] || fail "no file $file on /dev/$part"
+sum=$(sha256sum < "/mnt/$file")
+say "file $file sha256 ${sum%% *}"
+while IFS= read -r line; do
+    say "text $line"
+done < "/mnt/$file"
+umount /mnt || fail "umount /dev/$part"
+prompt='xentools-guest login: '
