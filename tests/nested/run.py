@@ -414,6 +414,14 @@ def boot(args: argparse.Namespace) -> int:
         last = [line for line in output.read_text(errors="replace").splitlines() if line.strip()][-1:]
         log(f"command's last line: {last[0] if last else '(no output)'}  [{output}]")
 
+    dmesg = results / "dom0-dmesg.log"
+    if dmesg.exists():
+        # Under nested TCG a PV process now and then dies at birth of a corrupt FS base;
+        # counted so that such a flake is told from a bug.
+        crashes = [line for line in dmesg.read_text(errors="replace").splitlines()
+                   if "segfault at" in line or "general protection fault" in line]
+        if crashes:
+            log(f"dom0 kernel log: {len(crashes)} user-space crash(es), e.g. {crashes[0].strip()}  [{dmesg}]")
     rc: int | None = None
     if exit_file.exists():
         text = exit_file.read_text().strip()

@@ -24,14 +24,15 @@ load_module xen-blkfront
 load_module ext4
 wait_for_block "$disk"
 wait_for_block "$part"
-mount -t ext2 -o ro "/dev/$part" /mnt 2>/tmp/mount.err \
+run mount -t ext2 -o ro "/dev/$part" /mnt 2>/tmp/mount.err \
     || fail "mount /dev/$part: $(cat /tmp/mount.err)"
 say "mounted /dev/$part ext2"
 [ -f "/mnt/$file" ] || fail "no file $file on /dev/$part"
-sum=$(sha256sum < "/mnt/$file")
-say "file $file sha256 ${sum%% *}"
+run sha256sum "/mnt/$file" > /tmp/sum || fail "sha256sum /mnt/$file failed"
+read -r sum _ < /tmp/sum
+say "file $file sha256 $sum"
 while IFS= read -r line; do
     say "text $line"
 done < "/mnt/$file"
-umount /mnt || fail "umount /dev/$part"
+run umount /mnt || fail "umount /dev/$part"
 prompt='xentools-guest login: '

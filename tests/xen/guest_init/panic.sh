@@ -9,5 +9,5 @@
 
 say "panicking on purpose"
 echo c > /proc/sysrq-trigger
-sleep 5
+nap 5
 fail "still alive after echo c > /proc/sysrq-trigger"
