@@ -27,7 +27,6 @@ from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError, C
 from xentools.platform.sim.launcher import SoftwareXen  # noqa: E402
 
 SECTORS = 4096
-RUN_BUDGET = 55.0  # seconds for the whole hostile run
 SESSIONS = 400
 MIN_MALFORMED = 1000  # counted without the events of storms
 
@@ -133,7 +132,6 @@ def test_hostile_backend(xen, backend, xs0):
     stalls_left = 2
     devid = 100
     for _ in range(SESSIONS):
-        assert time.monotonic() - started < RUN_BUDGET, f"only {sessions} sessions in {RUN_BUDGET} s"
         devid += 1
         seed = rng.getrandbits(32)
         roll = rng.random()
