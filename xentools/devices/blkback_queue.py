@@ -46,6 +46,7 @@ from xentools.core.blkif import (
     BLKIF_RSP_OKAY,
     PAGE_SIZE,
     Abi,
+    codec_for,
 )
 from xentools.core.errors import FeatureError, RingError
 from xentools.core.ring import BackRing, SharedRing, ring_entries
@@ -56,7 +57,6 @@ from xentools.devices.blkback_validate import (
     Plan,
     RequestPolicy,
     RequestRejected,
-    SlotLayout,
     parse_indirect_segments,
     parse_request,
 )
@@ -124,7 +124,7 @@ class QueueWorker:
         self.lock = gate.locks[index]
         self.report = log_to
         self.on_fatal = on_fatal
-        self.layout = SlotLayout(abi)
+        self.codec = codec_for(abi)
         self.fatal: str | None = None
         self.served = 0
         self._stop = threading.Event()
@@ -259,7 +259,7 @@ class QueueWorker:
         ring = self.ring
         get = ring.get_request
         put = ring.put_response
-        pack = self.layout.response.pack
+        pack = self.codec.response.pack
         while not self._stop.is_set():
             available = ring.unconsumed_requests()  # RingError on overflow: fatal
             if not available:
@@ -282,17 +282,17 @@ class QueueWorker:
     def _serve_batch(self, slots: list[bytes]) -> list[tuple[int, int, int]]:
         """(id, operation to echo, status) for each slot, in order. Every grant mapped for
         the batch is unmapped before this returns, i.e. before any response is published."""
-        layout, policy, record = self.layout, self.policy, self.report.record
+        codec, policy, record = self.codec, self.policy, self.report.record
         plans: list[Plan | None] = []
         answers: list[tuple[int, int, int] | None] = []
         for slot in slots:
             try:
-                plan = parse_request(slot, layout, policy)
+                plan = parse_request(slot, codec, policy)
                 if plan.operation == BLKIF_OP_INDIRECT:
                     plan = self._resolve_indirect(plan)
             except RequestRejected as err:
                 record(err.rule, str(err))
-                _, req_id, rsp_op = layout.header(slot)
+                _, req_id, rsp_op = codec.header(slot)
                 plans.append(None)
                 answers.append((req_id, rsp_op, err.status))
                 continue

@@ -47,7 +47,6 @@ import dataclasses
 import functools
 import os
 import select
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -64,6 +63,8 @@ from xentools.core.blkif import (
     BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_OKAY,
+    SEGMENT_SIZE,
+    codec_for,
     indirect_pages_for,
 )
 from xentools.core.errors import FeatureError, GrantDmaError, XenbusError
@@ -77,7 +78,7 @@ from xentools.core.features import (
 from xentools.core.grant_dma import DmaDirection, DmaFlags, DmaTag, LinearBuffer, LoadStatus
 from xentools.core.xenbus import Action, Handshake, Milestone, Step, XenbusState
 from xentools.devices.blkfront_pool import PoolGrantAllocator, StagingArea
-from xentools.devices.blkfront_queue import BlkfrontQueue, InFlight, RingCodec
+from xentools.devices.blkfront_queue import BlkfrontQueue, InFlight
 from xentools.devices.blkfront_types import (
     BlkFuture,
     BlkfrontConfig,
@@ -112,8 +113,6 @@ __all__ = [
     "frontend_path_for",
 ]
 
-_SEG_LAST_SECT = 5  # offset of last_sect in struct blkif_request_segment
-_SEGMENT_PACK = struct.Struct("<IBBxx").pack  # gref, first_sect, last_sect, 2 pad bytes
 _NOMINAL_STRIDE_PAGES = 1 << 13  # nominal address space per request slot (> 4096 + 8 pages)
 _DEADLINE_CHECK = 0.25  # seconds between scans for requests past their deadline
 _POLL_MS = 250
@@ -322,7 +321,7 @@ class BlkFront:
                 f"{neg.num_queues} rings of {neg.ring_pages} pages leave too few of the "
                 f"{self.config.max_grants} grants for data",
             )
-        codec = RingCodec(ABIS[self.config.protocol])
+        codec = codec_for(ABIS[self.config.protocol])
         self._gntshr = self.platform.open_gntshr()
         self._evtchn = self.platform.open_evtchn()
         for index in range(neg.num_queues):
@@ -786,11 +785,12 @@ class BlkFront:
         if entry.op == BLKIF_OP_WRITE:
             src = entry.parent.src
             self._copy_in(buf, start, src[entry.offset : entry.offset + nbytes])
-        segs = buf.segments[8 * start : 8 * (start + ndata)]
+        segs = buf.segments[SEGMENT_SIZE * start : SEGMENT_SIZE * (start + ndata)]
         last = (nbytes - (ndata - 1) * PAGE_SIZE) // self._ss - 1
         if last != self._spp - 1:
+            codec = queue.codec
             segs = bytearray(segs)
-            segs[8 * (ndata - 1) + _SEG_LAST_SECT] = last
+            segs[codec.segment_size * (ndata - 1) + codec.last_sect_at] = last
         entry.deadline = time.monotonic() + self._request_timeout
         if ndata <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
             self.stats["direct_requests"] += 1
@@ -828,9 +828,8 @@ class BlkFront:
                 allocator.page(segments[index].gref)[: part.nbytes] = part
         last = self._last_sect(entry, ndata)
         full = self._spp - 1
-        segs = b"".join(
-            _SEGMENT_PACK(seg.gref, 0, full if index < ndata - 1 else last)
-            for index, seg in enumerate(segments[:ndata])
+        segs = queue.codec.pack_segments(
+            [(seg.gref, 0, full if index < ndata - 1 else last) for index, seg in enumerate(segments[:ndata])]
         )
         indirect = [(seg.gref, allocator.page(seg.gref)) for seg in segments[ndata:]]
         self._put(queue, entry, self._segments_request(queue, entry, segs, ndata, indirect))
