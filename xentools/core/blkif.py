@@ -551,10 +551,11 @@ _CODECS: dict[str, SlotCodec] = {}
 def codec_for(abi: Abi) -> SlotCodec:
     """The SlotCodec of `abi` (built once per ABI)."""
     codec = _CODECS.get(abi.name)
-    if codec is None or codec.abi != abi:
-        codec = SlotCodec(abi)
-        if ABIS.get(abi.name) == abi:
-            _CODECS[abi.name] = codec
+    if codec is not None and codec.abi is abi:
+        return codec
+    codec = SlotCodec(abi)
+    if ABIS.get(abi.name) == abi:
+        _CODECS[abi.name] = codec
     return codec
 
 
