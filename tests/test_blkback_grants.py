@@ -181,3 +181,22 @@ def test_cache_never_exceeds_its_bound_nor_leaks(bound, requests, seed) -> None:
         assert len(gnttab.live) == mapper.live_mappings
     mapper.close()
     assert gnttab.live == []
+
+
+def test_a_purge_spares_the_refs_of_every_request_in_flight() -> None:
+    """Pipelined blkback: several PageSets are out at once; a purge (here after every
+    overflow) must not unmap a page an I/O thread may still be reading or writing."""
+    gnttab = FakeGnttab()
+    mapper = SegmentMapper(gnttab, 1, persistent=True, max_persistent=8, purge_after=1)
+    out = [mapper.map([ref], False) for ref in range(8)]  # 8 requests in flight: cache full
+    extra = mapper.map([8], False)  # overflow: a purge, but every cached ref is in use
+    assert all(not m.unmapped for m in gnttab.live)
+    assert gnttab.mapped_refs() == 9  # the 8 in flight stay; ref 8 is mapped for itself
+    assert mapper.cached == 8
+    for pages in out[:4] + [extra]:
+        mapper.release(pages)
+    mapper.map([9], False)  # overflow again: now only released refs may go
+    assert {m.refs[0] for m in gnttab.live} >= {4, 5, 6, 7}
+    assert mapper.cached <= 8
+    mapper.close()
+    assert gnttab.mapped_refs() == 0

@@ -28,13 +28,13 @@ from xentools.core.blkif import (
     Request,
     Response,
     Segment,
+    codec_for,
 )
 from xentools.core.errors import BlkifError
 from xentools.devices.blkback_validate import (
     RULES,
     RequestPolicy,
     RequestRejected,
-    SlotLayout,
     parse_indirect_segments,
     parse_request,
 )
@@ -121,7 +121,7 @@ def test_every_request_rule_has_a_case() -> None:
 @BOTH
 @pytest.mark.parametrize("name,build,policy,rule", CASES, ids=[c[0] for c in CASES])
 def test_rule(abi, name, build, policy, rule) -> None:
-    layout = SlotLayout(abi)
+    layout = codec_for(abi)
     with pytest.raises(RequestRejected) as info:
         parse_request(build(abi), layout, policy)
     assert info.value.rule == rule
@@ -141,7 +141,7 @@ def test_unknown_operations_are_eopnotsupp_malformed_are_error() -> None:
 
 @BOTH
 def test_valid_requests_plan(abi) -> None:
-    layout = SlotLayout(abi)
+    layout = codec_for(abi)
     plan = parse_request(slot_of(rw(sector=2044, segs=(seg(6, 7), seg(0, 1))), abi), layout, FULL)
     assert (plan.operation, plan.id, plan.offset, plan.nbytes) == (BLKIF_OP_READ, 77, 2044 * 512, 4 * 512)
     assert plan.grefs == (9, 9) and plan.firsts == bytes([6, 0]) and plan.lasts == bytes([7, 1])
@@ -159,7 +159,7 @@ def test_valid_requests_plan(abi) -> None:
 
 @BOTH
 def test_indirect_plan_and_segment_pages(abi) -> None:
-    layout = SlotLayout(abi)
+    layout = codec_for(abi)
     segs = [Segment(1000 + i, 0, 7) for i in range(600)]
     req = IndirectRequest(BLKIF_OP_WRITE, 0, 77, 8, 600, (50, 51))
     policy = RequestPolicy(8 * DISK, max_indirect_segments=4096)
@@ -187,7 +187,7 @@ def test_indirect_plan_and_segment_pages(abi) -> None:
 
 @BOTH
 def test_large_sector_size_units(abi) -> None:
-    layout = SlotLayout(abi)
+    layout = codec_for(abi)
     policy = RequestPolicy(DISK, unit=4096)  # 256 sectors of 4 KiB
     plan = parse_request(slot_of(rw(sector=255, segs=(seg(0, 0),)), abi), layout, policy)
     assert (plan.offset, plan.nbytes) == (255 * 4096, 4096)
@@ -212,10 +212,10 @@ def test_agrees_with_the_core_decoder(abi, data) -> None:
         decoded = blkif.decode_request(slot, abi)
     except BlkifError as err:
         with pytest.raises(RequestRejected) as info:
-            parse_request(slot, SlotLayout(abi), policy)
+            parse_request(slot, codec_for(abi), policy)
         assert info.value.rule == err.rule
         return
-    plan = parse_request(slot, SlotLayout(abi), policy)
+    plan = parse_request(slot, codec_for(abi), policy)
     assert plan.id == decoded.id
     if isinstance(decoded, Request):
         assert plan.grefs == tuple(s.gref for s in decoded.segments)
@@ -229,4 +229,4 @@ def test_agrees_with_the_core_decoder(abi, data) -> None:
 @settings(max_examples=50, deadline=None)
 @given(rid=st.integers(0, 2**64 - 1), op=st.integers(0, 255), status=st.sampled_from([0, -1, -2]))
 def test_response_bytes_equal_encode_response(abi, rid, op, status) -> None:
-    assert SlotLayout(abi).response.pack(rid, op, status) == blkif.encode_response(Response(rid, op, status), abi)
+    assert codec_for(abi).response.pack(rid, op, status) == blkif.encode_response(Response(rid, op, status), abi)

@@ -359,3 +359,52 @@ def test_request_failed_is_per_request(rig):
     assert dev.failed is None
     assert dev.read(0, 1) == known_data(SEED, 0, 512)
     _close(rig, dev)
+
+
+def test_persistent_pages_never_exceed_the_backends_cache(rig):
+    """Budgets are consistent: with persistent grants the frontend keeps at most
+    max_persistent_grants pages granted (the backend's cache per ring), however large
+    max_grants is; without them the whole budget (minus the rings) serves data."""
+    config = BlkfrontConfig(max_grants=4096, max_persistent_grants=200, persistent=True,
+                            ring_page_order=0, num_queues=2)
+    dev = rig.attach(config)
+    assert dev.info.persistent and dev.info.data_pages == 200
+    assert dev.info.segments_per_request <= 100  # requests stay within half the pool
+    futures = [dev.submit_read(s * 256, 256) for s in range(30)]  # 30 x 128 KiB at once
+    for index, fut in enumerate(futures):
+        assert fut.result(10) == known_data(SEED, index * 256 * 512, 256 * 512)
+    assert dev._allocator.shared_pages <= 200
+    _close(rig, dev)
+    dev = rig.attach(BlkfrontConfig(max_grants=300, persistent=False, ring_page_order=0, num_queues=1))
+    assert not dev.info.persistent and dev.info.data_pages == 299
+    _close(rig, dev)
+    with pytest.raises(BlkfrontError, match="config.max_persistent_grants"):
+        BlkfrontConfig(max_persistent_grants=10)
+
+
+def test_batch_submit_and_reap_into_caller_buffers(rig):
+    dev = rig.attach(BlkfrontConfig(ring_page_order=2, num_queues=2))
+    buf = bytearray(64 * 4096)
+    view = memoryview(buf)
+    before = dict(dev.stats)
+    futures = dev.submit_reads([(i * 8 * 3, view[i * 4096 : (i + 1) * 4096]) for i in range(64)])
+    # One push per queue for the whole batch: at most one notification each.
+    assert dev.stats["notifications"] - before["notifications"] <= 2
+    assert dev.stats["requests"] - before["requests"] == 64
+    done: list = []
+    while len(done) < 64:
+        got = dev.reap([f for f in futures if f not in done], min_done=8, timeout=10)
+        assert got and all(f.done() for f in got)
+        done += got
+    assert [f.result() for f in futures] == [4096] * 64
+    for i in range(64):
+        assert buf[i * 4096 : (i + 1) * 4096] == known_data(SEED, i * 3 * 4096, 4096)
+    # Writes in a batch; a bad request anywhere refuses the whole batch before sending any.
+    requests = dev.stats["requests"]
+    with pytest.raises(BlkfrontError, match="request.length"):
+        dev.submit_writes([(0, b"\1" * 512), (8, b"\2" * 100)])
+    assert dev.stats["requests"] == requests
+    futures = dev.submit_writes([(0, b"\1" * 512), (8, b"\2" * 4096)])
+    assert len(dev.reap(futures, min_done=2, timeout=10)) == 2
+    assert dev.read(0, 16) == b"\1" * 512 + known_data(SEED, 512, 7 * 512) + b"\2" * 4096
+    _close(rig, dev)

@@ -20,10 +20,13 @@ from xentools.core.blkif import (
     BLKIF_OP_READ,
     BLKIF_OP_WRITE,
     DiscardRequest,
+    Field,
     IndirectRequest,
     Request,
     Response,
     Segment,
+    StructLayout,
+    codec_for,
     decode_response,
     encode_request,
     encode_response,
@@ -33,7 +36,7 @@ from xentools.core.grant_dma import DmaDirection, DmaFlags, DmaTag, LinearBuffer
 from xentools.core.ring import BackRing
 from xentools.devices.blkfront import BlkfrontConfig, BlkfrontError, frontend_path_for
 from xentools.devices.blkfront_pool import PoolGrantAllocator, StagingArea
-from xentools.devices.blkfront_queue import BlkfrontQueue, InFlight, RingCodec, _layout
+from xentools.devices.blkfront_queue import BlkfrontQueue, InFlight
 from xentools.platform.interface import GrantSharer, GrantStillMapped, SharedPages
 
 ABI_NAMES = sorted(ABIS)
@@ -51,7 +54,7 @@ segments = st.builds(
 @given(st.sampled_from(ABI_NAMES), st.sampled_from([0, 1, 2, 3]), st.integers(0, 2**16 - 1), u64, u64,
        st.lists(segments, min_size=1, max_size=11))
 def test_rw_request_is_the_reference_encoding(abi_name, op, handle, req_id, sector, segs):
-    codec = RingCodec(ABIS[abi_name])
+    codec = codec_for(ABIS[abi_name])
     packed = b"".join(
         s.gref.to_bytes(4, "little") + bytes([s.first_sect, s.last_sect, 0, 0]) for s in segs
     )
@@ -65,7 +68,7 @@ def test_rw_request_is_the_reference_encoding(abi_name, op, handle, req_id, sect
 def test_indirect_request_is_the_reference_encoding(abi_name, op, handle, req_id, sector, nseg, data):
     pages = -(-nseg // 512)
     grefs = data.draw(st.lists(st.integers(0, 2**32 - 1), min_size=pages, max_size=pages))
-    codec = RingCodec(ABIS[abi_name])
+    codec = codec_for(ABIS[abi_name])
     ours = codec.indirect_request(op, handle, req_id, sector, nseg, grefs)
     reference = encode_request(IndirectRequest(op, handle, req_id, sector, nseg, tuple(grefs)), ABIS[abi_name])
     assert ours == reference
@@ -75,7 +78,7 @@ def test_indirect_request_is_the_reference_encoding(abi_name, op, handle, req_id
 @given(st.sampled_from(ABI_NAMES), st.integers(0, 2**16 - 1), u64, st.integers(0, 2**63), st.integers(0, 2**63),
        st.booleans())
 def test_discard_request_is_the_reference_encoding(abi_name, handle, req_id, sector, nr, secure):
-    codec = RingCodec(ABIS[abi_name])
+    codec = codec_for(ABIS[abi_name])
     ours = codec.discard_request(handle, req_id, sector, nr, secure)
     assert ours == encode_request(DiscardRequest(handle, req_id, sector, nr, secure), ABIS[abi_name])
 
@@ -85,7 +88,15 @@ def test_discard_request_is_the_reference_encoding(abi_name, handle, req_id, sec
 def test_response_unpack_is_the_reference_decoding(abi_name, rsp_id, op, status):
     abi = ABIS[abi_name]
     raw = encode_response(Response(rsp_id, op, status), abi) + b"\xee" * 8  # trailing bytes ignored
-    assert RingCodec(abi).response.unpack_from(raw) == tuple(vars(decode_response(raw, abi)).values())
+    assert codec_for(abi).response.unpack_from(raw) == tuple(vars(decode_response(raw, abi)).values())
+
+
+def _layout(fields, size=None):
+    """The core's struct builder over ad-hoc (offset, code) members."""
+    ctypes = {"B": "uint8_t", "H": "uint16_t", "I": "uint32_t", "Q": "uint64_t"}
+    members = tuple(Field(f"f{i}", offset, ctypes[code]) for i, (offset, code) in enumerate(fields))
+    layout = StructLayout("struct probe", size or 0, members)
+    return layout.compile(size=size)
 
 
 def test_layout_refuses_overlapping_fields():
@@ -113,7 +124,7 @@ class _Pages(SharedPages):
 
 def _queue(abi_name: str = "x86_64-abi"):
     pages = _Pages(1)
-    queue = BlkfrontQueue(0, RingCodec(ABIS[abi_name]), pages, 0, None, 7)
+    queue = BlkfrontQueue(0, codec_for(ABIS[abi_name]), pages, 0, None, 7)
     back = BackRing(queue.ring.shared, None)
     return queue, back
 

@@ -310,3 +310,28 @@ def test_c_built_response_decodes_and_encodes_identically(
     expected = blkif.Response(2**64 - 2, blkif.BLKIF_OP_FLUSH_DISKCACHE, blkif.BLKIF_RSP_EOPNOTSUPP)
     assert blkif.decode_response(c_bytes, abi) == expected
     assert blkif.encode_response(expected, abi) == c_bytes
+
+
+@pytest.mark.parametrize("abi,flags", [(X86_64, []), (X86_32, ["-m32"])], ids=["x86_64-abi", "x86_32-abi"])
+def test_codec_description_compiles_as_static_asserts(tmp_path, abi: Abi, flags: list[str]) -> None:
+    """The core's one description (blkif.layouts_for), turned into C11 _Static_assert lines
+    as a compiled ring loop would include them, holds against the installed header."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.fail("gcc not found: the header layout check needs gcc (apt-get install gcc gcc-multilib)")
+    lines = ["#include <stddef.h>", "#include <stdint.h>", "#include <xen/io/blkif.h>"]
+    for layout in blkif.layouts_for(abi).values():
+        lines += layout.c_asserts()
+    source = tmp_path / "asserts.c"
+    source.write_text("\n".join(lines) + "\n")
+    build = subprocess.run(
+        [gcc, "-std=gnu11", "-Wall", "-Werror", "-fsyntax-only", *flags, str(source)],
+        capture_output=True, text=True, check=False,
+    )
+    assert build.returncode == 0, f"{abi.name}: the description disagrees with blkif.h:\n{build.stderr}"
+    # And a wrong number is caught (the check is not vacuous).
+    source.write_text("\n".join(lines + ['_Static_assert(sizeof(struct blkif_response) == 1, "x");']) + "\n")
+    broken = subprocess.run(
+        [gcc, "-std=gnu11", "-fsyntax-only", *flags, str(source)], capture_output=True, text=True, check=False
+    )
+    assert broken.returncode != 0

@@ -1,9 +1,15 @@
 """blkif wire structs: requests, responses and indirect segment pages of xen/io/blkif.h.
 
-Owns: the constants of blkif.h, one explicit layout per ABI (`Abi`: every size and field
-offset, x86_64 and x86_32), the frozen message dataclasses (`Segment`, `Request`,
-`DiscardRequest`, `IndirectRequest`, `Response`) validated on construction, and their
-encoders and decoders.
+Owns: the constants of blkif.h, THE one description of every blkif struct per ABI (`Abi`:
+every size and field offset, x86_64 and x86_32; `StructLayout`: each struct as a table of
+fields with C type, offset and width, from which both the precompiled struct.Struct of
+`SlotCodec` and C `_Static_assert` lines are generated), the slot codec every device uses
+on its hot path (`SlotCodec`, `codec_for`: one pack or unpack per slot), the frozen message
+dataclasses (`Segment`, `Request`, `DiscardRequest`, `IndirectRequest`, `Response`)
+validated on construction, and their encoders and decoders (built on the same codec).
+No other module may hold a struct format of a blkif struct (tests/test_blkif_codec.py
+checks the source tree); a compiled ring loop checks its C declarations with
+`StructLayout.c_asserts()` against this description and the installed header.
 Must not: do any I/O, touch a ring index, or keep state between calls. Whether a request
 fits the disk (sector range, read-only mode, advertised features) is the backend's decision,
 not this module's: here only the structure of the bytes is judged.
@@ -48,6 +54,7 @@ __all__ = [
     "BLKIF_RSP_ERROR",
     "BLKIF_RSP_OKAY",
     "DiscardRequest",
+    "Field",
     "IndirectRequest",
     "PAGE_SIZE",
     "Request",
@@ -58,12 +65,15 @@ __all__ = [
     "SEGMENT_SIZE",
     "SEGS_PER_INDIRECT_FRAME",
     "Segment",
+    "SlotCodec",
+    "StructLayout",
     "VDISK_CDROM",
     "VDISK_READONLY",
     "VDISK_REMOVABLE",
     "X86_32",
     "X86_64",
     "abi_for_protocol",
+    "codec_for",
     "decode_indirect_segments",
     "decode_request",
     "decode_request_header",
@@ -72,6 +82,7 @@ __all__ = [
     "encode_request",
     "encode_response",
     "indirect_pages_for",
+    "layouts_for",
 ]
 
 # --- Constants, as named and numbered in xen/io/blkif.h ---------------------------------
@@ -268,6 +279,284 @@ def abi_for_protocol(value: str | None) -> Abi:
             "protocol.unknown", f"frontend protocol {value!r} is not one of {sorted(ABIS)}"
         )
     return abi
+
+
+# --- The structs, described once per ABI ---------------------------------------------------
+
+# C scalar type -> struct module code (little-endian, standard sizes). The typedefs are
+# blkif.h's: blkif_vdev_t is uint16_t, blkif_sector_t uint64_t, grant_ref_t uint32_t.
+_CODES = {"uint8_t": "B", "uint16_t": "H", "int16_t": "h", "uint32_t": "I", "uint64_t": "Q"}
+_WIDTHS = {"B": 1, "H": 2, "h": 2, "I": 4, "Q": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One member of a blkif struct: name, byte offset, C type, element count.
+
+    A member whose type is another struct (blkif_request.seg) has `ctype` "struct ..." and
+    `width` the size of one element; scalar members take their width from `ctype`.
+    """
+
+    name: str
+    offset: int
+    ctype: str
+    count: int = 1
+    width: int = 0  # bytes per element; 0: from ctype
+
+    @property
+    def code(self) -> str | None:
+        """The struct module code of one element, None for a struct member."""
+        return _CODES.get(self.ctype)
+
+    @property
+    def element_size(self) -> int:
+        return self.width or _WIDTHS[_CODES[self.ctype]]
+
+    @property
+    def size(self) -> int:
+        return self.count * self.element_size
+
+
+@dataclasses.dataclass(frozen=True)
+class StructLayout:
+    """One blkif struct of one ABI: its C name, sizeof, and every member.
+
+    `compile(names, size)` gives the precompiled little-endian struct.Struct reading or
+    writing the named members at their offsets (gaps as pad bytes, padded to `size`);
+    `c_asserts()` gives C11 `_Static_assert` lines stating the same layout, for any C code
+    (a compiled ring loop, the header probe of tests/test_header_layout.py) to check itself
+    against <xen/io/blkif.h>.
+    """
+
+    c_name: str
+    size: int
+    fields: tuple[Field, ...]
+
+    def field(self, name: str) -> Field:
+        for field in self.fields:
+            if field.name == name:
+                return field
+        raise KeyError(f"{self.c_name} has no member {name}")
+
+    def format(self, names: Sequence[str], size: int | None = None) -> str:
+        """The struct format of members `names` at their offsets. ValueError if two
+        overlap, a member is a nested struct, or they run past `size`."""
+        fmt = "<"
+        pos = 0
+        for field in sorted((self.field(n) for n in names), key=lambda f: f.offset):
+            if field.code is None:
+                raise ValueError(f"{self.c_name}.{field.name} is a {field.ctype}, not a scalar")
+            if field.offset < pos:
+                raise ValueError(f"{self.c_name}.{field.name} at {field.offset} overlaps the member ending at {pos}")
+            if field.offset > pos:
+                fmt += f"{field.offset - pos}x"
+            fmt += (f"{field.count}" if field.count > 1 else "") + field.code
+            pos = field.offset + field.size
+        if size is not None:
+            if size < pos:
+                raise ValueError(f"{self.c_name}: members end at {pos}, past size {size}")
+            if size > pos:
+                fmt += f"{size - pos}x"
+        return fmt
+
+    def compile(self, names: Sequence[str] | None = None, size: int | None = None) -> struct.Struct:
+        """A precompiled Struct of members `names` (default: every scalar member)."""
+        if names is None:
+            names = [f.name for f in self.fields if f.code is not None]
+        return struct.Struct(self.format(names, size))
+
+    def c_asserts(self) -> list[str]:
+        """C11 static assertions of sizeof, every offsetof and every member's size."""
+        name = self.c_name
+        lines = [f'_Static_assert(sizeof({name}) == {self.size}, "sizeof({name})");']
+        for f in self.fields:
+            lines.append(
+                f"_Static_assert(offsetof({name}, {f.name}) == {f.offset},"
+                f' "offsetof({name}, {f.name})");'
+            )
+            lines.append(
+                f"_Static_assert(sizeof((({name} *)0)->{f.name}) == {f.size},"
+                f' "sizeof({name}.{f.name})");'
+            )
+        return lines
+
+
+def layouts_for(abi: Abi) -> dict[str, StructLayout]:
+    """Every blkif struct of `abi`, keyed by its C name without "struct "."""
+    segment = StructLayout(
+        "struct blkif_request_segment",
+        abi.segment_size,
+        (
+            Field("gref", abi.seg_gref, "uint32_t"),
+            Field("first_sect", abi.seg_first_sect, "uint8_t"),
+            Field("last_sect", abi.seg_last_sect, "uint8_t"),
+        ),
+    )
+    request = StructLayout(
+        "struct blkif_request",
+        abi.request_size,
+        (
+            Field("operation", abi.req_operation, "uint8_t"),
+            Field("nr_segments", abi.req_nr_segments, "uint8_t"),
+            Field("handle", abi.req_handle, "uint16_t"),
+            Field("id", abi.req_id, "uint64_t"),
+            Field("sector_number", abi.req_sector_number, "uint64_t"),
+            Field("seg", abi.req_seg, segment.c_name, BLKIF_MAX_SEGMENTS_PER_REQUEST, abi.segment_size),
+        ),
+    )
+    discard = StructLayout(
+        "struct blkif_request_discard",
+        abi.discard_size,
+        (
+            Field("operation", abi.discard_operation, "uint8_t"),
+            Field("flag", abi.discard_flag, "uint8_t"),
+            Field("handle", abi.discard_handle, "uint16_t"),
+            Field("id", abi.discard_id, "uint64_t"),
+            Field("sector_number", abi.discard_sector_number, "uint64_t"),
+            Field("nr_sectors", abi.discard_nr_sectors, "uint64_t"),
+        ),
+    )
+    indirect = StructLayout(
+        "struct blkif_request_indirect",
+        abi.indirect_size,
+        (
+            Field("operation", abi.indirect_operation, "uint8_t"),
+            Field("indirect_op", abi.indirect_indirect_op, "uint8_t"),
+            Field("nr_segments", abi.indirect_nr_segments, "uint16_t"),
+            Field("id", abi.indirect_id, "uint64_t"),
+            Field("sector_number", abi.indirect_sector_number, "uint64_t"),
+            Field("handle", abi.indirect_handle, "uint16_t"),
+            Field("indirect_grefs", abi.indirect_grefs, "uint32_t", BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST),
+        ),
+    )
+    response = StructLayout(
+        "struct blkif_response",
+        abi.response_size,
+        (
+            Field("id", abi.rsp_id, "uint64_t"),
+            Field("operation", abi.rsp_operation, "uint8_t"),
+            Field("status", abi.rsp_status, "int16_t"),
+        ),
+    )
+    return {
+        "blkif_request_segment": segment,
+        "blkif_request": request,
+        "blkif_request_discard": discard,
+        "blkif_request_indirect": indirect,
+        "blkif_response": response,
+    }
+
+
+class SlotCodec:
+    """The blkif structs of one ABI, precompiled from `layouts_for(abi)`: what the frontend,
+    the backend and the validators read and write ring slots with.
+
+    Structs (each one pack or unpack per slot; request structs padded to the whole
+    struct blkif_request so a request fills its slot and leaves nothing stale, XSA-216):
+    - `request_header`: operation, nr_segments, handle, id, sector_number of blkif_request
+      (the segments follow at `seg_offset`, `segment_size` bytes each);
+    - `segment`: gref, first_sect, last_sect (the same in a request and in indirect pages);
+    - `discard`: operation, flag, handle, id, sector_number, nr_sectors;
+    - `indirect`: operation, indirect_op, nr_segments, id, sector_number, handle, and the
+      8 indirect_grefs;
+    - `response`: id, operation, status, padded to sizeof(struct blkif_response);
+    - `request_id`: the id of any request kind (the same offset in all of them).
+    Use `codec_for(abi)`: one instance per ABI.
+    """
+
+    def __init__(self, abi: Abi) -> None:
+        self.abi = abi
+        self.layouts = layouts = layouts_for(abi)
+        request = layouts["blkif_request"]
+        segment = layouts["blkif_request_segment"]
+        self.request_size = abi.request_size
+        self.response_size = abi.response_size
+        self.seg_offset = abi.req_seg
+        self.segment_size = abi.segment_size
+        self.request_header = request.compile(
+            ["operation", "nr_segments", "handle", "id", "sector_number"], abi.req_seg
+        )
+        self.segment = segment.compile(size=abi.segment_size)
+        self.discard = layouts["blkif_request_discard"].compile(size=abi.request_size)
+        self.indirect = layouts["blkif_request_indirect"].compile(size=abi.request_size)
+        self.response = layouts["blkif_response"].compile(size=abi.response_size)
+        self.request_id = request.compile(["id"])
+        # Columns of a packed segment array: every first_sect (or last_sect) byte is one slice.
+        self.first_sect_at = abi.seg_first_sect
+        self.last_sect_at = abi.seg_last_sect
+        if abi.seg_gref != 0 or abi.segment_size != 8:
+            raise ValueError("segment_grefs assumes gref at 0 in an 8-byte segment")
+
+    # -- requests (frontend) ------------------------------------------------------------------
+
+    def rw_request(
+        self, operation: int, handle: int, req_id: int, sector: int, segments: bytes | bytearray, nr_segments: int
+    ) -> bytearray:
+        """A READ/WRITE/WRITE_BARRIER/FLUSH_DISKCACHE request slot; `segments` holds
+        nr_segments packed struct blkif_request_segment. No range checks (encode_request
+        makes them): the caller built the values."""
+        buf = bytearray(self.request_size)
+        self.request_header.pack_into(buf, 0, operation, nr_segments, handle, req_id, sector)
+        if nr_segments:
+            buf[self.seg_offset : self.seg_offset + self.segment_size * nr_segments] = segments
+        return buf
+
+    def indirect_request(
+        self, indirect_op: int, handle: int, req_id: int, sector: int, nr_segments: int, grefs: Sequence[int]
+    ) -> bytes:
+        """A struct blkif_request_indirect slot; unused indirect_grefs are zero."""
+        padded = list(grefs) + [0] * (BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST - len(grefs))
+        return self.indirect.pack(BLKIF_OP_INDIRECT, indirect_op, nr_segments, req_id, sector, handle, *padded)
+
+    def discard_request(self, handle: int, req_id: int, sector: int, nr_sectors: int, secure: bool) -> bytes:
+        """A struct blkif_request_discard slot."""
+        flag = BLKIF_DISCARD_SECURE if secure else 0
+        return self.discard.pack(BLKIF_OP_DISCARD, flag, handle, req_id, sector, nr_sectors)
+
+    def pack_segments(self, segments: Sequence[tuple[int, int, int]]) -> bytes:
+        """(gref, first_sect, last_sect) triples as a packed segment array."""
+        pack = self.segment.pack
+        return b"".join(pack(gref, first, last) for gref, first, last in segments)
+
+    # -- requests (backend) ---------------------------------------------------------------------
+
+    def header(self, slot: bytes | bytearray | memoryview) -> tuple[int, int, int]:
+        """(operation, id, operation to echo) of any request slot, valid or not: a backend
+        answers even a request it cannot decode (for INDIRECT with a READ/WRITE inner op
+        the inner op is echoed, as Linux blkback does)."""
+        op = slot[self.abi.req_operation]
+        rsp_op = op
+        if op == BLKIF_OP_INDIRECT:
+            inner = slot[self.abi.indirect_indirect_op]
+            if inner == BLKIF_OP_READ or inner == BLKIF_OP_WRITE:
+                rsp_op = inner
+        return op, self.request_id.unpack_from(slot)[0], rsp_op
+
+    @staticmethod
+    def segment_grefs(raw: bytes, nr_segments: int) -> tuple[int, ...]:
+        """The gref column of nr_segments packed segments (gref is the first u32 of each
+        8-byte segment on both ABIs; the constructor checks that)."""
+        return struct.unpack(f"<{2 * nr_segments}I", raw)[::2]
+
+    # -- responses -------------------------------------------------------------------------------
+
+    def response_bytes(self, req_id: int, operation: int, status: int) -> bytes:
+        """A struct blkif_response, padding zero (XSA-216)."""
+        return self.response.pack(req_id, operation, status)
+
+
+_CODECS: dict[str, SlotCodec] = {}
+
+
+def codec_for(abi: Abi) -> SlotCodec:
+    """The SlotCodec of `abi` (built once per ABI)."""
+    codec = _CODECS.get(abi.name)
+    if codec is not None and codec.abi is abi:
+        return codec
+    codec = SlotCodec(abi)
+    if ABIS.get(abi.name) == abi:
+        _CODECS[abi.name] = codec
+    return codec
 
 
 # --- Field checks --------------------------------------------------------------------------
@@ -539,15 +828,10 @@ def _private_copy(
     return bytes(view[:size])
 
 
-def _pack_segment(buf: bytearray, offset: int, seg: Segment, abi: Abi = X86_64) -> None:
-    struct.pack_into("<I", buf, offset + abi.seg_gref, seg.gref)
-    buf[offset + abi.seg_first_sect] = seg.first_sect
-    buf[offset + abi.seg_last_sect] = seg.last_sect
-
-
-def _unpack_segment(buf: bytes, offset: int, abi: Abi = X86_64) -> Segment:
-    (gref,) = struct.unpack_from("<I", buf, offset + abi.seg_gref)
-    return Segment(gref, buf[offset + abi.seg_first_sect], buf[offset + abi.seg_last_sect])
+def _unpack_segments(codec: SlotCodec, buf: bytes, offset: int, count: int) -> tuple[Segment, ...]:
+    unpack = codec.segment.unpack_from
+    size = codec.segment_size
+    return tuple(Segment(*unpack(buf, offset + i * size)) for i in range(count))
 
 
 def encode_request(req: AnyRequest, abi: Abi) -> bytes:
@@ -556,36 +840,19 @@ def encode_request(req: AnyRequest, abi: Abi) -> bytes:
     A discard or indirect request is shorter than struct blkif_request; it is zero-padded
     to the full request size so that a whole ring slot is written and nothing stale is left.
     """
-    buf = bytearray(abi.request_size)
+    codec = codec_for(abi)
     if isinstance(req, Request):
-        buf[abi.req_operation] = req.operation
-        buf[abi.req_nr_segments] = req.nr_segments
-        struct.pack_into("<H", buf, abi.req_handle, req.handle)
-        struct.pack_into("<Q", buf, abi.req_id, req.id)
-        struct.pack_into("<Q", buf, abi.req_sector_number, req.sector_number)
-        for i, seg in enumerate(req.segments):
-            _pack_segment(buf, abi.req_seg + i * abi.segment_size, seg, abi)
-    elif isinstance(req, DiscardRequest):
-        buf[abi.discard_operation] = BLKIF_OP_DISCARD
-        buf[abi.discard_flag] = BLKIF_DISCARD_SECURE if req.secure else 0
-        struct.pack_into("<H", buf, abi.discard_handle, req.handle)
-        struct.pack_into("<Q", buf, abi.discard_id, req.id)
-        struct.pack_into("<Q", buf, abi.discard_sector_number, req.sector_number)
-        struct.pack_into("<Q", buf, abi.discard_nr_sectors, req.nr_sectors)
-    elif isinstance(req, IndirectRequest):
-        buf[abi.indirect_operation] = BLKIF_OP_INDIRECT
-        buf[abi.indirect_indirect_op] = req.indirect_op
-        struct.pack_into("<H", buf, abi.indirect_nr_segments, req.nr_segments)
-        struct.pack_into("<Q", buf, abi.indirect_id, req.id)
-        struct.pack_into("<Q", buf, abi.indirect_sector_number, req.sector_number)
-        struct.pack_into("<H", buf, abi.indirect_handle, req.handle)
-        for i, gref in enumerate(req.indirect_grefs):
-            struct.pack_into("<I", buf, abi.indirect_grefs + 4 * i, gref)
-    else:
-        raise BlkifError(
-            "request.type", f"cannot encode {type(req).__name__} as a blkif request"
+        segments = codec.pack_segments([(g.gref, g.first_sect, g.last_sect) for g in req.segments])
+        return bytes(
+            codec.rw_request(req.operation, req.handle, req.id, req.sector_number, segments, req.nr_segments)
         )
-    return bytes(buf)
+    if isinstance(req, DiscardRequest):
+        return codec.discard_request(req.handle, req.id, req.sector_number, req.nr_sectors, req.secure)
+    if isinstance(req, IndirectRequest):
+        return codec.indirect_request(
+            req.indirect_op, req.handle, req.id, req.sector_number, req.nr_segments, req.indirect_grefs
+        )
+    raise BlkifError("request.type", f"cannot encode {type(req).__name__} as a blkif request")
 
 
 def decode_request_header(data: bytes | bytearray | memoryview, abi: Abi) -> RequestHeader:
@@ -596,8 +863,8 @@ def decode_request_header(data: bytes | bytearray | memoryview, abi: Abi) -> Req
     abi.request_size.
     """
     buf = _private_copy(data, abi.request_size, "request.length", "blkif_request")
-    (req_id,) = struct.unpack_from("<Q", buf, abi.req_id)
-    return RequestHeader(buf[abi.req_operation], req_id)
+    operation, req_id, _ = codec_for(abi).header(buf)
+    return RequestHeader(operation, req_id)
 
 
 def decode_request(data: bytes | bytearray | memoryview, abi: Abi) -> AnyRequest:
@@ -611,40 +878,28 @@ def decode_request(data: bytes | bytearray | memoryview, abi: Abi) -> AnyRequest
     "discard.flag", "discard.range", "indirect.op", "indirect.nr_segments".
     """
     buf = _private_copy(data, abi.request_size, "request.length", "blkif_request")
+    codec = codec_for(abi)
     operation = buf[abi.req_operation]
     if operation in _DIRECT_OPS:
-        nr_segments = buf[abi.req_nr_segments]
+        _, nr_segments, handle, req_id, sector_number = codec.request_header.unpack_from(buf)
         _check_nr_segments(operation, nr_segments)
-        (handle,) = struct.unpack_from("<H", buf, abi.req_handle)
-        (req_id,) = struct.unpack_from("<Q", buf, abi.req_id)
-        (sector_number,) = struct.unpack_from("<Q", buf, abi.req_sector_number)
-        segments = tuple(
-            _unpack_segment(buf, abi.req_seg + i * abi.segment_size, abi)
-            for i in range(nr_segments)
-        )
+        segments = _unpack_segments(codec, buf, codec.seg_offset, nr_segments)
         return Request(operation, handle, req_id, sector_number, segments)
     if operation == BLKIF_OP_DISCARD:
-        flag = buf[abi.discard_flag]
+        _, flag, handle, req_id, sector_number, nr_sectors = codec.discard.unpack_from(buf)
         if flag & ~BLKIF_DISCARD_SECURE:
             raise BlkifError(
                 "discard.flag", f"flag {flag:#x} is neither 0 nor BLKIF_DISCARD_SECURE"
             )
-        (handle,) = struct.unpack_from("<H", buf, abi.discard_handle)
-        (req_id,) = struct.unpack_from("<Q", buf, abi.discard_id)
-        (sector_number,) = struct.unpack_from("<Q", buf, abi.discard_sector_number)
-        (nr_sectors,) = struct.unpack_from("<Q", buf, abi.discard_nr_sectors)
         return DiscardRequest(handle, req_id, sector_number, nr_sectors, bool(flag))
     if operation == BLKIF_OP_INDIRECT:
-        indirect_op = buf[abi.indirect_indirect_op]
-        (nr_segments,) = struct.unpack_from("<H", buf, abi.indirect_nr_segments)
+        _, indirect_op, nr_segments, req_id, sector_number, handle, *grefs = codec.indirect.unpack_from(buf)
         _check_op("indirect.op", indirect_op, frozenset({BLKIF_OP_READ, BLKIF_OP_WRITE}))
         _check_indirect_nr_segments(nr_segments)
-        (req_id,) = struct.unpack_from("<Q", buf, abi.indirect_id)
-        (sector_number,) = struct.unpack_from("<Q", buf, abi.indirect_sector_number)
-        (handle,) = struct.unpack_from("<H", buf, abi.indirect_handle)
         nr_pages = indirect_pages_for(nr_segments)
-        grefs = struct.unpack_from(f"<{nr_pages}I", buf, abi.indirect_grefs)
-        return IndirectRequest(indirect_op, handle, req_id, sector_number, nr_segments, grefs)
+        return IndirectRequest(
+            indirect_op, handle, req_id, sector_number, nr_segments, tuple(grefs[:nr_pages])
+        )
     raise BlkifError("request.op", f"operation {operation} is not a blkif request operation")
 
 
@@ -654,11 +909,7 @@ def encode_response(rsp: Response, abi: Abi) -> bytes:
         raise BlkifError(
             "response.type", f"cannot encode {type(rsp).__name__} as a blkif response"
         )
-    buf = bytearray(abi.response_size)
-    struct.pack_into("<Q", buf, abi.rsp_id, rsp.id)
-    buf[abi.rsp_operation] = rsp.operation
-    struct.pack_into("<h", buf, abi.rsp_status, rsp.status)
-    return bytes(buf)
+    return codec_for(abi).response_bytes(rsp.id, rsp.operation, rsp.status)
 
 
 def decode_response(data: bytes | bytearray | memoryview, abi: Abi) -> Response:
@@ -670,9 +921,7 @@ def decode_response(data: bytes | bytearray | memoryview, abi: Abi) -> Response:
     check (XSA-376).
     """
     buf = _private_copy(data, abi.response_size, "response.length", "blkif_response")
-    (rsp_id,) = struct.unpack_from("<Q", buf, abi.rsp_id)
-    operation = buf[abi.rsp_operation]
-    (status,) = struct.unpack_from("<h", buf, abi.rsp_status)
+    rsp_id, operation, status = codec_for(abi).response.unpack_from(buf)
     _check_op("response.op", operation, _RESPONSE_OPS)
     return Response(rsp_id, operation, status)
 
@@ -684,13 +933,15 @@ def encode_indirect_pages(segments: Sequence[Segment]) -> list[bytes]:
     "indirect.segments" if an element is not a Segment.
     """
     _check_indirect_nr_segments(len(segments))
+    # struct blkif_request_segment is the same on both ABIs (tests/test_header_layout.py).
+    pack_into = codec_for(X86_64).segment.pack_into
     pages = []
     for start in range(0, len(segments), SEGS_PER_INDIRECT_FRAME):
         page = bytearray(PAGE_SIZE)
         for i, seg in enumerate(segments[start : start + SEGS_PER_INDIRECT_FRAME]):
             if not isinstance(seg, Segment):
                 raise BlkifError("indirect.segments", f"{seg!r} is not a Segment")
-            _pack_segment(page, i * SEGMENT_SIZE, seg)
+            pack_into(page, i * SEGMENT_SIZE, seg.gref, seg.first_sect, seg.last_sect)
         pages.append(bytes(page))
     return pages
 
@@ -717,5 +968,5 @@ def decode_indirect_segments(
         page = _private_copy(
             pages[index], count * SEGMENT_SIZE, "indirect.page_length", "indirect page"
         )
-        segments.extend(_unpack_segment(page, i * SEGMENT_SIZE) for i in range(count))
+        segments.extend(_unpack_segments(codec_for(X86_64), page, 0, count))
     return tuple(segments)

@@ -14,7 +14,9 @@ Rules followed:
   writable, so cached pages are always mapped writable (a later request may read into them).
 - XSA-396 (the frontend's side of it): a non-persistent map is released before the response
   is published, so the frontend can revoke the grant as soon as it sees the response.
-- A ref named by the current request is never evicted while that request uses it.
+- A ref named by a request is never evicted while that request uses it: every PageSet handed
+  out stays in `_in_use` until release(), and a purge spares the refs of all of them (the
+  ring thread maps and releases; I/O threads only read and write the pages).
 - When the cache is full, new refs are mapped for their request only (as Linux blkback does
   once it holds max_persistent_grants), so a frontend cycling through more grants than the
   cache holds does not make every request unmap and remap a whole cache's worth. Every
@@ -51,12 +53,13 @@ class PageSet:
     """The pages of one request: `views[i]` is the 4 KiB page of the i-th ref given, or
     `contiguous` (all pages back to back) when they come from one temporary map."""
 
-    __slots__ = ("views", "contiguous", "temporary")
+    __slots__ = ("views", "contiguous", "temporary", "refs")
 
-    def __init__(self) -> None:
+    def __init__(self, refs: Sequence[int] = ()) -> None:
         self.views: list[memoryview] = []
         self.contiguous: memoryview | None = None
         self.temporary: list[MappedPages] = []
+        self.refs = refs  # the refs whose cached pages this set uses
 
 
 class SegmentMapper:
@@ -76,6 +79,7 @@ class SegmentMapper:
         # ref -> (mapping, view of its page); order is least recently used first.
         self._cache: OrderedDict[int, tuple[_Mapping, memoryview]] = OrderedDict()
         self._mappings: set[_Mapping] = set()
+        self._in_use: set[PageSet] = set()  # handed out by map(), not yet released
         self.maps = 0  # platform map calls made (for tests and the profile)
         self.overflows = 0  # requests whose new refs did not fit, since the last purge
         self._closed = False
@@ -105,6 +109,8 @@ class SegmentMapper:
         cache = self._cache
         entries = [cache.get(ref) for ref in grefs]
         touch = cache.move_to_end
+        pages.refs = grefs
+        self._in_use.add(pages)
         if None not in entries:  # the steady state: every page already mapped
             for ref in grefs:
                 touch(ref)
@@ -121,11 +127,15 @@ class SegmentMapper:
                 views.append(entry[1])
         new = list(missing)
         # blkif.h note 8: persistent grants are mapped writable whatever this request does.
-        mapped = self.gnttab.map(self.domid, new, True)
+        try:
+            mapped = self.gnttab.map(self.domid, new, True)
+        except BaseException:
+            self._in_use.discard(pages)
+            raise
         self.maps += 1
         buf = mapped.buf
         fresh = {ref: buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i, ref in enumerate(new)}
-        if self._make_room(len(new), set(grefs)):
+        if self._make_room(len(new)):
             mapping = _Mapping(mapped, len(new))
             self._mappings.add(mapping)
             for ref, view in fresh.items():
@@ -166,15 +176,16 @@ class SegmentMapper:
         """Unmap a mapping returned by map_many()."""
         self.gnttab.unmap(mapped)
 
-    def _make_room(self, count: int, keep: set[int]) -> bool:
+    def _make_room(self, count: int) -> bool:
         """True if `count` more refs fit; else count an overflow and, every PURGE_AFTER
-        overflows, unmap the least recently used refs not in `keep`."""
+        overflows, unmap the least recently used refs no request in flight uses."""
         if len(self._cache) + count <= self.max_persistent:
             return True
         self.overflows += 1
         if self.overflows < self.purge_after:
             return False
         self.overflows = 0
+        keep = {ref for pages in self._in_use for ref in pages.refs}
         victims = []
         want = max(1, int(self.max_persistent * PURGE_FRACTION), count)
         for ref in self._cache:
@@ -195,6 +206,7 @@ class SegmentMapper:
 
     def release(self, pages: PageSet) -> None:
         """Unmap what was mapped for this request only (before the response is pushed)."""
+        self._in_use.discard(pages)
         pages.views = []
         pages.contiguous = None
         temporary, pages.temporary = pages.temporary, []
@@ -208,6 +220,7 @@ class SegmentMapper:
         self._closed = True
         mappings, self._mappings = self._mappings, set()
         self._cache.clear()
+        self._in_use.clear()
         first_error: BaseException | None = None
         for mapping in mappings:
             try:

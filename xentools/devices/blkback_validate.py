@@ -1,12 +1,12 @@
 """blkback request validation: every rule of blkif.h a backend must judge, as one table.
 
 Owns: `RequestPolicy` (what this connection allows: disk size, sector unit, read-only,
-advertised features), `SlotLayout` (precompiled structs for one ABI's request and response
-slots, built from the offsets in blkif.Abi), `parse_request` and `parse_indirect_segments`
+advertised features), `parse_request` and `parse_indirect_segments`
 (slot bytes -> a `Plan` of segments and a disk extent, or `RequestRejected`), and the rule
 table `RULES` (rule id -> status and meaning), which the conformance report and the tests
 share.
-Must not: do I/O, map grants, touch a ring, or keep state between calls. The slot given here
+Must not: do I/O, map grants, touch a ring, keep state between calls, or describe a blkif
+struct: slots are read with xentools.core.blkif.SlotCodec (the one codec). The slot given here
 is already the backend's private copy (BackRing.get_request, XSA-155); indirect pages are
 copied once here before they are read.
 
@@ -24,13 +24,11 @@ BLKIF_RSP_ERROR. Nothing here is ever answered OKAY without passing every check.
 from __future__ import annotations
 
 import operator
-import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from xentools.core.blkif import (
     BLKIF_DISCARD_SECURE,
-    BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
     BLKIF_MAX_INDIRECT_SEGMENTS,
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_DISCARD,
@@ -45,7 +43,9 @@ from xentools.core.blkif import (
     SECTOR_SIZE,
     SEGMENT_SIZE,
     SEGS_PER_INDIRECT_FRAME,
-    Abi,
+    X86_64,
+    SlotCodec,
+    codec_for,
     indirect_pages_for,
 )
 from xentools.core.errors import BlkifError
@@ -55,7 +55,6 @@ __all__ = [
     "Plan",
     "RequestPolicy",
     "RequestRejected",
-    "SlotLayout",
     "parse_indirect_segments",
     "parse_request",
 ]
@@ -84,7 +83,8 @@ RULES: dict[str, tuple[int, str]] = {
 }
 
 _DATA_OPS = (BLKIF_OP_READ, BLKIF_OP_WRITE)
-_SEG = struct.Struct("<IBBxx")  # struct blkif_request_segment (same on both ABIs)
+# Indirect pages hold struct blkif_request_segment, whose layout is the same on both ABIs.
+_INDIRECT_PAGE = codec_for(X86_64)
 _GT = operator.gt
 
 
@@ -154,69 +154,6 @@ class Plan(NamedTuple):
     nr_segments: int = 0
 
 
-def _struct_at(fields: list[tuple[int, str]], size: int) -> struct.Struct:
-    """A little-endian Struct reading `fields` (offset, code) with explicit padding, `size`
-    bytes long: the layout comes from blkif.Abi, never from C alignment rules."""
-    fmt = "<"
-    pos = 0
-    for offset, code in sorted(fields):
-        if offset < pos:
-            raise ValueError(f"field at {offset} overlaps the previous one")
-        if offset > pos:
-            fmt += f"{offset - pos}x"
-        fmt += code
-        pos = offset + struct.calcsize("<" + code)
-    if size > pos:
-        fmt += f"{size - pos}x"
-    return struct.Struct(fmt)
-
-
-class SlotLayout:
-    """Precompiled structs for the request and response slots of one ABI."""
-
-    def __init__(self, abi: Abi) -> None:
-        self.abi = abi
-        # blkif_request: nr_segments, id, sector_number (operation is byte 0 on every kind)
-        self.rw = _struct_at(
-            [(abi.req_nr_segments, "B"), (abi.req_id, "Q"), (abi.req_sector_number, "Q")],
-            abi.req_seg,
-        )
-        self.seg_offset = abi.req_seg
-        self.id = _struct_at([(abi.req_id, "Q")], abi.req_id + 8)
-        self.discard = _struct_at(
-            [
-                (abi.discard_flag, "B"),
-                (abi.discard_id, "Q"),
-                (abi.discard_sector_number, "Q"),
-                (abi.discard_nr_sectors, "Q"),
-            ],
-            abi.discard_size,
-        )
-        self.indirect = _struct_at(
-            [
-                (abi.indirect_indirect_op, "B"),
-                (abi.indirect_nr_segments, "H"),
-                (abi.indirect_id, "Q"),
-                (abi.indirect_sector_number, "Q"),
-                (abi.indirect_grefs, f"{BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST}I"),
-            ],
-            abi.indirect_size,
-        )
-        # blkif_response, padding zero (XSA-216); tests compare it with blkif.encode_response.
-        self.response = _struct_at(
-            [(abi.rsp_id, "Q"), (abi.rsp_operation, "B"), (abi.rsp_status, "h")],
-            abi.response_size,
-        )
-
-    def header(self, slot: bytes) -> tuple[int, int, int]:
-        """(operation, id, operation to echo) of any slot, valid or not."""
-        op = slot[0]
-        rsp_op = op
-        if op == BLKIF_OP_INDIRECT and slot[self.abi.indirect_indirect_op] in _DATA_OPS:
-            rsp_op = slot[self.abi.indirect_indirect_op]
-        return op, self.id.unpack_from(slot)[0], rsp_op
-
-
 def _check_segments(firsts: bytes, lasts: bytes, policy: RequestPolicy, where: str) -> None:
     per_page = policy.units_per_page
     if lasts and max(lasts) >= per_page:
@@ -246,13 +183,13 @@ def _extent(sector: int, nr_units: int, policy: RequestPolicy, rule: str, req_id
     return offset, nbytes
 
 
-def parse_request(slot: bytes, layout: SlotLayout, policy: RequestPolicy) -> Plan:
+def parse_request(slot: bytes, codec: SlotCodec, policy: RequestPolicy) -> Plan:
     """Judge one request slot (the backend's private copy). Returns a Plan, or raises
     RequestRejected naming the first rule broken. An INDIRECT plan still needs
     parse_indirect_segments once its indirect pages are mapped."""
     op = slot[0]
     if op in _DATA_OPS or op == BLKIF_OP_WRITE_BARRIER or op == BLKIF_OP_FLUSH_DISKCACHE:
-        nr_segments, req_id, sector = layout.rw.unpack_from(slot)
+        _, nr_segments, _, req_id, sector = codec.request_header.unpack_from(slot)
         if op == BLKIF_OP_FLUSH_DISKCACHE and not policy.flush_cache:
             raise RequestRejected("request.flush_not_advertised", f"request {req_id}: flush")
         if op == BLKIF_OP_WRITE_BARRIER and not policy.barrier:
@@ -268,10 +205,10 @@ def parse_request(slot: bytes, layout: SlotLayout, policy: RequestPolicy) -> Pla
             raise RequestRejected("request.readonly_write", f"request {req_id}: operation {op} writes")
         if not nr_segments:
             return Plan(op, op, req_id, 0, 0)
-        raw = slot[layout.seg_offset : layout.seg_offset + nr_segments * SEGMENT_SIZE]
-        return _data_plan(op, op, req_id, sector, raw, nr_segments, policy, "direct")
+        raw = slot[codec.seg_offset : codec.seg_offset + nr_segments * SEGMENT_SIZE]
+        return _data_plan(codec, op, op, req_id, sector, raw, nr_segments, policy, "direct")
     if op == BLKIF_OP_DISCARD:
-        flag, req_id, sector, nr_sectors = layout.discard.unpack_from(slot)
+        _, flag, _, req_id, sector, nr_sectors = codec.discard.unpack_from(slot)
         if not policy.discard:
             raise RequestRejected("discard.not_advertised", f"request {req_id}: discard")
         if flag & ~BLKIF_DISCARD_SECURE:
@@ -288,7 +225,7 @@ def parse_request(slot: bytes, layout: SlotLayout, policy: RequestPolicy) -> Pla
         offset, nbytes = _extent(sector, nr_sectors, policy, "discard.beyond_disk", req_id)
         return Plan(op, op, req_id, offset, nbytes)
     if op == BLKIF_OP_INDIRECT:
-        inner, nr_segments, req_id, sector, *grefs = layout.indirect.unpack_from(slot)
+        _, inner, nr_segments, req_id, sector, _, *grefs = codec.indirect.unpack_from(slot)
         if not policy.max_indirect_segments:
             raise RequestRejected("indirect.not_advertised", f"request {req_id}: indirect")
         if inner not in _DATA_OPS:
@@ -315,15 +252,15 @@ def parse_request(slot: bytes, layout: SlotLayout, policy: RequestPolicy) -> Pla
 
 
 def _data_plan(
-    op: int, rsp_op: int, req_id: int, sector: int, raw: bytes, n: int,
+    codec: SlotCodec, op: int, rsp_op: int, req_id: int, sector: int, raw: bytes, n: int,
     policy: RequestPolicy, where: str,
 ) -> Plan:
-    firsts = raw[4::SEGMENT_SIZE]
-    lasts = raw[5::SEGMENT_SIZE]
+    firsts = raw[codec.first_sect_at :: SEGMENT_SIZE]
+    lasts = raw[codec.last_sect_at :: SEGMENT_SIZE]
     _check_segments(firsts, lasts, policy, f"request {req_id} {where}")
     units = sum(lasts) - sum(firsts) + n
     offset, nbytes = _extent(sector, units, policy, "request.beyond_disk", req_id)
-    grefs = struct.unpack(f"<{2 * n}I", raw)[::2]
+    grefs = codec.segment_grefs(raw, n)
     return Plan(op, rsp_op, req_id, offset, nbytes, grefs, firsts, lasts)
 
 
@@ -343,4 +280,4 @@ def parse_indirect_segments(plan: Plan, pages: list[memoryview] | list[bytes], p
         parts.append(bytes(page[: count * SEGMENT_SIZE]))
         left -= count
     raw = b"".join(parts) if len(parts) > 1 else parts[0]
-    return _data_plan(plan.rsp_operation, plan.rsp_operation, plan.id, plan.offset, raw, n, policy, "indirect")
+    return _data_plan(_INDIRECT_PAGE, plan.rsp_operation, plan.rsp_operation, plan.id, plan.offset, raw, n, policy, "indirect")

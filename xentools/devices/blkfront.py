@@ -14,6 +14,9 @@ API (sectors are units of the disk's sector-size, 512 unless feature-large-secto
     dev.write(sector, data)                      dev.flush()     dev.discard(sector, n)
     fut = dev.submit_read(...) / submit_readinto / submit_write / submit_flush /
           submit_discard (BlkFuture; callbacks run on the completion thread)
+    futs = dev.submit_reads([(sector, buf), ...]) / submit_writes([(sector, data), ...])
+          (checked first, then one push: at most one notification per queue per batch)
+    done = dev.reap(futs, min_done=8, timeout=...)  # reap completions in batches
     with dev.batch(): ...   # one push (and at most one notification per queue) at the end
     dev.info (DeviceInfo), dev.stats, dev.close()
 
@@ -47,10 +50,9 @@ import dataclasses
 import functools
 import os
 import select
-import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from xentools.core.blkif import (
@@ -64,6 +66,8 @@ from xentools.core.blkif import (
     BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_OKAY,
+    SEGMENT_SIZE,
+    codec_for,
     indirect_pages_for,
 )
 from xentools.core.errors import FeatureError, GrantDmaError, XenbusError
@@ -77,7 +81,7 @@ from xentools.core.features import (
 from xentools.core.grant_dma import DmaDirection, DmaFlags, DmaTag, LinearBuffer, LoadStatus
 from xentools.core.xenbus import Action, Handshake, Milestone, Step, XenbusState
 from xentools.devices.blkfront_pool import PoolGrantAllocator, StagingArea
-from xentools.devices.blkfront_queue import BlkfrontQueue, InFlight, RingCodec
+from xentools.devices.blkfront_queue import BlkfrontQueue, InFlight
 from xentools.devices.blkfront_types import (
     BlkFuture,
     BlkfrontConfig,
@@ -112,8 +116,6 @@ __all__ = [
     "frontend_path_for",
 ]
 
-_SEG_LAST_SECT = 5  # offset of last_sect in struct blkif_request_segment
-_SEGMENT_PACK = struct.Struct("<IBBxx").pack  # gref, first_sect, last_sect, 2 pad bytes
 _NOMINAL_STRIDE_PAGES = 1 << 13  # nominal address space per request slot (> 4096 + 8 pages)
 _DEADLINE_CHECK = 0.25  # seconds between scans for requests past their deadline
 _POLL_MS = 250
@@ -173,6 +175,7 @@ class BlkFront:
         self._staging: StagingArea | None = None
         self._tag: DmaTag | None = None
         self._persistent = False
+        self._pool_pages = 0
         self._segs = BLKIF_MAX_SEGMENTS_PER_REQUEST
         self._indirect = False
         self._ss = 512
@@ -195,7 +198,7 @@ class BlkFront:
             (
                 "requests", "direct_requests", "indirect_requests", "responses", "notifications",
                 "events", "spurious_events", "backlogged", "deferred_loads", "errors",
-                "callback_errors",
+                "callback_errors", "max_in_flight",
             ),
             0,
         )
@@ -322,7 +325,7 @@ class BlkFront:
                 f"{neg.num_queues} rings of {neg.ring_pages} pages leave too few of the "
                 f"{self.config.max_grants} grants for data",
             )
-        codec = RingCodec(ABIS[self.config.protocol])
+        codec = codec_for(ABIS[self.config.protocol])
         self._gntshr = self.platform.open_gntshr()
         self._evtchn = self.platform.open_evtchn()
         for index in range(neg.num_queues):
@@ -379,6 +382,13 @@ class BlkFront:
         self._ss = disk.sector_size
         self._spp = PAGE_SIZE // self._ss
         pool_pages = self.config.max_grants - neg0.num_queues * neg0.ring_pages
+        self._persistent = neg.persistent
+        if self._persistent:
+            # Never more pages than the backend's persistent-grant cache holds (per ring; the
+            # pool is shared by the rings, so no ring sees more): beyond it, the backend
+            # would map and unmap for every request.
+            pool_pages = min(pool_pages, self.config.max_persistent_grants)
+        self._pool_pages = pool_pages
         # Requests never need more than half the pool, so two always fit (and a deferred
         # load can always complete once others finish).
         cap = pool_pages // 2
@@ -390,7 +400,6 @@ class BlkFront:
                 self._indirect = True
                 self._segs = segs
         max_pages = self._segs + (indirect_pages_for(self._segs) if self._indirect else 0)
-        self._persistent = neg.persistent
         if self._persistent:
             buffer_pages = min(pool_pages, max(max_pages, 64))
             # One share() per extent; a buffer larger than an extent spans several (and is
@@ -446,6 +455,7 @@ class BlkFront:
             discard=self._discard,
             discard_secure=self._discard_secure,
             max_grants=self.config.max_grants,
+            data_pages=self._pool_pages,
         )
 
     # ------------------------------------------------------------------------------------
@@ -554,6 +564,70 @@ class BlkFront:
             self._dispatch(self._next_queue(), entry)
             self._maybe_push()
             return fut
+
+    def submit_reads(self, requests: Iterable[tuple[int, Any]]) -> list[BlkFuture]:
+        """Read many: for each (sector, buffer), len(buffer) bytes (whole sectors) from
+        `sector` into the writable `buffer`, copied once, straight from the granted pages.
+        Every request is checked before any is submitted (a bad one raises BlkfrontError
+        and nothing is sent); they are then put on the rings under one lock and published
+        with one push per queue: at most one notification per queue for the whole batch.
+        Each future's result is its byte count; collect them with reap()."""
+        views = [(sector, _byte_view(buf, writable=True)) for sector, buf in requests]
+        return self._submit_many(BLKIF_OP_READ, views)
+
+    def submit_writes(self, requests: Iterable[tuple[int, Any]]) -> list[BlkFuture]:
+        """Write many: each (sector, data) as submit_write, checked first, published with
+        one push per queue (see submit_reads)."""
+        views = [(sector, _byte_view(data, writable=False)) for sector, data in requests]
+        return self._submit_many(BLKIF_OP_WRITE, views)
+
+    def _submit_many(self, kind: int, views: list[tuple[int, memoryview]]) -> list[BlkFuture]:
+        with self._lock:
+            self._check_usable()
+            if kind == BLKIF_OP_WRITE and self.info is not None and self.info.readonly:
+                raise BlkfrontError("request.readonly", "the disk is read-only")
+            for sector, view in views:
+                self._check_range(sector, self._whole_sectors(view.nbytes))
+            depth = getattr(self._tls, "depth", 0)
+            self._tls.depth = depth + 1
+            try:
+                return [
+                    self._submit_rw(kind, sector, view.nbytes // self._ss, view, None)
+                    for sector, view in views
+                ]
+            finally:
+                self._tls.depth = depth
+                if depth == 0:
+                    self._push_all()
+
+    def reap(self, futures: Iterable[BlkFuture], min_done: int = 1, timeout: float | None = None) -> list[BlkFuture]:
+        """Wait until at least `min_done` of `futures` are done (all of them, if fewer) and
+        return those that are done, in the order given: reap completions in batches
+        instead of waiting for each. Raises BlkfrontError "future.timeout" after `timeout`
+        seconds, "future.wait_in_callback" on the completion thread."""
+        futs = list(futures)
+        want = min(min_done, len(futs))
+        with self._lock:
+            done = sum(1 for fut in futs if fut.done())
+            if done >= want:
+                return [fut for fut in futs if fut.done()]
+            if self._on_completion_thread():
+                raise BlkfrontError("future.wait_in_callback", "a completion callback cannot wait for a future")
+            event = threading.Event()
+            count = [done]
+
+            def tick(_: BlkFuture) -> None:
+                count[0] += 1
+                if count[0] >= want:
+                    event.set()
+
+            for fut in futs:
+                if not fut.done():
+                    fut.add_done_callback(tick)
+        if not event.wait(timeout):
+            raise BlkfrontError("future.timeout", f"fewer than {want} operations complete after {timeout} s")
+        with self._lock:
+            return [fut for fut in futs if fut.done()]
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[BlkFront]:
@@ -717,6 +791,8 @@ class BlkFront:
         grants, on the grant-DMA layer's wait list). False: wait in the backlog."""
         if not queue.claim_slot(entry):
             return False
+        if queue.in_flight > self.stats["max_in_flight"]:
+            self.stats["max_in_flight"] = queue.in_flight
         if entry.npages == 0:
             self._issue_bare(queue, entry)
             return True
@@ -786,11 +862,12 @@ class BlkFront:
         if entry.op == BLKIF_OP_WRITE:
             src = entry.parent.src
             self._copy_in(buf, start, src[entry.offset : entry.offset + nbytes])
-        segs = buf.segments[8 * start : 8 * (start + ndata)]
+        segs = buf.segments[SEGMENT_SIZE * start : SEGMENT_SIZE * (start + ndata)]
         last = (nbytes - (ndata - 1) * PAGE_SIZE) // self._ss - 1
         if last != self._spp - 1:
+            codec = queue.codec
             segs = bytearray(segs)
-            segs[8 * (ndata - 1) + _SEG_LAST_SECT] = last
+            segs[codec.segment_size * (ndata - 1) + codec.last_sect_at] = last
         entry.deadline = time.monotonic() + self._request_timeout
         if ndata <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
             self.stats["direct_requests"] += 1
@@ -828,9 +905,8 @@ class BlkFront:
                 allocator.page(segments[index].gref)[: part.nbytes] = part
         last = self._last_sect(entry, ndata)
         full = self._spp - 1
-        segs = b"".join(
-            _SEGMENT_PACK(seg.gref, 0, full if index < ndata - 1 else last)
-            for index, seg in enumerate(segments[:ndata])
+        segs = queue.codec.pack_segments(
+            [(seg.gref, 0, full if index < ndata - 1 else last) for index, seg in enumerate(segments[:ndata])]
         )
         indirect = [(seg.gref, allocator.page(seg.gref)) for seg in segments[ndata:]]
         self._put(queue, entry, self._segments_request(queue, entry, segs, ndata, indirect))

@@ -34,10 +34,10 @@ that it unmapped the page, as it is all a userspace frontend can have.
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from xentools.core.blkif import X86_64, codec_for
 from xentools.core.grant_dma import (
     DmaDirection,
     DmaFlags,
@@ -54,8 +54,8 @@ from xentools.platform.interface import PAGE_SIZE, GrantSharer, GrantStillMapped
 
 __all__ = ["PoolGrantAllocator", "StagingArea", "StagingBuffer"]
 
-# struct blkif_request_segment: gref u32, first_sect u8, last_sect u8, two pad bytes.
-_SEGMENT = struct.Struct("<IBBxx")
+# struct blkif_request_segment (the same on both ABIs), from the core's one description.
+_SEGMENT = codec_for(X86_64).segment
 
 
 def _error(rule: str, detail: str) -> GrantDmaError:

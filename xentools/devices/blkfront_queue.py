@@ -1,10 +1,9 @@
 """One blkfront queue: a shared ring, its shadow of requests in flight, and their encoding.
 
-Owns: `RingCodec` (the blkif structs of one ABI as precompiled struct.Struct, laid out from
-the offsets of xentools.core.blkif.Abi, so the hot path builds a request with one pack),
-`InFlight` (the shadow entry of a request on the ring), `BlkfrontQueue` (ring, event
+Owns: `InFlight` (the shadow entry of a request on the ring), `BlkfrontQueue` (ring, event
 channel port, shadow, free request ids, backlog) and `Violation` (a backend broke a rule).
-Must not: talk to xenstore, own grant pages, or complete user futures (blkfront.py does).
+Must not: talk to xenstore, own grant pages, or complete user futures (blkfront.py does), or
+describe a blkif struct: slots are built and read with xentools.core.blkif.SlotCodec.
 
 Checks on every response (Linux 5.16 blkfront after XSA-376, and stricter):
 - The response is copied out of the ring once (FrontRing.get_response) and every field is
@@ -23,23 +22,21 @@ Checks on every response (Linux 5.16 blkfront after XSA-376, and stricter):
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 
 from xentools.core.blkif import (
-    BLKIF_OP_DISCARD,
     BLKIF_OP_INDIRECT,
     BLKIF_OP_READ,
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
-    Abi,
+    SlotCodec,
 )
 from xentools.core.errors import RingError
 from xentools.core.ring import FrontRing, SharedRing, ring_entries
 from xentools.platform.interface import SharedPages
 
-__all__ = ["BlkfrontQueue", "InFlight", "RingCodec", "Violation"]
+__all__ = ["BlkfrontQueue", "InFlight", "Violation"]
 
 _STATUSES = (BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP)
 
@@ -51,101 +48,6 @@ class Violation(Exception):
         super().__init__(f"{rule}: {detail}")
         self.rule = rule
         self.detail = detail
-
-
-def _layout(fields: list[tuple[int, str]], size: int | None = None) -> struct.Struct:
-    """A little-endian Struct packing `fields` (offset, code) at their offsets, gaps as pad
-    bytes, padded to `size` if given. Raises ValueError if fields overlap."""
-    fmt = "<"
-    pos = 0
-    for offset, code in sorted(fields):
-        if offset < pos:
-            raise ValueError(f"field at {offset} overlaps the previous one (ends at {pos})")
-        if offset > pos:
-            fmt += f"{offset - pos}x"
-        fmt += code
-        pos = offset + struct.calcsize("<" + code)
-    if size is not None:
-        if size < pos:
-            raise ValueError(f"fields end at {pos}, past size {size}")
-        if size > pos:
-            fmt += f"{size - pos}x"
-    return struct.Struct(fmt)
-
-
-class RingCodec:
-    """The blkif structs of one ABI, precompiled (offsets from xentools.core.blkif.Abi).
-
-    - `rw_header`: operation, nr_segments, handle, id, sector_number of struct blkif_request
-      (segments follow at `abi.req_seg`, 8 bytes each, same layout as in indirect pages).
-    - `indirect`: struct blkif_request_indirect with its 8 indirect_grefs.
-    - `discard`: struct blkif_request_discard.
-    - `response`: id, operation, status of struct blkif_response.
-    Every request is built in a zeroed buffer of the full request size (no stale bytes).
-    """
-
-    def __init__(self, abi: Abi) -> None:
-        self.abi = abi
-        self.request_size = abi.request_size
-        self.seg_offset = abi.req_seg
-        self.rw_header = _layout(
-            [
-                (abi.req_operation, "B"),
-                (abi.req_nr_segments, "B"),
-                (abi.req_handle, "H"),
-                (abi.req_id, "Q"),
-                (abi.req_sector_number, "Q"),
-            ]
-        )
-        self.indirect = _layout(
-            [
-                (abi.indirect_operation, "B"),
-                (abi.indirect_indirect_op, "B"),
-                (abi.indirect_nr_segments, "H"),
-                (abi.indirect_id, "Q"),
-                (abi.indirect_sector_number, "Q"),
-                (abi.indirect_handle, "H"),
-                (abi.indirect_grefs, "8I"),
-            ],
-            abi.request_size,
-        )
-        self.discard = _layout(
-            [
-                (abi.discard_operation, "B"),
-                (abi.discard_flag, "B"),
-                (abi.discard_handle, "H"),
-                (abi.discard_id, "Q"),
-                (abi.discard_sector_number, "Q"),
-                (abi.discard_nr_sectors, "Q"),
-            ],
-            abi.request_size,
-        )
-        self.response = _layout(
-            [(abi.rsp_id, "Q"), (abi.rsp_operation, "B"), (abi.rsp_status, "h")]
-        )
-        self._zero_tail = bytes(abi.request_size)
-
-    def rw_request(
-        self, operation: int, handle: int, req_id: int, sector: int, segments: bytes, nr_segments: int
-    ) -> bytearray:
-        """A READ/WRITE/WRITE_BARRIER/FLUSH_DISKCACHE request; `segments` holds nr_segments
-        packed struct blkif_request_segment (8 bytes each)."""
-        buf = bytearray(self.request_size)
-        self.rw_header.pack_into(buf, 0, operation, nr_segments, handle, req_id, sector)
-        if nr_segments:
-            buf[self.seg_offset : self.seg_offset + 8 * nr_segments] = segments
-        return buf
-
-    def indirect_request(
-        self, indirect_op: int, handle: int, req_id: int, sector: int, nr_segments: int, grefs: list[int]
-    ) -> bytes:
-        padded = grefs + [0] * (8 - len(grefs))  # unused indirect_grefs are zero
-        return self.indirect.pack(
-            BLKIF_OP_INDIRECT, indirect_op, nr_segments, req_id, sector, handle, *padded
-        )
-
-    def discard_request(self, handle: int, req_id: int, sector: int, nr_sectors: int, secure: bool) -> bytes:
-        return self.discard.pack(BLKIF_OP_DISCARD, 1 if secure else 0, handle, req_id, sector, nr_sectors)
 
 
 class InFlight:
@@ -187,7 +89,7 @@ class BlkfrontQueue:
     def __init__(
         self,
         index: int,
-        codec: RingCodec,
+        codec: SlotCodec,
         pages: SharedPages,
         order: int,
         full_barrier,

@@ -69,6 +69,10 @@ class BlkfrontConfig:
       backend's sector-size; sector sizes above 4096 are still refused).
     - max_grants: grant budget of this device (ring pages + indirect pages + data pages);
       Linux gntalloc allows 1024 per process by default.
+    - max_persistent_grants: with persistent grants, the most pages the frontend keeps
+      granted for data and indirect pages: the backend's persistent-grant cache per ring
+      (Linux blkback's max_persistent_grants, 1056, is the default). A frontend cycling
+      through more pages than the backend caches makes it map and unmap on every request.
     - connect_timeout, request_timeout, close_timeout: seconds.
     """
 
@@ -79,6 +83,7 @@ class BlkfrontConfig:
     protocol: str = "x86_64-abi"
     large_sector_size: bool = True
     max_grants: int = 1024
+    max_persistent_grants: int = 1056
     connect_timeout: float = 10.0
     request_timeout: float = 30.0
     close_timeout: float = 5.0
@@ -93,6 +98,7 @@ class BlkfrontConfig:
         check_int("num_queues", 1, MAX_QUEUES)
         check_int("max_indirect_segments", 0, BLKIF_MAX_INDIRECT_SEGMENTS)
         check_int("max_grants", 16, 1 << 20)
+        check_int("max_persistent_grants", 4 * 11, 1 << 20)  # room for 4 direct requests
         for name in ("persistent", "large_sector_size"):
             if not isinstance(getattr(self, name), bool):
                 raise BlkfrontError(f"config.{name}", f"{getattr(self, name)!r} is not a bool")
@@ -131,6 +137,7 @@ class DeviceInfo:
     discard: bool
     discard_secure: bool
     max_grants: int
+    data_pages: int = 0  # pages for data and indirect segments (persistent: at most max_persistent_grants)
 
     @property
     def size_bytes(self) -> int:

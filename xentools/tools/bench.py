@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import click
 
+from xentools.core.blkif import BLKIF_MAX_SEGMENTS_PER_REQUEST, indirect_pages_for
+from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkFuture
 from xentools.tools.demo import MIB, DemoError, LocalRig
 
@@ -103,6 +105,20 @@ def blk_rand(dev: BlkFront, offsets: list[int], depth: int, duration: float) -> 
     return ops / seconds
 
 
+def _budget(info) -> dict:  # type: ignore[no-untyped-def]
+    """The grant numbers that bound the requests in flight (frontend_stats.max_in_flight
+    says how many really were)."""
+    segs = info.segments_per_request
+    per_request = segs + (indirect_pages_for(segs) if segs > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0)
+    return {
+        "frontend_max_grants": info.max_grants,
+        "frontend_data_pages": info.data_pages,
+        "backend_max_persistent_grants_per_ring": DEFAULT_MAX_PERSISTENT_GRANTS,
+        "pages_per_largest_request": per_request,
+        "largest_requests_in_flight": info.data_pages // per_request,
+    }
+
+
 @click.command("bench")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("--size-mib", type=click.IntRange(16, 8192), default=256, show_default=True, help="Image size.")
@@ -122,6 +138,8 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
     config = BlkfrontConfig(
         ring_page_order=ring_page_order, num_queues=queues, max_indirect_segments=256,
         persistent=not no_persistent,
+        # Consistent budgets: never more persistent pages than the backend caches per ring.
+        max_persistent_grants=DEFAULT_MAX_PERSISTENT_GRANTS,
     )
     rng = random.Random(7)
     offsets = [rng.randrange(size // 4096) * 4096 for _ in range(20000)]
@@ -164,6 +182,7 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
             "num_queues": info.num_queues,
             "segments_per_request": info.segments_per_request,
             "persistent": info.persistent,
+            "grant_budget": _budget(info),
             "mbps_unit": "10^6 bytes per second",
             "cpus": os.cpu_count(),
             "python": host.python_version(),
