@@ -92,24 +92,23 @@ def code_bytes() -> bytes:
     return ctypes.string_at(ctypes.cast(fn, ctypes.c_void_p).value, len(MFENCE_RET))
 
 
+def _once(cache: list, make: Callable[[], object]) -> object:
+    """make() the first time (None if it fails), the same object afterwards."""
+    with _lock:
+        if not cache:
+            try:
+                cache.append(make())
+            except (OSError, AttributeError):
+                cache.append(None)
+        return cache[0]
+
+
 def full_barrier() -> Callable[[], None] | None:
     """The full-barrier function, or None when no real barrier can be had here."""
-    with _lock:
-        if not _cached:
-            try:
-                _cached.append(_make_mfence())
-            except (OSError, AttributeError):
-                _cached.append(None)
-        return _cached[0]
+    return _once(_cached, _make_mfence)  # type: ignore[return-value]
 
 
 def compare_and_swap32() -> Callable[[int, int, int], int] | None:
     """`cas(address, expected, new) -> old`: one atomic compare-and-swap of the aligned 32-bit
     word at `address` (a full barrier as well), or None when it cannot be had here."""
-    with _lock:
-        if not _cached_cas:
-            try:
-                _cached_cas.append(_make_cas())
-            except (OSError, AttributeError):
-                _cached_cas.append(None)
-        return _cached_cas[0]
+    return _once(_cached_cas, _make_cas)  # type: ignore[return-value]

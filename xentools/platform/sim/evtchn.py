@@ -108,14 +108,6 @@ class SoftwareEventChannels(EventChannels):
         self._links[port] = link
         return link
 
-    def _current(self, port: int) -> _Link:
-        """The port's link, renewed when the page says it moved or the peer bound it."""
-        link = self._link_of(port)
-        word = link.page.word(link.end)
-        if word & CLOSED or (word & BOUND and link.peer_end < 0):
-            link = self._relink(port)
-        return link
-
     # -- EventChannels ---------------------------------------------------------------------
 
     def fileno(self) -> int:
@@ -148,8 +140,11 @@ class SoftwareEventChannels(EventChannels):
 
     def notify(self, port: int) -> None:
         with self._lock:
-            link = self._current(port)
+            link = self._links.get(port) or self._link_of(port)
             word = link.page.word(link.end)
+            if word & CLOSED or (word & BOUND and link.peer_end < 0):
+                link = self._relink(port)  # the peer bound the port, or closed it
+                word = link.page.word(link.end)
             if word & CLOSED or not word & BOUND or link.peer_end < 0:
                 return  # unbound: dropped, as Xen's evtchn_send() does
             if link.page.raise_event(link.peer_end) == DELIVERED:
@@ -162,20 +157,23 @@ class SoftwareEventChannels(EventChannels):
                 os.eventfd_read(self._eventfd)
             except BlockingIOError:
                 return None
-            for port in list(self._links):
-                link = self._links[port]
+            moved = []
+            for port, link in self._links.items():
                 taken = link.page.take(link.end)
-                if taken == GONE:
-                    link = self._relink(port)
-                    taken = link.page.take(link.end)
                 if taken == DELIVERED:
+                    return port
+                if taken == GONE:
+                    moved.append(port)
+            for port in moved:  # their peer closed: the ready bit moved with the port
+                link = self._relink(port)
+                if link.page.take(link.end) == DELIVERED:
                     return port
             # A ring for a port unbound since: nothing to report.
             return None
 
     def unmask(self, port: int) -> None:
         with self._lock:
-            link = self._link_of(port)
+            link = self._links.get(port) or self._link_of(port)
             done = link.page.unmask(link.end)
             if done == GONE:
                 link = self._relink(port)

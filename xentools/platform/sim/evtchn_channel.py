@@ -41,6 +41,7 @@ CLOSED = 0x10  # this page is no longer the port's: ask grantd where it went
 PORT_STATE = PENDING | MASKED | READY  # what a port keeps when it moves to a new page
 
 WORD_STRIDE = 64  # bytes: each end's word in its own cache line
+_CELLS_PER_WORD = WORD_STRIDE // 4
 MAX_TRIES = 10000  # compare-and-swap attempts before a word is declared fought over
 
 # Outcomes of a transition.
@@ -78,7 +79,7 @@ class ChannelPage:
 
     def word(self, end: int) -> int:
         """The current value of end `end`'s word (one aligned 32-bit load)."""
-        return self._cells[end * WORD_STRIDE // 4]
+        return self._cells[end * _CELLS_PER_WORD]
 
     def _swap(self, end: int, old: int, new: int) -> int:
         if _cas is not None:
@@ -96,58 +97,73 @@ class ChannelPage:
             finally:
                 fcntl.lockf(self.fd, fcntl.LOCK_UN, 4, offset)
 
-    def _update(self, end: int, step) -> tuple[int, int]:
-        """Apply step(old) -> new (None: leave the word alone) atomically; (old, new)."""
-        old = self.word(end)
-        for _ in range(MAX_TRIES):
-            new = step(old)
-            if new is None or new == old:
-                return old, old
-            seen = self._swap(end, old, new)
-            if seen == old:
-                return old, new
-            old = seen
-        raise EventChannelError(
-            "evtchn.contended: the channel word changed on every attempt (the peer is "
-            "writing it in a loop)"
-        )
+    # The three hot transitions are written out (no step functions): each is one load and,
+    # when the word must change, one compare-and-swap, retried only if a peer changed it.
 
     def raise_event(self, end: int) -> int:
         """A notify on the port at `end`: DELIVERED (ring its owner's doorbell), NOTHING, or
         GONE when the page is no longer that port's."""
-        old, _ = self._update(end, _raise_step)
-        if old & CLOSED:
-            return GONE
-        return DELIVERED if not old & (PENDING | MASKED) else NOTHING
+        old = self._cells[end * _CELLS_PER_WORD]
+        for _ in range(MAX_TRIES):
+            if old & CLOSED:
+                return GONE
+            if old & PENDING:
+                return NOTHING  # a pending bit, not a counter
+            new = old | PENDING if old & MASKED else old | MASKED | READY
+            seen = self._swap(end, old, new)
+            if seen == old:
+                return NOTHING if old & MASKED else DELIVERED
+            old = seen
+        raise _contended()
 
     def take(self, end: int) -> int:
         """The owner takes a delivered event: DELIVERED if one was waiting, NOTHING, GONE."""
-        old, _ = self._update(end, _take_step)
-        if old & CLOSED:
-            return GONE
-        return DELIVERED if old & READY else NOTHING
+        old = self._cells[end * _CELLS_PER_WORD]
+        for _ in range(MAX_TRIES):
+            if old & CLOSED:
+                return GONE
+            if not old & READY:
+                return NOTHING
+            seen = self._swap(end, old, old & ~READY)
+            if seen == old:
+                return DELIVERED
+            old = seen
+        raise _contended()
 
     def unmask(self, end: int) -> int:
         """The owner unmasks: DELIVERED when an event was pending (ring the own doorbell),
         NOTHING, or GONE."""
-        old, _ = self._update(end, _unmask_step)
-        if old & CLOSED:
-            return GONE
-        return DELIVERED if old & MASKED and old & PENDING else NOTHING
+        old = self._cells[end * _CELLS_PER_WORD]
+        for _ in range(MAX_TRIES):
+            if old & CLOSED:
+                return GONE
+            if not old & MASKED:
+                return NOTHING
+            if old & PENDING:  # delivered again, as Xen's evtchn_unmask() does
+                new = (old & ~PENDING) | READY
+            else:
+                new = old & ~MASKED
+            seen = self._swap(end, old, new)
+            if seen == old:
+                return DELIVERED if old & PENDING else NOTHING
+            old = seen
+        raise _contended()
 
     def set_bits(self, end: int, bits: int) -> int:
         """grantd: set `bits` in a word (BOUND, CLOSED); returns the old value. A word fought
         over by a hostile peer is simply overwritten: grantd's word is final."""
-        try:
-            old, _ = self._update(end, lambda w: w | bits)
-        except EventChannelError:
-            old = self.word(end)
-            self._cells[end * WORD_STRIDE // 4] = old | bits
+        old = self._cells[end * _CELLS_PER_WORD]
+        for _ in range(MAX_TRIES):
+            seen = self._swap(end, old, old | bits)
+            if seen == old:
+                return old
+            old = seen
+        self._cells[end * _CELLS_PER_WORD] = old | bits
         return old
 
     def init_word(self, end: int, value: int) -> None:
         """grantd: the first value of a word no process uses yet."""
-        self._cells[end * WORD_STRIDE // 4] = value
+        self._cells[end * _CELLS_PER_WORD] = value
 
     def close(self) -> None:
         """Unmap the page and close its descriptor."""
@@ -159,23 +175,8 @@ class ChannelPage:
         os.close(self.fd)
 
 
-def _raise_step(w: int) -> int | None:
-    if w & (CLOSED | PENDING):
-        return None
-    if w & MASKED:
-        return w | PENDING
-    return w | MASKED | READY
-
-
-def _take_step(w: int) -> int | None:
-    if w & CLOSED or not w & READY:
-        return None
-    return w & ~READY
-
-
-def _unmask_step(w: int) -> int | None:
-    if w & CLOSED or not w & MASKED:
-        return None
-    if w & PENDING:
-        return (w & ~PENDING) | MASKED | READY
-    return w & ~MASKED
+def _contended() -> EventChannelError:
+    return EventChannelError(
+        "evtchn.contended: the channel word changed on every attempt (the peer is writing "
+        "it in a loop)"
+    )

@@ -37,6 +37,7 @@ from xentools.platform.sim.grantd_wire import (
     Kind,
     Message,
     Op,
+    Reply,
     WireError,
     close_fds,
     domid_ok,
@@ -53,8 +54,6 @@ log = logging.getLogger("xentools.grantd")
 
 # A client that stops reading its replies is cut off instead of growing our memory.
 MAX_OUTBOX_BYTES = 4 * 1024 * 1024
-
-Reply = tuple[Message, list[int]]
 
 
 class _Client:

@@ -42,13 +42,12 @@ from xentools.platform.sim.grantd_wire import (
     NR_EVENT_CHANNELS,
     Message,
     Op,
+    Reply,
     WireError,
     close_fds,
     domid_ok,
     need_ints,
 )
-
-Reply = tuple[Message, list[int]]
 
 
 class PortState(enum.Enum):

@@ -30,6 +30,7 @@ from xentools.platform.sim.grantd_wire import (
     NR_GRANT_ENTRIES,
     Message,
     Op,
+    Reply,
     WireError,
     close_fds,
     domid_ok,
@@ -89,8 +90,6 @@ class _RefAllocator:
     def free(self, ref: int) -> None:
         self._free.append(ref)
 
-
-Reply = tuple[Message, list[int]]
 
 
 class GrantTable:

@@ -161,6 +161,10 @@ def raise_error(msg: Message) -> None:
     raise err
 
 
+# A service handler's answer: the reply and the descriptors it carries (still the sender's).
+Reply = tuple[Message, list[int]]
+
+
 def fds_from_ancdata(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:
     """The file descriptors an SCM_RIGHTS control message carried (the caller owns them)."""
     fds: list[int] = []
