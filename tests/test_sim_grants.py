@@ -530,6 +530,25 @@ def test_grant_copy(root):
         assert bytes(rw.buf[:10]) == bytes(10)
 
 
+def test_state_query_answers_with_any_number_of_grants(root):
+    # Issue 9: the STATE reply used to be one message, which broke above ~1,500 grants.
+    path = sock_of(root)
+    sharer = SoftwareGrantSharer(path, 3)
+    mapper = SoftwareGrantMapper(path, 0)
+    shared = [sharer.share(0, 4000) for _ in range(3)]
+    mapped = mapper.map(3, shared[0].refs, writable=True)
+    state = query_state(path)
+    assert len(state["grants"]) == 12000
+    assert sorted(g["ref"] for g in state["grants"]) == sorted(r for p in shared for r in p.refs)
+    (only_map,) = state["maps"]
+    assert len(only_map["refs"]) == 4000
+    assert {"kind": "gnttab", "domid": 0} in state["clients"]
+    mapper.unmap(mapped)
+    mapper.close()
+    sharer.close()
+    assert query_state(path) == {"grants": [], "maps": [], "ports": [], "clients": []}
+
+
 def test_closing_a_sharer_revokes_everything(root):
     path = sock_of(root)
     sharer = SoftwareGrantSharer(path, 13)

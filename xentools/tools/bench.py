@@ -2,9 +2,13 @@
 
 Owns: the `bench` command and its measurements: sequential 1 MiB reads (MB/s, divided by a
 plain os.pread loop over the same image file) and random 4 KiB reads at queue depth 32
-(IOPS, divided by a plain Python os.pread loop over the same offsets). The image is read
-once first, so both sides read from the page cache. With `--json`, one JSON object on stdout
-with the figures, the ratios and the configuration used.
+(IOPS, divided by a plain Python os.pread loop over the same offsets); the CPU time each
+process of the rig (frontend, backend, grantd, xenstored) spent per request in each of
+those two measurements, from /proc/<pid>/stat; and an event channel round trip A->B->A
+between two processes of the software Xen, against a socketpair ping-pong between the same
+two processes in the same run. The image is read once first, so both sides read from the
+page cache. With `--json`, one JSON object on stdout with the figures, the ratios and the
+configuration used.
 Must not: be a test: nothing here asserts a target; it measures and reports.
 """
 
@@ -14,6 +18,10 @@ import json
 import os
 import platform as host
 import random
+import select
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,9 +31,133 @@ import click
 from xentools.core.blkif import BLKIF_MAX_SEGMENTS_PER_REQUEST, indirect_pages_for
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkFuture
-from xentools.tools.demo import MIB, DemoError, LocalRig
+from xentools.platform.interface import EventChannels
+from xentools.platform.sim.platform import SoftwarePlatform
+from xentools.tools.demo import BACKEND_DOMID, FRONTEND_DOMID, MIB, DemoError, LocalRig
 
-TARGETS = {"seq_read_1m_ratio": 0.7, "rand_read_4k_qd32_ratio": 0.5}
+TARGETS = {
+    "seq_read_1m_ratio": 0.7,
+    "rand_read_4k_qd32_ratio": 0.5,
+    "rand_read_4k_cpu_us_per_request_total": 3.0,
+}
+EVENT_ROUND_TRIPS = 2000
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` (all its threads, dead ones included),
+    from fields 14 and 15 of /proc/<pid>/stat (proc(5))."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # The command name (field 2) may hold spaces and parentheses: fields follow the last ")".
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+class CpuMeter:
+    """CPU seconds used by named processes between start() and stop()."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._start: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def per_request_us(self, requests: int) -> dict[str, float]:
+        """CPU microseconds per request of each process since start(), and their total."""
+        used = {name: cpu_seconds(pid) - self._start[name] for name, pid in self.pids.items()}
+        out = {name: round(seconds * 1e6 / max(requests, 1), 2) for name, seconds in used.items()}
+        out["total"] = round(sum(used.values()) * 1e6 / max(requests, 1), 2)
+        return out
+
+
+def _wait_event(evtchn: EventChannels, timeout: float = 10.0) -> int:
+    """Wait for one event on `evtchn`, take it and unmask it (as a device does)."""
+    while True:
+        port = evtchn.pending()
+        if port is not None:
+            evtchn.unmask(port)
+            return port
+        if not select.select([evtchn], [], [], timeout)[0]:
+            raise DemoError("bench.event_timeout", f"no event after {timeout} s")
+
+
+def echo_peer(root_dir: str, domid: int, remote_domid: int, remote_port: int, sock_fd: int,
+              count: int) -> None:
+    """The B side of the event round trip (run in its own process): bind to `remote_port`,
+    answer `count` events with a notify, then answer `count` bytes on the socket."""
+    sock = socket.socket(fileno=sock_fd)
+    evtchn = SoftwarePlatform(root_dir, domid).open_evtchn()
+    try:
+        port = evtchn.bind_interdomain(remote_domid, remote_port)
+        _wait_event(evtchn)  # the event bind_interdomain raises on the new port
+        sock.sendall(b"R")
+        for _ in range(count):
+            _wait_event(evtchn)
+            evtchn.notify(port)
+        for _ in range(count):
+            sock.recv(1)
+            sock.send(b"x")
+    finally:
+        evtchn.close()
+        sock.close()
+
+
+def event_round_trip(root_dir: str, count: int = EVENT_ROUND_TRIPS) -> dict[str, float]:
+    """Microseconds per event channel round trip A->B->A between this process (domain 0) and
+    a child process (domain 1), and per socketpair ping-pong between the same two processes."""
+    evtchn = SoftwarePlatform(root_dir, BACKEND_DOMID).open_evtchn()
+    mine, theirs = socket.socketpair()
+    child = None
+    try:
+        port = evtchn.bind_unbound(FRONTEND_DOMID)
+        code = (
+            "import sys; from xentools.tools.bench import echo_peer; "
+            "echo_peer(sys.argv[1], *map(int, sys.argv[2:]))"
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-c", code, root_dir, str(FRONTEND_DOMID), str(BACKEND_DOMID),
+             str(port), str(theirs.fileno()), str(count + 50)],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        mine.settimeout(30)
+        if mine.recv(1) != b"R":
+            raise DemoError("bench.echo_peer", "the echo process did not start")
+
+        def events(n: int) -> float:
+            started = time.perf_counter()
+            for _ in range(n):
+                evtchn.notify(port)
+                _wait_event(evtchn)
+            return time.perf_counter() - started
+
+        def packets(n: int) -> float:
+            started = time.perf_counter()
+            for _ in range(n):
+                mine.send(b"x")
+                mine.recv(1)
+            return time.perf_counter() - started
+
+        events(50)
+        event_us = events(count) * 1e6 / count
+        packets(50)
+        socketpair_us = packets(count) * 1e6 / count
+        if child.wait(timeout=30) != 0:
+            raise DemoError("bench.echo_peer", f"the echo process exited with {child.returncode}")
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        mine.close()
+        evtchn.close()
+    return {
+        "event_round_trip_us": round(event_us, 2),
+        "socketpair_round_trip_us": round(socketpair_us, 2),
+        "event_round_trip_ratio": round(event_us / socketpair_us, 2),
+        "round_trips": count,
+    }
 
 
 def _timed(duration: float, one_pass: Callable[[], int]) -> tuple[int, float]:
@@ -144,6 +276,8 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
     rng = random.Random(7)
     offsets = [rng.randrange(size // 4096) * 4096 for _ in range(20000)]
     with LocalRig(size, seed=3) as rig:
+        assert rig.xen is not None and rig.backend is not None
+        meter = CpuMeter({"frontend": os.getpid(), "backend": rig.backend.pid, **rig.xen.service_pids})
         dev = rig.attach(config)
         try:
             info = dev.info
@@ -153,15 +287,22 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
                 raw_seq(fd, size, 0)  # one pass: the image is in the page cache for both sides
                 blk_seq(dev, size, seq_depth, 0)  # and the backend's persistent grants are mapped
                 seq_raw = raw_seq(fd, size, seconds)
+                meter.start()
+                before = dev.stats["requests"]
                 seq_blk = blk_seq(dev, size, seq_depth, seconds)
+                seq_cpu = meter.per_request_us(dev.stats["requests"] - before)
                 rand_raw = raw_rand(fd, offsets, seconds)
+                meter.start()
+                before = dev.stats["requests"]
                 rand_blk = blk_rand(dev, offsets, rand_depth, seconds)
+                rand_cpu = meter.per_request_us(dev.stats["requests"] - before)
             finally:
                 os.close(fd)
             stats = dict(dev.stats)
         finally:
             dev.close()
         rig.stop_backend()
+        events = event_round_trip(rig.xen.root_dir)
     result = {
         "seq_read_1m_mbps": round(seq_blk, 1),
         "seq_read_1m_raw_pread_mbps": round(seq_raw, 1),
@@ -169,6 +310,9 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
         "rand_read_4k_qd32_iops": round(rand_blk),
         "rand_read_4k_raw_pread_iops": round(rand_raw),
         "rand_read_4k_qd32_ratio": round(rand_blk / rand_raw, 3),
+        "seq_read_1m_cpu_us_per_request": seq_cpu,
+        "rand_read_4k_cpu_us_per_request": rand_cpu,
+        "evtchn": events,
         "targets": TARGETS,
         "config": {
             "platform": "software Xen (xentools.platform.sim)",
@@ -185,6 +329,8 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
             "grant_budget": _budget(info),
             "mbps_unit": "10^6 bytes per second",
             "cpus": os.cpu_count(),
+            "cpu_source": f"/proc/<pid>/stat utime+stime, {_CLK_TCK} ticks per second",
+            "load_average": [round(x, 2) for x in os.getloadavg()],
             "python": host.python_version(),
         },
         "frontend_stats": stats,
@@ -196,3 +342,8 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
                f"ratio {seq_blk / seq_raw:.3f} (target {TARGETS['seq_read_1m_ratio']})")
     click.echo(f"rand read 4 KiB x{rand_depth}: {rand_blk:.0f} IOPS; raw pread loop {rand_raw:.0f} IOPS; "
                f"ratio {rand_blk / rand_raw:.3f} (target {TARGETS['rand_read_4k_qd32_ratio']})")
+    for what, cpu in (("seq 1 MiB", seq_cpu), ("rand 4 KiB", rand_cpu)):
+        click.echo(f"CPU per request, {what}: " + ", ".join(f"{k} {v:.1f} us" for k, v in cpu.items()))
+    click.echo(f"event channel round trip: {events['event_round_trip_us']:.1f} us; socketpair "
+               f"ping-pong {events['socketpair_round_trip_us']:.1f} us; ratio "
+               f"{events['event_round_trip_ratio']:.2f}")

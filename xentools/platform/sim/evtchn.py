@@ -1,33 +1,61 @@
-"""Event channels for the software Xen (the client side of grantd's port tables).
+"""Event channels for the software Xen: one libxenevtchn-like handle.
 
-Owns: SoftwareEventChannels, one libxenevtchn-like handle: a request connection to grantd
-and a socketpair on which grantd pushes one EVENT message per delivered port.
-Must not: keep port state beyond the set of ports this handle bound (grantd owns pending
-and mask bits), or block in pending().
+Owns: SoftwareEventChannels: the handle's doorbell (an eventfd in semaphore mode, which is
+the handle's fd), a request connection to grantd for the control plane (bind, unbind, and
+asking where a port's events travel now), and for each bound port its link: the channel
+page holding its state word (pending, masked, ready) and, once interdomain-bound, the peer's
+word and the peer handle's doorbell, both handed over by grantd.
+Must not: send a notification, a delivery or an unmask through grantd (they are atomic
+operations on the channel page and one eventfd write, evtchn_channel.py), or block in
+pending() or notify() (except to ask grantd once where a port went after its peer closed).
 
-The handle's fd is the local end of that socketpair, so it is readable exactly while a
-delivered port waits to be taken by pending(); replies to requests travel on the other
-connection and can never be mistaken for events. notify() and unmask() are one-way messages,
-so an event costs one message from the notifier to grantd and one from grantd to the peer.
-A notify on a port whose peer has closed is dropped silently, as Xen's evtchn_send() drops
-it on an unbound port.
+A notify is a compare-and-swap on the peer's word; when it delivers (the port was neither
+pending nor masked) it rings the peer's doorbell once. pending() takes one ring of the own
+doorbell and returns a port whose word says ready, so the fd is readable exactly while a
+delivered port waits to be taken. A notify on a port whose peer has closed is dropped
+silently, as Xen's evtchn_send() drops it on an unbound port.
 """
 
 from __future__ import annotations
 
-import socket
+import os
 import threading
 
-from xentools.platform.interface import EventChannelError, EventChannels
-from xentools.platform.sim.grantd import (
+from xentools.platform.interface import EventChannelError, EventChannels, PlatformError
+from xentools.platform.sim.evtchn_channel import BOUND, CLOSED, DELIVERED, GONE, ChannelPage
+from xentools.platform.sim.grantd_wire import (
     DOMID_FIRST_RESERVED,
-    HEADER,
     Kind,
     Message,
     Op,
     ServiceConnection,
-    WireError,
+    close_fds,
 )
+
+
+class _Link:
+    """Where one bound port's events travel (this process owns the page and the doorbell)."""
+
+    __slots__ = ("page", "end", "peer_end", "peer_eventfd")
+
+    def __init__(self, page: ChannelPage, end: int, peer_end: int, peer_eventfd: int) -> None:
+        self.page = page
+        self.end = end
+        self.peer_end = peer_end
+        self.peer_eventfd = peer_eventfd
+
+    def close(self) -> None:
+        self.page.close()
+        if self.peer_eventfd >= 0:
+            close_fds([self.peer_eventfd])
+            self.peer_eventfd = -1
+
+
+def _ring(eventfd: int) -> None:
+    try:
+        os.eventfd_write(eventfd, 1)
+    except BlockingIOError:
+        pass  # the counter is full: its owner is woken already and takes every ready port
 
 
 class SoftwareEventChannels(EventChannels):
@@ -36,42 +64,63 @@ class SoftwareEventChannels(EventChannels):
     def __init__(self, socket_path: str, domid: int) -> None:
         self.domid = domid
         self._lock = threading.Lock()
-        local, remote = socket.socketpair(
-            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
-        )
+        eventfd = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
-            self._conn = ServiceConnection(socket_path, Kind.EVTCHN, domid, fds=[remote.fileno()])
+            self._conn = ServiceConnection(socket_path, Kind.EVTCHN, domid, fds=[eventfd])
         except BaseException:
-            local.close()
+            os.close(eventfd)
             raise
-        finally:
-            remote.close()  # grantd holds its own copy now
-        local.setblocking(False)
-        self._events: socket.socket | None = local
-        self._ports: set[int] = set()
+        self._eventfd = eventfd
+        self._links: dict[int, _Link] = {}
 
-    def _check_port(self, port: int) -> None:
-        if port not in self._ports:
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._eventfd < 0:
+            raise EventChannelError("evtchn.closed: this event channel handle is closed")
+
+    def _link_of(self, port: int) -> _Link:
+        self._check_open()
+        link = self._links.get(port)
+        if link is None:
             raise EventChannelError(
                 f"evtchn.unbound_port: port {port!r} is not bound by this handle"
             )
+        return link
 
-    def _check_open(self) -> socket.socket:
-        if self._events is None:
-            raise EventChannelError("evtchn.closed: this event channel handle is closed")
-        return self._events
+    @staticmethod
+    def _new_link(reply: Message, fds: list[int]) -> tuple[int, _Link]:
+        try:
+            port, end, peer_end, _remote_port = reply.ints
+            if len(fds) != (2 if peer_end >= 0 else 1) or end not in (0, 1):
+                raise ValueError
+            page = ChannelPage(fds[0])
+        except (ValueError, OSError, PlatformError):
+            close_fds(fds)
+            raise PlatformError("grantd.bad_reply: an event channel reply does not match") from None
+        return port, _Link(page, end, peer_end, fds[1] if peer_end >= 0 else -1)
+
+    def _relink(self, port: int) -> _Link:
+        """Ask grantd where `port`'s events travel now (its peer bound it, or closed)."""
+        reply, fds = self._conn.request(Op.LINK, (port,))
+        _, link = self._new_link(reply, fds)
+        self._links.pop(port).close()
+        self._links[port] = link
+        return link
+
+    # -- EventChannels ---------------------------------------------------------------------
 
     def fileno(self) -> int:
-        return self._check_open().fileno()
+        self._check_open()
+        return self._eventfd
 
     def bind_unbound(self, remote_domid: int) -> int:
         if not isinstance(remote_domid, int) or not 0 <= remote_domid < DOMID_FIRST_RESERVED:
             raise EventChannelError(f"evtchn.bad_domid: {remote_domid!r} is not a domain id")
-        self._check_open()
-        reply, _ = self._conn.request(Op.BIND_UNBOUND, (remote_domid,))
-        port = reply.ints[0]
         with self._lock:
-            self._ports.add(port)
+            self._check_open()
+            port, link = self._new_link(*self._conn.request(Op.BIND_UNBOUND, (remote_domid,)))
+            self._links[port] = link
         return port
 
     def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
@@ -79,62 +128,75 @@ class SoftwareEventChannels(EventChannels):
             raise EventChannelError(f"evtchn.bad_domid: {remote_domid!r} is not a domain id")
         if not isinstance(remote_port, int) or remote_port <= 0:
             raise EventChannelError(f"evtchn.unknown_port: {remote_port!r} is not a port")
-        self._check_open()
-        # Add the port under the lock together with the reply, so pending() never drops the
-        # event grantd raises on a freshly bound port (see grantd's bind_interdomain).
         with self._lock:
-            reply, _ = self._conn.request(Op.BIND_INTERDOMAIN, (remote_domid, remote_port))
-            port = reply.ints[0]
-            self._ports.add(port)
+            self._check_open()
+            reply = self._conn.request(Op.BIND_INTERDOMAIN, (remote_domid, remote_port))
+            port, link = self._new_link(*reply)
+            self._links[port] = link
+            # grantd raised the event Xen raises on a new interdomain port (it starts ready);
+            # ring for it now that pending() knows the port.
+            _ring(self._eventfd)
         return port
 
     def notify(self, port: int) -> None:
-        self._check_open()
-        self._check_port(port)
-        self._conn.post(Op.NOTIFY, (port,))
+        with self._lock:
+            link = self._links.get(port) or self._link_of(port)
+            word = link.page.word(link.end)
+            if word & CLOSED or (word & BOUND and link.peer_end < 0):
+                link = self._relink(port)  # the peer bound the port, or closed it
+                word = link.page.word(link.end)
+            if word & CLOSED or not word & BOUND or link.peer_end < 0:
+                return  # unbound: dropped, as Xen's evtchn_send() does
+            if link.page.raise_event(link.peer_end) == DELIVERED:
+                _ring(link.peer_eventfd)
 
     def pending(self) -> int | None:
-        events = self._check_open()
-        while True:
+        with self._lock:
+            self._check_open()
             try:
-                data = events.recv(HEADER.size + 8)
+                os.eventfd_read(self._eventfd)
             except BlockingIOError:
                 return None
-            except OSError as err:
-                raise EventChannelError(f"evtchn.service_gone: event socket failed: {err}") from None
-            if not data:
-                raise EventChannelError("evtchn.service_gone: grantd closed the event socket")
-            try:
-                msg = Message.decode(data)
-            except WireError as err:
-                raise EventChannelError(f"evtchn.bad_event: {err}") from None
-            if msg.op != Op.EVENT or len(msg.ints) != 1:
-                raise EventChannelError(f"evtchn.bad_event: op {msg.op} on the event socket")
-            port = msg.ints[0]
-            with self._lock:
-                if port in self._ports:
+            moved = []
+            for port, link in self._links.items():
+                taken = link.page.take(link.end)
+                if taken == DELIVERED:
                     return port
-            # A port unbound after grantd delivered its event: nothing to report.
+                if taken == GONE:
+                    moved.append(port)
+            for port in moved:  # their peer closed: the ready bit moved with the port
+                link = self._relink(port)
+                if link.page.take(link.end) == DELIVERED:
+                    return port
+            # A ring for a port unbound since: nothing to report.
+            return None
 
     def unmask(self, port: int) -> None:
-        self._check_open()
-        self._check_port(port)
-        self._conn.post(Op.UNMASK, (port,))
+        with self._lock:
+            link = self._links.get(port) or self._link_of(port)
+            done = link.page.unmask(link.end)
+            if done == GONE:
+                link = self._relink(port)
+                done = link.page.unmask(link.end)
+            if done == DELIVERED:
+                _ring(self._eventfd)
 
     def unbind(self, port: int) -> None:
-        self._check_open()
-        self._check_port(port)
-        self._conn.request(Op.UNBIND, (port,))
         with self._lock:
-            self._ports.discard(port)
+            self._link_of(port)
+            self._conn.request(Op.UNBIND, (port,))
+            self._links.pop(port).close()
 
     def close(self) -> None:
-        if self._events is None:
-            return
-        self._conn.close()  # BYE: grantd closes every port of this handle
-        self._events.close()
-        self._events = None
-        self._ports.clear()
+        with self._lock:
+            if self._eventfd < 0:
+                return
+            self._conn.close()  # BYE: grantd closes every port of this handle
+            for link in self._links.values():
+                link.close()
+            self._links.clear()
+            os.close(self._eventfd)
+            self._eventfd = -1
 
     def __enter__(self) -> SoftwareEventChannels:
         return self

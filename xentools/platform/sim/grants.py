@@ -34,7 +34,7 @@ from xentools.platform.interface import (
     PlatformError,
     SharedPages,
 )
-from xentools.platform.sim.grantd import (
+from xentools.platform.sim.grantd_wire import (
     DOMID_FIRST_RESERVED,
     GRANT_REF_MAX,
     MAX_COPY_BYTES,

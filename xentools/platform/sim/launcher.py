@@ -154,6 +154,11 @@ class SoftwareXen:
         """Process ids of the running services (xenstored, grantd)."""
         return [s.proc.pid for s in self._services]
 
+    @property
+    def service_pids(self) -> dict[str, int]:
+        """Process id of each running service by name ("xenstored", "grantd")."""
+        return {s.name: s.proc.pid for s in self._services}
+
     # -- lifetime --------------------------------------------------------------------------
 
     def start(self) -> SoftwareXen:
