@@ -293,10 +293,12 @@ class QueueWorker:
             except RequestRejected as err:
                 record(err.rule, str(err))
                 _, req_id, rsp_op = layout.header(slot)
+                self.report.rejected(rsp_op)
                 plans.append(None)
                 answers.append((req_id, rsp_op, err.status))
                 continue
             plans.append(plan)
+            self.report.accepted(slot[0], plan.rsp_operation, len(plan.grefs), plan.nbytes)
             answers.append(None)
         premapped: dict[int, PageSet] = {}
         batch_maps: list[MappedPages] = []
