@@ -178,6 +178,7 @@ class BlkBackend:
         self.started = False  # True once connected to xenstore (the report then means something)
         self.exit_reason = ""
         self._peer_state = XenbusState.Unknown
+        self._bad_state: bytes | None = None  # the malformed state value last judged
 
     # -- control from other threads or signal handlers ------------------------------------------
 
@@ -296,15 +297,18 @@ class BlkBackend:
                     self._fail("frontend.state.unreadable", f"frontend state: {err}")
                     return
                 raw = None
+            if raw is not None and raw == self._bad_state:
+                return  # a second event for the value already judged (watches coalesce)
             try:
                 state = parse_state(raw)
+                if raw is not None and state == XenbusState.Unknown:
+                    # 0 is what a missing node reads as; no device writes it (xenbus.h).
+                    raise FeatureError("state.unknown", f"the frontend wrote {raw[:16]!r} (Unknown)")
             except FeatureError as err:
+                self._bad_state = raw
                 self._fail(err.rule, f"frontend state: {err}")
                 return
-            if raw is not None and state == XenbusState.Unknown:
-                # 0 is what a missing node reads as; no device writes it (xenbus.h).
-                self._fail("state.unknown", f"frontend state: the frontend wrote {raw[:16]!r} (Unknown)")
-                return
+            self._bad_state = None
             self._log_checked(*STATE_RULES)
             self._peer(state)
         elif token == "online":

@@ -124,8 +124,9 @@ def _pid_in(fd: int) -> int | None:
 
 def lock_image(fd: int, path: str, *, writable: bool, shared_writable: bool = False) -> None:
     """Lock the image open at `fd` for as long as `fd` stays open: exclusive when served
-    writable, shared when read-only or `shared_writable` (xl's `w!`). LockError
-    "image.in_use" when another process serves it in a conflicting way. A filesystem that
+    writable, shared when read-only or `shared_writable` (xl's `w!`: served even when
+    another process writes it, as the user said). LockError "image.in_use" when another
+    process serves it in a conflicting way. A filesystem that
     cannot lock (some network filesystems) is served without the lock, with a log line."""
     exclusive = writable and not shared_writable
     try:
@@ -136,6 +137,9 @@ def lock_image(fd: int, path: str, *, writable: bool, shared_writable: bool = Fa
             return
         pid = holder_pid(fd)
         who = f"pid {pid}" if pid else "another process"
+        if writable and shared_writable:
+            log.info("%s is served writable by %s too, as asked (--shared-writable)", path, who)
+            return
         if exclusive:
             raise LockError(
                 "image.in_use",
