@@ -2,10 +2,25 @@
 
 Owns: `BackendConfig` (what this backend offers), `BlkBackend` (one vbd: the xenbus handshake
 as the backend, driven by xenbus.Handshake; the queues while connected; the conformance
-report) and `main()` (`python -m xentools.devices.blkback --sim-dir DIR --backend-path P
---image FILE [options]`; the CLI `xentools blkback serve` is the same).
-Must not: implement ring, request or key formats (core does), know whether the platform is
-real Xen or the software Xen, or trust anything the frontend wrote.
+report), `serve()` (the order of the checks before serving: the vbd lock, the toolstack's
+keys, the image named by `params`, its format, size and lock), `write_device_error` (the
+error node of Linux's xenbus_dev_error) and `main()` (`python -m xentools.devices.blkback
+--sim-dir DIR --backend-path P [--image FILE] [options]`; `xentools blkback serve` is the
+same).
+Must not: implement ring, request or key formats (core does), image formats
+(core.diskformat), locks (blkback_lock), know whether the platform is real Xen or the
+software Xen, or trust anything the frontend wrote.
+
+What is served: the vbd's `params` (the toolstack's record of the disk); --image, when
+given, must name the same file (or is used when the vbd has no params). `mode` "r" serves
+read-only. One process serves a vbd (a flock held for its lifetime: a second is refused
+naming the first's pid); an image is served writable by one process unless the user says
+otherwise (--shared-writable, or mode "w!": xl's `w!`).
+When the image cannot be served (missing, unreadable, not RAW, an odd size, read-only for
+a writable vbd), the frontend is told at once, as Linux's blkback does (xenbus_dev_fatal):
+"<errno> <message>" in error/<backend nodename>/error of the backend's domain and in
+<backend>/error (which the frontend can read), and state Closing; then the process exits 1
+with the same one line. A frontend that breaks a handshake rule gets the same error node.
 
 What is offered (BackendFeatures, written before InitWait): max-ring-page-order (default
 4), multi-queue-max-queues (default 4), feature-max-indirect-segments (default 256; 0 leaves
@@ -19,8 +34,9 @@ VDISK_READONLY in read-only mode (toolstack `mode` = "r", or --read-only).
 
 Lifecycle: the xenbus.Handshake table decides; this module only performs its actions.
 - A frontend that breaks a handshake rule (missing ring-ref, order or queue count above the
-  offer, unknown protocol, a state the table does not allow, refs that cannot be mapped) is
-  counted in the report and the device goes to Closing (Linux: xenbus_dev_fatal).
+  offer, unknown protocol, a state the table does not allow or that is no state at all, "0"
+  included, refs that cannot be mapped) is counted in the report, the error node says
+  why, and the device goes to Closing (Linux: xenbus_dev_fatal).
 - A fatal ring violation (the request producer overflowing the ring) stops that queue and
   feeds `error`: disconnect, Closing.
 - When the frontend's domain is released (@releaseDomain), the device disconnects and goes
@@ -30,7 +46,9 @@ Lifecycle: the xenbus.Handshake table decides; this module only performs its act
   exits; so it does when its own directory disappears, when `online` is 0 and the device
   is Closed, and on request_stop() (SIGTERM, SIGINT).
 On every way out, every queue is stopped, every grant unmapped and every port unbound
-before the backend writes Closed, so a frontend can revoke its grants (XSA-396).
+before the backend writes Closed, so a frontend can revoke its grants (XSA-396). The
+report (blkback_conformance: every frontend met, connected or not) is written to --report
+FILE, or stdout for "-", on SIGUSR1 and at exit, before the signal handlers are restored.
 """
 
 from __future__ import annotations
