@@ -636,20 +636,16 @@ def in_backend_transaction(xs, backend_path: str, work) -> bool:  # type: ignore
     """Run work(tx) in a transaction, repeated on EAGAIN. False (nothing written) if the
     backend directory is gone: its `frontend` key, written by the toolstack, is missing."""
     for _ in range(_TRANSACTION_ATTEMPTS):
-        tx = xs.transaction_start()
         try:
-            if not xs.exists(f"{backend_path}/frontend", tx):
-                xs.transaction_end(tx, commit=False)
-                return False
-            work(tx)
-        except BaseException:
-            try:
-                xs.transaction_end(tx, commit=False)
-            except XenstoreError:
-                pass
+            with xs.transaction() as tx:  # commits on success, aborts on an exception
+                present = xs.exists(f"{backend_path}/frontend", tx)
+                if present:
+                    work(tx)
+        except XenstoreError as err:
+            if err.errno_name == "EAGAIN":
+                continue  # someone changed what we read: run the whole transaction again
             raise
-        if xs.transaction_end(tx, commit=True):
-            return True
+        return present
     raise XenstoreError(f"xenstore: {backend_path}: transaction kept conflicting", errno_name="EAGAIN")
 
 
