@@ -54,7 +54,7 @@ def served(tmp_path_factory):
         xs.close()
         backend = subprocess.Popen(
             [sys.executable, "-m", "xentools.devices.blkback", "--sim-dir", xen.root_dir,
-             "--backend-path", paths.backend, "--image", str(image)],
+             "--backend-path", paths.backend, "--image", str(image), "--report", "-"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         try:

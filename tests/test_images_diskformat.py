@@ -187,3 +187,43 @@ def test_random_mbr_tables_never_raise(sector):
     img = bytes(sector) + bytes(8192)
     info = identify(lambda off, k: img[off:off + k], len(img))
     assert info.format == "raw"
+
+
+def test_the_conversion_never_writes_onto_its_source(tmp_path):
+    # A VHD that calls itself .raw: the command must not name the same file twice.
+    info = inspect_image(write(tmp_path, "disk.raw", bytes(MiB) + vhd_footer(MiB)))
+    cmd = info.convert_command()
+    assert cmd == f"qemu-img convert -f vpc -O raw {tmp_path}/disk.raw {tmp_path}/disk.converted.raw"
+    for name in ("noext", "a.vhd", "b.qcow2"):
+        data = (bytes(MiB) + vhd_footer(MiB)) if name != "b.qcow2" else b"QFI\xfb" + bytes(100)
+        cmd = inspect_image(write(tmp_path, name, data)).convert_command()
+        src, dst = cmd.split()[-2:]
+        assert src == str(tmp_path / name) and dst != src and dst.endswith(".raw")
+
+
+def test_odd_sizes_are_refused_with_the_padding_command(tmp_path):
+    info = inspect_image(write(tmp_path, "odd.img", bytes(MiB + 100)))
+    assert info.format == "raw" and not info.servable
+    with pytest.raises(ImageFormatError) as err:
+        require_raw(info)
+    assert err.value.rule == "image.size"
+    assert f"size {MiB + 100} is not a multiple of 512" in str(err.value)
+    assert f"truncate -s %512 {tmp_path}/odd.img" in str(err.value)
+    assert info.to_json()["bootable_as_raw"] is False
+    assert info.to_json()["refusal"].startswith(f"{tmp_path}/odd.img: size {MiB + 100} ")
+    assert any("not servable" in line for line in info.describe())
+
+
+def test_detection_lives_in_the_core_and_reads_only_through_the_callers_function():
+    from xentools.core import diskformat as core
+    from xentools.tools.images import diskformat as tools
+
+    assert tools.identify is core.identify and tools.ImageInfo is core.ImageInfo
+    reads = []
+
+    def read_at(offset, length):
+        reads.append((offset, length))
+        return bytes(min(length, 4 * MiB - offset))
+
+    info = core.identify(read_at, 4 * MiB, "mem")
+    assert info.is_raw and reads and core.raw_refusal(info) is None

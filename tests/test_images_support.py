@@ -59,7 +59,8 @@ def gpt_image(size: int, parts: list[tuple[str, int, int, str]], *, corrupt_head
     for i, (tguid, first, last, label) in enumerate(parts):
         struct.pack_into("<16s16sQQQ72s", table, i * 128, uuid.UUID(tguid).bytes_le, uuid.uuid4().bytes_le,
                          first, last, 0, label.encode("utf-16-le"))
-        img[first * SECTOR:first * SECTOR + len(MARKER)] = MARKER
+        if (first + 1) * SECTOR <= size:  # a marker past the end would grow the image to an odd size
+            img[first * SECTOR:first * SECTOR + len(MARKER)] = MARKER
     entries_lba = 2
     img[entries_lba * SECTOR:entries_lba * SECTOR + len(table)] = table
     header = bytearray(92)

@@ -245,7 +245,7 @@ def test_banner_guest_passes_with_its_disk_on_our_blkback(boots, capsys):
     conformance = backend["conformance"]
     domid = report["domid"]
     assert conformance["backend"] == f"/local/domain/0/backend/{USERSPACE_BACKEND_KIND}/{domid}/{XVDA}"
-    assert conformance["total"] == 0 and conformance["frontends"] == {}, conformance
+    assert conformance["total"] == 0 and conformance["requests"] > 0, conformance
     assert _sha256(boots["disk"].path.read_bytes()) == boots["image_sha"]  # read-only vbd
     with capsys.disabled():
         t = boots["timings"]

@@ -2,10 +2,25 @@
 
 Owns: `BackendConfig` (what this backend offers), `BlkBackend` (one vbd: the xenbus handshake
 as the backend, driven by xenbus.Handshake; the queues while connected; the conformance
-report) and `main()` (`python -m xentools.devices.blkback --sim-dir DIR --backend-path P
---image FILE [options]`; the CLI `xentools blkback serve` is the same).
-Must not: implement ring, request or key formats (core does), know whether the platform is
-real Xen or the software Xen, or trust anything the frontend wrote.
+report), `serve()` (the order of the checks before serving: the vbd lock, the toolstack's
+keys, the image named by `params`, its format, size and lock), `write_device_error` (the
+error node of Linux's xenbus_dev_error) and `main()` (`python -m xentools.devices.blkback
+--sim-dir DIR --backend-path P [--image FILE] [options]`; `xentools blkback serve` is the
+same).
+Must not: implement ring, request or key formats (core does), image formats
+(core.diskformat), locks (blkback_lock), know whether the platform is real Xen or the
+software Xen, or trust anything the frontend wrote.
+
+What is served: the vbd's `params` (the toolstack's record of the disk); --image, when
+given, must name the same file (or is used when the vbd has no params). `mode` "r" serves
+read-only. One process serves a vbd (a flock held for its lifetime: a second is refused
+naming the first's pid); an image is served writable by one process unless the user says
+otherwise (--shared-writable, or mode "w!": xl's `w!`).
+When the image cannot be served (missing, unreadable, not RAW, an odd size, read-only for
+a writable vbd), the frontend is told at once, as Linux's blkback does (xenbus_dev_fatal):
+"<errno> <message>" in error/<backend nodename>/error of the backend's domain and in
+<backend>/error (which the frontend can read), and state Closing; then the process exits 1
+with the same one line. A frontend that breaks a handshake rule gets the same error node.
 
 What is offered (BackendFeatures, written before InitWait): max-ring-page-order (default
 4), multi-queue-max-queues (default 4), feature-max-indirect-segments (default 256; 0 leaves
@@ -19,8 +34,9 @@ VDISK_READONLY in read-only mode (toolstack `mode` = "r", or --read-only).
 
 Lifecycle: the xenbus.Handshake table decides; this module only performs its actions.
 - A frontend that breaks a handshake rule (missing ring-ref, order or queue count above the
-  offer, unknown protocol, a state the table does not allow, refs that cannot be mapped) is
-  counted in the report and the device goes to Closing (Linux: xenbus_dev_fatal).
+  offer, unknown protocol, a state the table does not allow or that is no state at all, "0"
+  included, refs that cannot be mapped) is counted in the report, the error node says
+  why, and the device goes to Closing (Linux: xenbus_dev_fatal).
 - A fatal ring violation (the request producer overflowing the ring) stops that queue and
   feeds `error`: disconnect, Closing.
 - When the frontend's domain is released (@releaseDomain), the device disconnects and goes
@@ -30,12 +46,15 @@ Lifecycle: the xenbus.Handshake table decides; this module only performs its act
   exits; so it does when its own directory disappears, when `online` is 0 and the device
   is Closed, and on request_stop() (SIGTERM, SIGINT).
 On every way out, every queue is stopped, every grant unmapped and every port unbound
-before the backend writes Closed, so a frontend can revoke its grants (XSA-396).
+before the backend writes Closed, so a frontend can revoke its grants (XSA-396). The
+report (blkback_conformance: every frontend met, connected or not) is written to --report
+FILE, or stdout for "-", on SIGUSR1 and at exit, before the signal handlers are restored.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -57,14 +76,18 @@ from xentools.core.features import (
     parse_uint,
 )
 from xentools.core.xenbus import Action, Handshake, Milestone, Step, XenbusState, parse_state
-from xentools.devices.blkback_conformance import ConformanceReport, FrontendLog
+from xentools.devices.blkback_conformance import STATE_RULES, ConformanceReport, FrontendLog
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
 from xentools.devices.blkback_image import ImageError, ImageFile, open_image
+from xentools.devices.blkback_lock import LockError, lock_dir, lock_image, lock_vbd
 from xentools.devices.blkback_queue import DeviceGate, QueueWorker
 from xentools.devices.blkback_validate import RequestPolicy
 from xentools.platform.interface import Platform, PlatformError, XenstoreError
 
-__all__ = ["BackendConfig", "BackendError", "BlkBackend", "main", "serve"]
+__all__ = [
+    "BackendConfig", "BackendError", "BlkBackend", "LockError", "main", "serve", "write_device_error",
+    "write_report",
+]
 
 log = logging.getLogger("xentools.blkback")
 
@@ -91,7 +114,8 @@ class BackendConfig:
     persistent: bool = True
     sector_size: int = 512
     max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS
-    report_path: str | None = None
+    report_path: str | None = None  # "-": stdout
+    shared_writable: bool = False  # xl's w!: the image may be served writable elsewhere too
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_ring_page_order <= RING_PAGE_ORDER_LIMIT:
@@ -171,6 +195,8 @@ class BlkBackend:
         self._done = False
         self.started = False  # True once connected to xenstore (the report then means something)
         self.exit_reason = ""
+        self._peer_state = XenbusState.Unknown
+        self._bad_state: bytes | None = None  # the malformed state value last judged
 
     # -- control from other threads or signal handlers ------------------------------------------
 
@@ -191,8 +217,8 @@ class BlkBackend:
         self._wake()
 
     def write_report(self) -> None:
-        if self.config.report_path:
-            self.report.write(self.config.report_path)
+        """Write the report where --report says: a file (atomically), or stdout for "-"."""
+        write_report(self.report, self.config.report_path)
 
     # -- the main loop ----------------------------------------------------------------------------
 
@@ -227,7 +253,10 @@ class BlkBackend:
             if self._stop.is_set() and not self.exit_reason:
                 self.exit_reason = "stop requested"
         finally:
-            self._disconnect()
+            if not self.exit_reason:
+                self.exit_reason = "backend failed"
+            self._disconnect(f"backend stopped: {self.exit_reason}")
+            self.report.ended = self.exit_reason
             self._write_state_if_present(XenbusState.Closed)
             try:
                 xs.close()
@@ -283,16 +312,22 @@ class BlkBackend:
                     raise  # transport failure: ours, not the frontend's
                 if err.errno_name != "ENOENT":
                     # The frontend owns its state node and may have hidden it from us.
-                    self._violation("frontend.state.unreadable", f"frontend state: {err}")
-                    self._feed_milestone(Milestone.error)
+                    self._fail("frontend.state.unreadable", f"frontend state: {err}")
                     return
                 raw = None
+            if raw is not None and raw == self._bad_state:
+                return  # a second event for the value already judged (watches coalesce)
             try:
                 state = parse_state(raw)
+                if raw is not None and state == XenbusState.Unknown:
+                    # 0 is what a missing node reads as; no device writes it (xenbus.h).
+                    raise FeatureError("state.unknown", f"the frontend wrote {raw[:16]!r} (Unknown)")
             except FeatureError as err:
-                self._violation(err.rule, f"frontend state: {err}")
-                self._feed_milestone(Milestone.error)
+                self._bad_state = raw
+                self._fail(err.rule, f"frontend state: {err}")
                 return
+            self._bad_state = None
+            self._log_checked(*STATE_RULES)
             self._peer(state)
         elif token == "online":
             try:
@@ -313,15 +348,16 @@ class BlkBackend:
                 return  # cannot tell (not privileged enough): keep serving
             if not alive and self.handshake.state != XenbusState.Closed:
                 log.info("frontend domain %d is gone", self.frontend_id)
+                self._disconnect(f"frontend domain {self.frontend_id} is gone")
                 self._peer(XenbusState.Closed)
 
     def _peer(self, state: XenbusState) -> None:
         try:
             step = self.handshake.peer_changed(state)
         except ProtocolError as err:
-            self._violation(err.rule, str(err))
-            self._feed_milestone(Milestone.error)
+            self._fail(err.rule, str(err))
             return
+        self._peer_state = state
         self._step(step)
         self._maybe_finish()
 
@@ -353,23 +389,21 @@ class BlkBackend:
                 elif action == Action.publish_disk_info:
                     self._publish_disk_info()
                 elif action == Action.disconnect:
-                    self._disconnect()
+                    self._disconnect(f"frontend went to {self._peer_state.name}")
                 elif action == Action.teardown:
-                    self._disconnect()
+                    self._disconnect("frontend directory removed")
                     self.exit_reason = "frontend directory removed"
+                    if self._log is not None:
+                        self._log.ended(self.exit_reason)
                     self._done = True
             except ProtocolError as err:
-                self._violation(err.rule, str(err))
-                self._disconnect()
-                self._feed_milestone(Milestone.error)
+                self._fail(err.rule, str(err))
                 return
             except XenstoreError as err:
                 if action != Action.map_rings or err.errno_name is None:
                     raise
                 # The frontend's keys cannot be read (its permissions, removed mid-way).
-                self._violation("frontend.keys.unreadable", f"{action.value}: {err}")
-                self._disconnect()
-                self._feed_milestone(Milestone.error)
+                self._fail("frontend.keys.unreadable", f"{action.value}: {err}")
                 return
         if step.new_state is not None:
             self._write_state_if_present(step.new_state)
@@ -381,28 +415,32 @@ class BlkBackend:
         if self._log is not None:
             self._log.record(rule, message)
 
+    def _log_checked(self, *rules: str) -> None:
+        if self._log is not None:
+            self._log.checked(*rules)
+
+    def _fail(self, rule: str, message: str) -> None:
+        """The frontend broke `rule`: count it, tell the frontend why (the error node) and
+        close the device (Linux: xenbus_dev_fatal)."""
+        self._violation(rule, message)
+        self._close_with_error(errno.EINVAL, message, f"frontend broke {rule}")
+
+    def _close_with_error(self, err: int, message: str, why: str) -> None:
+        self._disconnect(why)
+        if self._log is not None:
+            self._log.ended(why)
+        if self._xs is not None:
+            try:
+                write_device_error(self._xs, self.backend_path, err, message)
+            except PlatformError as exc:
+                log.warning("writing the error node: %s", exc)
+        self._feed_milestone(Milestone.error)
+
     # -- actions ------------------------------------------------------------------------------------
 
     def _transaction(self, work) -> bool:  # type: ignore[no-untyped-def]
-        """Run work(tx) in a transaction, repeated on EAGAIN. False if the backend
-        directory is gone (nothing written then)."""
-        xs = self._xs
-        for _ in range(_TRANSACTION_ATTEMPTS):
-            tx = xs.transaction_start()
-            try:
-                if not xs.exists(f"{self.backend_path}/frontend", tx):
-                    xs.transaction_end(tx, commit=False)
-                    return False
-                work(tx)
-            except BaseException:
-                try:
-                    xs.transaction_end(tx, commit=False)
-                except XenstoreError:
-                    pass
-                raise
-            if xs.transaction_end(tx, commit=True):
-                return True
-        raise XenstoreError(f"xenstore: {self.backend_path}: transaction kept conflicting", errno_name="EAGAIN")
+        """Run work(tx) in a transaction (in_backend_transaction)."""
+        return in_backend_transaction(self._xs, self.backend_path, work)
 
     def _write_keys(self, keys: Mapping[str, str]) -> None:
         xs = self._xs
@@ -440,7 +478,18 @@ class BlkBackend:
         )
 
     def _publish_features(self) -> None:
-        self._write_keys(self.backend_features().to_keys())
+        keys = self.backend_features().to_keys()
+        xs = self._xs
+
+        def work(tx: int) -> None:
+            for key, value in keys.items():
+                xs.write(f"{self.backend_path}/{key}", value, tx)
+            if xs.exists(f"{self.backend_path}/error", tx):  # an earlier connection's failure
+                xs.rm(f"{self.backend_path}/error", tx)
+
+        if not self._transaction(work):
+            self.exit_reason = "backend directory removed"
+            self._done = True
 
     def _read_ring_info(self) -> FrontendRingInfo:
         xs = self._xs
@@ -514,6 +563,19 @@ class BlkBackend:
             "connecting %s: %d queue(s), ring order %d, %s, persistent %s, %d-byte sectors",
             self.frontend_path, info.num_queues, info.order, abi.name, persistent, unit,
         )
+        self._log.connected({
+            "protocol": abi.name,
+            "ring-page-order": info.order,
+            "queues": info.num_queues,
+            "persistent": persistent,
+            "large-sector-size": info.feature_large_sector_size,
+            "sector-size": unit,
+            "max-indirect-segments": self.config.max_indirect_segments,
+            "flush-cache": True,
+            "barrier": True,
+            "discard": self.discard,
+            "read-only": self.read_only,
+        })
         for worker in queues:
             worker.start()
 
@@ -527,10 +589,12 @@ class BlkBackend:
         )
         self._write_keys(info.to_keys())
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, why: str = "reconnect") -> None:
         queues, self.queues = self.queues, []
         for worker in queues:
             worker.stop()
+        if queues and self._log is not None:
+            self._log.disconnected(why)
 
     # -- fatal ring violations (from queue threads) ---------------------------------------------------
 
@@ -544,11 +608,16 @@ class BlkBackend:
             fatal, self._fatal = self._fatal, []
         if fatal:
             log.error("closing %s: %s", self.backend_path, fatal[0])
-            self._disconnect()
-            self._feed_milestone(Milestone.error)
+            self._close_with_error(errno.EIO, fatal[0], f"ring failed: {fatal[0]}")
 
 
 # -- process entry -------------------------------------------------------------------------------------
+
+# errno written with an image failure (Linux writes "<errno> <message>").
+_IMAGE_ERRNO = {
+    "image.missing": errno.ENOENT, "image.read_only": errno.EROFS, "image.unreadable": errno.EIO,
+    "image.not_a_file": errno.ENODEV,
+}
 
 
 def parse_backend_path(path: str) -> tuple[int, int, int]:
@@ -563,26 +632,166 @@ def parse_backend_path(path: str) -> tuple[int, int, int]:
     return int(match[1]), int(match[2]), int(match[3])
 
 
+def in_backend_transaction(xs, backend_path: str, work) -> bool:  # type: ignore[no-untyped-def]
+    """Run work(tx) in a transaction, repeated on EAGAIN. False (nothing written) if the
+    backend directory is gone: its `frontend` key, written by the toolstack, is missing."""
+    for _ in range(_TRANSACTION_ATTEMPTS):
+        try:
+            with xs.transaction() as tx:  # commits on success, aborts on an exception
+                present = xs.exists(f"{backend_path}/frontend", tx)
+                if present:
+                    work(tx)
+        except XenstoreError as err:
+            if err.errno_name == "EAGAIN":
+                continue  # someone changed what we read: run the whole transaction again
+            raise
+        return present
+    raise XenstoreError(f"xenstore: {backend_path}: transaction kept conflicting", errno_name="EAGAIN")
+
+
+def write_device_error(xs, backend_path: str, err: int, message: str, *, closing: bool = False) -> bool:  # type: ignore[no-untyped-def]
+    """Tell the frontend why the device fails, as Linux's xenbus_dev_error does: the value
+    "<errno> <message>" in error/<nodename>/error under the backend domain's home (where
+    Linux writes it; a frontend domain cannot read it) and in <backend>/error (which the
+    frontend can read). With `closing`, also state Closing (xenbus_dev_fatal), for a
+    failure before the handshake table runs. One transaction; False if the vbd is gone."""
+    value = f"{err} {message}"[:4000]
+    backend_path = backend_path.rstrip("/")
+    match = _BACKEND_PATH.match(backend_path)
+    home = f"/local/domain/{match[1]}" if match else None
+
+    def work(tx: int) -> None:
+        xs.write(f"{backend_path}/error", value, tx)
+        if home is not None:
+            xs.write(f"{home}/error/{backend_path[len(home) + 1:]}/error", value, tx)
+        if closing:
+            xs.write(f"{backend_path}/state", str(int(XenbusState.Closing)), tx)
+
+    return in_backend_transaction(xs, backend_path, work)
+
+
+def write_report(report: ConformanceReport, path: str | None) -> None:
+    """The report to `path` (atomically), to stdout for "-", nowhere for None."""
+    if not path:
+        return
+    if path == "-":
+        sys.stdout.write(report.to_json() + "\n")
+        sys.stdout.flush()
+    else:
+        report.write(path)
+
+
+@dataclass(frozen=True)
+class VbdKeys:
+    """What the toolstack wrote in the backend directory that decides what is served."""
+
+    frontend: str
+    params: str | None  # the image (xl: target=); None when absent or empty
+    mode: str  # "r", "w" (default) or "w!"
+
+
+def read_vbd_keys(xs, backend_path: str) -> VbdKeys:  # type: ignore[no-untyped-def]
+    """The toolstack's keys of the vbd; BackendError "backend.toolstack" without them."""
+
+    def optional(key: str) -> str | None:
+        try:
+            return xs.read(f"{backend_path}/{key}").decode()
+        except XenstoreError:
+            return None
+        except UnicodeDecodeError:
+            raise BackendError(f"backend.toolstack: {backend_path}/{key} is not text") from None
+
+    frontend = optional("frontend")
+    if frontend is None or optional("frontend-id") is None:
+        raise BackendError(
+            f"backend.toolstack: {backend_path} lacks the toolstack's keys (frontend, frontend-id);"
+            " create the vbd first: xentools vbd create"
+        )
+    return VbdKeys(frontend.rstrip("/"), optional("params") or None, optional("mode") or "w")
+
+
+def choose_image(vbd: VbdKeys, backend_path: str, image_path: str | None) -> str:
+    """The image to serve: the vbd's `params`; `image_path` (--image) must name the same
+    file, or is used when the vbd has no params. BackendError "backend.params" otherwise."""
+    if vbd.params is None:
+        if image_path is None:
+            raise BackendError(
+                f"backend.params: {backend_path} names no image (no params key); give --image FILE"
+            )
+        return image_path
+    if image_path is None or _same_file(vbd.params, image_path):
+        return vbd.params
+    raise BackendError(
+        f"backend.params: {backend_path} serves {vbd.params} (its params key), not {image_path};"
+        " omit --image, or recreate the vbd with that image (xentools vbd create)"
+    )
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+class _Signals:
+    """SIGTERM and SIGINT ask the backend to stop, SIGUSR1 to write its report. Installed
+    before anything else and restored only after the report is written, so a signal that
+    arrives early or late stops the backend cleanly instead of killing it unreported."""
+
+    def __init__(self, install: bool) -> None:
+        self.backend: BlkBackend | None = None
+        self.stopped = False
+        self.previous: dict[int, object] = {}
+        if install:
+            for sig, handler in ((signal.SIGTERM, self._stop), (signal.SIGINT, self._stop),
+                                 (signal.SIGUSR1, self._report)):
+                self.previous[sig] = signal.signal(sig, handler)
+
+    def _stop(self, *_: object) -> None:
+        self.stopped = True
+        if self.backend is not None:
+            self.backend.request_stop()
+
+    def _report(self, *_: object) -> None:
+        if self.backend is not None:
+            self.backend.request_report()
+
+    def attach(self, backend: BlkBackend) -> None:
+        self.backend = backend
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self.previous = {}
+
+
 def serve(
     *,
     sim_dir: str | None,
     backend_path: str,
-    image_path: str,
+    image_path: str | None,
     config: BackendConfig,
-    report_out=None,  # type: ignore[no-untyped-def]  # a text stream for the report on exit
     install_signals: bool = True,
 ) -> ConformanceReport:
-    """Open the image and the platform, serve until stopped, write and print the report.
+    """Serve the vbd at `backend_path` until stopped; write the report (config.report_path).
 
-    SIGTERM/SIGINT stop, SIGUSR1 writes the report file. Raises ImageError, BackendError or
-    PlatformError (one line each) before serving when something is wrong.
+    In order: the vbd lock (one blkback per vbd: LockError "backend.busy" with the holder's
+    pid), the toolstack's keys, the image (`params`, or `image_path` when it names the same
+    file), its format and size, and its lock (LockError "image.in_use" when another process
+    serves it writable, unless config.shared_writable). An image that cannot be served is
+    reported to the frontend (error node, state Closing) and raised as ImageError. Every
+    failure is one line (ImageError, BackendError, LockError, PlatformError); none before
+    the vbd lock touches xenstore.
     """
     from xentools.platform.select import SIM_DIR_ENV, open_platform
 
+    backend_path = backend_path.rstrip("/")
     backend_domid, _, _ = parse_backend_path(backend_path)
-    image = open_image(image_path, read_only=config.read_only, sector_size=config.sector_size)
+    sim_dir = sim_dir or os.environ.get(SIM_DIR_ENV) or None
+    signals = _Signals(install_signals)
     try:
-        if sim_dir or os.environ.get(SIM_DIR_ENV):
+        if sim_dir:
             platform = open_platform(sim_dir, backend_domid)
         else:
             platform = open_platform(None)  # real Xen: this domain is whatever Xen says
@@ -592,27 +801,52 @@ def serve(
                     f"backend.path: this is domain {platform.domid}, but {backend_path} belongs to"
                     f" domain {backend_domid}"
                 )
-        backend = BlkBackend(platform, backend_path, image, config)
-        previous = {}
-        if install_signals:
-            handlers = {
-                signal.SIGTERM: lambda *_: backend.request_stop(),
-                signal.SIGINT: lambda *_: backend.request_stop(),
-                signal.SIGUSR1: lambda *_: backend.request_report(),
-            }
-            previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
-            backend.run()
+            lock = lock_vbd(lock_dir(sim_dir), backend_path)
+            try:
+                return _serve_locked(platform, backend_path, image_path, config, signals)
+            finally:
+                lock.close()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            if backend.started:
-                backend.write_report()
-                if report_out is not None:
-                    report_out.write(backend.report.to_json() + "\n")
-                    report_out.flush()
             platform.close()
-        return backend.report
+    finally:
+        signals.restore()
+
+
+def _serve_locked(platform: Platform, backend_path: str, image_path: str | None, config: BackendConfig,
+                  signals: _Signals) -> ConformanceReport:
+    report = ConformanceReport(backend_path)
+    xs = platform.open_xenstore()
+    try:
+        vbd = read_vbd_keys(xs, backend_path)
+        frontend_log = report.frontend(vbd.frontend)
+        path = choose_image(vbd, backend_path, image_path)
+        read_only = config.read_only or vbd.mode == "r"
+        try:
+            image = open_image(path, read_only=read_only, sector_size=config.sector_size)
+        except ImageError as err:
+            # The vbd cannot be served: the frontend hears it now, not after its timeout.
+            write_device_error(xs, backend_path, _IMAGE_ERRNO.get(err.rule, errno.EINVAL), str(err), closing=True)
+            report.ended = f"image refused: {err}"
+            frontend_log.ended("the backend could not open its image")
+            write_report(report, config.report_path)
+            raise
+    finally:
+        xs.close()
+    try:
+        lock_image(image.fd, path, writable=not read_only,
+                   shared_writable=config.shared_writable or vbd.mode == "w!")
+        backend = BlkBackend(platform, backend_path, image, config, report)
+        signals.attach(backend)
+        try:
+            if signals.stopped:
+                backend.exit_reason = "stop requested"
+                report.ended = backend.exit_reason
+            else:
+                backend.run()
+        finally:
+            backend.write_report()  # before the signal handlers are restored
+        return report
     finally:
         image.close()
 
@@ -621,15 +855,18 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m xentools.devices.blkback", description=__doc__.split("\n")[0])
     parser.add_argument("--sim-dir", default=None, help="software Xen root (default: $XENTOOLS_SIM_DIR, else real Xen)")
     parser.add_argument("--backend-path", required=True)
-    parser.add_argument("--image", required=True)
+    parser.add_argument("--image", default=None, help="the image; must be the vbd's params (default: params)")
     parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--shared-writable", action="store_true",
+                        help="serve writable even if another server writes the image (xl's w!)")
     parser.add_argument("--max-ring-page-order", type=int, default=RING_PAGE_ORDER_LIMIT)
     parser.add_argument("--max-queues", type=int, default=4)
     parser.add_argument("--max-indirect-segments", type=int, default=256)
     parser.add_argument("--no-persistent", action="store_true")
     parser.add_argument("--sector-size", type=int, default=512)
     parser.add_argument("--max-persistent-grants", type=int, default=DEFAULT_MAX_PERSISTENT_GRANTS)
-    parser.add_argument("--report", default=None, help="write the conformance report (JSON) here on exit and SIGUSR1")
+    parser.add_argument("--report", default=None,
+                        help="write the conformance report (JSON) to this file, or - for stdout, on exit and SIGUSR1")
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser
 
@@ -651,12 +888,10 @@ def main(argv: list[str] | None = None) -> int:
             sector_size=args.sector_size,
             max_persistent_grants=args.max_persistent_grants,
             report_path=args.report,
+            shared_writable=args.shared_writable,
         )
-        serve(
-            sim_dir=args.sim_dir, backend_path=args.backend_path, image_path=args.image,
-            config=config, report_out=sys.stdout,
-        )
-    except (XentoolsError, ImageError) as err:
+        serve(sim_dir=args.sim_dir, backend_path=args.backend_path, image_path=args.image, config=config)
+    except XentoolsError as err:
         print(f"blkback: error: {err}", file=sys.stderr)
         return 1
     except OSError as err:

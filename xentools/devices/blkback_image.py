@@ -1,7 +1,9 @@
 """blkback's backing store: a RAW image file, opened and checked once, then read and written
 by offset.
 
-Owns: `open_image` (every check a bad command line deserves a one-line error for),
+Owns: `open_image` (every check a bad command line deserves a one-line error for, including
+the format: a VHD, qcow2, vmdk, VHDX or xz file is refused with the command that makes it
+RAW, judged by xentools.core.diskformat as `xentools image inspect` judges it),
 `ImageFile` (the descriptor, size and sector size; vectored reads and writes that either
 move every byte or raise; flush; hole punching), and `ImageError`.
 Must not: know about rings, grants or blkif requests; callers have already checked that
@@ -13,9 +15,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shlex
 import stat
 from collections.abc import Sequence
 
+from xentools.core.diskformat import identify, raw_refusal
 from xentools.core.errors import XentoolsError
 
 __all__ = ["IOV_MAX", "ImageError", "ImageFile", "open_image"]
@@ -145,7 +149,9 @@ def open_image(path: str, *, read_only: bool = False, sector_size: int = SECTOR_
     """Open a RAW image for serving. Raises ImageError with one of the rules:
     image.sector_size (not a power of two in 512..4096), image.missing, image.not_a_file,
     image.unreadable, image.read_only (write access asked for a file marked read-only or on
-    a read-only filesystem), image.empty, image.size (not a multiple of the sector size)."""
+    a read-only filesystem), image.empty, image.not_raw (VHD, qcow2, vmdk, VHDX, xz: with the
+    command that converts it), image.size (not a multiple of the sector size: with the
+    command that pads it)."""
     if not isinstance(sector_size, int) or sector_size < 512 or sector_size > 4096 or sector_size & (sector_size - 1):
         raise ImageError("image.sector_size", f"sector size {sector_size} is not a power of two in 512..4096")
     try:
@@ -178,9 +184,32 @@ def open_image(path: str, *, read_only: bool = False, sector_size: int = SECTOR_
     if size == 0:
         os.close(fd)
         raise ImageError("image.empty", f"{path}: the image is empty")
+    try:
+        _require_raw(fd, path, size)
+    except BaseException:
+        os.close(fd)
+        raise
     if size % sector_size:
         os.close(fd)
         raise ImageError(
-            "image.size", f"{path}: size {size} is not a multiple of the sector size {sector_size}"
+            "image.size",
+            f"{path}: size {size} is not a multiple of the sector size {sector_size};"
+            f" pad it with zeroes: truncate -s %{sector_size} {shlex.quote(path)}",
         )
     return ImageFile(path, fd, size, read_only, sector_size)
+
+
+def _require_raw(fd: int, path: str, size: int) -> None:
+    """ImageError "image.not_raw" when the file is another format than RAW."""
+
+    def read_at(offset: int, length: int) -> bytes:
+        if offset >= size or length <= 0:
+            return b""
+        return os.pread(fd, min(length, size - offset), offset)
+
+    try:
+        refusal = raw_refusal(identify(read_at, size, path))
+    except OSError as err:
+        raise ImageError("image.unreadable", f"{path}: {err.strerror}") from None
+    if refusal is not None and refusal[0] == "image.not_raw":  # the size is judged above
+        raise ImageError(*refusal)

@@ -488,11 +488,13 @@ class QueueWorker:
             plan = parse_request(slot, self.codec, self.policy)
             if plan.operation == BLKIF_OP_INDIRECT:
                 plan = self._resolve_indirect(plan)
-            return plan
         except RequestRejected as err:
             _, req_id, rsp_op = self.codec.header(slot)
+            self.report.rejected(rsp_op)
             self._reject(err, req_id, rsp_op)
             return None
+        self.report.accepted(slot[0], plan.rsp_operation, len(plan.grefs), plan.nbytes)
+        return plan
 
     def _reject(self, err: RequestRejected, req_id: int, rsp_op: int) -> None:
         """Count the broken rule and answer the request with its status (the one place a

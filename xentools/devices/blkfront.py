@@ -93,6 +93,7 @@ from xentools.devices.blkfront_types import (
 )
 from xentools.devices.blkfront_xenbus import (
     BackendStateWatch,
+    backend_error,
     feature_error,
     frontend_path_for,
     read_backend_features,
@@ -259,7 +260,8 @@ class BlkFront:
             if self._hs.state in (XenbusState.Closing, XenbusState.Closed):
                 raise BlkfrontError(
                     "connect.backend_closed",
-                    f"backend {self._backend_path} went to {state.name} during the handshake",
+                    f"backend {self._backend_path} went to {state.name} during the handshake"
+                    + backend_error(xs, self._backend_path),
                 )
             if not watch.wait_event(deadline):
                 what = "Connected" if self._rings_granted else "InitWait"

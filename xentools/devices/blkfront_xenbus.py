@@ -23,6 +23,7 @@ from xentools.platform.interface import XenstoreError
 
 __all__ = [
     "BackendStateWatch",
+    "backend_error",
     "frontend_path_for",
     "read_backend_features",
     "read_disk_info",
@@ -184,6 +185,21 @@ class BackendStateWatch:
             pass
 
 
+def backend_error(xs, backend_path: str) -> str:  # type: ignore[no-untyped-def]
+    """"; the backend says: <reason>" when the backend wrote why it failed (the error node
+    of xenbus_dev_error, "<errno> <message>", in <backend>/error), else "". The text is the
+    backend's: shown, never trusted (printable characters only, 300 at most)."""
+    try:
+        raw = xs.read(f"{backend_path}/error")
+    except XenstoreError:
+        return ""
+    text = "".join(c if c.isprintable() else "?" for c in raw[:300].decode(errors="replace")).strip()
+    number, _, rest = text.partition(" ")
+    if number.isdigit() and rest:
+        text = rest
+    return f"; the backend says: {text}" if text else ""
+
+
 def describe_state(watch: BackendStateWatch) -> str:
     """The state last seen, for a timeout message: its name and raw value."""
     raw = watch.last_raw
@@ -196,7 +212,7 @@ def timeout_error(what: str, watch: BackendStateWatch, waited: float) -> Connect
     return ConnectTimeout(
         "connect.timeout",
         f"backend {watch.path.rsplit('/', 1)[0]} never reached {what} within {waited:g} s; "
-        f"its state is {describe_state(watch)}",
+        f"its state is {describe_state(watch)}{backend_error(watch.xs, watch.path.rsplit('/', 1)[0])}",
     )
 
 

@@ -5,8 +5,10 @@ Owns: the click group `blkback` and its `serve` command (options mirror
 does) or print tracebacks: every expected failure is a XentoolsError, printed by the CLI as
 one line with a non-zero exit.
 
-On exit (SIGTERM, SIGINT, the vbd removed) the conformance report is printed on stdout as
-JSON and, with --report FILE, written there; SIGUSR1 rewrites FILE while serving.
+On exit (SIGTERM, SIGINT, the vbd removed) the conformance report is written, as JSON, to
+--report FILE (or stdout with --report -); SIGUSR1 writes it again while serving. The image
+is the vbd's `params` (--image must name the same file); one blkback serves a vbd, and an
+image is served writable once unless --shared-writable (xl's w!).
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ def blkback() -> None:
               help="Software Xen root directory (default: $XENTOOLS_SIM_DIR, else real Xen).")
 @click.option("--backend-path", required=True,
               help="Backend directory, /local/domain/<domid>/backend/vbd/<frontend-domid>/<devid>.")
-@click.option("--image", "image_path", required=True, help="RAW image file to serve.")
+@click.option("--image", "image_path", default=None,
+              help="RAW image file to serve; must be the vbd's params (default: params).")
 @click.option("--read-only", is_flag=True, help="Serve read-only (VDISK_READONLY; writes answered ERROR).")
+@click.option("--shared-writable", is_flag=True,
+              help="Serve writable even if another server writes the image too (xl's w!).")
 @click.option("--max-ring-page-order", type=click.IntRange(0, RING_PAGE_ORDER_LIMIT),
               default=RING_PAGE_ORDER_LIMIT, show_default=True)
 @click.option("--max-queues", type=click.IntRange(1, 64), default=4, show_default=True)
@@ -43,15 +48,15 @@ def blkback() -> None:
               show_default=True, help="Logical sector size of the image.")
 @click.option("--max-persistent-grants", type=click.IntRange(0, None),
               default=DEFAULT_MAX_PERSISTENT_GRANTS, show_default=True, help="Persistent grants cached per ring.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the conformance report (JSON) here on exit and on SIGUSR1.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Write the conformance report (JSON) to this file, or - for stdout, on exit and SIGUSR1.")
 @click.option("--verbose", "-v", is_flag=True, help="Log connections on stderr.")
 def serve_cmd(
-    sim_dir: str | None, backend_path: str, image_path: str, read_only: bool,
+    sim_dir: str | None, backend_path: str, image_path: str | None, read_only: bool, shared_writable: bool,
     max_ring_page_order: int, max_queues: int, max_indirect_segments: int, no_persistent: bool,
     sector_size: str, max_persistent_grants: int, report_path: str | None, verbose: bool,
 ) -> None:
-    """Serve IMAGE on the vbd at BACKEND_PATH until stopped or the vbd is removed."""
+    """Serve the vbd at BACKEND_PATH (its params image) until stopped or the vbd is removed."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="blkback: %(levelname)s: %(message)s",
@@ -66,6 +71,6 @@ def serve_cmd(
         sector_size=int(sector_size),
         max_persistent_grants=max_persistent_grants,
         report_path=report_path,
+        shared_writable=shared_writable,
     )
-    serve(sim_dir=sim_dir, backend_path=backend_path, image_path=image_path, config=config,
-          report_out=sys.stdout)
+    serve(sim_dir=sim_dir, backend_path=backend_path, image_path=image_path, config=config)

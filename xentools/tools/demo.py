@@ -84,7 +84,7 @@ class LocalRig:
             with open(self.backend_log, "wb") as log:
                 self.backend = subprocess.Popen(
                     [sys.executable, "-m", "xentools.devices.blkback", "--sim-dir", self.xen.root_dir,
-                     "--backend-path", paths.backend, "--image", self.image, *self.backend_args],
+                     "--backend-path", paths.backend, "--image", self.image, "--report", "-", *self.backend_args],
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                 )
         except BaseException:
