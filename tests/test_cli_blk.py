@@ -134,6 +134,33 @@ def test_disk_named_by_an_xl_disk_spec(served):
     one_error_line(blk(sim_dir, "info", "--vdev", "vdev=xvda, colour=red"), "diskspec.unknown_key")
 
 
+def test_blkback_serves_an_xl_disk_spec(served):
+    sim_dir, image = served
+    from xentools.devices.toolstack import destroy_vbd
+    from xentools.platform.sim.platform import SoftwarePlatform
+
+    xs = SoftwarePlatform(sim_dir, 0).open_xenstore()
+    paths = create_vbd(xs, backend_domid=0, frontend_domid=1, devid=51744, params=str(image), mode="r")
+    backend = paths.backend
+    bad = xentools("blkback", "serve", "--sim-dir", sim_dir, "--backend-path", backend,
+                   "--image", f"format=qcow2, target={image}")
+    one_error_line(bad, "diskspec.format")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xentools", "blkback", "serve", "--sim-dir", sim_dir, "--backend-path", backend,
+         "--image", f"format=raw, vdev=xvdc, access=ro, target={image}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        info = blk(sim_dir, "info", "--vdev", "xvdc", "--json")
+        assert info.returncode == 0, info.stderr
+        assert json.loads(info.stdout)["readonly"] is True  # access=ro reached the backend
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+        destroy_vbd(xs, paths)
+        xs.close()
+    assert proc.returncode == 0
+
+
 @pytest.mark.parametrize("spec", ["xvd!", "sdz99", "/bad//path", "banana"])
 def test_unparsable_disk_spec(served, spec):
     sim_dir, _ = served

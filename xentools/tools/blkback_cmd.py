@@ -19,6 +19,7 @@ import click
 from xentools.core.features import RING_PAGE_ORDER_LIMIT
 from xentools.devices.blkback import BackendConfig, serve
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
+from xentools.tools.options import resolve_disk
 
 
 @click.group("blkback")
@@ -31,7 +32,8 @@ def blkback() -> None:
               help="Software Xen root directory (default: $XENTOOLS_SIM_DIR, else real Xen).")
 @click.option("--backend-path", required=True,
               help="Backend directory, /local/domain/<domid>/backend/vbd/<frontend-domid>/<devid>.")
-@click.option("--image", "image_path", required=True, help="RAW image file to serve.")
+@click.option("--image", "image_path", required=True, metavar="PATH|DISKSPEC",
+              help="RAW image file to serve, or an xl disk spec naming it (target=...).")
 @click.option("--read-only", is_flag=True, help="Serve read-only (VDISK_READONLY; writes answered ERROR).")
 @click.option("--max-ring-page-order", type=click.IntRange(0, RING_PAGE_ORDER_LIMIT),
               default=RING_PAGE_ORDER_LIMIT, show_default=True)
@@ -57,6 +59,8 @@ def serve_cmd(
         format="blkback: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    disk = resolve_disk(image_path, vdev=None, read_only=read_only)  # a path or an xl disk spec
+    image_path, read_only = disk.image, disk.mode == "r"
     config = BackendConfig(
         read_only=read_only,
         max_ring_page_order=max_ring_page_order,
