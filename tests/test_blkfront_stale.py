@@ -18,33 +18,13 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from hostile_backend import BackendProcess, known_data, make_vbd, remove_vbd  # noqa: E402
+from hostile_backend import known_data, make_vbd, remove_vbd  # noqa: E402
+from test_blkfront_hostile import backend, xen, xs0  # noqa: E402,F401 - the same module fixtures
 
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig  # noqa: E402
-from xentools.platform.sim.launcher import SoftwareXen  # noqa: E402
 
 SECTORS = 4096
 CASES = [(persistent, case) for persistent in (True, False) for case in range(5)]
-
-
-@pytest.fixture(scope="module")
-def xen():
-    with SoftwareXen(domains=(0, 1)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def backend(xen):
-    proc = BackendProcess(xen.root_dir, 0)
-    yield proc
-    proc.close()
-
-
-@pytest.fixture(scope="module")
-def xs0(xen):
-    client = xen.platform(0).open_xenstore()
-    yield client
-    client.close()
 
 
 @pytest.mark.parametrize("persistent,case", CASES, ids=[f"{'persistent' if p else 'per-request'}-{c}" for p, c in CASES])
