@@ -3,7 +3,9 @@
 Owns: `BackendSession` (one vbd served from an in-memory image, the whole xenbus handshake,
 every ring and queue, direct and indirect requests, persistent grants, flush, barrier and
 discard), the hostile behaviours used by tests/test_blkfront_hostile.py (malformed responses,
-event storms, bad xenstore values, a backend that never reaches InitWait), `known_data()`
+event storms, bad xenstore values, a backend that never reaches InitWait) and
+tests/test_blkfront_stale.py (READs answered OKAY without a byte written; a backend that
+looks at what the frontend's granted pages hold besides the request's data), `known_data()`
 (the image content the tests verify reads against), `make_vbd()`/`remove_vbd()` (the
 toolstack step, through xentools.devices.toolstack when it exists, else a stand-in), and a
 line-oriented JSON control protocol on stdin/stdout so that the backend runs in its own
@@ -144,6 +146,8 @@ class Offer:
     leak_mapping: bool = False  # keep the pages of one non-persistent request mapped (XSA-396)
     readonly: bool = False  # VDISK_READONLY in info; writes answered ERROR
     refuse_ops: list = field(default_factory=list)  # operations answered EOPNOTSUPP anyway
+    unwritten_reads: bool = False  # answer every READ OKAY without writing its pages (lying)
+    peek: bool = False  # count bytes of older data in the pages a request grants (XSA-403)
 
 
 @dataclass
@@ -502,6 +506,11 @@ class BackendSession:
         except PlatformError:
             return BLKIF_RSP_ERROR
         try:
+            if self.offer.peek:
+                self._peek(op, segments, views)
+            if op == BLKIF_OP_READ and self.offer.unwritten_reads:
+                self._count("unwritten_read")
+                return BLKIF_RSP_OKAY  # the lie: "done", and not a byte written
             for seg, page in zip(segments, views):
                 first, n = seg.first_sect * ss, (seg.last_sect - seg.first_sect + 1) * ss
                 if op == BLKIF_OP_READ:
@@ -516,6 +525,20 @@ class BackendSession:
                 else:
                     self.gnttab.unmap(mapped)
         return BLKIF_RSP_OKAY
+
+    def _peek(self, op: int, segments, views) -> None:
+        """What a curious backend sees: a READ's pages before it writes them, and the bytes
+        of a WRITE's pages outside its segments, must hold nothing (zeros), never data of
+        another request (XSA-403). Counts such bytes as "unrelated_bytes"."""
+        ss = self.ss
+        for seg, page in zip(segments, views):
+            if op == BLKIF_OP_READ:
+                outside = [bytes(page)]
+            else:
+                outside = [bytes(page[: seg.first_sect * ss]), bytes(page[(seg.last_sect + 1) * ss :])]
+            found = sum(len(part) - part.count(0) for part in outside)
+            if found:  # not a malformed message of ours: what the frontend leaked
+                self.kinds["unrelated_bytes"] = self.kinds.get("unrelated_bytes", 0) + found
 
     # -- hostile behaviour ------------------------------------------------------------------------
 

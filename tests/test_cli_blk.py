@@ -72,7 +72,7 @@ def blk(sim_dir: str, *args: str, timeout: float = 60) -> subprocess.CompletedPr
 
 def test_info_json(served):
     sim_dir, _ = served
-    proc = blk(sim_dir, "info", "--vbd", "xvda", "--json", "--queues", "3", "--protocol", "x86_32-abi")
+    proc = blk(sim_dir, "info", "--vdev", "xvda", "--json", "--queues", "3", "--protocol", "x86_32-abi")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["sectors"] == IMAGE_BYTES // 512 and info["size_bytes"] == IMAGE_BYTES
@@ -125,15 +125,51 @@ def test_verify_mismatch_is_one_line_and_exit_1(served):
     assert "8 sectors differ, first at sector 100" in line
 
 
+def test_disk_named_by_an_xl_disk_spec(served):
+    sim_dir, image = served
+    proc = blk(sim_dir, "info", "--vdev", f"format=raw, vdev=xvda, access=rw, target={image}", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["frontend_path"] == "/local/domain/1/device/vbd/51712"
+    one_error_line(blk(sim_dir, "info", "--vdev", f"format=raw, target={image}"), "diskspec.no_vdev")
+    one_error_line(blk(sim_dir, "info", "--vdev", "vdev=xvda, colour=red"), "diskspec.unknown_key")
+
+
+def test_blkback_serves_an_xl_disk_spec(served):
+    sim_dir, image = served
+    from xentools.devices.toolstack import destroy_vbd
+    from xentools.platform.sim.platform import SoftwarePlatform
+
+    xs = SoftwarePlatform(sim_dir, 0).open_xenstore()
+    paths = create_vbd(xs, backend_domid=0, frontend_domid=1, devid=51744, params=str(image), mode="r")
+    backend = paths.backend
+    bad = xentools("blkback", "serve", "--sim-dir", sim_dir, "--backend-path", backend,
+                   "--image", f"format=qcow2, target={image}")
+    one_error_line(bad, "diskspec.format")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xentools", "blkback", "serve", "--sim-dir", sim_dir, "--backend-path", backend,
+         "--image", f"format=raw, vdev=xvdc, access=ro, target={image}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        info = blk(sim_dir, "info", "--vdev", "xvdc", "--json")
+        assert info.returncode == 0, info.stderr
+        assert json.loads(info.stdout)["readonly"] is True  # access=ro reached the backend
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+        destroy_vbd(xs, paths)
+        xs.close()
+    assert proc.returncode == 0
+
+
 @pytest.mark.parametrize("spec", ["xvd!", "sdz99", "/bad//path", "banana"])
 def test_unparsable_disk_spec(served, spec):
     sim_dir, _ = served
-    one_error_line(blk(sim_dir, "info", "--vbd", spec), "vbd.spec")
+    one_error_line(blk(sim_dir, "info", "--vdev", spec), "vbd.spec")
 
 
 def test_backend_never_reaching_initwait(served):
     sim_dir, _ = served
-    line = one_error_line(blk(sim_dir, "info", "--vbd", "xvdb", "--timeout", "0.5"), "connect.timeout")
+    line = one_error_line(blk(sim_dir, "info", "--vdev", "xvdb", "--timeout", "0.5"), "connect.timeout")
     assert "never reached InitWait" in line and "Initialising (1)" in line
 
 

@@ -24,7 +24,7 @@ def _wait_for(path: str, timeout: float = 20.0) -> None:
 def sim_dir(tmp_path):
     root = tmp_path / "sim"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xentools", "sim", "start", "--dir", str(root), "--domain", "5"],
+        [sys.executable, "-m", "xentools", "sim", "start", "--sim-dir", str(root), "--domid", "5"],
         stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(str(root / "xenstored.sock.d5"))
@@ -59,3 +59,44 @@ def test_sigterm_stops_everything_and_removes_sockets(sim_dir):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     assert not any(name.endswith(".sock") or ".sock." in name for name in os.listdir(root))
+
+
+def test_old_spellings_are_accepted_and_wait_returns_when_ready(tmp_path):
+    root = tmp_path / "old"
+    proc = subprocess.Popen([sys.executable, "-m", "xentools", "sim", "start", "--dir", str(root), "--domain", "6"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        waited = subprocess.run([sys.executable, "-m", "xentools", "sim", "wait", "--sim-dir", str(root)],
+                                capture_output=True, text=True, timeout=60)
+        assert waited.returncode == 0, waited.stderr
+        assert "domains [0, 6]" in waited.stderr
+        assert os.path.exists(root / "xenstored.sock.d6")  # ready means every domain is there
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    assert not os.path.exists(root / "ready")
+    shown = subprocess.run([sys.executable, "-m", "xentools", "sim", "start", "--help"],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert "--sim-dir" in shown and "--domid" in shown and "--dir " not in shown and "--domain" not in shown
+
+
+def test_nothing_running_names_the_fix(tmp_path):
+    root = tmp_path / "none"
+    waited = subprocess.run([sys.executable, "-m", "xentools", "sim", "wait", "--sim-dir", str(root),
+                             "--timeout", "0.2"], capture_output=True, text=True, timeout=60)
+    assert waited.returncode == 1 and waited.stderr.count("\n") == 1
+    assert f"xentools sim start --sim-dir {root}" in waited.stderr
+    for args in (["blk", "info", "--domid", "1"], ["vbd", "destroy", "--domid", "1"]):
+        proc = subprocess.run([sys.executable, "-m", "xentools", *args, "--sim-dir", str(root)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+        assert f"no software Xen at {root}: start one with `xentools sim start --sim-dir {root}" in proc.stderr
+
+
+def test_missing_domain_names_the_fix(sim_dir):
+    root, _ = sim_dir
+    proc = subprocess.run([sys.executable, "-m", "xentools", "blk", "info", "--domid", "7", "--sim-dir", str(root)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert f"the software Xen at {root} has no domain 7: start it with " \
+           f"`xentools sim start --sim-dir {root} --domid 7`" in proc.stderr

@@ -122,3 +122,32 @@ def test_domain_access_follows_the_permissions(xen) -> None:
     assert not xs.exists(paths.backend) and not xs.exists(paths.frontend)
     destroy_vbd(xs, paths)  # already gone: no error
     xs.close()
+
+
+def test_existing_and_served_vbds_are_checked_inside_the_transaction(xen) -> None:
+    from xentools.devices.toolstack import ToolstackError, require_domain
+
+    xs = xen.platform(0).open_xenstore()
+    try:
+        common = dict(backend_domid=0, frontend_domid=1, devid=51712, params="/a.img")
+        paths = create_vbd(xs, **common, existing="refuse")
+        with pytest.raises(ToolstackError) as err:
+            create_vbd(xs, **common, existing="refuse")
+        assert err.value.rule == "vbd.exists"
+        xs.write(paths.frontend + "/state", "garbage")  # not provably idle
+        with pytest.raises(ToolstackError) as err:
+            create_vbd(xs, **{**common, "params": "/b.img"}, existing="replace")
+        assert err.value.rule == "vbd.in_use"
+        assert xs.read(paths.backend + "/params") == b"/a.img"  # nothing written
+        xs.write(paths.frontend + "/state", "6")
+        create_vbd(xs, **{**common, "params": "/b.img"}, existing="replace")
+        assert xs.read(paths.backend + "/params") == b"/b.img"
+        with pytest.raises(ToolstackError) as err:
+            create_vbd(xs, **{**common, "devid": 51728, "params": "/b.img", "mode": "r"}, shared_ok=False)
+        assert err.value.rule == "vbd.image_shared"  # read-only beside a writable one: refused too
+        require_domain(xs, 1)
+        with pytest.raises(ToolstackError):
+            require_domain(xs, 2)
+        destroy_vbd(xs, paths)
+    finally:
+        xs.close()

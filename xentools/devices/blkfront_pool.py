@@ -5,7 +5,9 @@ domain shares through gntshr, within a grant budget; `StagingArea`, the persiste
 buffers carved into runs of pages for requests; and the bookkeeping that keeps a page whose
 grant the backend may still map from ever being reused (XSA-396).
 Must not: know about rings, requests or xenstore, or share memory that holds anything but
-I/O data (XSA-403).
+I/O data (XSA-403), or hand out a page that still holds an earlier request's bytes: a freed
+ref and a returned staging run are zeroed, so a backend that answers a READ without writing
+gives zeros, and a short WRITE shows the backend nothing but its own data.
 
 Why a pool at all: a userspace frontend cannot grant its own memory. gntshr (gntalloc) only
 shares pages it allocated itself, zeroed (XSA-403: nothing unrelated can leak through them),
@@ -56,6 +58,15 @@ __all__ = ["PoolGrantAllocator", "StagingArea", "StagingBuffer"]
 
 # struct blkif_request_segment (the same on both ABIs), from the core's one description.
 _SEGMENT = codec_for(X86_64).segment
+_zero_block = memoryview(bytes(PAGE_SIZE))
+
+
+def _zeros(nbytes: int) -> memoryview:
+    """A read-only view of `nbytes` zero bytes (one shared block, grown on demand)."""
+    global _zero_block
+    if nbytes > _zero_block.nbytes:
+        _zero_block = memoryview(bytes(nbytes))
+    return _zero_block[:nbytes]
 
 
 def _error(rule: str, detail: str) -> GrantDmaError:
@@ -192,7 +203,12 @@ class PoolGrantAllocator(GrantAllocator):
                 raise _error("pool.double_free", f"ref {ref} is not allocated")
             if ref in self._bound:
                 raise _error("pool.free_bound", f"ref {ref} still carries a frame (XSA-396)")
+        zero = _zeros(PAGE_SIZE)
         for ref in refs:
+            # XSA-403: a free page holds nothing. The next request that takes it may be a
+            # READ the backend answers without writing (it must then read zeros, not these
+            # bytes), or a short WRITE whose page the backend sees whole.
+            self.page(ref)[:] = zero
             self._allocated.remove(ref)
             self._free.append(ref)
         self._callbacks.notify()
@@ -262,6 +278,14 @@ class StagingBuffer:
         return -1
 
     def give(self, start: int, npages: int) -> None:
+        """Return a run (its request got its response): its pages are zeroed first, so that a
+        free run holds nothing of the request that used it (XSA-403, see PoolGrantAllocator.free)."""
+        if self.view is not None:
+            self.view[start * PAGE_SIZE : (start + npages) * PAGE_SIZE] = _zeros(npages * PAGE_SIZE)
+        else:
+            zero = _zeros(PAGE_SIZE)
+            for page in self.pages[start : start + npages]:
+                page[:] = zero
         runs = self._free_runs
         self.free_pages += npages
         end = start + npages

@@ -2,7 +2,9 @@
 
 Owns: `create_vbd` (the keys the toolstack writes into the backend and frontend directories,
 their permissions, and `state` = Initialising in both, all in ONE transaction) and
-`destroy_vbd` (both directories removed in one transaction), with `VbdPaths`.
+`destroy_vbd` (both directories removed in one transaction), with `VbdPaths`; the checks a
+toolstack makes before attaching (the vbd exists or is being served, its image is writable
+in another vbd, the frontend domain exists: `require_domain`), raising ToolstackError.
 Must not: wait for either driver, start a backend, or write a key a driver owns.
 
 Why one transaction: on real Xen the kernel drivers watch these directories and start as
@@ -29,14 +31,14 @@ from dataclasses import dataclass
 
 import re
 
-from xentools.core.errors import FeatureError
+from xentools.core.errors import FeatureError, XentoolsError
 from xentools.core.features import BackendToolstackKeys, FrontendToolstackKeys
 from xentools.core.xenbus import XenbusState
 from xentools.platform.interface import XenstoreError
 
 __all__ = [
-    "BLKBACK_KIND", "TRANSACTION_ATTEMPTS", "USERSPACE_BACKEND_KIND", "VbdPaths", "backend_path",
-    "create_vbd", "destroy_vbd", "frontend_path",
+    "BLKBACK_KIND", "TRANSACTION_ATTEMPTS", "ToolstackError", "USERSPACE_BACKEND_KIND", "VbdPaths",
+    "backend_path", "create_vbd", "destroy_vbd", "frontend_path", "require_domain",
 ]
 
 TRANSACTION_ATTEMPTS = 20
@@ -44,6 +46,20 @@ BLKBACK_KIND = "vbd"  # blkif's own kind: Linux xen-blkback serves every node of
 USERSPACE_BACKEND_KIND = "xtvbd"  # ours, where no kernel driver looks
 # A word; short, as Linux names the backend's bus device "<kind>-<fe>-<devid>" in 20 bytes.
 _KIND = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+# A driver that left these states is serving the vbd (or tearing it down): its directories are
+# not the toolstack's to rewrite.
+_IDLE_STATES = (None, XenbusState.Initialising, XenbusState.Closed)
+
+
+class ToolstackError(XentoolsError):
+    """The toolstack refused: the vbd exists, is being served, its image is writable in
+    another vbd, or the frontend domain does not exist. `rule` is "vbd.<what>"."""
+
+    def __init__(self, rule: str, detail: str, *, path: str | None = None) -> None:
+        super().__init__(f"{rule}: {detail}")
+        self.rule = rule
+        self.detail = detail
+        self.path = path
 
 
 @dataclass(frozen=True)
@@ -95,6 +111,8 @@ def create_vbd(
     frontend_dir: str | None = None,
     type: str = "file",  # noqa: A002 - the xenstore key's name
     backend_kind: str = BLKBACK_KIND,
+    existing: str = "overwrite",
+    shared_ok: bool = True,
 ) -> VbdPaths:
     """Write the toolstack keys of a vbd's backend and frontend directories in one
     transaction, `state` = 1 (Initialising) in both, and return their paths.
@@ -104,6 +122,14 @@ def create_vbd(
     USERSPACE_BACKEND_KIND for our blkback where Linux's xen-blkback is loaded). Frontend keys: backend, backend-id,
     virtual-device (= devid), device-type=disk, state. Keys are validated by
     features.BackendToolstackKeys / FrontendToolstackKeys (FeatureError when malformed).
+
+    `existing`, checked inside the same transaction: "overwrite" writes over whatever is
+    there (library callers that own the path); "refuse" raises ToolstackError "vbd.exists"
+    if either directory exists; "replace" removes both first. Both refuse ("vbd.in_use") a
+    vbd whose backend or frontend state is past Initialising and not Closed: a driver serves
+    it, and rewriting its keys under it would change what a running backend reads.
+    `shared_ok=False` refuses ("vbd.image_shared") when another vbd of the backend domain has
+    the same `params` and either is writable, as xl's block script does unless given `w!`.
     """
     paths = VbdPaths(
         backend_path(backend_domid, frontend_domid, devid, backend_kind),
@@ -125,6 +151,10 @@ def create_vbd(
     frontend_perms = [f"n{frontend_domid}", f"r{backend_domid}"]
 
     def work(tx: int) -> None:
+        if existing != "overwrite":
+            _check_existing(xs, tx, paths, replace=existing == "replace")
+        if not shared_ok:
+            _check_shared(xs, tx, backend_domid, paths.backend, params, mode)
         for directory, keys, perms in (
             (paths.backend, backend_keys, backend_perms),
             (paths.frontend, frontend_keys, frontend_perms),
@@ -136,8 +166,80 @@ def create_vbd(
                 xs.write(node, value, tx)
                 xs.set_perms(node, perms, tx)
 
+    if existing not in ("overwrite", "refuse", "replace"):
+        raise ValueError(f"existing={existing!r}")
     _retry_transaction(xs, work, f"creating {paths.backend} and {paths.frontend}")
     return paths
+
+
+def _read(xs, path: str, tx: int) -> str | None:  # type: ignore[no-untyped-def]
+    try:
+        return xs.read(path, tx).decode(errors="replace")
+    except XenstoreError as err:
+        if err.errno_name == "ENOENT":
+            return None
+        raise
+
+
+def _list(xs, path: str, tx: int) -> list[str]:  # type: ignore[no-untyped-def]
+    try:
+        return xs.directory(path, tx)
+    except XenstoreError as err:
+        if err.errno_name == "ENOENT":
+            return []
+        raise
+
+
+def _check_existing(xs, tx: int, paths: VbdPaths, *, replace: bool) -> None:  # type: ignore[no-untyped-def]
+    found = [d for d in (paths.backend, paths.frontend) if xs.exists(d, tx)]
+    if not found:
+        return
+    for directory in found:
+        raw = _read(xs, f"{directory}/state", tx)
+        state = None
+        if raw is not None:
+            try:
+                state = XenbusState(int(raw))
+            except ValueError:
+                state = raw  # garbage: not provably idle
+        if state not in _IDLE_STATES:
+            name = state.name if isinstance(state, XenbusState) else repr(state)
+            raise ToolstackError("vbd.in_use", f"{directory} is in state {name}: a driver is serving it",
+                                 path=paths.backend)
+    if not replace:
+        raise ToolstackError("vbd.exists", f"{found[0]} exists already", path=paths.backend)
+    for directory in found:
+        xs.rm(directory, tx)
+
+
+def _check_shared(xs, tx: int, backend_domid: int, own: str, params: str, mode: str) -> None:  # type: ignore[no-untyped-def]
+    root = f"/local/domain/{backend_domid}/backend"
+    for kind in _list(xs, root, tx):
+        for fe in _list(xs, f"{root}/{kind}", tx):
+            for dev in _list(xs, f"{root}/{kind}/{fe}", tx):
+                other = f"{root}/{kind}/{fe}/{dev}"
+                if other == own or _read(xs, f"{other}/params", tx) != params:
+                    continue
+                other_mode = _read(xs, f"{other}/mode", tx) or "w"
+                if "w" in mode or "w" in other_mode:
+                    raise ToolstackError("vbd.image_shared", f"{params} is already on vbd {other} (mode "
+                                         f"{other_mode}); writable twice it would be corrupted", path=other)
+
+
+def require_domain(xs, domid: int) -> None:  # type: ignore[no-untyped-def]
+    """ToolstackError "vbd.no_domain" unless domain `domid` exists: its /local/domain/<domid>
+    is there and, for a domU, xenstored knows it as introduced (on real Xen libxl does both
+    when it builds a domain; on the software Xen, `sim start --domid N` or add_domain())."""
+    if not xs.exists(f"/local/domain/{domid}"):
+        raise ToolstackError("vbd.no_domain", f"domain {domid} does not exist (no /local/domain/{domid})")
+    try:
+        introduced = domid == 0 or xs.is_introduced(domid)
+    except XenstoreError as err:
+        if err.errno_name not in ("EACCES", "EPERM"):
+            raise
+        introduced = True  # an unprivileged caller cannot ask; the directory has to do
+    if not introduced:
+        raise ToolstackError("vbd.no_domain", f"domain {domid} is not introduced to xenstored")
 
 
 

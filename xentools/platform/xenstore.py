@@ -68,6 +68,23 @@ def default_path() -> str:
     return XENBUS_DEVICE
 
 
+def _hint(target: str) -> str:
+    """The fix, when `target` is a software Xen's xenstored socket that nothing serves."""
+    from xentools.platform.sim.platform import XENSTORED_SOCKET  # the sim imports this module
+
+    root, name = os.path.split(os.path.abspath(target))
+    if name == XENSTORED_SOCKET:
+        domid = 0
+    elif name.startswith(XENSTORED_SOCKET + ".d") and name[len(XENSTORED_SOCKET) + 2:].isdigit():
+        domid = int(name[len(XENSTORED_SOCKET) + 2:])
+    else:
+        return ""
+    start = f"`xentools sim start --sim-dir {root}{f' --domid {domid}' if domid else ''}`"
+    if domid and os.path.exists(os.path.join(root, XENSTORED_SOCKET)):
+        return f": the software Xen at {root} has no domain {domid}: start it with {start}"
+    return f": no software Xen at {root}: start one with {start}"
+
+
 @dataclass
 class _Pending:
     event: threading.Event
@@ -109,7 +126,7 @@ class XenstoreClient:
         try:
             is_socket = stat.S_ISSOCK(os.stat(target).st_mode)
         except OSError as err:
-            raise XenstoreError(f"xenstore: cannot connect to {target}: {err.strerror}") from None
+            raise XenstoreError(f"xenstore: cannot connect to {target}: {err.strerror}{_hint(target)}") from None
         if is_socket:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout)  # bounds connect() and every sendall()
@@ -120,7 +137,8 @@ class XenstoreClient:
                 raise XenstoreTimeout(f"xenstore: cannot connect to {target}: timed out") from None
             except OSError as err:
                 sock.close()
-                raise XenstoreError(f"xenstore: cannot connect to {target}: {err.strerror or err}") from None
+                raise XenstoreError(f"xenstore: cannot connect to {target}: {err.strerror or err}"
+                                    f"{_hint(target)}") from None
             return cls(target, sock=sock, fd=None, timeout=timeout)
         try:
             fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)

@@ -1,7 +1,7 @@
 """`xentools blk read|write|verify|info`: the userspace blkfront against a running backend.
 
-Owns: the click group `blk`: attaching a frontend to a vbd (`--sim-dir`, `--domid`, `--vbd`
-xvda|51712|<frontend path>), the four commands, `--json` output on stdout and progress on
+Owns: the click group `blk`: attaching a frontend to a vbd (`--sim-dir`, `--domid`, `--vdev`
+xvda|51712|<frontend path>|<xl disk spec>; `--vbd` is its old spelling), the four commands, `--json` output on stdout and progress on
 stderr (click.progressbar, which prints only its label when stderr is not a terminal).
 Must not: implement the frontend (devices/blkfront.py does) or print tracebacks: every
 expected failure is a XentoolsError, printed by the CLI as one line with a non-zero exit.
@@ -23,8 +23,10 @@ from collections.abc import Iterator
 
 import click
 
+from xentools.core.diskspec import DiskSpecError, looks_like_disk_spec, parse_disk_spec
 from xentools.core.errors import XentoolsError
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError
+from xentools.tools.options import domid_option, sim_dir_option, vdev_option
 
 CHUNK_BYTES = 4 << 20  # a long transfer goes in 4 MiB operations, DEPTH of them in flight
 DEPTH = 4
@@ -43,12 +45,11 @@ def pattern_bytes(seed: int, offset: int, length: int) -> bytes:
 def _frontend_options(fn):
     for option in reversed(
         [
-            click.option("--sim-dir", type=click.Path(file_okay=False), default=None,
-                         help="Software Xen root (default: $XENTOOLS_SIM_DIR, else real Xen)."),
-            click.option("--domid", type=click.IntRange(0, 0x7FEF), default=None,
-                         help="Frontend domain (default: this domain; dom0 on the software Xen)."),
-            click.option("--vbd", default="xvda", show_default=True,
-                         help="The disk: a name (xvda), a virtual-device number (51712) or a frontend path."),
+            sim_dir_option(),
+            domid_option(default=None, help="Frontend domain (default: this domain; dom0 on the software Xen)."),
+            vdev_option("--vbd", default="xvda", show_default=True,
+                        help="The disk: a name (xvda), a virtual-device number (51712), a frontend path, "
+                             "or an xl disk spec naming a vdev (\"vdev=xvda, ...\")."),
             click.option("--ring-page-order", type=click.IntRange(0, 4), default=2, show_default=True),
             click.option("--queues", type=click.IntRange(1, 16), default=2, show_default=True),
             click.option("--max-indirect-segments", type=click.IntRange(0, 4096), default=256, show_default=True),
@@ -76,7 +77,12 @@ def _attached(opts: dict) -> Iterator[BlkFront]:
         protocol=opts["protocol"],
         connect_timeout=opts["timeout"],
     )
-    vbd: str | int = opts["vbd"]
+    vbd: str | int = opts["vdev"]
+    if looks_like_disk_spec(vbd):
+        spec = parse_disk_spec(vbd)
+        if not spec.vdev:
+            raise DiskSpecError("diskspec.no_vdev", f"the disk spec {vbd!r} names no vdev: add vdev=xvda")
+        vbd = spec.vdev
     platform = open_platform(opts["sim_dir"], opts["domid"])
     try:
         dev = BlkFront.attach(platform, vbd, config=config)

@@ -21,6 +21,7 @@ import click
 from xentools.core.features import RING_PAGE_ORDER_LIMIT
 from xentools.devices.blkback import BackendConfig, serve
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
+from xentools.tools.options import resolve_disk
 
 
 @click.group("blkback")
@@ -33,8 +34,9 @@ def blkback() -> None:
               help="Software Xen root directory (default: $XENTOOLS_SIM_DIR, else real Xen).")
 @click.option("--backend-path", required=True,
               help="Backend directory, /local/domain/<domid>/backend/vbd/<frontend-domid>/<devid>.")
-@click.option("--image", "image_path", default=None,
-              help="RAW image file to serve; must be the vbd's params (default: params).")
+@click.option("--image", "image_path", default=None, metavar="PATH|DISKSPEC",
+              help="RAW image file to serve, or an xl disk spec naming it (target=...); must be the "
+                   "vbd's params (default: params).")
 @click.option("--read-only", is_flag=True, help="Serve read-only (VDISK_READONLY; writes answered ERROR).")
 @click.option("--shared-writable", is_flag=True,
               help="Serve writable even if another server writes the image too (xl's w!).")
@@ -62,6 +64,10 @@ def serve_cmd(
         format="blkback: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    if image_path is not None:
+        disk = resolve_disk(image_path, vdev=None, read_only=read_only)  # a path or an xl disk spec
+        image_path, read_only = disk.image, disk.mode == "r"
+        shared_writable = shared_writable or disk.access == "w!"
     config = BackendConfig(
         read_only=read_only,
         max_ring_page_order=max_ring_page_order,
