@@ -60,7 +60,12 @@ clean:
 # the command's, 124 on timeout (env NESTED_TIMEOUT, seconds), 125 if dom0 could not test.
 XEN_DEBS := xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils qemu-system-x86 \
             linux-image-amd64 busybox-static kmod libxengnttab1 libxenevtchn1 gcc \
-            fio
+            fio \
+            qemu-system-xen seabios ovmf grub-xen-host \
+            fdisk dosfstools mtools syslinux syslinux-common qemu-utils
+# The second line: HVM/PVH/pvgrub2 boot tests (tests/xen/test_hvm_boot.py). qemu-system-xen is
+# libxl's device model (/usr/libexec/xen-qemu-system-i386), seabios its BIOS, ovmf its UEFI,
+# grub-xen-host pvgrub2; the rest build the guests' RAW/VHD images on the host without root.
 
 .PHONY: debs-xen test-xen
 
