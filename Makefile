@@ -102,3 +102,13 @@ BENCH_SECONDS ?= 3
 bench-xen: $(STAMP) debs-xen
 	@$(PY) -m compileall -q -j 2 xentools tests >/dev/null
 	@$(PY) tests/nested/run.py -- $(PY) tests/xen/bench_blk.py --seconds $(BENCH_SECONDS)
+
+# ---- hvm-stress: nested HVM reliability (not part of `make test`): one nested boot in which
+# tests/xen/hvm_stress.py boots the HVM test guest (SeaBIOS, AHCI, our blkback) HVM_BOOTS times
+# in a row and prints how many passed. ~1-2 min per boot on an idle 2-core host.
+HVM_BOOTS ?= 20
+.PHONY: hvm-stress
+hvm-stress: $(STAMP) debs-xen
+	@$(PY) -m compileall -q -j 2 xentools tests >/dev/null
+	@NESTED_TIMEOUT=$${NESTED_TIMEOUT:-$$(( $(HVM_BOOTS) * 300 + 300 ))} $(PY) tests/nested/run.py -- \
+	    $(PY) tests/xen/hvm_stress.py --boots $(HVM_BOOTS)

@@ -7,7 +7,10 @@ guest booted by SeaBIOS) and `boot/grub/grub.cfg` (for pvgrub2, a PV guest), Deb
 and a busybox initramfs (tests/xen/guests.py's builder) whose scenario "hvm-read" reads the
 whole disk through xen-blkfront and prints its sha256, then a login prompt; `make_vhd`, the
 same image as a dynamic VHD (qemu-img), for the refusal and the forced-as-RAW proof.
-Must not: boot anything or decide a verdict (tests/xen/test_hvm_boot.py does).
+`boot_test_argv` is the one place that spells the `xentools image boot-test` command line the
+nested HVM tests and the stress run (tests/xen/hvm_stress.py) use, with the settings nested
+HVM needs (NESTED_HVM_CFG, why there).
+Must not: decide a verdict (tests/xen/test_hvm_boot.py and hvm_stress.py do).
 
 Tools (Debian packages in the Makefile's XEN_DEBS): sfdisk (fdisk), mkfs.fat (dosfstools),
 mcopy/mmd (mtools), syslinux --install --offset (syslinux: the mtools-based installer that
@@ -18,8 +21,11 @@ writes into an image file), /usr/lib/syslinux/mbr/mbr.bin (syslinux-common), qem
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +142,80 @@ def make_vhd(raw: Path, out: Path) -> Path:
     MBR: a BIOS given it as a RAW disk finds no boot signature)."""
     _run([_tool("qemu-img", "qemu-utils"), "convert", "-f", "raw", "-O", "vpc", str(raw), str(out)])
     return out
+
+
+# xl.cfg lines every nested HVM guest gets (/work/shared/docs/xen-in-qemu.md, "HVM guests";
+# tests/nested/README.md). tsc_mode='native': QEMU's emulated SVM reports the guest's RDTSCP
+# as an RDTSC exit without next-RIP, which Xen cannot emulate, and the domain dies; native
+# TSC mode lets the guest run RDTSC(P) without an exit.
+NESTED_HVM_CFG = ("tsc_mode='native'",)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class BootRun:
+    """One `xentools image boot-test` process and the files it wrote."""
+
+    label: str
+    out: Path
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    def report(self) -> dict:
+        return json.loads((self.out / "report.json").read_text())
+
+    def console(self) -> str:
+        path = self.out / "console.log"
+        return path.read_bytes().decode("utf-8", "replace").replace("\r", "") if path.exists() else ""
+
+    def explain(self) -> str:
+        tail = "\n".join(self.console().splitlines()[-30:])
+        log = self.out / "blkback-report.json.log"
+        backend = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        try:
+            xen = "\n".join(self.report().get("xen_log", [])[-40:])
+        except (OSError, ValueError):
+            xen = ""
+        return (f"boot-test {self.label} exited {self.returncode} after {self.seconds:.1f} s\n"
+                f"stdout: {self.stdout[-3000:]}\nstderr: {self.stderr[-3000:]}\n"
+                f"console tail:\n{tail}\nXen's log of the domain:\n{xen}\nblkback log:\n{backend}")
+
+    def summary(self) -> str:
+        """One line for the test output: verdict, times, milestones."""
+        try:
+            r = self.report()
+        except (OSError, ValueError):
+            return f"{self.label}: exit {self.returncode} in {self.seconds:.1f} s (no report)"
+        return (f"{self.label}: {r['verdict']} in {r['elapsed_s']:.1f} s after unpause ({self.seconds:.1f} s "
+                f"in all); milestones {json.dumps(r.get('milestones_s'))}")
+
+
+def boot_test_argv(image: Path, out: Path, name: str, *options: str) -> list[str]:
+    return [sys.executable, "-m", "xentools", "image", "boot-test", str(image), "--out", str(out),
+            "--name", name, "--json", *options]
+
+
+def hvm_options(backend: str, emulated_disk: str = "ahci") -> list[str]:
+    opts = ["--profile", "linux-hvm", "--backend", backend, "--emulated-disk", emulated_disk, "--read-only",
+            "--memory", "256", "--vcpus", "1"]
+    for line in NESTED_HVM_CFG:
+        opts += ["--xl-cfg", line]
+    return opts
+
+
+def boot_test(label: str, image: Path, out: Path, name: str, *options: str, timeout: float = 600) -> BootRun:
+    """Run the CLI to its end (it destroys its guest whatever happens)."""
+    began = time.monotonic()
+    proc = subprocess.run(boot_test_argv(image, out, name, *options), cwd=REPO, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
+    return BootRun(label, out, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - began)
+
+
+def disk_digest_read(console: str) -> str | None:
+    """The sha256 the guest printed for the disk it read through xen-blkfront."""
+    for line in console.splitlines():
+        if "GUEST: " + DISK_LINE in line:
+            return line.split(DISK_LINE, 1)[1].split()[0]
+    return None

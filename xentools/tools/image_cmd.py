@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -30,11 +29,10 @@ from xentools.tools.images.boottest import (
     DiskServer,
     GuestConfig,
     HostDisk,
-    HostResources,
     XentoolsDisk,
     domain_name,
     fit_guest,
-    parse_xl_info,
+    host_resources,
     preflight,
 )
 from xentools.tools.images.catalog import Catalog, Profile, load_catalog
@@ -135,13 +133,13 @@ def _choose_profile(cat: Catalog, name: str | None, image_path: str) -> Profile:
 
 
 PVGRUB = ("/usr/lib/grub-xen/grub-x86_64-xen.bin", "grub-xen-host")
-# What QEMU 7.2's Xen unplug protocol removes when the guest's PV drivers take over: IDE
-# disks (hw/i386/xen/xen_platform.c unplugs PCI IDE controllers' disks), not an AHCI
-# controller's; a guest with an AHCI driver may then see the disk twice (emulated and PV).
-EMULATED_DISK_HELP = ("HVM: the controller the firmware reads the disk through: ide (xl's default; QEMU's Xen "
-                      "unplug removes it when the guest's PV drivers start; ~90 KB/s under nested emulation) "
-                      "or ahci (fast under emulation; QEMU 7.2 does not unplug it, so a guest with an AHCI "
-                      "driver sees the disk twice). Default: ide.")
+# Xen's emulated-device unplug protocol (docs/misc/hvm-emulated-unplug.pandoc: bit 0 "all
+# emulated IDE and SCSI disks", bit 3 NVMe) has no AHCI: QEMU removes an IDE disk when the
+# guest's PV drivers ask, an AHCI one stays.
+EMULATED_DISK_HELP = ("HVM: the controller the firmware reads the disk through: ide (xl's default; removed by "
+                      "Xen's unplug protocol when the guest's PV drivers start; slow under nested emulation, "
+                      "~90 KB/s) or ahci (fast under emulation; the unplug protocol does not cover AHCI, so a "
+                      "guest with an AHCI driver sees the disk twice, emulated and PV). Default: ide.")
 
 
 def _results_dir(out_dir: str | None, results_dir: str | None, name: str) -> tuple[Path, bool]:
@@ -151,19 +149,6 @@ def _results_dir(out_dir: str | None, results_dir: str | None, name: str) -> tup
     if results_dir:
         return Path(results_dir) / name, False
     return Path(tempfile.mkdtemp(prefix=f"xentools-boot-test-{name}-")), True
-
-
-def _host_resources(xl: str) -> HostResources:
-    try:
-        done = subprocess.run([xl, "info"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                              check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise BootTestError("boottest.xl_info", f"xl info did not answer: {err}") from None
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BootTestError("boottest.xl_info", f"xl info failed (exit {done.returncode}): {last}; "
-                                                "give --memory and --vcpus")
-    return parse_xl_info(done.stdout)
 
 
 @image.command("boot-test")
@@ -253,7 +238,7 @@ def boot_test_cmd(ctx: click.Context, image_path: str, profile_name: str | None,
             idle_timeout=profile.idle_timeout if idle_timeout is None else idle_timeout,
             prompt_grace=profile.prompt_grace if prompt_grace is None else prompt_grace,
         )
-        host = _host_resources(xl_path)
+        host = host_resources(xl_path)
         memory_mb, nr_vcpus = fit_guest(kind, host, memory=memory, vcpus=vcpus,
                                         default_memory=profile.memory_mb, default_vcpus=profile.vcpus)
         dom = name or domain_name(image_path)

@@ -1,14 +1,20 @@
 """Boot a guest image under xl and decide whether it booted.
 
-Owns: the xl.cfg of a test guest (HVM for release images; PV/PVH with kernel=, ramdisk=,
-extra=), the checks before a run (image is RAW, xl found, root), the disk servers (the
-host's usual backend through the cfg's `disk=` line, or OUR blkback: xenstore nodes written
-by xentools.devices.toolstack plus a `python -m xentools.devices.blkback` process), the
-console (xenconsoled's `guest-<name>.log`, or `xl console` on a pty), and the run itself:
-`xl create -p`, attach the console, `xl unpause`, feed the verdict engine, and ALWAYS
-`xl destroy` at the end. Writes the cfg, the console log, the JSON report, the JUnit XML.
-Must not: decide a verdict itself (verdict.py does), or run a process other than through
-its Runner (so tests drive it with a fake `xl`).
+Owns: the xl.cfg of a test guest (HVM for release images, with its firmware, emulated disk
+controller and extra --xl-cfg lines; PV/PVH with kernel=, ramdisk=, extra=), the checks
+before a run (image is RAW unless forced, xl found, root, an HVM guest's device model and
+firmware installed), the guest's size from `xl info`, the disk servers (the host's usual
+backend or qdisk through the cfg's `disk=` line, or OUR blkback: xenstore nodes written by
+xentools.devices.toolstack plus a `python -m xentools.devices.blkback` process; an HVM
+guest's firmware then gets the image through QEMU's emulated disk, device_model_args_hvm),
+the console (xenconsoled's `guest-<name>.log`, `xl console` on a pty, or for HVM the
+emulated UART, `xl console -t serial`), Xen's log of the domain (`xl dmesg`: firmware lines,
+a triple fault), the boot milestones, and the run itself: `xl create -p`, attach the
+console, `xl unpause`, feed the verdict engine, and ALWAYS `xl destroy` at the end. Writes
+the cfg, the console log, the JSON report, the JUnit XML.
+Must not: decide a verdict from console text itself (verdict.py does; here only Xen's own
+log turns a verdict into `error`), or run a process other than through its Runner (so tests
+drive it with a fake `xl`).
 
 Order matters: the guest is created paused and the console attached before `xl unpause`,
 so that no early output is lost (measured, xen-in-qemu.md); a vbd served by our blkback is
@@ -177,6 +183,15 @@ def parse_xl_info(text: str) -> HostResources:
         return HostResources(int(fields["free_memory"]), int(fields["nr_cpus"]))
     except (KeyError, ValueError):
         raise BootTestError("boottest.xl_info", "xl info printed no free_memory/nr_cpus: is this a Xen dom0?") from None
+
+
+def host_resources(xl: str, runner: Runner | None = None) -> HostResources:
+    """`xl info`'s free memory and CPU count."""
+    done = (runner or SubprocessRunner()).run([xl, "info"], XL_TIMEOUT)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BootTestError("boottest.xl_info", f"xl info failed (exit {done.returncode}): {last}")
+    return parse_xl_info(done.stdout)
 
 
 def fit_guest(guest_type: str, host: HostResources, *, memory: int | None, vcpus: int | None,
