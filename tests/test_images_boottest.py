@@ -23,10 +23,14 @@ from xentools.tools.images.boottest import (
     DiskServer,
     GuestConfig,
     HostDisk,
+    HostResources,
     SubprocessRunner,
     XentoolsDisk,
     default_blkback_argv,
     domain_name,
+    fit_guest,
+    parse_cfg_line,
+    parse_xl_info,
     preflight,
     render_xl_cfg,
 )
@@ -373,12 +377,96 @@ def test_default_blkback_command_line():
     assert "--read-only" not in default_blkback_argv("/b", "/i", "/r")
 
 
-def test_xentools_backend_refuses_hvm(tmp_path, image):
-    disk = XentoolsDisk(str(image), report_path=str(tmp_path / "r.json"))
-    guest = GuestConfig(name=NAME, guest_type="hvm", memory_mb=256, vcpus=1)
+def test_xentools_backend_gives_an_hvm_guests_firmware_the_image_through_qemu(tmp_path, image):
+    # No disk= line (the PV path is our blkback's alone); QEMU gets the image for the firmware.
+    disk = XentoolsDisk(str(image), report_path=str(tmp_path / "r.json"), writable=False)
+    assert disk.xl_disks() == []
+    ahci = disk.device_model_args("ahci")
+    assert ahci == ["-device", "ahci,id=xtahci0", "-drive", f"file={image},if=none,id=xtdisk0,format=raw,readonly=on",
+                    "-device", "ide-hd,bus=xtahci0.0,unit=0,drive=xtdisk0"]
+    assert disk.device_model_args("ide")[-1] == "ide-hd,bus=ide.0,unit=0,drive=xtdisk0"
+    cfg = render_xl_cfg(GuestConfig(NAME, "hvm", 256, 1, device_model_args=tuple(ahci),
+                                    extra_cfg=("tsc_mode='native'",), firmware="seabios"))
+    assert "disk = [  ]" in cfg and "bios = 'seabios'" in cfg and cfg.endswith("tsc_mode = 'native'\n")
+    assert f"device_model_args_hvm = [ '-device', 'ahci,id=xtahci0', '-drive', 'file={image}," in cfg
+    assert HostDisk("/i.raw", backendtype="qdisk").xl_disks() == ["format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=/i.raw"]
+    assert HostDisk("/i.raw", backendtype="qdisk").kind == "qdisk"
+    with pytest.raises(BootTestError, match="cannot carry"):
+        XentoolsDisk("/a,b.raw", report_path="/r").device_model_args("ide")
+
+
+def test_xl_cfg_lines_are_checked():
+    assert parse_cfg_line("tsc_mode='native'") == "tsc_mode = 'native'"
+    assert parse_cfg_line(" cpuid = ['host,fsgsbase=0'] ") == "cpuid = ['host,fsgsbase=0']"
+    for bad in ("tsc_mode", "=1", "name='x'", "disk=[]", "a=1\nb=2"):
+        with pytest.raises(BootTestError) as err:
+            parse_cfg_line(bad)
+        assert err.value.rule == "xlcfg.extra"
     with pytest.raises(BootTestError) as err:
-        BootTest(image=str(image), image_format="raw", guest=guest, rules=rules(), disk=disk, out_dir=tmp_path)
-    assert err.value.rule == "boottest.backend"
+        render_xl_cfg(GuestConfig("g", "pv", 256, 1, kernel="/k", firmware="ovmf"))
+    assert err.value.rule == "xlcfg.hvm_only"
+
+
+def test_guest_size_fits_the_host():
+    host = HostResources(free_memory_mb=1000, nr_cpus=2)
+    assert fit_guest("hvm", host, memory=None, vcpus=None, default_memory=2048, default_vcpus=4) == (976, 2)
+    assert fit_guest("pv", host, memory=None, vcpus=None, default_memory=256, default_vcpus=1) == (256, 1)
+    assert fit_guest("hvm", host, memory=256, vcpus=3, default_memory=2048, default_vcpus=4) == (256, 3)
+    with pytest.raises(BootTestError, match=r"--memory 2048 does not fit.*1000 MiB free.*--memory 976"):
+        fit_guest("hvm", host, memory=2048, vcpus=None, default_memory=1, default_vcpus=1)
+    with pytest.raises(BootTestError, match=r"not enough free memory for a hvm guest.*100 MiB free"):
+        fit_guest("hvm", HostResources(100, 1), memory=None, vcpus=None, default_memory=1024, default_vcpus=1)
+    assert parse_xl_info("nr_cpus : 2\nfree_memory : 1001\n") == HostResources(1001, 2)
+    with pytest.raises(BootTestError):
+        parse_xl_info("garbage")
+
+
+def hvm_boot(tmp_path, fake, image, **kw):
+    disk = HostDisk(str(image), backendtype="qdisk")
+    guest = GuestConfig(name=NAME, guest_type="hvm", memory_mb=256, vcpus=1, disks=tuple(disk.xl_disks()))
+    test = BootTest(image=str(image), image_format="raw", guest=guest, rules=kw.pop("r", None) or rules(),
+                    disk=disk, out_dir=tmp_path / "out", xl=str(fake.path), liveness_interval=0.05,
+                    xen_log_interval=0.1)
+    return test.run()
+
+
+def test_hvm_console_is_the_serial_port_and_a_failed_attach_is_an_error(tmp_path, fake, image):
+    fake.configure(console_rc=1)
+    res = hvm_boot(tmp_path, fake, image)
+    assert ["console", "-t", "serial", NAME] in fake.calls()
+    assert res.decision.verdict is Verdict.ERROR and res.exit_code == 4
+    assert "xl console exited 1 while the guest still runs" in res.decision.reason
+    assert res.console_mode == "serial" and fake.live_domains() == [] and commands(fake)[-1] == "destroy"
+
+
+def test_a_triple_fault_in_xens_log_is_an_error_quoting_xen(tmp_path, fake, image):
+    fake.configure(transcript=[[0.05, "SYSLINUX 6.04\r\nLoading vmlinuz... ok\r\n"]], dmesg=(
+        "(XEN) d6v0 Triple fault - invoking HVM shutdown action 1\n"
+        "(d7) SeaBIOS (version 1.16.2-debian-1.16.2-1)\n"
+        "(XEN) d7v0 Triple fault - invoking HVM shutdown action 1\n(XEN) *** Dumping Dom7 vcpu#0 state: ***\n"
+        "(XEN) RIP:    0010:[<ffffffff81a1b2c3>]\n(XEN) some other line about d8v0\n"))
+    res = hvm_boot(tmp_path, fake, image)
+    d = res.decision
+    assert d.verdict is Verdict.ERROR and d.line == "(XEN) d7v0 Triple fault - invoking HVM shutdown action 1"
+    assert "Xen killed domain 7" in d.reason and res.exit_code == 4
+    assert res.xen_log[:4] == ("(d7) SeaBIOS (version 1.16.2-debian-1.16.2-1)",
+                               "(XEN) d7v0 Triple fault - invoking HVM shutdown action 1",
+                               "(XEN) *** Dumping Dom7 vcpu#0 state: ***", "(XEN) RIP:    0010:[<ffffffff81a1b2c3>]")
+    assert not any("d6v0" in line for line in res.xen_log)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["xen_log"] == list(res.xen_log) and report["verdict"] == "error"
+    assert {"bootloader", "firmware", "verdict"} <= set(report["milestones_s"])
+
+
+def test_a_disk_the_firmware_cannot_boot_is_no_output_quoting_seabios(tmp_path, fake, image):
+    fake.configure(transcript=[], dmesg=(
+        "(d7) Booting from Hard Disk...\n(d7) Boot failed: not a bootable disk\n(d7) \n"
+        "(d7) No bootable device.  Retrying in 60 seconds.\n"))
+    res = hvm_boot(tmp_path, fake, image, r=rules(first_output_timeout=30.0, boot_timeout=60.0))
+    d = res.decision
+    assert d.verdict is Verdict.NO_OUTPUT and d.line == "Boot failed: not a bootable disk"
+    assert "the firmware found no bootable disk" in d.reason and res.exit_code == 6
+    assert res.duration < 20  # decided when SeaBIOS gave up, not at the timeout
 
 
 # ---------------------------------------------------------------------- cfg and checks
@@ -436,6 +524,9 @@ def as_root(monkeypatch, fake):
     # xl runs only as root; the fake does not care, and the check itself is tested above.
     monkeypatch.setattr("os.geteuid", lambda: 0)
     monkeypatch.setenv("PATH", fake.env()["PATH"])
+    # The host running these tests need not have Xen's HVM device model installed.
+    monkeypatch.setattr("xentools.tools.images.boottest.DEVICE_MODEL",
+                        (str(fake.path), "qemu-system-xen", "device_model_override"))
 
 
 def cli(*args):
@@ -447,7 +538,7 @@ def test_cli_pass_prints_the_verdict_and_writes_files(tmp_path, fake, image, as_
     out = tmp_path / "res"
     r = cli(str(image), "--out", str(out), "--name", NAME, "--prompt-grace", "0.1")
     assert r.exit_code == 0, r.stderr
-    assert r.stdout.splitlines() == [r.stdout.strip()] and r.stdout.startswith("pass: pass: matched: 'login:'")
+    assert r.stdout.splitlines() == [r.stdout.strip()] and r.stdout.startswith("pass: matched: 'login:'")
     assert {p.name for p in out.iterdir()} == {"xl.cfg", "console.log", "report.json", "junit.xml"}
     cfg = (out / "xl.cfg").read_text()
     assert "type = 'hvm'" in cfg and "memory = 1024" in cfg  # the default profile's
@@ -489,3 +580,52 @@ def test_cli_uses_the_profile_fetch_recorded(tmp_path, fake, as_root):
     (tmp_path / (img.name + ".fetch.json")).write_text(json.dumps({"profile": "linux-pv"}))
     r = cli(str(img), "--out", str(tmp_path / "res2"), "--name", NAME, "--json", "--type", "hvm")
     assert json.loads(r.stdout)["profile"] == "linux-pv"
+
+
+def test_cli_error_is_said_once_and_results_go_to_a_reported_temporary_directory(tmp_path, fake, image, as_root,
+                                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake.configure(create_rc=3)
+    r = cli(str(image), "--name", NAME)
+    assert r.exit_code == 4
+    assert r.stdout.startswith("error: boottest.xl_failed: xl create failed") and "error: error" not in r.stdout
+    assert not (tmp_path / "boot-test-results").exists()
+    made = re.search(r"results go to (\S+) ", r.stderr).group(1)
+    assert Path(made).is_dir() and (Path(made) / "report.json").exists()
+    r = cli(str(image), "--name", NAME, "--results-dir", str(tmp_path / "rd"))
+    assert (tmp_path / "rd" / NAME / "report.json").exists()
+
+
+def test_cli_memory_that_does_not_fit_is_one_line(tmp_path, fake, image, as_root):
+    fake.configure(free_memory=900)
+    r = cli(str(image), "--out", str(tmp_path / "res"), "--memory", "2048")
+    assert r.exit_code == 4 and r.stdout == ""
+    assert r.stderr.startswith("xentools: error: boottest.memory: --memory 2048 does not fit") and r.stderr.count("\n") == 1
+    assert "create" not in commands(fake)
+    fake.configure(transcript=[[0.02, "login: \n"]], free_memory=900, nr_cpus=1)
+    r = cli(str(image), "--out", str(tmp_path / "res"), "--name", NAME, "--json", "--emulated-disk", "ahci",
+            "--xl-cfg", "tsc_mode='native'", "--backend", "qdisk")
+    assert r.exit_code == 0, r.stderr
+    cfg = (tmp_path / "res" / "xl.cfg").read_text()
+    assert "memory = 876" in cfg and "vcpus = 1" in cfg and "hdtype = 'ahci'" in cfg and "tsc_mode = 'native'" in cfg
+    assert "backendtype=qdisk" in cfg
+
+
+def test_cli_refuses_hvm_options_for_pv_and_a_missing_device_model(tmp_path, fake, image, as_root, monkeypatch):
+    r = cli(str(image), "--type", "pv", "--kernel", str(image), "--firmware", "ovmf")
+    assert r.exit_code == 4 and "boottest.hvm_only" in r.stderr
+    monkeypatch.setattr("xentools.tools.images.boottest.DEVICE_MODEL",
+                        (str(tmp_path / "no-qemu"), "qemu-system-xen", "device_model_override"))
+    r = cli(str(image), "--out", str(tmp_path / "res"))
+    assert r.exit_code == 4 and r.stderr.count("\n") == 1
+    assert "boottest.hvm_missing" in r.stderr and "apt-get install qemu-system-xen" in r.stderr
+
+
+def test_a_vhd_named_raw_is_never_converted_onto_itself(tmp_path, fake, image):
+    vhd = tmp_path / "disk.raw"
+    vhd.write_bytes(image.read_bytes() + vhd_footer(1 << 20))
+    with pytest.raises(ImageFormatError) as err:
+        preflight(vhd, xl=str(fake.path), euid=0)
+    assert f"qemu-img convert -f vpc -O raw {vhd} {tmp_path / 'disk-converted.raw'}" in str(err.value)
+    info, _ = preflight(vhd, xl=str(fake.path), euid=0, force_format="raw")
+    assert info.format == "vhd"

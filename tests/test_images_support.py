@@ -258,6 +258,9 @@ elif cmd == "__guest":
         play(out, name)
 elif cmd == "console":
     name = argv[-1]
+    if behaviour.get("console_rc"):
+        sys.stderr.write("xenconsole: Could not open /var/lock/xenconsole.7\n")
+        sys.exit(behaviour["console_rc"])
     deadline = time.time() + 10
     while not os.path.exists(os.path.join(state, name + ".unpaused")):
         if time.time() > deadline or not os.path.exists(dom(name)):
@@ -273,6 +276,11 @@ elif cmd == "destroy":
         sys.stderr.write("xl: domain %s does not exist\n" % name)
         sys.exit(1)
     os.unlink(dom(name))
+elif cmd == "info":
+    print("nr_cpus                : %d" % behaviour.get("nr_cpus", 2))
+    print("free_memory            : %d" % behaviour.get("free_memory", 4096))
+elif cmd == "dmesg":
+    sys.stdout.write(behaviour.get("dmesg", ""))
 else:
     sys.stderr.write("fake xl: unknown command %r\n" % argv)
     sys.exit(2)

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,10 +31,13 @@ from xentools.tools.images.boottest import (
     HostDisk,
     XentoolsDisk,
     domain_name,
+    fit_guest,
+    host_resources,
     preflight,
 )
 from xentools.tools.images.catalog import Catalog, Profile, load_catalog
 from xentools.tools.images.diskformat import inspect_image
+from xentools.tools.images.errors import BootTestError
 from xentools.tools.images.fetch import Mirror, fetch_image, read_fetch_record
 from xentools.tools.images.verdict import Outcome, Rules
 
@@ -128,27 +132,62 @@ def _choose_profile(cat: Catalog, name: str | None, image_path: str) -> Profile:
     return found if found is not None else cat.profile("default")
 
 
+PVGRUB = ("/usr/lib/grub-xen/grub-x86_64-xen.bin", "grub-xen-host")
+# Xen's emulated-device unplug protocol (docs/misc/hvm-emulated-unplug.pandoc: bit 0 "all
+# emulated IDE and SCSI disks", bit 3 NVMe) has no AHCI: QEMU removes an IDE disk when the
+# guest's PV drivers ask, an AHCI one stays.
+EMULATED_DISK_HELP = ("HVM: the controller the firmware reads the disk through: ide (xl's default; removed by "
+                      "Xen's unplug protocol when the guest's PV drivers start; slow under nested emulation, "
+                      "~90 KB/s) or ahci (fast under emulation; the unplug protocol does not cover AHCI, so a "
+                      "guest with an AHCI driver sees the disk twice, emulated and PV). Default: ide.")
+
+
+def _results_dir(out_dir: str | None, results_dir: str | None, name: str) -> tuple[Path, bool]:
+    """Where this run writes its files, and whether it is a temporary directory made here."""
+    if out_dir:
+        return Path(out_dir), False
+    if results_dir:
+        return Path(results_dir) / name, False
+    return Path(tempfile.mkdtemp(prefix=f"xentools-boot-test-{name}-")), True
+
+
 @image.command("boot-test")
 @click.argument("image_path", metavar="IMAGE", type=click.Path(dir_okay=False))
 @click.option("--profile", "profile_name", default=None,
               help="Catalog profile (default: the one fetch recorded, or the image name's, or 'default').")
 @click.option("--catalog", default=None, type=click.Path(dir_okay=False), help="Catalog file.")
 @click.option("--type", "guest_type", type=click.Choice(["hvm", "pv", "pvh"]), default=None,
-              help="Guest type (default: the profile's; pv when --kernel is given to an hvm profile).")
+              help="Guest type (default: the profile's; pv when --kernel or --bootloader is given to an hvm profile).")
 @click.option("--kernel", default=None, type=click.Path(dir_okay=False), help="Kernel for a PV/PVH guest.")
 @click.option("--ramdisk", default=None, type=click.Path(dir_okay=False), help="Initial ramdisk for --kernel.")
 @click.option("--extra", default=None, help="Kernel command line for --kernel (default: the profile's).")
-@click.option("--backend", type=click.Choice(["host", "xentools"]), default="host", show_default=True,
-              help="Who serves the disk: the host's usual backend, or xentools' blkback.")
+@click.option("--bootloader", type=click.Choice(["pvgrub"]), default=None,
+              help="PV guest booted by pvgrub2 (Debian grub-xen-host): GRUB reads /boot/grub/grub.cfg, the kernel "
+                   "and initrd from IMAGE through its own blkfront.")
+@click.option("--firmware", type=click.Choice(["seabios", "ovmf"]), default=None,
+              help="HVM firmware (xl.cfg bios=; default xl's, SeaBIOS).")
+@click.option("--emulated-disk", type=click.Choice(["ide", "ahci"]), default=None, help=EMULATED_DISK_HELP)
+@click.option("--xl-cfg", "xl_cfg", multiple=True, metavar="KEY=VALUE",
+              help="Extra xl.cfg line, repeatable, e.g. --xl-cfg \"tsc_mode='native'\" (nested Xen under QEMU TCG).")
+@click.option("--backend", type=click.Choice(["host", "qdisk", "xentools"]), default="host", show_default=True,
+              help="Who serves the disk: the host's usual backend (disk= line, hotplug script), QEMU in dom0 "
+                   "(backendtype=qdisk, no hotplug script), or xentools' blkback (an HVM guest's firmware then "
+                   "reads the image through QEMU's emulated disk, its PV driver through our blkback).")
+@click.option("--force-format", type=click.Choice(["raw"]), default=None,
+              help="Boot IMAGE as RAW whatever format it is in (to reproduce what a guest does with it).")
 @click.option("--vdev", default="xvda", show_default=True, help="The guest's name for the disk.")
 @click.option("--read-only", is_flag=True, help="Give the guest the disk read-only.")
 @click.option("--log-dir", default=None, type=click.Path(file_okay=False),
               help="xenconsoled's --log-dir: read guest-<name>.log instead of running xl console.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Directory for xl.cfg, console.log, report.json, junit.xml (default: boot-test-results/<name>).")
+              help="Directory for xl.cfg, console.log, report.json, junit.xml.")
+@click.option("--results-dir", default=None, type=click.Path(file_okay=False),
+              help="Write the files to RESULTS_DIR/<name> (default, without --out: a new temporary directory, "
+                   "named on stderr).")
 @click.option("--name", default=None, help="Domain name (default: xtbt-<image>-<pid>).")
-@click.option("--memory", type=click.IntRange(16), default=None, help="MiB (default: the profile's).")
-@click.option("--vcpus", type=click.IntRange(1), default=None, help="Default: the profile's.")
+@click.option("--memory", type=click.IntRange(16), default=None,
+              help="MiB (default: the profile's, cut to what xl info says is free).")
+@click.option("--vcpus", type=click.IntRange(1), default=None, help="Default: the profile's, at most the host's CPUs.")
 @click.option("--first-output-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds to the first console byte (default: the profile's).")
 @click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
@@ -162,20 +201,36 @@ def _choose_profile(cat: Catalog, name: str | None, image_path: str) -> Profile:
 @click.pass_context
 def boot_test_cmd(ctx: click.Context, image_path: str, profile_name: str | None, catalog: str | None,
                   guest_type: str | None, kernel: str | None, ramdisk: str | None, extra: str | None,
-                  backend: str, vdev: str, read_only: bool, log_dir: str | None, out_dir: str | None,
-                  name: str | None, memory: int | None, vcpus: int | None,
-                  first_output_timeout: float | None, idle_timeout: float | None,
+                  bootloader: str | None, firmware: str | None, emulated_disk: str | None, xl_cfg: tuple[str, ...],
+                  backend: str, force_format: str | None, vdev: str, read_only: bool, log_dir: str | None,
+                  out_dir: str | None, results_dir: str | None, name: str | None, memory: int | None,
+                  vcpus: int | None, first_output_timeout: float | None, idle_timeout: float | None,
                   boot_timeout: float | None, prompt_grace: float | None, xl: str, as_json: bool) -> None:
     """Boot IMAGE under xl and decide: pass (login prompt), fail (panic, mountroot, guest
-    gone), timeout (no verdict, or no output at all), error (the test could not run).
+    gone), timeout (no verdict, or no output at all), error (the test could not run, or Xen
+    killed the guest).
 
-    The guest is created paused, its console attached, then unpaused; it is always
-    destroyed at the end. Exit codes: 0 pass, 4 error, 5 fail, 6 timeout.
+    The guest is created paused, its console attached (an HVM guest's serial port, `xl
+    console -t serial`), then unpaused; it is always destroyed at the end. Exit codes: 0
+    pass, 4 error, 5 fail, 6 timeout.
     """
     try:
         cat = load_catalog(catalog)
-        info, xl_path = preflight(image_path, xl=xl, kernel=kernel, ramdisk=ramdisk)
         profile = _choose_profile(cat, profile_name, image_path)
+        if bootloader == "pvgrub":
+            if kernel:
+                raise BootTestError("boottest.bootloader", "--bootloader pvgrub loads the kernel from IMAGE: "
+                                                           "give --kernel or --bootloader, not both")
+            if guest_type not in (None, "pv"):
+                raise BootTestError("boottest.bootloader", "pvgrub2 boots PV guests: drop --type or give --type pv")
+            if not os.path.isfile(PVGRUB[0]):
+                raise BootTestError("boottest.bootloader", f"no {PVGRUB[0]}: apt-get install {PVGRUB[1]}")
+            kernel = PVGRUB[0]
+        kind = guest_type or ("pv" if kernel and profile.guest_type == "hvm" else profile.guest_type)
+        if kind != "hvm" and (firmware or emulated_disk):
+            raise BootTestError("boottest.hvm_only", f"--firmware and --emulated-disk are for HVM guests, not {kind}")
+        info, xl_path = preflight(image_path, xl=xl, kernel=kernel, ramdisk=ramdisk, guest_type=kind,
+                                  firmware=firmware, extra_cfg=xl_cfg, force_format=force_format)
         rules = Rules.build(
             profile.patterns,
             first_output_timeout=first_output_timeout or profile.first_output_timeout,
@@ -183,22 +238,30 @@ def boot_test_cmd(ctx: click.Context, image_path: str, profile_name: str | None,
             idle_timeout=profile.idle_timeout if idle_timeout is None else idle_timeout,
             prompt_grace=profile.prompt_grace if prompt_grace is None else prompt_grace,
         )
-        kind = guest_type or ("pv" if kernel and profile.guest_type == "hvm" else profile.guest_type)
+        host = host_resources(xl_path)
+        memory_mb, nr_vcpus = fit_guest(kind, host, memory=memory, vcpus=vcpus,
+                                        default_memory=profile.memory_mb, default_vcpus=profile.vcpus)
         dom = name or domain_name(image_path)
-        out = Path(out_dir) if out_dir else Path("boot-test-results") / dom
+        out, temporary = _results_dir(out_dir, results_dir, dom)
+        if temporary:
+            _notice(f"results go to {out} (name a directory with --results-dir or --out)")
         disk: DiskServer
         if backend == "xentools":
             disk = XentoolsDisk(image_path, report_path=str(out / "blkback-report.json"), vdev=vdev,
                                 writable=not read_only)
         else:
-            disk = HostDisk(image_path, vdev=vdev, writable=not read_only)
+            disk = HostDisk(image_path, vdev=vdev, writable=not read_only,
+                            backendtype="qdisk" if backend == "qdisk" else None)
         guest = GuestConfig(
-            name=dom, guest_type=kind, memory_mb=memory or profile.memory_mb, vcpus=vcpus or profile.vcpus,
+            name=dom, guest_type=kind, memory_mb=memory_mb, vcpus=nr_vcpus,
             kernel=os.path.abspath(kernel) if kernel else None,
             ramdisk=os.path.abspath(ramdisk) if ramdisk else None,
-            extra=extra if extra is not None else (profile.extra if kernel else None),
+            extra=extra if extra is not None else (profile.extra if kernel and not bootloader else None),
+            firmware=firmware, extra_cfg=tuple(xl_cfg),
         )
-        guest = dataclasses.replace(guest, disks=tuple(disk.xl_disks()))
+        dm_args = tuple(disk.device_model_args(emulated_disk or "ide")) if kind == "hvm" else ()
+        guest = dataclasses.replace(guest, disks=tuple(disk.xl_disks()), device_model_args=dm_args,
+                                    emulated_disk=emulated_disk if not dm_args else None)
         test = BootTest(image=os.path.abspath(image_path), image_format=info.format, guest=guest, rules=rules,
                         disk=disk, out_dir=out, profile=profile.name, xl=xl_path, log_dir=log_dir)
         result = test.run()
@@ -208,7 +271,10 @@ def boot_test_cmd(ctx: click.Context, image_path: str, profile_name: str | None,
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
-        line = f"{result.outcome.label}: {result.decision.summary()}"
+        summary = result.decision.summary()
+        # summary() starts with the verdict; say the outcome once ("error: xl create ...",
+        # "fail: panic: ...", never "error: error: ...").
+        line = summary if summary.startswith(f"{result.outcome.label}:") else f"{result.outcome.label}: {summary}"
         if result.cleanup_errors:
             line += "; " + "; ".join(result.cleanup_errors)
         click.echo(line)

@@ -49,7 +49,8 @@ for module in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-blkback loop; d
 done
 
 step "starting xenstored"
-mkdir -p /run/xenstored /var/run/xen /var/log/xen/console /var/lib/xen /var/lib/xenstored
+# /run/lock: xl console takes its lock there (/var/lock/xenconsole.N).
+mkdir -p /run/xenstored /run/lock /var/run/xen /var/log/xen/console /var/lib/xen /var/lib/xenstored
 # Xen's C xenstored (not oxenstored): the reference our xenstore client is tested against.
 XENSTORED_ROOTDIR=/run/xenstored xenstored --pid-file /run/xenstored.pid 2>&3 \
     || die "xenstored did not start"

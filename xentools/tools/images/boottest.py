@@ -1,14 +1,20 @@
 """Boot a guest image under xl and decide whether it booted.
 
-Owns: the xl.cfg of a test guest (HVM for release images; PV/PVH with kernel=, ramdisk=,
-extra=), the checks before a run (image is RAW, xl found, root), the disk servers (the
-host's usual backend through the cfg's `disk=` line, or OUR blkback: xenstore nodes written
-by xentools.devices.toolstack plus a `python -m xentools.devices.blkback` process), the
-console (xenconsoled's `guest-<name>.log`, or `xl console` on a pty), and the run itself:
-`xl create -p`, attach the console, `xl unpause`, feed the verdict engine, and ALWAYS
-`xl destroy` at the end. Writes the cfg, the console log, the JSON report, the JUnit XML.
-Must not: decide a verdict itself (verdict.py does), or run a process other than through
-its Runner (so tests drive it with a fake `xl`).
+Owns: the xl.cfg of a test guest (HVM for release images, with its firmware, emulated disk
+controller and extra --xl-cfg lines; PV/PVH with kernel=, ramdisk=, extra=), the checks
+before a run (image is RAW unless forced, xl found, root, an HVM guest's device model and
+firmware installed), the guest's size from `xl info`, the disk servers (the host's usual
+backend or qdisk through the cfg's `disk=` line, or OUR blkback: xenstore nodes written by
+xentools.devices.toolstack plus a `python -m xentools.devices.blkback` process; an HVM
+guest's firmware then gets the image through QEMU's emulated disk, device_model_args_hvm),
+the console (xenconsoled's `guest-<name>.log`, `xl console` on a pty, or for HVM the
+emulated UART, `xl console -t serial`), Xen's log of the domain (`xl dmesg`: firmware lines,
+a triple fault), the boot milestones, and the run itself: `xl create -p`, attach the
+console, `xl unpause`, feed the verdict engine, and ALWAYS `xl destroy` at the end. Writes
+the cfg, the console log, the JSON report, the JUnit XML.
+Must not: decide a verdict from console text itself (verdict.py does; here only Xen's own
+log turns a verdict into `error`), or run a process other than through its Runner (so tests
+drive it with a fake `xl`).
 
 Order matters: the guest is created paused and the console attached before `xl unpause`,
 so that no early output is lost (measured, xen-in-qemu.md); a vbd served by our blkback is
@@ -25,11 +31,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -42,9 +50,9 @@ from typing import IO, Any
 
 from xentools.core.errors import XentoolsError
 from xentools.tools.images.diskformat import ImageInfo, inspect_image, require_raw
-from xentools.tools.images.errors import BootTestError
+from xentools.tools.images.errors import BootTestError, ImageFormatError
 from xentools.tools.images.report import BootResult, write_reports
-from xentools.tools.images.verdict import Rules, VerdictEngine
+from xentools.tools.images.verdict import Decision, Rules, Verdict, VerdictEngine
 
 __all__ = [
     "BootTest", "Completed", "Console", "DiskServer", "GuestConfig", "HostDisk", "LogConsole",
@@ -73,6 +81,13 @@ class GuestConfig:
     ramdisk: str | None = None
     extra: str | None = None
     disks: tuple[str, ...] = ()
+    # HVM only: bios= (seabios, ovmf; None: xl's default), hdtype= for the toolstack's own
+    # emulated disks (ide, ahci), and QEMU arguments (device_model_args_hvm=).
+    firmware: str | None = None
+    emulated_disk: str | None = None
+    device_model_args: tuple[str, ...] = ()
+    # Extra xl.cfg lines, "KEY=VALUE" as xl.cfg(5) spells them (--xl-cfg), written last.
+    extra_cfg: tuple[str, ...] = ()
 
 
 def _q(key: str, value: str) -> str:
@@ -103,10 +118,105 @@ def render_xl_cfg(cfg: GuestConfig) -> str:
     if cfg.guest_type == "hvm":
         # The emulated UART goes to a pty that `xl console -t serial` reads; no display.
         lines += ["serial = 'pty'", "vnc = 0", "sdl = 0", "boot = 'c'"]
+        if cfg.firmware:
+            if cfg.firmware not in FIRMWARES:
+                raise BootTestError("xlcfg.firmware", f"firmware {cfg.firmware!r} is not one of {', '.join(FIRMWARES)}")
+            lines.append(f"bios = '{cfg.firmware}'")
+        if cfg.emulated_disk:
+            if cfg.emulated_disk not in EMULATED_DISKS:
+                raise BootTestError("xlcfg.hdtype", f"emulated disk {cfg.emulated_disk!r} is not ide or ahci")
+            lines.append(f"hdtype = '{cfg.emulated_disk}'")
+        if cfg.device_model_args:
+            args = ", ".join(_q("device_model_args_hvm", a) for a in cfg.device_model_args)
+            lines.append(f"device_model_args_hvm = [ {args} ]")
+    elif cfg.firmware or cfg.emulated_disk or cfg.device_model_args:
+        raise BootTestError("xlcfg.hvm_only", f"firmware and emulated disks are for HVM guests, not {cfg.guest_type}")
     disks = ", ".join(_q("disk", d) for d in cfg.disks)
     lines.append(f"disk = [ {disks} ]")
     lines += ["on_poweroff = 'destroy'", "on_reboot = 'destroy'", "on_crash = 'destroy'"]
+    lines += [parse_cfg_line(line) for line in cfg.extra_cfg]
     return "\n".join(lines) + "\n"
+
+
+FIRMWARES = ("seabios", "ovmf")
+EMULATED_DISKS = ("ide", "ahci")
+_CFG_KEY = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(\S.*?)\s*$")
+# Keys the boot test writes itself: another value would break the test, not the guest.
+_CFG_OWN = frozenset({"name", "type", "builder", "disk", "serial", "on_poweroff", "on_reboot", "on_crash"})
+
+
+def parse_cfg_line(text: str) -> str:
+    """An --xl-cfg 'KEY=VALUE' line, checked: one line, a key, a value; the keys the test
+    depends on are refused (the message names the option to use instead). The value is
+    passed as written (xl.cfg(5) syntax: 'string', number, [ list ])."""
+    m = _CFG_KEY.match(text)
+    if m is None or "\n" in text or "\r" in text:
+        raise BootTestError("xlcfg.extra", f"--xl-cfg {text!r} is not KEY=VALUE on one line, e.g. tsc_mode='native'")
+    key, value = m.groups()
+    if key in _CFG_OWN:
+        raise BootTestError("xlcfg.extra", f"--xl-cfg {key}= is written by boot-test itself (use --name, --type, "
+                                           "--backend, --vdev instead)")
+    return f"{key} = {value}"
+
+
+@dataclass(frozen=True)
+class HostResources:
+    """What `xl info` says the host can give a guest."""
+
+    free_memory_mb: int
+    nr_cpus: int
+
+
+# MiB a guest needs at least, and what the toolstack takes on top of an HVM guest's memory
+# (video RAM, shadow/HAP tables, the firmware's tables; xl.cfg(5) "videoram", "shadow_memory").
+MIN_MEMORY_MB = {"hvm": 128, "pvh": 64, "pv": 64}
+HVM_OVERHEAD_MB = 24
+
+
+def parse_xl_info(text: str) -> HostResources:
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    try:
+        return HostResources(int(fields["free_memory"]), int(fields["nr_cpus"]))
+    except (KeyError, ValueError):
+        raise BootTestError("boottest.xl_info", "xl info printed no free_memory/nr_cpus: is this a Xen dom0?") from None
+
+
+def host_resources(xl: str, runner: Runner | None = None) -> HostResources:
+    """`xl info`'s free memory and CPU count."""
+    done = (runner or SubprocessRunner()).run([xl, "info"], XL_TIMEOUT)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BootTestError("boottest.xl_info", f"xl info failed (exit {done.returncode}): {last}")
+    return parse_xl_info(done.stdout)
+
+
+def fit_guest(guest_type: str, host: HostResources, *, memory: int | None, vcpus: int | None,
+              default_memory: int, default_vcpus: int) -> tuple[int, int]:
+    """(memory MiB, vCPUs) for the guest: what was asked, else the profile's value cut down to
+    what the host has free. Raises BootTestError naming the fix when it cannot fit."""
+    overhead = HVM_OVERHEAD_MB if guest_type == "hvm" else 0
+    room = host.free_memory_mb - overhead
+    least = MIN_MEMORY_MB.get(guest_type, 64)
+    if memory is not None:
+        if memory > room:
+            raise BootTestError("boottest.memory", f"--memory {memory} does not fit: the host has "
+                                                   f"{host.free_memory_mb} MiB free (xl info free_memory), "
+                                                   f"{overhead} of which the toolstack needs for this guest; "
+                                                   f"give --memory {max(room, 0)} or less, or free memory in dom0")
+        chosen_memory = memory
+    else:
+        chosen_memory = min(default_memory, room)
+        if chosen_memory < least:
+            raise BootTestError("boottest.memory", f"not enough free memory for a {guest_type} guest: the host has "
+                                                   f"{host.free_memory_mb} MiB free (xl info free_memory), it needs "
+                                                   f"{least + overhead}; stop other guests or shrink dom0 "
+                                                   f"(xl mem-set 0 ...)")
+    chosen_vcpus = vcpus if vcpus is not None else max(1, min(default_vcpus, host.nr_cpus))
+    return chosen_memory, chosen_vcpus
 
 
 def domain_name(image: str | os.PathLike[str], pid: int | None = None) -> str:
@@ -118,15 +228,53 @@ def domain_name(image: str | os.PathLike[str], pid: int | None = None) -> str:
     return f"xtbt-{stem}-{os.getpid() if pid is None else pid}"
 
 
+# Debian's paths (xen-utils-4.17's libxl): the HVM device model and the firmware files.
+DEVICE_MODEL = ("/usr/libexec/xen-qemu-system-i386", "qemu-system-xen", "device_model_override")
+FIRMWARE_FILES = {
+    "seabios": ("/usr/share/seabios/bios-256k.bin", "seabios", "bios_path_override"),
+    "ovmf": ("/usr/share/ovmf/OVMF.fd", "ovmf", "bios_path_override"),
+}
+
+
+def _refuse_unless_raw(info: ImageInfo, force_format: str | None) -> None:
+    """require_raw, except that the conversion hint never names the image as its own output
+    (a VHD called disk.raw would be told to convert disk.raw into disk.raw)."""
+    if force_format == "raw" or info.is_raw:
+        return
+    try:
+        require_raw(info)
+    except ImageFormatError as err:
+        base = os.path.splitext(info.path)[0]
+        if info.qemu_format and base + ".raw" == info.path:
+            out = shlex.quote(base + "-converted.raw")
+            fix = (f"qemu-img convert -f {info.qemu_format} -O raw {shlex.quote(info.path)} {out}")
+            raise ImageFormatError("image.not_raw", f"{info.path} is {info.detail}, not a RAW disk image; "
+                                                    f"convert it first: {fix}") from None
+        raise err from None
+
+
 def preflight(image: str | os.PathLike[str], *, xl: str = "xl", kernel: str | None = None,
-              ramdisk: str | None = None, euid: int | None = None) -> tuple[ImageInfo, str]:
-    """Check before anything runs: the image is RAW, kernel/ramdisk exist, xl is found, we are
-    root. Returns the image's info and xl's path; raises ImageFormatError or BootTestError."""
+              ramdisk: str | None = None, euid: int | None = None, guest_type: str | None = None,
+              firmware: str | None = None, extra_cfg: Sequence[str] = (),
+              force_format: str | None = None) -> tuple[ImageInfo, str]:
+    """Check before anything runs: the image is RAW (unless forced), kernel/ramdisk exist, an
+    HVM guest's device model and firmware are installed (or overridden with --xl-cfg), xl is
+    found, we are root. Returns the image's info and xl's path; raises ImageFormatError or
+    BootTestError."""
     info = inspect_image(image)
-    require_raw(info)
+    _refuse_unless_raw(info, force_format)
     for what, path in (("kernel", kernel), ("ramdisk", ramdisk)):
         if path is not None and not os.path.isfile(path):
             raise BootTestError(f"boottest.{what}_missing", f"{what} {path} does not exist")
+    keys = {parse_cfg_line(line).split(" =", 1)[0] for line in extra_cfg}
+    if guest_type == "hvm":
+        needed = [("device model", *DEVICE_MODEL)]
+        if firmware is not None:
+            needed.append((f"{firmware} firmware", *FIRMWARE_FILES[firmware]))
+        for what, path, package, override in needed:
+            if override not in keys and not os.path.exists(path):
+                raise BootTestError("boottest.hvm_missing", f"no HVM {what} {path}: apt-get install {package}, "
+                                                            f"or give --xl-cfg \"{override}='PATH'\"")
     xl_path = shutil.which(xl)
     if xl_path is None:
         raise BootTestError("boottest.no_xl", f"{xl!r} not found on PATH: boot tests run in a Xen host's dom0 "
@@ -157,6 +305,10 @@ class Console(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    def ended_why(self) -> str:
+        """Why read() returned None, for messages."""
+        return "the console ended"
 
 
 class Runner(abc.ABC):
@@ -190,6 +342,10 @@ class PtyConsole(Console):
         except OSError:  # EIO: the other side of the pty is closed
             return None
         return data or None
+
+    def ended_why(self) -> str:
+        code = self.proc.poll()
+        return "xl console is still running" if code is None else f"xl console exited {code}"
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -284,20 +440,49 @@ class DiskServer(abc.ABC):
         """Why the backend can no longer serve the disk (checked while the guest runs), or None."""
         return None
 
+    def device_model_args(self, emulated_disk: str) -> list[str]:
+        """QEMU arguments an HVM guest's firmware needs to see the disk (none when the
+        toolstack's disk= line gives QEMU the disk itself)."""
+        return []
+
+    def connected(self) -> bool:
+        """True once the guest's frontend has connected to this backend (when known)."""
+        return False
+
 
 class HostDisk(DiskServer):
-    """The host's usual backend: xl and its hotplug scripts attach the image."""
+    """The host's usual backend: xl and its hotplug scripts attach the image (or, with
+    backendtype "qdisk", QEMU in dom0 serves it, with no hotplug script)."""
 
     kind = "host"
 
-    def __init__(self, image: str, vdev: str = "xvda", writable: bool = True) -> None:
+    def __init__(self, image: str, vdev: str = "xvda", writable: bool = True, backendtype: str | None = None) -> None:
         self.image = os.path.abspath(image)
         self.vdev = vdev
         self.access = "rw" if writable else "ro"
+        self.backendtype = backendtype
+        if backendtype:
+            self.kind = backendtype
 
     def xl_disks(self) -> list[str]:
         # target= must come last: everything after it, commas included, is the path.
-        return [f"format=raw,vdev={self.vdev},access={self.access},target={self.image}"]
+        backend = f"backendtype={self.backendtype}," if self.backendtype else ""
+        return [f"format=raw,vdev={self.vdev},access={self.access},{backend}target={self.image}"]
+
+
+def emulated_disk_args(image: str, emulated_disk: str, *, read_only: bool) -> list[str]:
+    """QEMU arguments (xl.cfg device_model_args_hvm) that give an HVM guest's firmware the
+    image as its first disk on the emulated controller, without a disk= line: the PV path
+    is then ours alone. IDE: the xenfv machine's PIIX controller, primary master, which
+    QEMU's Xen unplug protocol removes once the guest's PV drivers ask. AHCI: a controller
+    of its own (hdtype='ahci' does the same for disk= lines)."""
+    if "," in image:
+        raise BootTestError("boottest.image_path", f"image path {image!r} contains ',', which QEMU's -drive cannot carry")
+    ro = ",readonly=on" if read_only else ""
+    drive = f"file={image},if=none,id=xtdisk0,format=raw{ro}"
+    if emulated_disk == "ahci":
+        return ["-device", "ahci,id=xtahci0", "-drive", drive, "-device", "ide-hd,bus=xtahci0.0,unit=0,drive=xtdisk0"]
+    return ["-drive", drive, "-device", "ide-hd,bus=ide.0,unit=0,drive=xtdisk0"]
 
 
 def default_blkback_argv(backend_path: str, image: str, report: str, *, read_only: bool = False) -> list[str]:
@@ -347,6 +532,7 @@ class XentoolsDisk(DiskServer):
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopping = False
         self.ready_after: float | None = None  # seconds from spawn to InitWait
+        self._connected = False
 
     def xl_disks(self) -> list[str]:
         return []  # the toolstack part is ours: xl must not attach the disk as well
@@ -426,6 +612,15 @@ class XentoolsDisk(DiskServer):
         last = self._log_tail()
         return f"blkback exited {self._proc.returncode}" + (f" ({last})" if last else "")
 
+    def device_model_args(self, emulated_disk: str) -> list[str]:
+        return emulated_disk_args(self.image, emulated_disk, read_only=not self.writable)
+
+    def connected(self) -> bool:
+        # blkif: the backend writes Connected (4) once the frontend's ring is mapped.
+        if not self._connected and not self._stopping and self._paths is not None:
+            self._connected = self._backend_state() == 4
+        return self._connected
+
     def failure(self) -> str | None:
         # A clean exit while the guest runs means its frontend went away (the guest ended),
         # which the guest's own state shows; a crash or an error is the backend's failure.
@@ -477,6 +672,68 @@ class XentoolsDisk(DiskServer):
         return report
 
 
+# ------------------------------------------------------------------------------ Xen log
+
+XEN_LOG_KEEP = 400
+# Xen's words when it kills a domain (hvm_triple_fault, the x86 emulator giving up, SVM's
+# instruction-length decoder under nested emulation, domain_crash).
+XEN_FATAL = (re.compile(r"Triple fault"), re.compile(r"MMIO emulation failed"),
+             re.compile(r"Insn len emulation failed"), re.compile(r"domain_crash"),
+             re.compile(r"crashed on cpu#"))
+# SeaBIOS (and OVMF) when nothing on the disk boots; SeaBIOS then retries forever.
+FIRMWARE_NO_BOOT = (re.compile(r"Boot failed: .*"), re.compile(r"No bootable device"))
+# The first kernel line a boot shows (Linux's decompressor or banner; FreeBSD's banner).
+KERNEL_LINE = re.compile(r"Decompressing Linux|Booting the kernel|Linux version \d|"
+                         r"Copyright \(c\) 1992-\d+ The FreeBSD Project")
+# Linux's xen-blkfront and FreeBSD's xbd when their disk connected.
+BLKFRONT_LINE = re.compile(r"blkfront: xvd[a-z]+: |xbd\d+: .*<Virtual Block Device>")
+
+
+def domain_xen_lines(dmesg: str, domid: int) -> list[str]:
+    """The lines of `xl dmesg` about domain `domid`: its own output ("(dN) ..."), Xen's lines
+    naming it ("dNvM", "Domain N"), and the register dump that follows a fatal line."""
+    mine = re.compile(rf"^\(d{domid}\) |\bd{domid}v\d+\b|\bDomain {domid}\b|\bd{domid}\b")
+    out: list[str] = []
+    dump = 0
+    for line in dmesg.splitlines():
+        if mine.search(line):
+            out.append(line)
+            dump = 40 if first_match([line], XEN_FATAL) else dump
+        elif dump and line.startswith("(XEN) "):
+            out.append(line)
+            dump -= 1
+        else:
+            dump = 0
+    return out
+
+
+def first_match(lines: Sequence[str], patterns: Sequence[re.Pattern[str]]) -> str | None:
+    for line in lines:
+        if any(p.search(line) for p in patterns):
+            return line
+    return None
+
+
+def explain_with_xen_log(decision: Decision, xen_log: Sequence[str], domid: int | None) -> Decision:
+    """A verdict that is not a pass, told again with what Xen's log says: a domain Xen
+    killed (triple fault...) is the test's `error` with Xen's line quoted, whatever the
+    console showed; a firmware that found nothing to boot is quoted in the guest's
+    no_output/timeout verdict (SeaBIOS prints only to Xen's log)."""
+    fatal = first_match(xen_log, XEN_FATAL)
+    if fatal is not None and decision.verdict is not Verdict.ERROR:
+        return dataclasses.replace(
+            decision, verdict=Verdict.ERROR, line=fatal.strip(), line_no=None, pattern=None,
+            reason=f"Xen killed domain {domid} (see xen_log in the report; under nested emulation a fault of "
+                   "the emulator, not a guest verdict)")
+    no_boot = first_match(xen_log, FIRMWARE_NO_BOOT[:1]) or first_match(xen_log, FIRMWARE_NO_BOOT)
+    if no_boot is not None and decision.verdict in (Verdict.NO_OUTPUT, Verdict.TIMEOUT, Verdict.ENDED):
+        said = re.sub(r"^\(d\d+\) ", "", no_boot.strip())
+        verdict = Verdict.NO_OUTPUT if decision.verdict is not Verdict.TIMEOUT else Verdict.TIMEOUT
+        return dataclasses.replace(decision, verdict=verdict, line=said, line_no=None, pattern=None,
+                                   reason=f"{decision.reason}; the firmware found no bootable disk")
+    return decision
+
+
 # ---------------------------------------------------------------------------------- run
 
 class BootTest:
@@ -485,10 +742,8 @@ class BootTest:
     def __init__(self, *, image: str, image_format: str, guest: GuestConfig, rules: Rules, disk: DiskServer,
                  out_dir: str | os.PathLike[str], profile: str = "default", xl: str = "xl",
                  runner: Runner | None = None, log_dir: str | None = None,
-                 clock: Callable[[], float] = time.monotonic, liveness_interval: float = 1.0) -> None:
-        if disk.kind == "xentools" and guest.guest_type == "hvm":
-            raise BootTestError("boottest.backend", "the xentools backend serves PV/PVH guests: an HVM guest's "
-                                                    "firmware needs the host's emulated disk (--backend host)")
+                 clock: Callable[[], float] = time.monotonic, liveness_interval: float = 1.0,
+                 xen_log_interval: float = 3.0) -> None:
         self.image = image
         self.image_format = image_format
         self.guest = guest
@@ -501,6 +756,15 @@ class BootTest:
         self.log_dir = log_dir
         self.clock = clock
         self.liveness_interval = liveness_interval
+        # Xen's own log (`xl dmesg`) is read for HVM and PVH guests: the firmware's lines
+        # (hvmloader, SeaBIOS; with Xen's guest_loglvl=all) and Xen's report of a domain it
+        # killed (a triple fault) are there, not on the guest's console.
+        self.read_xen_log = guest.guest_type in ("hvm", "pvh")
+        self.xen_log_interval = xen_log_interval
+        self._xen_log: list[str] = []
+        self._xen_log_ok = True
+        # Seconds from unpause to each boot milestone seen (MILESTONES), for the report.
+        self.milestones: dict[str, float] = {}
         self.files = {
             "xl_cfg": str(self.out_dir / "xl.cfg"),
             "console_log": str(self.out_dir / "console.log"),
@@ -585,10 +849,13 @@ class BootTest:
                 phase("unpause")
                 # The guest's time starts now: timeouts count from the unpause.
                 engine = VerdictEngine(self.rules, self.clock())
-                self._watch(engine, console, log)
+                self._watch(engine, console, log, domid)
                 phase("guest")
             except (XentoolsError, OSError) as err:
                 engine.error(self.clock(), str(err) if isinstance(err, XentoolsError) else f"{err.strerror or err}")
+            if domid is not None and self.read_xen_log:
+                # Read once more while the domain's lines are fresh, before it is destroyed.
+                self._poll_xen_log(domid)
         finally:
             if console is not None:
                 with contextlib.suppress(OSError):
@@ -607,14 +874,27 @@ class BootTest:
             phase("disk_stop")
             log.close()
         assert engine.decision is not None
+        decision = engine.decision
+        if decision.verdict is not Verdict.PASS:
+            decision = explain_with_xen_log(decision, self._xen_log, domid)
+        if decision.verdict is not Verdict.ERROR or "verdict" not in self.milestones:
+            self.milestones.setdefault("verdict", round(decision.elapsed, 3))
+        notes = []
+        if self.read_xen_log and not self._xen_log_ok:
+            notes.append("xl dmesg could not be read: no firmware lines, no crash report from Xen")
+        elif self.read_xen_log and self.guest.guest_type == "hvm" and domid is not None and not any(
+                line.startswith(f"(d{domid})") for line in self._xen_log):
+            notes.append("Xen's log shows no firmware output for the guest: boot Xen with guest_loglvl=all "
+                         "to see hvmloader's and SeaBIOS's lines")
         result = BootResult(
             name=self.guest.name, image=self.image, image_format=self.image_format, profile=self.profile,
             guest_type=self.guest.guest_type, backend=self.disk.kind,
-            console_mode="log" if self.log_dir else "xl", decision=engine.decision, started_at=started_at,
+            console_mode=self._console_mode(), decision=decision, started_at=started_at,
             duration=self.clock() - t0, files=dict(self.files), domid=domid, destroyed=destroyed,
             cleanup_errors=tuple(cleanup), disk_report=disk_report, xl_create_output=create_out, phases=phases,
             timeouts={"first_output": self.rules.first_output_timeout, "idle": self.rules.idle_timeout,
                       "boot": self.rules.boot_timeout, "prompt_grace": self.rules.prompt_grace},
+            milestones=dict(self.milestones), xen_log=tuple(self._xen_log[-XEN_LOG_KEEP:]), notes=tuple(notes),
         )
         try:
             write_reports(result)
@@ -631,13 +911,52 @@ class BootTest:
         except FileNotFoundError:
             return path, 0
 
+    def _console_mode(self) -> str:
+        if self.log_dir:
+            return "log"
+        return "serial" if self.guest.guest_type == "hvm" else "xl"
+
     def _attach(self, log_path: Path | None, offset: int) -> Console:
         if log_path is not None:
             return LogConsole(log_path, offset)
+        if self.guest.guest_type == "hvm":
+            # An HVM guest's serial port is QEMU's emulated UART on a pty; xenconsoled's log
+            # carries only the PV console, empty for a guest that writes to COM1.
+            return self.runner.spawn_console([self.xl, "console", "-t", "serial", self.guest.name])
         return self.runner.spawn_console([self.xl, "console", self.guest.name])
 
-    def _watch(self, engine: VerdictEngine, console: Console, log: IO[bytes]) -> None:
+    def _poll_xen_log(self, domid: int) -> None:
+        """Keep Xen's log lines about the domain (see domain_xen_lines)."""
+        if not self._xen_log_ok:
+            return
+        done = self._run_xl(("dmesg",))
+        if done.returncode != 0:
+            self._xen_log_ok = False
+            return
+        self._xen_log = domain_xen_lines(done.stdout, domid)
+
+    def _milestone(self, name: str, now: float, start: float) -> None:
+        if name not in self.milestones:
+            self.milestones[name] = round(max(0.0, now - start), 3)
+
+    def _milestones_from(self, engine: VerdictEngine, data: bytes, now: float) -> None:
+        start = engine.start
+        if data:
+            self._milestone("bootloader" if self.guest.guest_type == "hvm" or not self.guest.kernel
+                            else "kernel", now, start)
+            text = data.decode("utf-8", "replace")
+            self._recent = (self._recent + text)[-4096:]
+            if KERNEL_LINE.search(self._recent):
+                self._milestone("kernel", now, start)
+            if BLKFRONT_LINE.search(self._recent):
+                self._milestone("blkfront_connected", now, start)
+        if self._xen_log and any(line.startswith("(d") for line in self._xen_log):
+            self._milestone("firmware", now, start)
+
+    def _watch(self, engine: VerdictEngine, console: Console, log: IO[bytes], domid: int | None = None) -> None:
         next_check = self.clock() + self.liveness_interval
+        next_xen_log = self.clock() + min(1.0, self.xen_log_interval)
+        self._recent = ""
         while True:
             now = self.clock()
             if engine.tick(now) is not None:
@@ -646,15 +965,34 @@ class BootTest:
             data = console.read(wait)
             now = self.clock()
             if data is None:
+                if console.mode != "log" and self._alive(confirm=True):
+                    # The guest is there but its console reader is gone: xl console could
+                    # not attach (or died). No verdict on the guest can come from that.
+                    engine.error(now, f"{console.ended_why()} while the guest still runs: the console could "
+                                      "not be read (xl console needs /run/lock and xenconsoled)")
+                    return
                 engine.finish(now, "the console closed")
                 return
             if data:
                 log.write(data)
                 log.flush()
+            self._milestones_from(engine, data, now)
             if engine.feed(data, now) is not None:
                 return
+            if domid is not None and self.read_xen_log and now >= next_xen_log:
+                next_xen_log = now + self.xen_log_interval
+                self._poll_xen_log(domid)
+                self._milestones_from(engine, b"", now)
+                fatal = first_match(self._xen_log, XEN_FATAL + FIRMWARE_NO_BOOT[1:])
+                if fatal is not None:
+                    # Xen killed the domain, or the firmware found nothing to boot and will
+                    # only retry: decide now (run() quotes Xen's lines in the verdict).
+                    engine.finish(now, "Xen's log ended the boot")
+                    return
             if now >= next_check:
                 next_check = now + self.liveness_interval
+                if self.disk.connected():
+                    self._milestone("blkfront_connected", now, engine.start)
                 # A disk backend that died leaves the guest waiting for its disk: that is
                 # the test's error, not the guest's timeout.
                 why = self.disk.failure()

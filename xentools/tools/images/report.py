@@ -50,6 +50,11 @@ class BootResult:
     # Seconds per step of the run, in order (create, disk_start, unpause, guest, ..., disk_stop).
     phases: Mapping[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Seconds from unpause to each boot milestone seen: firmware (its first line in Xen's
+    # log), bootloader (first console byte), kernel, blkfront_connected, verdict.
+    milestones: Mapping[str, float] = field(default_factory=dict)
+    # Xen's log lines about the domain (HVM/PVH): firmware output, Xen's crash reports.
+    xen_log: tuple[str, ...] = ()
 
     @property
     def outcome(self) -> Outcome:
@@ -84,6 +89,7 @@ class BootResult:
             "started_at": self.started_at,
             "duration_s": round(self.duration, 3),
             "phases_s": dict(self.phases),
+            "milestones_s": dict(self.milestones),
             "timeouts_s": dict(self.timeouts),
             "domid": self.domid,
             "destroyed": self.destroyed,
@@ -92,6 +98,7 @@ class BootResult:
             "xl_create_output": self.xl_create_output,
             "files": dict(self.files),
             "notes": list(self.notes),
+            "xen_log": list(self.xen_log),
         }
 
 
