@@ -139,6 +139,10 @@ def test_blkback_serves_an_xl_disk_spec(served):
     from xentools.devices.toolstack import destroy_vbd
     from xentools.platform.sim.platform import SoftwarePlatform
 
+    # An image of its own: the fixture's image is served writable, and blkback refuses to
+    # serve an image that another server writes (xl's rule; w! overrides).
+    image = image.with_name("ro.img")
+    image.write_bytes(random.Random(10).randbytes(IMAGE_BYTES))
     xs = SoftwarePlatform(sim_dir, 0).open_xenstore()
     paths = create_vbd(xs, backend_domid=0, frontend_domid=1, devid=51744, params=str(image), mode="r")
     backend = paths.backend
