@@ -45,19 +45,18 @@ class SlowImage(ImageFile):
     def _log(self, what: str, offset: int) -> None:
         self.events.append((what, offset, time.monotonic()))
 
-    def readv(self, buffers, offset, total=-1):  # type: ignore[no-untyped-def]
-        self._log("read-start", offset)
+    def _logged(self, what: str, move, buffers, offset, total):  # type: ignore[no-untyped-def]
+        self._log(f"{what}-start", offset)
         if offset in self.slow:
             time.sleep(SLOW)
-        super().readv(buffers, offset, total)
-        self._log("read-end", offset)
+        move(buffers, offset, total)
+        self._log(f"{what}-end", offset)
+
+    def readv(self, buffers, offset, total=-1):  # type: ignore[no-untyped-def]
+        self._logged("read", super().readv, buffers, offset, total)
 
     def writev(self, buffers, offset, total=-1):  # type: ignore[no-untyped-def]
-        self._log("write-start", offset)
-        if offset in self.slow:
-            time.sleep(SLOW)
-        super().writev(buffers, offset, total)
-        self._log("write-end", offset)
+        self._logged("write", super().writev, buffers, offset, total)
 
     def flush(self) -> None:
         super().flush()
