@@ -14,12 +14,13 @@ The ring thread (ring.h's consumer loop, one notification per batch):
   the one place requests are accepted or rejected), maps its grants (from the
   persistent-grant cache, or without persistent grants one map per direction for the whole
   batch) and builds its iovec (memoryview slices of the mapped pages, no copy);
-- hands data requests of more than `inline_bytes` to the I/O threads (preadv/pwritev
-  straight into the granted pages; the GIL is released during the system call, so several
-  requests of one ring are in flight at once and overlap with the ring thread's work),
-  except the last large one of a batch, which it moves itself meanwhile (a lone request
-  then costs no hand-over: measured faster than handing every one over, see the bench),
-  and runs smaller ones, discards and flushes itself;
+- moves the data of a request of more than `inline_bytes` itself when that needs no
+  waiting (preadv2/pwritev2 RWF_NOWAIT: the page cache has it), and otherwise hands it to
+  the I/O threads (preadv/pwritev straight into the granted pages; the GIL is released
+  during the system call, so several requests of one ring wait for the disk at once and
+  overlap with the ring thread's work). Handing every large request over was measured
+  slower on page-cache hits (a thread hand-over costs more than the copy); smaller
+  requests, discards and flushes run on the ring thread;
 - takes completions as they come (an eventfd wakes it), unmaps what the request mapped for
   itself, writes the response (struct packed from zero bytes, XSA-216): responses leave in
   completion order, which blkif allows (the id names the request). A grant is never still
@@ -520,18 +521,9 @@ class QueueWorker:
         groups: dict[int, tuple[PageSet, _BatchMap]] = {}
         if not self.mapper.persistent and len(plans) > 1:
             self._premap(plans, groups)
-        # The last large request of the run is moved by this thread itself, the others by
-        # I/O threads meanwhile: a lone request costs no hand-over (it is not waited for
-        # by anything else), and several overlap.
-        last_large = -1
         for index, plan in enumerate(plans):
-            if plan is not None and plan.grefs and plan.nbytes > self.inline_bytes:
-                last_large = index
-        for index, plan in enumerate(plans):
-            if plan is not None and index != last_large:
+            if plan is not None:
                 self._start_request(plan, groups.get(index))
-        if last_large >= 0:
-            self._start_request(plans[last_large], groups.get(last_large), here=True)  # type: ignore[arg-type]
 
     def _premap(self, plans: Sequence[Plan | None], groups: dict[int, tuple[PageSet, _BatchMap]]) -> None:
         """Without persistent grants, map the data pages of many requests with one platform
@@ -562,7 +554,7 @@ class QueueWorker:
 
     # -- one request --------------------------------------------------------------------------
 
-    def _start_request(self, plan: Plan, premapped: tuple[PageSet, _BatchMap] | None, here: bool = False) -> None:
+    def _start_request(self, plan: Plan, premapped: tuple[PageSet, _BatchMap] | None) -> None:
         """Run a valid-looking request here, or hand it to an I/O thread."""
         op = plan.operation
         group = premapped[1] if premapped is not None else None
@@ -583,7 +575,7 @@ class QueueWorker:
                     self.lock.release()
             self._answer_here(plan, status, group)
             return
-        if here or not plan.grefs or plan.nbytes <= self.inline_bytes:
+        if not plan.grefs or plan.nbytes <= self.inline_bytes:
             self._begin()
             try:
                 status = self._run_here(plan, premapped)
@@ -591,7 +583,8 @@ class QueueWorker:
                 self._end()
             self._answer_here(plan, status, group)
             return
-        # A large data request: map here, move the data on an I/O thread.
+        # A large data request: map here; move the data here if that needs no waiting (the
+        # page cache has it), else on an I/O thread while this one goes on.
         try:
             pages = premapped[0] if premapped is not None else self._map(plan)
         except RequestRejected as err:
@@ -599,8 +592,23 @@ class QueueWorker:
             return
         iov = self._iov(plan, pages)
         self._begin()
-        self._queued += 1
-        self._jobs.put(_Job(plan, pages, group, iov))
+        try:
+            if plan.operation == BLKIF_OP_READ:
+                done = self.image.try_readv(iov, plan.offset, plan.nbytes)
+            else:
+                done = self.image.try_writev(iov, plan.offset, plan.nbytes)
+            status = BLKIF_RSP_OKAY
+        except OSError as err:
+            log.error("queue %d: image I/O failed: %s", self.index, err)
+            done, status = True, BLKIF_RSP_ERROR
+        if not done:
+            self._queued += 1
+            self._jobs.put(_Job(plan, pages, group, iov))
+            return
+        self._end()
+        if premapped is None:
+            self.mapper.release(pages)  # before the response (XSA-396)
+        self._answer_here(plan, status, group)
 
     def _answer_here(self, plan: Plan, status: int | RequestRejected, group: _BatchMap | None) -> None:
         if isinstance(status, RequestRejected):
