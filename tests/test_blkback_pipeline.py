@@ -3,7 +3,8 @@ FLUSH_DISKCACHE / WRITE_BARRIER ordering (a flush waits for its ring, a barrier 
 queue, and nothing starts before a barrier is done).
 
 The backend runs in this process (BlkBackend over the software Xen) on an image whose
-reads and writes at chosen offsets take 0.4 s, so the order of events is unambiguous; the
+reads and writes at chosen offsets miss the page cache and take 0.4 s, so the order of
+events is unambiguous; the
 frontend is tests/hostile_frontend.RawFrontend (the raw ring, the core codec).
 """
 
@@ -45,19 +46,35 @@ class SlowImage(ImageFile):
     def _log(self, what: str, offset: int) -> None:
         self.events.append((what, offset, time.monotonic()))
 
-    def readv(self, buffers, offset, total=-1):  # type: ignore[no-untyped-def]
-        self._log("read-start", offset)
+    def _logged(self, what: str, move, buffers, offset, total):  # type: ignore[no-untyped-def]
+        self._log(f"{what}-start", offset)
         if offset in self.slow:
             time.sleep(SLOW)
-        super().readv(buffers, offset, total)
-        self._log("read-end", offset)
+        move(buffers, offset, total)
+        self._log(f"{what}-end", offset)
+
+    def _try(self, what: str, attempt, buffers, offset, total) -> bool:  # type: ignore[no-untyped-def]
+        if offset in self.slow:
+            return False  # a page-cache miss: the request goes to an I/O thread
+        start = (f"{what}-start", offset, time.monotonic())
+        self.events.append(start)
+        if not attempt(buffers, offset, total):
+            self.events.remove(start)  # it will be done (and logged) by readv/writev instead
+            return False
+        self._log(f"{what}-end", offset)
+        return True
+
+    def try_readv(self, buffers, offset, total):  # type: ignore[no-untyped-def]
+        return self._try("read", super().try_readv, buffers, offset, total)
+
+    def try_writev(self, buffers, offset, total):  # type: ignore[no-untyped-def]
+        return self._try("write", super().try_writev, buffers, offset, total)
+
+    def readv(self, buffers, offset, total=-1):  # type: ignore[no-untyped-def]
+        self._logged("read", super().readv, buffers, offset, total)
 
     def writev(self, buffers, offset, total=-1):  # type: ignore[no-untyped-def]
-        self._log("write-start", offset)
-        if offset in self.slow:
-            time.sleep(SLOW)
-        super().writev(buffers, offset, total)
-        self._log("write-end", offset)
+        self._logged("write", super().writev, buffers, offset, total)
 
     def flush(self) -> None:
         super().flush()
@@ -169,3 +186,24 @@ def test_barrier_waits_for_every_queue_and_holds_back_later_requests(rig, persis
     assert content[:NBYTES] == b"\x22" * NBYTES
     assert content[4096 * 512 : 4096 * 512 + NBYTES] == b"\x33" * NBYTES
     assert content[2048 * 512 : 2048 * 512 + NBYTES] == b"\x44" * NBYTES
+
+
+def test_try_readv_reads_from_the_page_cache_without_waiting(tmp_path) -> None:
+    path = tmp_path / "disk.img"
+    data = random.Random(5).randbytes(64 * 1024)
+    path.write_bytes(data)
+    image = open_image(str(path))
+    try:
+        with open(path, "rb") as f:
+            f.read()  # in the page cache now
+        buf = bytearray(40 * 1024)
+        views = [memoryview(buf)[: 8192], memoryview(buf)[8192:]]
+        assert image.try_readv(views, 4096, len(buf)) is True
+        assert bytes(buf) == data[4096 : 4096 + len(buf)]
+        written = image.try_writev([memoryview(b"\x77" * 4096)], 0, 4096)
+        if written:  # buffered RWF_NOWAIT writes depend on the kernel and filesystem
+            assert path.read_bytes()[:4096] == b"\x77" * 4096
+        image._nowait_ok = False  # a kernel that cannot tell: always the waiting path
+        assert image.try_readv(views, 4096, len(buf)) is False
+    finally:
+        image.close()

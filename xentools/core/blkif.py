@@ -381,70 +381,41 @@ class StructLayout:
         return lines
 
 
+# Every blkif struct: (C name, Abi size attribute, Abi offset prefix, members). A member is
+# (name, C type[, count[, Abi offset attribute]]); its offset is getattr(abi, prefix_name)
+# unless the attribute is given. The numbers live in the Abi objects above.
+_STRUCTS: tuple[tuple[str, str, str, tuple[tuple, ...]], ...] = (
+    ("blkif_request_segment", "segment_size", "seg",
+     (("gref", "uint32_t"), ("first_sect", "uint8_t"), ("last_sect", "uint8_t"))),
+    ("blkif_request", "request_size", "req",
+     (("operation", "uint8_t"), ("nr_segments", "uint8_t"), ("handle", "uint16_t"), ("id", "uint64_t"),
+      ("sector_number", "uint64_t"),
+      ("seg", "struct blkif_request_segment", BLKIF_MAX_SEGMENTS_PER_REQUEST))),
+    ("blkif_request_discard", "discard_size", "discard",
+     (("operation", "uint8_t"), ("flag", "uint8_t"), ("handle", "uint16_t"), ("id", "uint64_t"),
+      ("sector_number", "uint64_t"), ("nr_sectors", "uint64_t"))),
+    ("blkif_request_indirect", "indirect_size", "indirect",
+     (("operation", "uint8_t"), ("indirect_op", "uint8_t"), ("nr_segments", "uint16_t"), ("id", "uint64_t"),
+      ("sector_number", "uint64_t"), ("handle", "uint16_t"),
+      ("indirect_grefs", "uint32_t", BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, "indirect_grefs"))),
+    ("blkif_response", "response_size", "rsp",
+     (("id", "uint64_t"), ("operation", "uint8_t"), ("status", "int16_t"))),
+)
+
+
 def layouts_for(abi: Abi) -> dict[str, StructLayout]:
     """Every blkif struct of `abi`, keyed by its C name without "struct "."""
-    segment = StructLayout(
-        "struct blkif_request_segment",
-        abi.segment_size,
-        (
-            Field("gref", abi.seg_gref, "uint32_t"),
-            Field("first_sect", abi.seg_first_sect, "uint8_t"),
-            Field("last_sect", abi.seg_last_sect, "uint8_t"),
-        ),
-    )
-    request = StructLayout(
-        "struct blkif_request",
-        abi.request_size,
-        (
-            Field("operation", abi.req_operation, "uint8_t"),
-            Field("nr_segments", abi.req_nr_segments, "uint8_t"),
-            Field("handle", abi.req_handle, "uint16_t"),
-            Field("id", abi.req_id, "uint64_t"),
-            Field("sector_number", abi.req_sector_number, "uint64_t"),
-            Field("seg", abi.req_seg, segment.c_name, BLKIF_MAX_SEGMENTS_PER_REQUEST, abi.segment_size),
-        ),
-    )
-    discard = StructLayout(
-        "struct blkif_request_discard",
-        abi.discard_size,
-        (
-            Field("operation", abi.discard_operation, "uint8_t"),
-            Field("flag", abi.discard_flag, "uint8_t"),
-            Field("handle", abi.discard_handle, "uint16_t"),
-            Field("id", abi.discard_id, "uint64_t"),
-            Field("sector_number", abi.discard_sector_number, "uint64_t"),
-            Field("nr_sectors", abi.discard_nr_sectors, "uint64_t"),
-        ),
-    )
-    indirect = StructLayout(
-        "struct blkif_request_indirect",
-        abi.indirect_size,
-        (
-            Field("operation", abi.indirect_operation, "uint8_t"),
-            Field("indirect_op", abi.indirect_indirect_op, "uint8_t"),
-            Field("nr_segments", abi.indirect_nr_segments, "uint16_t"),
-            Field("id", abi.indirect_id, "uint64_t"),
-            Field("sector_number", abi.indirect_sector_number, "uint64_t"),
-            Field("handle", abi.indirect_handle, "uint16_t"),
-            Field("indirect_grefs", abi.indirect_grefs, "uint32_t", BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST),
-        ),
-    )
-    response = StructLayout(
-        "struct blkif_response",
-        abi.response_size,
-        (
-            Field("id", abi.rsp_id, "uint64_t"),
-            Field("operation", abi.rsp_operation, "uint8_t"),
-            Field("status", abi.rsp_status, "int16_t"),
-        ),
-    )
-    return {
-        "blkif_request_segment": segment,
-        "blkif_request": request,
-        "blkif_request_discard": discard,
-        "blkif_request_indirect": indirect,
-        "blkif_response": response,
-    }
+    layouts = {}
+    for name, size_attr, prefix, members in _STRUCTS:
+        fields = []
+        for member in members:
+            field_name, ctype = member[0], member[1]
+            count = member[2] if len(member) > 2 else 1
+            offset = getattr(abi, member[3] if len(member) > 3 else f"{prefix}_{field_name}")
+            width = abi.segment_size if ctype == "struct blkif_request_segment" else 0
+            fields.append(Field(field_name, offset, ctype, count, width))
+        layouts[name] = StructLayout(f"struct {name}", getattr(abi, size_attr), tuple(fields))
+    return layouts
 
 
 class SlotCodec:

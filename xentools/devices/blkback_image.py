@@ -5,7 +5,8 @@ Owns: `open_image` (every check a bad command line deserves a one-line error for
 the format: a VHD, qcow2, vmdk, VHDX or xz file is refused with the command that makes it
 RAW, judged by xentools.core.diskformat as `xentools image inspect` judges it),
 `ImageFile` (the descriptor, size and sector size; vectored reads and writes that either
-move every byte or raise; flush; hole punching), and `ImageError`.
+move every byte or raise, and their non-blocking attempts; flush; hole punching), and
+`ImageError`.
 Must not: know about rings, grants or blkif requests; callers have already checked that
 every extent lies inside the image.
 """
@@ -56,6 +57,7 @@ class ImageFile:
         self.read_only = read_only
         self.sector_size = sector_size
         self._punch_ok: bool | None = None
+        self._nowait_ok = hasattr(os, "RWF_NOWAIT")
 
     # -- data -------------------------------------------------------------------------------
 
@@ -67,6 +69,31 @@ class ImageFile:
     def writev(self, buffers: Sequence[memoryview], offset: int, total: int = -1) -> None:
         """Write `buffers` at `offset`; OSError on failure or a short write."""
         self._vectored(os.pwritev, buffers, offset, total)
+
+    def try_readv(self, buffers: Sequence[memoryview], offset: int, total: int) -> bool:
+        """Fill `buffers` only if that needs no waiting (preadv2 RWF_NOWAIT: the data is in
+        the page cache). True when every byte was read; False when it would block (some
+        bytes may have been read: call readv for all of them) or the kernel cannot tell.
+        OSError for a real failure."""
+        return self._nowait(os.preadv, buffers, offset, total)
+
+    def try_writev(self, buffers: Sequence[memoryview], offset: int, total: int) -> bool:
+        """Write `buffers` only if that needs no waiting (pwritev2 RWF_NOWAIT); False as
+        try_readv (rewriting the same bytes with writev is then harmless)."""
+        return self._nowait(os.pwritev, buffers, offset, total)
+
+    def _nowait(self, call, buffers: Sequence[memoryview], offset: int, total: int) -> bool:  # type: ignore[no-untyped-def]
+        if not self._nowait_ok or len(buffers) > IOV_MAX:
+            return False
+        try:
+            return call(self.fd, buffers, offset, os.RWF_NOWAIT) == total
+        except BlockingIOError:
+            return False
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                self._nowait_ok = False  # this kernel or filesystem cannot say: always wait
+                return False
+            raise
 
     def _vectored(self, call, buffers: Sequence[memoryview], offset: int, total: int = -1) -> None:  # type: ignore[no-untyped-def]
         fd = self.fd

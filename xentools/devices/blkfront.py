@@ -31,8 +31,11 @@ blkfront_pool). Persistent grants: runs of long-lived DmaMaps, the same refs aga
 again. Otherwise a grant-DMA DmaMap per request, loaded when refs are free (deferred
 otherwise) and unloaded on the response, asking the platform whether the backend still maps
 a page before it is reused (XSA-396). Everything stays within `max_grants` (ring pages +
-indirect pages + data pages); a request never needs more than half the pool, and requests
-that wait for pages nothing in flight will free fail ("grants.exhausted") instead of hanging.
+indirect pages + data pages), and with persistent grants the data and indirect pages stay
+within `max_persistent_grants` (the backend's persistent-grant cache per ring, 1056 in
+Linux blkback: a frontend cycling through more pages makes the backend map and unmap on
+every request); a request never needs more than half the pool, and requests that wait for
+pages nothing in flight will free fail ("grants.exhausted") instead of hanging.
 
 Failure (Linux 5.16 blkfront after XSA-376/391/396): any response that breaks a rule, a
 response that never comes (request_timeout), a grant the backend still maps after its
