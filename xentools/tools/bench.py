@@ -30,7 +30,6 @@ import click
 
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkFuture
 from xentools.platform.interface import EventChannels
-from xentools.platform.sim.platform import SoftwarePlatform
 from xentools.tools.demo import BACKEND_DOMID, FRONTEND_DOMID, MIB, DemoError, LocalRig
 
 TARGETS = {
@@ -85,6 +84,8 @@ def echo_peer(root_dir: str, domid: int, remote_domid: int, remote_port: int, so
               count: int) -> None:
     """The B side of the event round trip (run in its own process): bind to `remote_port`,
     answer `count` events with a notify, then answer `count` bytes on the socket."""
+    from xentools.platform.sim.platform import SoftwarePlatform  # the CLI imports us eagerly
+
     sock = socket.socket(fileno=sock_fd)
     evtchn = SoftwarePlatform(root_dir, domid).open_evtchn()
     try:
@@ -105,6 +106,8 @@ def echo_peer(root_dir: str, domid: int, remote_domid: int, remote_port: int, so
 def event_round_trip(root_dir: str, count: int = EVENT_ROUND_TRIPS) -> dict[str, float]:
     """Microseconds per event channel round trip A->B->A between this process (domain 0) and
     a child process (domain 1), and per socketpair ping-pong between the same two processes."""
+    from xentools.platform.sim.platform import SoftwarePlatform  # the CLI imports us eagerly
+
     evtchn = SoftwarePlatform(root_dir, BACKEND_DOMID).open_evtchn()
     mine, theirs = socket.socketpair()
     child = None

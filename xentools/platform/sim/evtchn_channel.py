@@ -49,8 +49,17 @@ NOTHING = 0
 DELIVERED = 1
 GONE = 2  # the word says CLOSED
 
-_cas = barrier.compare_and_swap32()
+_UNSET = object()
+_cas: object = _UNSET  # the machine compare-and-swap, made on first use (None: lock instead)
 _fallback_lock = threading.Lock()
+
+
+def machine_cas():  # -> Callable[[int, int, int], int] | None
+    """The compare-and-swap the words use, or None where the POSIX-lock fallback is used."""
+    global _cas
+    if _cas is _UNSET:
+        _cas = barrier.compare_and_swap32()
+    return _cas
 
 
 def create_page_fd() -> int:
@@ -82,8 +91,9 @@ class ChannelPage:
         return self._cells[end * _CELLS_PER_WORD]
 
     def _swap(self, end: int, old: int, new: int) -> int:
-        if _cas is not None:
-            return _cas(self.addr + end * WORD_STRIDE, old, new)
+        cas = _cas if _cas is not _UNSET else machine_cas()
+        if cas is not None:
+            return cas(self.addr + end * WORD_STRIDE, old, new)  # type: ignore[operator]
         # No machine compare-and-swap here: a POSIX record lock on the word excludes the
         # other processes, the module lock this process's other threads.
         offset = end * WORD_STRIDE
