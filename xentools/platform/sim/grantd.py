@@ -20,6 +20,7 @@ import array
 import json
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -408,6 +409,13 @@ def run_grantd(socket_path: str, *, ready_fd: int | None = None) -> None:
     The socket path appears only once the service accepts connections; if `ready_fd` is
     given, "READY\\n" is also written to it then and it is closed (as xenstored does).
     """
+    # Every event channel holds its page's memfd here: allow as many as the system does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            log.warning("grantd: could not raise the open file limit from %d", soft)
     service = GrantService(socket_path)
     previous = {}
     in_main = threading.current_thread() is threading.main_thread()
