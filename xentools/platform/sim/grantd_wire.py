@@ -68,9 +68,9 @@ class Op(enum.IntEnum):
     COPY = 22  # [n, (to_grant, domid, ref, offset, length)...] + blob -> blob
     BIND_UNBOUND = 30  # [remote domid] -> LINK of the new port
     BIND_INTERDOMAIN = 31  # [remote domid, remote port] -> LINK of the new port
-    LINK = 32  # [port] -> [port, word, peer word or -1, remote port or -1] + channel page
-    #            (+ the peer handle's eventfd when bound): where the port's events travel
     UNBIND = 34  # [port] -> []
+    LINK = 35  # [port] -> [port, end, peer's end or -1, remote port or -1] + channel page
+    #            (+ the peer handle's eventfd when bound): where the port's events travel
     STATE = 40  # [] -> [length] + memfd holding the tables as JSON (tests and debugging)
     OK = 100
     ERROR = 101  # [code, detail ints...] + blob: the one-line message
