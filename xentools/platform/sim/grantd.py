@@ -273,11 +273,13 @@ class GrantService:
                 target = getattr(client, record)
                 if target is None:
                     raise PlatformError("grantd.closed: this handle said BYE")
-                reply, reply_fds = handler(target, msg, fds)
+                reply, reply_fds, *after = handler(target, msg, fds)
+                owned = after[0] if after else []
         except WireError:
             raise
         except PlatformError as err:
-            reply, reply_fds = error_message(err), []
+            close_fds(owned)
+            reply, reply_fds, owned = error_message(err), [], []
         try:
             if not client.closed:
                 self._send(client, reply.encode(), reply_fds)
@@ -353,7 +355,7 @@ class GrantService:
             client.grants = self._grant_table.open_mapper(domid)
         elif kind == Kind.EVTCHN:
             if len(fds) != 1:
-                raise WireError("grantd.hello_fd: an evtchn HELLO carries exactly one eventfd")
+                raise WireError("grantd.hello_fd: an evtchn HELLO carries exactly one pipe end")
             client.events = self._event_table.open_handle(domid, fds[0])
             fds.pop()
         client.kind = kind
