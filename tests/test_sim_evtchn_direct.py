@@ -4,7 +4,8 @@ Checks that a bound channel keeps working while grantd is stopped (SIGSTOP), tha
 is lost under a storm of notifies from another process (with the machine compare-and-swap
 and with the lock used where there is none), the channel word transitions one by one, that a
 survivor keeps its pending and masked bits when its peer closes (Xen's evtchn_close()), that
-a peer scribbling on the channel page hurts only that channel, that a receiver making its
+a peer scribbling on the channel page hurts only that channel, that junk a peer writes to a
+doorbell is drained at once and loses no event, that a receiver making its
 doorbell blocking and full cannot block its notifier, and that grantd refuses an evtchn
 handle whose doorbell is not the write end of a pipe.
 """
@@ -219,6 +220,28 @@ def test_a_peer_scribbling_on_the_channel_page_hurts_only_that_channel(path):  #
     for h in (back, other, again):
         h.close()
     assert query_state(path)["ports"] == []
+
+
+def test_junk_rung_by_a_peer_costs_one_pass_and_loses_no_event(path):  # noqa: F811
+    back, offered, front, bound = connect_pair(path)
+    back.notify(offered)  # the backend learns the doorbell
+    assert readable(front, 5) and front.pending() == bound
+    # The backend holds a write end of the frontend's doorbell: it rings with junk.
+    os.write(back._links[offered].peer_doorbell, bytes(10000))
+    assert readable(front, 5)
+    assert front.pending() is None  # nothing was delivered...
+    assert not readable(front, 0.1)  # ...and the junk is gone in one call
+    front.unmask(bound)
+    # A delivery racing with junk keeps its ring: junk, then a real event, then junk.
+    os.write(back._links[offered].peer_doorbell, bytes(100))
+    back.notify(offered)
+    os.write(back._links[offered].peer_doorbell, bytes(100))
+    got = []
+    while readable(front, 0.5):
+        got.append(front.pending())
+    assert [p for p in got if p is not None] == [bound]
+    back.close()
+    front.close()
 
 
 def test_an_evtchn_handle_must_bring_a_pipe_write_end(path):  # noqa: F811

@@ -31,7 +31,7 @@ import os
 import threading
 
 from xentools.platform.interface import EventChannelError, EventChannels, PlatformError
-from xentools.platform.sim.evtchn_channel import BOUND, CLOSED, DELIVERED, GONE, ChannelPage
+from xentools.platform.sim.evtchn_channel import BOUND, CLOSED, DELIVERED, GONE, READY, ChannelPage
 from xentools.platform.sim.grantd_wire import (
     DOMID_FIRST_RESERVED,
     Kind,
@@ -169,19 +169,36 @@ class SoftwareEventChannels(EventChannels):
                 os.read(self._doorbell, 1)
             except BlockingIOError:
                 return None
-            moved = []
-            for port, link in self._links.items():
-                taken = link.page.take(link.end)
-                if taken == DELIVERED:
-                    return port
-                if taken == GONE:
-                    moved.append(port)
-            for port in moved:  # their peer closed: the ready bit moved with the port
-                link = self._relink(port)
-                if link.page.take(link.end) == DELIVERED:
-                    return port
-            # A ring for a port unbound since: nothing to report.
+            port = self._take_ready()
+            if port is not None:
+                return port
+            # A ring with nothing ready: a port unbound since, or bytes a peer wrote on its
+            # own. Drain them all at once (a peer filling the pipe costs one pass, not one per
+            # byte), then ring again for every port still ready: their rings may have gone
+            # with the rest, and each delivery must keep its byte.
+            try:
+                while os.read(self._doorbell, 65536):
+                    pass
+            except BlockingIOError:
+                pass
+            for link in self._links.values():
+                if link.page.word(link.end) & READY:
+                    _ring(self._ring_own)
             return None
+
+    def _take_ready(self) -> int | None:
+        moved = []
+        for port, link in self._links.items():
+            taken = link.page.take(link.end)
+            if taken == DELIVERED:
+                return port
+            if taken == GONE:
+                moved.append(port)
+        for port in moved:  # their peer closed: the ready bit moved with the port
+            link = self._relink(port)
+            if link.page.take(link.end) == DELIVERED:
+                return port
+        return None
 
     def unmask(self, port: int) -> None:
         with self._lock:
