@@ -4,12 +4,15 @@ Checks that a bound channel keeps working while grantd is stopped (SIGSTOP), tha
 is lost under a storm of notifies from another process (with the machine compare-and-swap
 and with the lock used where there is none), the channel word transitions one by one, that a
 survivor keeps its pending and masked bits when its peer closes (Xen's evtchn_close()), that
-a peer scribbling on the channel page hurts only that channel, and that grantd refuses an
-evtchn handle whose doorbell is not an eventfd.
+a peer scribbling on the channel page hurts only that channel, that junk a peer writes to a
+doorbell is drained at once and loses no event, that a receiver making its
+doorbell blocking and full cannot block its notifier, and that grantd refuses an evtchn
+handle whose doorbell is not the write end of a pipe.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import select
@@ -17,6 +20,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 from test_sim_evtchn import connect_pair, path, readable  # noqa: F401  (path is a fixture)
@@ -47,7 +51,7 @@ def atomics(request, monkeypatch):
     if request.param == "lock":
         monkeypatch.setattr(evtchn_channel, "_cas", None)
     else:
-        assert evtchn_channel._cas is not None, "the x86-64 CI machines have lock cmpxchg"
+        assert evtchn_channel.machine_cas() is not None, "the x86-64 CI machines have cmpxchg"
     return request.param
 
 
@@ -218,14 +222,67 @@ def test_a_peer_scribbling_on_the_channel_page_hurts_only_that_channel(path):  #
     assert query_state(path)["ports"] == []
 
 
-def test_an_evtchn_handle_must_bring_an_eventfd(path):  # noqa: F811
+def test_junk_rung_by_a_peer_costs_one_pass_and_loses_no_event(path):  # noqa: F811
+    back, offered, front, bound = connect_pair(path)
+    back.notify(offered)  # the backend learns the doorbell
+    assert readable(front, 5) and front.pending() == bound
+    # The backend holds a write end of the frontend's doorbell: it rings with junk.
+    os.write(back._links[offered].peer_doorbell, bytes(10000))
+    assert readable(front, 5)
+    assert front.pending() is None  # nothing was delivered...
+    assert not readable(front, 0.1)  # ...and the junk is gone in one call
+    front.unmask(bound)
+    # A delivery racing with junk keeps its ring: junk, then a real event, then junk.
+    os.write(back._links[offered].peer_doorbell, bytes(100))
+    back.notify(offered)
+    os.write(back._links[offered].peer_doorbell, bytes(100))
+    got = []
+    while readable(front, 0.5):
+        got.append(front.pending())
+    assert [p for p in got if p is not None] == [bound]
+    back.close()
+    front.close()
+
+
+def test_an_evtchn_handle_must_bring_a_pipe_write_end(path):  # noqa: F811
     r, w = os.pipe()
+    efd = os.eventfd(0)
     try:
-        with pytest.raises(PlatformError, match=r"grantd\.connection"):
-            ServiceConnection(path, Kind.EVTCHN, 0, fds=[r])
+        for wrong in (r, efd):  # a read end, an eventfd
+            with pytest.raises(PlatformError, match=r"grantd\.connection"):
+                ServiceConnection(path, Kind.EVTCHN, 0, fds=[wrong])
     finally:
-        os.close(r)
-        os.close(w)
+        for fd in (r, w, efd):
+            os.close(fd)
     h = SoftwareEventChannels(path, 0)  # the service keeps serving the others
     assert h.bind_unbound(1) == 1
     h.close()
+
+
+def test_a_receiver_blocking_its_doorbell_cannot_block_the_notifier(path):  # noqa: F811
+    back, offered, front, bound = connect_pair(path)
+    back.notify(offered)  # the backend learns the doorbell
+    assert readable(front, 5) and front.pending() == bound
+    front.unmask(bound)
+    # The frontend fills its own doorbell pipe and makes its own write end blocking.
+    own = front._ring_own
+    try:
+        while True:
+            os.write(own, bytes(4096))
+    except BlockingIOError:
+        pass
+    fcntl.fcntl(own, fcntl.F_SETFL, fcntl.fcntl(own, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    done = threading.Event()
+
+    def notify() -> None:
+        back.notify(offered)
+        done.set()
+
+    worker = threading.Thread(target=notify, daemon=True)
+    worker.start()
+    assert done.wait(10), "notify blocked on the peer's full doorbell"
+    worker.join()
+    # The delivery was made (the word says ready) and the full pipe keeps the frontend awake.
+    assert readable(front, 5) and front.pending() == bound
+    back.close()
+    front.close()

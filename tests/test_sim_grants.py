@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from xentools.platform.interface import PAGE_SIZE, GrantError, GrantStillMapped, PlatformError
 from xentools.platform.sim.grantd import Message, Op, query_state
+from xentools.platform.sim.grantd_wire import Kind, ServiceConnection
 from xentools.platform.sim.grants import (
     GrantCopy,
     SoftwareGrantMapper,
@@ -549,6 +550,29 @@ def test_state_query_answers_with_any_number_of_grants(root):
     assert query_state(path) == {"grants": [], "maps": [], "ports": [], "clients": []}
 
 
+def test_a_writable_mapper_cannot_shrink_the_granters_memory(root):
+    # A hostile peer holding the granter's memfd read-write must not be able to truncate it:
+    # the granter would die with SIGBUS touching its own shared pages.
+    path = sock_of(root)
+    sharer = SoftwareGrantSharer(path, 3)
+    pages = sharer.share(0, 2)
+    raw = ServiceConnection(path, Kind.GNTTAB, 0)
+    try:
+        reply, fds = raw.request(Op.MAP, (3, 1, *pages.refs))
+        try:
+            with pytest.raises(PermissionError):
+                os.ftruncate(fds[0], 0)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        raw.request(Op.UNMAP, (reply.ints[0],))
+    finally:
+        raw.close()
+    pages.buf[-1] = 7  # still our memory
+    assert pages.buf[-1] == 7
+    sharer.close()
+
+
 def test_closing_a_sharer_revokes_everything(root):
     path = sock_of(root)
     sharer = SoftwareGrantSharer(path, 13)
@@ -590,8 +614,25 @@ def test_repeated_handles_and_maps_leak_no_descriptors_or_mappings(grantd):
             for p in pages:
                 sharer.unshare(p)
 
+    def settled() -> tuple[int, int, int]:
+        # grantd closes a connection when it reads the client's EOF, a moment after the
+        # client's close() returned: wait until only its own three sockets are left (the
+        # listener and its wake-up pair), then count.
+        deadline = time.monotonic() + 10
+        while True:
+            fds = os.listdir(f"/proc/{proc.pid}/fd")
+            sockets = 0
+            for fd in fds:
+                try:
+                    sockets += os.readlink(f"/proc/{proc.pid}/fd/{fd}").startswith("socket:")
+                except FileNotFoundError:
+                    pass
+            if sockets == 3 or time.monotonic() > deadline:
+                return counts()
+            time.sleep(0.01)
+
     cycle()  # warm up caches (libc, imports)
-    before = counts()
+    before = settled()
     for _ in range(5):
         cycle()
-    assert counts() == before
+    assert settled() == before

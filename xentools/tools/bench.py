@@ -32,7 +32,6 @@ from xentools.core.blkif import BLKIF_MAX_SEGMENTS_PER_REQUEST, indirect_pages_f
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkFuture
 from xentools.platform.interface import EventChannels
-from xentools.platform.sim.platform import SoftwarePlatform
 from xentools.tools.demo import BACKEND_DOMID, FRONTEND_DOMID, MIB, DemoError, LocalRig
 
 TARGETS = {
@@ -55,7 +54,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 class CpuMeter:
-    """CPU seconds used by named processes between start() and stop()."""
+    """CPU time used by named processes since start(), per request."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
@@ -87,6 +86,8 @@ def echo_peer(root_dir: str, domid: int, remote_domid: int, remote_port: int, so
               count: int) -> None:
     """The B side of the event round trip (run in its own process): bind to `remote_port`,
     answer `count` events with a notify, then answer `count` bytes on the socket."""
+    from xentools.platform.sim.platform import SoftwarePlatform  # the CLI imports us eagerly
+
     sock = socket.socket(fileno=sock_fd)
     evtchn = SoftwarePlatform(root_dir, domid).open_evtchn()
     try:
@@ -107,6 +108,8 @@ def echo_peer(root_dir: str, domid: int, remote_domid: int, remote_port: int, so
 def event_round_trip(root_dir: str, count: int = EVENT_ROUND_TRIPS) -> dict[str, float]:
     """Microseconds per event channel round trip A->B->A between this process (domain 0) and
     a child process (domain 1), and per socketpair ping-pong between the same two processes."""
+    from xentools.platform.sim.platform import SoftwarePlatform  # the CLI imports us eagerly
+
     evtchn = SoftwarePlatform(root_dir, BACKEND_DOMID).open_evtchn()
     mine, theirs = socket.socketpair()
     child = None
@@ -125,6 +128,7 @@ def event_round_trip(root_dir: str, count: int = EVENT_ROUND_TRIPS) -> dict[str,
         mine.settimeout(30)
         if mine.recv(1) != b"R":
             raise DemoError("bench.echo_peer", "the echo process did not start")
+        mine.settimeout(None)  # the reference is a plain blocking ping-pong (EOF if it dies)
 
         def events(n: int) -> float:
             started = time.perf_counter()
@@ -151,6 +155,7 @@ def event_round_trip(root_dir: str, count: int = EVENT_ROUND_TRIPS) -> dict[str,
             child.kill()
             child.wait()
         mine.close()
+        theirs.close()
         evtchn.close()
     return {
         "event_round_trip_us": round(event_us, 2),

@@ -1,19 +1,28 @@
 """Event channels for the software Xen: one libxenevtchn-like handle.
 
-Owns: SoftwareEventChannels: the handle's doorbell (an eventfd in semaphore mode, which is
-the handle's fd), a request connection to grantd for the control plane (bind, unbind, and
-asking where a port's events travel now), and for each bound port its link: the channel
-page holding its state word (pending, masked, ready) and, once interdomain-bound, the peer's
-word and the peer handle's doorbell, both handed over by grantd.
+Owns: SoftwareEventChannels: the handle's doorbell (a pipe: its read end is the handle's
+fd), a request connection to grantd for the control plane (bind, unbind, and asking where a
+port's events travel now), and for each bound port its link: the channel page holding its
+state word (pending, masked, ready) and, once interdomain-bound, the peer's word and a
+write end of the peer handle's doorbell, both handed over by grantd (the peer's at bind
+time for the binder, on the first notify for the side that offered the port).
 Must not: send a notification, a delivery or an unmask through grantd (they are atomic
-operations on the channel page and one eventfd write, evtchn_channel.py), or block in
-pending() or notify() (except to ask grantd once where a port went after its peer closed).
+operations on the channel page and one byte written to a pipe, evtchn_channel.py), or block
+in pending() or notify() (except to ask grantd once where a port went after its peer closed).
 
 A notify is a compare-and-swap on the peer's word; when it delivers (the port was neither
-pending nor masked) it rings the peer's doorbell once. pending() takes one ring of the own
-doorbell and returns a port whose word says ready, so the fd is readable exactly while a
-delivered port waits to be taken. A notify on a port whose peer has closed is dropped
-silently, as Xen's evtchn_send() drops it on an unbound port.
+pending nor masked) it rings the peer's doorbell once (one byte). pending() takes one byte
+of the own doorbell and returns a port whose word says ready, so the fd is readable exactly
+while a delivered port waits to be taken. A notify on a port whose peer has closed is
+dropped silently, as Xen's evtchn_send() drops it on an unbound port.
+
+Why a pipe: measured against an eventfd, a socketpair and a datagram socket (ping-pong
+between two processes on the 2-core CI machine), pipe and eventfd were the fastest and
+within noise of each other; a pipe's write end can be reopened through /proc, so grantd
+gives every notifier its own open file description, non-blocking: a peer can clear
+O_NONBLOCK on its own descriptions only, and a full pipe means its reader is awake anyway,
+so a notify never blocks whatever the peer does. (A shared eventfd offers no such thing: a
+peer clearing its O_NONBLOCK and filling its counter would block every notifier.)
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import os
 import threading
 
 from xentools.platform.interface import EventChannelError, EventChannels, PlatformError
-from xentools.platform.sim.evtchn_channel import BOUND, CLOSED, DELIVERED, GONE, ChannelPage
+from xentools.platform.sim.evtchn_channel import BOUND, CLOSED, DELIVERED, GONE, READY, ChannelPage
 from xentools.platform.sim.grantd_wire import (
     DOMID_FIRST_RESERVED,
     Kind,
@@ -36,26 +45,28 @@ from xentools.platform.sim.grantd_wire import (
 class _Link:
     """Where one bound port's events travel (this process owns the page and the doorbell)."""
 
-    __slots__ = ("page", "end", "peer_end", "peer_eventfd")
+    __slots__ = ("page", "end", "peer_end", "peer_doorbell")
 
-    def __init__(self, page: ChannelPage, end: int, peer_end: int, peer_eventfd: int) -> None:
+    def __init__(self, page: ChannelPage, end: int, peer_end: int, peer_doorbell: int) -> None:
         self.page = page
         self.end = end
         self.peer_end = peer_end
-        self.peer_eventfd = peer_eventfd
+        self.peer_doorbell = peer_doorbell
 
     def close(self) -> None:
         self.page.close()
-        if self.peer_eventfd >= 0:
-            close_fds([self.peer_eventfd])
-            self.peer_eventfd = -1
+        if self.peer_doorbell >= 0:
+            close_fds([self.peer_doorbell])
+            self.peer_doorbell = -1
 
 
-def _ring(eventfd: int) -> None:
+def _ring(doorbell: int) -> None:
     try:
-        os.eventfd_write(eventfd, 1)
+        os.write(doorbell, b"\x01")
     except BlockingIOError:
-        pass  # the counter is full: its owner is woken already and takes every ready port
+        pass  # the pipe is full: its reader is awake already and takes every ready port
+    except BrokenPipeError:
+        pass  # the peer handle is gone: nobody to wake
 
 
 class SoftwareEventChannels(EventChannels):
@@ -64,19 +75,20 @@ class SoftwareEventChannels(EventChannels):
     def __init__(self, socket_path: str, domid: int) -> None:
         self.domid = domid
         self._lock = threading.Lock()
-        eventfd = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            self._conn = ServiceConnection(socket_path, Kind.EVTCHN, domid, fds=[eventfd])
+            self._conn = ServiceConnection(socket_path, Kind.EVTCHN, domid, fds=[write_end])
         except BaseException:
-            os.close(eventfd)
+            close_fds([read_end, write_end])
             raise
-        self._eventfd = eventfd
+        self._doorbell = read_end
+        self._ring_own = write_end  # for the events this handle delivers to itself
         self._links: dict[int, _Link] = {}
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._eventfd < 0:
+        if self._doorbell < 0:
             raise EventChannelError("evtchn.closed: this event channel handle is closed")
 
     def _link_of(self, port: int) -> _Link:
@@ -112,7 +124,7 @@ class SoftwareEventChannels(EventChannels):
 
     def fileno(self) -> int:
         self._check_open()
-        return self._eventfd
+        return self._doorbell
 
     def bind_unbound(self, remote_domid: int) -> int:
         if not isinstance(remote_domid, int) or not 0 <= remote_domid < DOMID_FIRST_RESERVED:
@@ -135,7 +147,7 @@ class SoftwareEventChannels(EventChannels):
             self._links[port] = link
             # grantd raised the event Xen raises on a new interdomain port (it starts ready);
             # ring for it now that pending() knows the port.
-            _ring(self._eventfd)
+            _ring(self._ring_own)
         return port
 
     def notify(self, port: int) -> None:
@@ -148,28 +160,45 @@ class SoftwareEventChannels(EventChannels):
             if word & CLOSED or not word & BOUND or link.peer_end < 0:
                 return  # unbound: dropped, as Xen's evtchn_send() does
             if link.page.raise_event(link.peer_end) == DELIVERED:
-                _ring(link.peer_eventfd)
+                _ring(link.peer_doorbell)
 
     def pending(self) -> int | None:
         with self._lock:
             self._check_open()
             try:
-                os.eventfd_read(self._eventfd)
+                os.read(self._doorbell, 1)
             except BlockingIOError:
                 return None
-            moved = []
-            for port, link in self._links.items():
-                taken = link.page.take(link.end)
-                if taken == DELIVERED:
-                    return port
-                if taken == GONE:
-                    moved.append(port)
-            for port in moved:  # their peer closed: the ready bit moved with the port
-                link = self._relink(port)
-                if link.page.take(link.end) == DELIVERED:
-                    return port
-            # A ring for a port unbound since: nothing to report.
+            port = self._take_ready()
+            if port is not None:
+                return port
+            # A ring with nothing ready: a port unbound since, or bytes a peer wrote on its
+            # own. Drain them all at once (a peer filling the pipe costs one pass, not one per
+            # byte), then ring again for every port still ready: their rings may have gone
+            # with the rest, and each delivery must keep its byte.
+            try:
+                while os.read(self._doorbell, 65536):
+                    pass
+            except BlockingIOError:
+                pass
+            for link in self._links.values():
+                if link.page.word(link.end) & READY:
+                    _ring(self._ring_own)
             return None
+
+    def _take_ready(self) -> int | None:
+        moved = []
+        for port, link in self._links.items():
+            taken = link.page.take(link.end)
+            if taken == DELIVERED:
+                return port
+            if taken == GONE:
+                moved.append(port)
+        for port in moved:  # their peer closed: the ready bit moved with the port
+            link = self._relink(port)
+            if link.page.take(link.end) == DELIVERED:
+                return port
+        return None
 
     def unmask(self, port: int) -> None:
         with self._lock:
@@ -179,7 +208,7 @@ class SoftwareEventChannels(EventChannels):
                 link = self._relink(port)
                 done = link.page.unmask(link.end)
             if done == DELIVERED:
-                _ring(self._eventfd)
+                _ring(self._ring_own)
 
     def unbind(self, port: int) -> None:
         with self._lock:
@@ -189,14 +218,14 @@ class SoftwareEventChannels(EventChannels):
 
     def close(self) -> None:
         with self._lock:
-            if self._eventfd < 0:
+            if self._doorbell < 0:
                 return
             self._conn.close()  # BYE: grantd closes every port of this handle
             for link in self._links.values():
                 link.close()
             self._links.clear()
-            os.close(self._eventfd)
-            self._eventfd = -1
+            close_fds([self._doorbell, self._ring_own])
+            self._doorbell = self._ring_own = -1
 
     def __enter__(self) -> SoftwareEventChannels:
         return self

@@ -4,8 +4,8 @@ Owns: the layout of the page grantd creates for each event channel (one 32-bit w
 holding that port's pending, masked, ready, bound and closed bits) and the transitions both
 ends and grantd apply to those words with compare-and-swap: raise an event, take a delivered
 event, unmask, close. With them Xen's event channel rules hold without a daemon on the path:
-a notify is one compare-and-swap on the peer's word and, when it delivers, one write to the
-peer handle's eventfd.
+a notify is one compare-and-swap on the peer's word and, when it delivers, one byte written
+to the peer handle's doorbell pipe.
 Must not: talk to grantd, keep a port table, or block.
 
 The rules are Xen's evtchn_set_pending()/evtchn_unmask() with the delivery of Linux's evtchn
@@ -17,8 +17,9 @@ the interrupt is acknowledged):
 - unmask (the owner): clear MASKED; if PENDING was set, deliver instead (PENDING cleared,
   MASKED and READY set).
 - close (grantd): set CLOSED; the old value carries the port's state to its next page.
-Exactly one party makes a given delivery, and it rings the owner's doorbell once (an eventfd
-in semaphore mode), so a handle's fd is readable exactly while a delivered port waits.
+Exactly one party makes a given delivery, and it rings the owner's doorbell once (one byte
+in a pipe, read one byte per taken port), so a handle's fd is readable exactly while a
+delivered port waits.
 Only the two ends of a channel (and grantd) hold its page: a hostile peer can disturb the
 channel it is on and no other.
 """
@@ -49,8 +50,17 @@ NOTHING = 0
 DELIVERED = 1
 GONE = 2  # the word says CLOSED
 
-_cas = barrier.compare_and_swap32()
+_UNSET = object()
+_cas: object = _UNSET  # the machine compare-and-swap, made on first use (None: lock instead)
 _fallback_lock = threading.Lock()
+
+
+def machine_cas():  # -> Callable[[int, int, int], int] | None
+    """The compare-and-swap the words use, or None where the POSIX-lock fallback is used."""
+    global _cas
+    if _cas is _UNSET:
+        _cas = barrier.compare_and_swap32()
+    return _cas
 
 
 def create_page_fd() -> int:
@@ -82,8 +92,9 @@ class ChannelPage:
         return self._cells[end * _CELLS_PER_WORD]
 
     def _swap(self, end: int, old: int, new: int) -> int:
-        if _cas is not None:
-            return _cas(self.addr + end * WORD_STRIDE, old, new)
+        cas = _cas if _cas is not _UNSET else machine_cas()
+        if cas is not None:
+            return cas(self.addr + end * WORD_STRIDE, old, new)  # type: ignore[operator]
         # No machine compare-and-swap here: a POSIX record lock on the word excludes the
         # other processes, the module lock this process's other threads.
         offset = end * WORD_STRIDE

@@ -20,6 +20,7 @@ import array
 import json
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -272,11 +273,13 @@ class GrantService:
                 target = getattr(client, record)
                 if target is None:
                     raise PlatformError("grantd.closed: this handle said BYE")
-                reply, reply_fds = handler(target, msg, fds)
+                reply, reply_fds, *after = handler(target, msg, fds)
+                owned = after[0] if after else []
         except WireError:
             raise
         except PlatformError as err:
-            reply, reply_fds = error_message(err), []
+            close_fds(owned)
+            reply, reply_fds, owned = error_message(err), [], []
         try:
             if not client.closed:
                 self._send(client, reply.encode(), reply_fds)
@@ -352,7 +355,7 @@ class GrantService:
             client.grants = self._grant_table.open_mapper(domid)
         elif kind == Kind.EVTCHN:
             if len(fds) != 1:
-                raise WireError("grantd.hello_fd: an evtchn HELLO carries exactly one eventfd")
+                raise WireError("grantd.hello_fd: an evtchn HELLO carries exactly one pipe end")
             client.events = self._event_table.open_handle(domid, fds[0])
             fds.pop()
         client.kind = kind
@@ -408,6 +411,13 @@ def run_grantd(socket_path: str, *, ready_fd: int | None = None) -> None:
     The socket path appears only once the service accepts connections; if `ready_fd` is
     given, "READY\\n" is also written to it then and it is closed (as xenstored does).
     """
+    # Every event channel holds its page's memfd here: allow as many as the system does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            log.warning("grantd: could not raise the open file limit from %d", soft)
     service = GrantService(socket_path)
     previous = {}
     in_main = threading.current_thread() is threading.main_thread()

@@ -2,11 +2,13 @@
 
 Owns: ports (per domain, from 1, port 0 never valid, to 4095, the 2-level ABI limit), their
 binding (unbound and offered to a domain, or interdomain), the channel page of each binding
-(evtchn_channel.py) and the eventfd of each evtchn handle, handed to the peer at bind time so
-that notifications travel directly between the two processes; and what a handle leaves
-behind when it goes away. This is the control plane: bind, close and crash clean-up.
+(evtchn_channel.py) and the doorbell of each evtchn handle (the write end of its pipe),
+reopened for each peer at bind time (its own non-blocking open file description) so that
+notifications travel directly between the two processes; and what a handle leaves behind
+when it goes away. This is the control plane: bind, close and crash clean-up.
 Must not: be on the path of a notification (notify, delivery, unmask happen on the channel
-page and the eventfds, never here), know about sockets or grants, or know blkif.
+page and the pipes, never here), write to a doorbell, know about sockets or grants, or know
+blkif.
 
 Semantics, following Xen:
 - Xen hands out the lowest free port.
@@ -23,6 +25,7 @@ Semantics, following Xen:
 from __future__ import annotations
 
 import enum
+import fcntl
 import os
 import stat
 from dataclasses import dataclass, field
@@ -57,11 +60,21 @@ class PortState(enum.Enum):
 
 @dataclass(eq=False)
 class EventClient:
-    """One evtchn handle: its domain, its doorbell (an eventfd) and the ports it bound."""
+    """One evtchn handle: its domain, its doorbell (a pipe's write end) and its ports."""
 
     domid: int
-    eventfd: int
+    doorbell: int
     ports: set[int] = field(default_factory=set)
+
+    def doorbell_for_a_peer(self) -> int:
+        """A new non-blocking open file description of the doorbell, for one notifier: its
+        flags are that notifier's alone (see evtchn.py)."""
+        try:
+            return os.open(
+                f"/proc/self/fd/{self.doorbell}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            )
+        except OSError as err:
+            raise EventChannelError(f"evtchn.doorbell: cannot reopen the peer's doorbell: {err}") from None
 
 
 @dataclass(eq=False)
@@ -76,11 +89,11 @@ class _Port:
     remote_port: int | None = None
 
 
-def _is_eventfd(fd: int) -> bool:
+def _is_pipe_write_end(fd: int) -> bool:
     try:
-        return not stat.S_ISREG(os.fstat(fd).st_mode) and os.readlink(
-            f"/proc/self/fd/{fd}"
-        ) == "anon_inode:[eventfd]"
+        return stat.S_ISFIFO(os.fstat(fd).st_mode) and (
+            fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
+        )
     except OSError:
         return False
 
@@ -93,19 +106,19 @@ class EventTable:
     def __init__(self) -> None:
         self._ports: dict[int, dict[int, _Port]] = {}
 
-    def open_handle(self, domid: int, eventfd: int) -> EventClient:
-        """An evtchn handle of `domid` ringing `eventfd` (now owned here)."""
-        if not _is_eventfd(eventfd):
-            raise WireError("grantd.hello_fd: an evtchn HELLO carries an eventfd")
-        return EventClient(domid, eventfd)
+    def open_handle(self, domid: int, doorbell: int) -> EventClient:
+        """An evtchn handle of `domid` woken through the pipe `doorbell` (now owned here)."""
+        if not _is_pipe_write_end(doorbell):
+            raise WireError("grantd.hello_fd: an evtchn HELLO carries the write end of a pipe")
+        return EventClient(domid, doorbell)
 
     def release(self, client: EventClient) -> None:
         """The handle said BYE or went away: close every port it bound."""
         for port in list(client.ports):
             self._close_port(self._ports[client.domid][port])
-        if client.eventfd >= 0:
-            close_fds([client.eventfd])
-            client.eventfd = -1
+        if client.doorbell >= 0:
+            close_fds([client.doorbell])
+            client.doorbell = -1
 
     # -- ports -----------------------------------------------------------------------------
 
@@ -131,16 +144,20 @@ class EventTable:
             f"evtchn.no_free_port: domain {client.domid} uses all {NR_EVENT_CHANNELS - 1} ports"
         )
 
-    def _link(self, p: _Port) -> Reply:
-        """Where `p`'s events travel: its page and word, and the peer's word and doorbell."""
+    def _link(self, p: _Port, doorbell: int | None = None) -> Reply:
+        """Where `p`'s events travel: its page and word, and the peer's word and doorbell
+        (`doorbell`, when the caller reopened it already)."""
         if p.state is PortState.INTERDOMAIN:
             assert p.remote_port is not None
             rp = self._ports[p.remote_domid][p.remote_port]
+            if doorbell is None:
+                doorbell = rp.owner.doorbell_for_a_peer()
             return (
                 Message(Op.OK, (p.port, p.end, rp.end, rp.port)),
-                [p.page.fd, rp.owner.eventfd],
+                [p.page.fd, doorbell],
+                [doorbell],
             )
-        return Message(Op.OK, (p.port, p.end, -1, -1)), [p.page.fd]
+        return Message(Op.OK, (p.port, p.end, -1, -1)), [p.page.fd], []
 
     def op_bind_unbound(self, client: EventClient, msg: Message, fds: list[int]) -> Reply:
         need_ints(msg, 1)
@@ -167,16 +184,21 @@ class EventTable:
                 f"offered to domain {client.domid}"
             )
         end = 1 - rp.end
+        doorbell = rp.owner.doorbell_for_a_peer()  # before anything changes: it may fail
+        try:
+            lp = self._alloc_port(client, PortState.INTERDOMAIN, remote, rp.page, end)
+        except BaseException:
+            close_fds([doorbell])
+            raise
         # Xen's evtchn_bind_interdomain() raises an event on the new local port: it starts
         # delivered, and its handle rings its own doorbell when it has recorded the port.
         rp.page.init_word(end, BOUND | MASKED | READY)
-        lp = self._alloc_port(client, PortState.INTERDOMAIN, remote, rp.page, end)
         lp.remote_port = rport
         rp.state = PortState.INTERDOMAIN
         rp.remote_domid = client.domid
         rp.remote_port = lp.port
         rp.page.set_bits(rp.end, BOUND)
-        return self._link(lp)
+        return self._link(lp, doorbell)
 
     def op_link(self, client: EventClient, msg: Message, fds: list[int]) -> Reply:
         need_ints(msg, 1)

@@ -12,9 +12,10 @@ sent with it (SCM_RIGHTS) arrive with that message. A message is a 12-byte heade
 reserved u16, count of integers u32, length of the blob u32), `count` little-endian int64
 and a blob; the header's lengths must match the datagram. Each connection first says HELLO
 with its kind (gntshr, gnttab, evtchn, control) and the domid it acts as. A gntshr
-connection sends its memfd with HELLO; an evtchn connection sends its eventfd, the doorbell
-its peers ring directly (event notifications never travel through grantd: see
-evtchn_channel.py). Replies that could outgrow a message (STATE) travel in a memfd.
+connection sends its memfd with HELLO; an evtchn connection sends the write end of its
+doorbell pipe, which its peers ring directly (event notifications never travel through
+grantd: see evtchn_channel.py). Replies that could outgrow a message (STATE) travel in a
+memfd.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ GRANT_REF_MAX = 0xFFFFFFFF
 class Op(enum.IntEnum):
     """Message operations; every request gets OK or ERROR back."""
 
-    HELLO = 1  # [kind, domid] (+ memfd for gntshr, eventfd for evtchn)
+    HELLO = 1  # [kind, domid] (+ memfd for gntshr, doorbell pipe's write end for evtchn)
     BYE = 2  # [] release everything this connection holds, then OK
     SHARE = 10  # [target domid, writable, page...] -> [ref...]
     UNSHARE = 11  # [ref...] -> [] or ERROR(STILL_MAPPED, ref...)
@@ -68,9 +69,9 @@ class Op(enum.IntEnum):
     COPY = 22  # [n, (to_grant, domid, ref, offset, length)...] + blob -> blob
     BIND_UNBOUND = 30  # [remote domid] -> LINK of the new port
     BIND_INTERDOMAIN = 31  # [remote domid, remote port] -> LINK of the new port
-    LINK = 32  # [port] -> [port, word, peer word or -1, remote port or -1] + channel page
-    #            (+ the peer handle's eventfd when bound): where the port's events travel
     UNBIND = 34  # [port] -> []
+    LINK = 35  # [port] -> [port, end, peer's end or -1, remote port or -1] + channel page
+    #            (+ a write end of the peer's doorbell when bound): where its events travel
     STATE = 40  # [] -> [length] + memfd holding the tables as JSON (tests and debugging)
     OK = 100
     ERROR = 101  # [code, detail ints...] + blob: the one-line message
@@ -161,8 +162,9 @@ def raise_error(msg: Message) -> None:
     raise err
 
 
-# A service handler's answer: the reply and the descriptors it carries (still the sender's).
-Reply = tuple[Message, list[int]]
+# A service handler's answer: the reply, the descriptors it carries (still the sender's) and
+# optionally those of them to close once it is sent.
+Reply = tuple[Message, list[int]] | tuple[Message, list[int], list[int]]
 
 
 def fds_from_ancdata(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:

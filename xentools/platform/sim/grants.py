@@ -17,6 +17,7 @@ gntalloc/gntdev mappings.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap as _mmap_consts
 import os
 import threading
@@ -188,8 +189,11 @@ class SoftwareGrantSharer(GrantSharer):
     def __init__(self, socket_path: str, domid: int) -> None:
         self.domid = domid
         self._lock = threading.Lock()
-        self._memfd = os.memfd_create("xentools-gntshr", os.MFD_CLOEXEC)
+        self._memfd = os.memfd_create("xentools-gntshr", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
+            # A peer holding the memfd read-write (a writable map) must not be able to shrink
+            # it: our own mappings of the pages beyond the new end would die with SIGBUS.
+            fcntl.fcntl(self._memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
             self._conn = ServiceConnection(socket_path, Kind.GNTSHR, domid, fds=[self._memfd])
         except BaseException:
             os.close(self._memfd)
