@@ -94,35 +94,3 @@ def test_our_frontend_on_our_backend_two_sessions(tmp_path, xs):
     assert read_key(xs, paths.backend) is None
     disk.assert_file_matches()
 
-
-@pytest.mark.usefixtures("no_vbd_left")
-def test_a_backend_that_cannot_serve_tells_our_frontend_why_at_once(tmp_path, xs):
-    """On real xenstored: an image that is not there makes our blkback write the error node
-    (where Linux's xenbus_dev_fatal writes it, and under the backend) and Closing, and exit 1
-    with one line; our blkfront fails at once with that reason, not after its timeout."""
-    import time
-
-    from xentools.devices.blkfront_types import BlkfrontError
-
-    missing = tmp_path / "absent.raw"
-    paths = our_vbd(xs, missing, frontend_domid=DOM0, devid=DEVID, frontend_dir=self_frontend_dir(DEVID))
-    try:
-        with OurBlkback(paths.backend, missing, tmp_path) as backend:
-            assert backend.wait_exit() == 1
-            lines = backend.stderr().strip().splitlines()
-            assert len(lines) == 1 and "image.missing" in lines[0], lines
-            assert read_key(xs, f"{paths.backend}/state") == "5"
-            error = read_key(xs, f"{paths.backend}/error")
-            assert error is not None and error.startswith("2 image.missing"), error
-            linux_node = f"/local/domain/{DOM0}/error/" + paths.backend.split("/", 4)[4] + "/error"
-            assert read_key(xs, linux_node) == error
-            started = time.monotonic()
-            with pytest.raises(BlkfrontError) as err:
-                BlkFront.attach(CheckedPlatform(), paths.frontend, config=BlkfrontConfig(connect_timeout=60))
-            assert time.monotonic() - started < 20, "our blkfront waited for its timeout"
-            assert "the backend says: image.missing" in str(err.value), err.value
-            print(f"our blkfront, on a backend that cannot open its image: {err.value}")
-    finally:
-        destroy_vbd(xs, paths)
-        if read_key(xs, f"/local/domain/{DOM0}/error/{paths.backend.split('/', 4)[4]}") is not None:
-            xs.rm(f"/local/domain/{DOM0}/error/{paths.backend.split('/', 4)[4]}")
