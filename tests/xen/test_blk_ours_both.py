@@ -93,4 +93,3 @@ def test_our_frontend_on_our_backend_two_sessions(tmp_path, xs):
     assert report["total"] == 0 and report["frontends"][paths.frontend]["requests"]["checked"] > 0, report
     assert read_key(xs, paths.backend) is None
     disk.assert_file_matches()
-
