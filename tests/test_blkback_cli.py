@@ -396,6 +396,13 @@ def test_a_malformed_frontend_state_is_counted_and_closes_the_device(tmp_path, x
         server.wait_state(xs, paths.backend, XenbusState.Closing)
         assert server.proc.poll() is None  # it waits for the frontend, as after any violation
         assert read(xs, f"{paths.backend}/error").startswith(b"22 ")
+        # The frontend closes and starts again: the backend serves it, the old reason goes.
+        fe.disconnect()
+        fe.reconnect_ready()
+        assert read(xs, f"{paths.backend}/error") is None
+        fe.connect()
+        assert fe.read(0, 512)[0].status == 0
+        fe.disconnect()
         assert server.stop() == 0, server.err
     finally:
         server.stop(signal.SIGKILL)
@@ -404,4 +411,5 @@ def test_a_malformed_frontend_state_is_counted_and_closes_the_device(tmp_path, x
     mine = json.loads(report.read_text())["frontends"][paths.frontend]
     rules = {b"0": "state.unknown", b"": "state.malformed", b"9": "state.unknown", b"banana": "state.malformed"}
     assert mine["violations"] == {rules[value]: 1}, mine
-    assert mine["disconnects"] == 1 and rules[value] in mine["ended"]
+    assert mine["connects"] == 2 and mine["disconnects"] == 2 and mine["requests"]["checked"] == 1
+    assert mine["ended"] == "frontend went to Closed"

@@ -1,4 +1,4 @@
-"""Protocol core: wire formats, ring, handshake and grant-DMA logic.
+"""Protocol core: wire formats, ring, handshake and grant-DMA logic; disk image formats.
 
 Owns: everything that can be decided from bytes and state alone.
 Must not: open files or sockets, sleep, spawn, or import from xentools.platform,

@@ -442,12 +442,16 @@ class BlkBackend:
         """Run work(tx) in a transaction (in_backend_transaction)."""
         return in_backend_transaction(self._xs, self.backend_path, work)
 
-    def _write_keys(self, keys: Mapping[str, str]) -> None:
+    def _write_keys(self, keys: Mapping[str, str], remove: tuple[str, ...] = ()) -> None:
+        """Write `keys` (and remove the `remove` keys present) in one transaction."""
         xs = self._xs
 
         def work(tx: int) -> None:
             for key, value in keys.items():
                 xs.write(f"{self.backend_path}/{key}", value, tx)
+            for key in remove:
+                if xs.exists(f"{self.backend_path}/{key}", tx):
+                    xs.rm(f"{self.backend_path}/{key}", tx)
 
         if not self._transaction(work):
             self.exit_reason = "backend directory removed"
@@ -478,18 +482,8 @@ class BlkBackend:
         )
 
     def _publish_features(self) -> None:
-        keys = self.backend_features().to_keys()
-        xs = self._xs
-
-        def work(tx: int) -> None:
-            for key, value in keys.items():
-                xs.write(f"{self.backend_path}/{key}", value, tx)
-            if xs.exists(f"{self.backend_path}/error", tx):  # an earlier connection's failure
-                xs.rm(f"{self.backend_path}/error", tx)
-
-        if not self._transaction(work):
-            self.exit_reason = "backend directory removed"
-            self._done = True
+        # An earlier connection's error node goes: it no longer says why the device fails.
+        self._write_keys(self.backend_features().to_keys(), remove=("error",))
 
     def _read_ring_info(self) -> FrontendRingInfo:
         xs = self._xs

@@ -48,7 +48,9 @@ from xentools.core.blkif import (
     BLKIF_OP_WRITE_BARRIER,
 )
 
-__all__ = ["HANDSHAKE_RULES", "OPERATIONS", "REQUEST_RULES", "SCHEMA", "ConformanceReport", "FrontendLog"]
+__all__ = [
+    "HANDSHAKE_RULES", "OPERATIONS", "REQUEST_RULES", "SCHEMA", "STATE_RULES", "ConformanceReport", "FrontendLog",
+]
 
 SCHEMA = 2
 _MAX_EXAMPLE = 300  # characters kept of the first message of each rule
@@ -158,10 +160,13 @@ class _Frontend:
 class FrontendLog:
     """What one frontend did, recorded into its backend's report. Safe from any thread."""
 
-    __slots__ = ("_report", "frontend")
+    __slots__ = ("_report", "_lock", "_accepted", "frontend")
 
     def __init__(self, report: ConformanceReport, frontend: str) -> None:
         self._report = report
+        self._lock = report._lock
+        with self._lock:
+            self._accepted = report._entry(frontend).accepted  # the hot path's table
         self.frontend = frontend
 
     def record(self, rule: str, message: str) -> None:
@@ -171,12 +176,12 @@ class FrontendLog:
     def accepted(self, wire_op: int, op: int, segments: int, nbytes: int) -> None:
         """A request passed every check before its I/O: `wire_op` as on the ring (INDIRECT
         for an indirect one), `op` what it does, its data `segments` and `nbytes` (the
-        extent it reads, writes or discards)."""
-        key = (_op_name(op), wire_op == BLKIF_OP_INDIRECT, segments > 0)
-        with self._report._lock:
-            counts = self._report._entry(self.frontend).accepted.get(key)
+        extent it reads, writes or discards). Called once per request: kept cheap."""
+        key = (OPERATIONS.get(op) or _op_name(op), wire_op == BLKIF_OP_INDIRECT, segments > 0)
+        with self._lock:
+            counts = self._accepted.get(key)
             if counts is None:
-                self._report._entry(self.frontend).accepted[key] = [1, segments, nbytes]
+                self._accepted[key] = [1, segments, nbytes]
             else:
                 counts[0] += 1
                 counts[1] += segments
@@ -236,8 +241,6 @@ class ConformanceReport:
 
     def frontend(self, frontend: str) -> FrontendLog:
         """The log of `frontend`, which appears in the report from now on."""
-        with self._lock:
-            self._entry(frontend)
         return FrontendLog(self, frontend)
 
     def record(self, frontend: str, rule: str, message: str) -> None:
