@@ -1,9 +1,10 @@
 """`xentools vbd create|destroy` on real Xen, in dom0, against Xen's C xenstored.
 
-Owns: proof that what `vbd create` checks holds on real Xen as on the software Xen: a domain
-that does not exist is refused (no /local/domain/N), a missing or non-RAW image is refused,
-an existing vbd is refused without --force; each as one line and a non-zero exit, with
-nothing written to xenstore. The vbd made here is dom0's own (frontend domid 0) under the
+Owns: proof that what `vbd create` checks in xenstore holds on real Xen as on the software
+Xen: a domain that does not exist is refused (no /local/domain/N), an existing vbd is refused
+without --force; each as one line and a non-zero exit, with nothing written to xenstore; a
+disk spec and the old `--frontend-domid` spelling work. (The image checks do not depend on
+the platform: tests/test_cli_vbd.py. Each CLI run costs ~15 s of dom0's slow Python.) The vbd made here is dom0's own (frontend domid 0) under the
 userspace backend kind, which no kernel backend serves.
 """
 
@@ -29,16 +30,12 @@ def _refused(proc: subprocess.CompletedProcess[str], rule: str) -> None:
 def test_vbd_create_checks_on_real_xen(tmp_path, platform):
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
-    qcow = tmp_path / "disk.qcow2"
-    qcow.write_bytes(b"QFI\xfb" + bytes([0, 0, 0, 3]) + bytes(16) + (1 << 20).to_bytes(8, "big") + bytes(4000))
     backend = "/local/domain/0/backend/xtvbd/0/51936"  # xvdo
     common = ("--userspace-kind", "--vdev", "xvdo")
     xs = platform.open_xenstore()
     try:
         _refused(_run("create", "--domid", "4000", *common, "--image", str(image)), "vbd.no_domain")
         assert not xs.exists("/local/domain/0/backend/xtvbd/4000")
-        _refused(_run("create", "--domid", "0", *common, "--image", str(tmp_path / "nope.img")), "vbd.image_missing")
-        _refused(_run("create", "--domid", "0", *common, "--image", str(qcow)), "image.not_raw")
         assert not xs.exists(backend)
         made = _run("create", "--frontend-domid", "0", *common, "--image", f"format=raw, access=ro, target={image}")
         assert made.returncode == 0, made.stderr
