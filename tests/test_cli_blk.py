@@ -175,6 +175,13 @@ def test_backend_never_reaching_initwait(served):
     sim_dir, _ = served
     line = one_error_line(blk(sim_dir, "info", "--vdev", "xvdb", "--timeout", "0.5"), "connect.timeout")
     assert "never reached InitWait" in line and "Initialising (1)" in line
+    assert "start it: `xentools blkback serve --backend-path" in line  # the fix, named
+
+
+def test_missing_vbd_names_vbd_create(served):
+    sim_dir, _ = served
+    line = one_error_line(blk(sim_dir, "info", "--vdev", "xvdp"), "xenstore.missing")
+    assert "create the vbd first: `xentools vbd create --domid 1 --vdev xvdp --image IMAGE`" in line
 
 
 def test_out_of_range_and_usage_errors(served):

@@ -204,3 +204,7 @@ def test_one_spelling_old_ones_hidden(xen, tmp_path):
     shown = subprocess.run([sys.executable, "-m", "xentools", "vbd", "create", "--help"],
                            capture_output=True, text=True, timeout=60).stdout
     assert "--domid" in shown and "--frontend-domid" not in shown and "--sim-dir" in shown
+
+
+def test_destroying_a_missing_vbd_says_so(xen):
+    _refused(_run(xen, "destroy", "--domid", "4", "--vdev", "xvdz"), "vbd.missing", "nothing to remove")

@@ -25,7 +25,7 @@ import click
 
 from xentools.core.diskspec import DiskSpecError, looks_like_disk_spec, parse_disk_spec
 from xentools.core.errors import XentoolsError
-from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError
+from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError, ConnectTimeout
 from xentools.tools.options import domid_option, sim_dir_option, vdev_option
 
 CHUNK_BYTES = 4 << 20  # a long transfer goes in 4 MiB operations, DEPTH of them in flight
@@ -85,13 +85,27 @@ def _attached(opts: dict) -> Iterator[BlkFront]:
         vbd = spec.vdev
     platform = open_platform(opts["sim_dir"], opts["domid"])
     try:
-        dev = BlkFront.attach(platform, vbd, config=config)
+        try:
+            dev = BlkFront.attach(platform, vbd, config=config)
+        except BlkfrontError as err:
+            raise _with_fix(err, platform.domid, vbd) from None
         try:
             yield dev
         finally:
             dev.close()
     finally:
         platform.close()
+
+
+def _with_fix(err: BlkfrontError, domid: int, vbd: str | int) -> BlkfrontError:
+    """The attach failure, with what the user does about it when it is a step they skipped."""
+    if err.rule == "xenstore.missing" and "/device/vbd/" in err.detail:
+        fix = f"create the vbd first: `xentools vbd create --domid {domid} --vdev {vbd} --image IMAGE`"
+    elif isinstance(err, ConnectTimeout) and "InitWait" in err.detail:
+        fix = "is its backend running? start it: `xentools blkback serve --backend-path BACKEND --image IMAGE`"
+    else:
+        return err
+    return type(err)(err.rule, f"{err.detail}: {fix}")
 
 
 def _range(dev: BlkFront, sector: int, count: int | None) -> tuple[int, int]:

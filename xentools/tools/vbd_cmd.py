@@ -134,6 +134,11 @@ def vbd_destroy(sim_dir, domid, vdev, userspace_kind, backend_domid, as_json) ->
     paths = _paths(domid, _devid(vdev or "xvda"), backend_domid, userspace_kind)
     xs = open_platform(sim_dir, backend_domid).open_xenstore()
     try:
+        if not xs.exists(paths.backend) and not xs.exists(paths.frontend):
+            raise toolstack.ToolstackError(
+                "vbd.missing", f"domain {domid} has no vbd {vdev or 'xvda'} ({paths.backend} and "
+                f"{paths.frontend} do not exist): nothing to remove (check --domid, --vdev, "
+                "--backend-domid and --userspace-kind)")
         toolstack.destroy_vbd(xs, paths)
     finally:
         xs.close()
