@@ -382,7 +382,7 @@ def test_xentools_backend_gives_an_hvm_guests_firmware_the_image_through_qemu(tm
     disk = XentoolsDisk(str(image), report_path=str(tmp_path / "r.json"), writable=False)
     assert disk.xl_disks() == []
     ahci = disk.device_model_args("ahci")
-    assert ahci == ["-device", "ahci,id=xtahci0", "-drive", f"file={image},if=none,id=xtdisk0,format=raw,readonly=on",
+    assert ahci == ["-device", "ahci,id=xtahci0", "-drive", f"file={image},if=none,id=xtdisk0,format=raw,snapshot=on",
                     "-device", "ide-hd,bus=xtahci0.0,unit=0,drive=xtdisk0"]
     assert disk.device_model_args("ide")[-1] == "ide-hd,bus=ide.0,unit=0,drive=xtdisk0"
     cfg = render_xl_cfg(GuestConfig(NAME, "hvm", 256, 1, device_model_args=tuple(ahci),

@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 from guests import guest_kernel, unique_name, xl_domains
 from hvm_images import (
+    NESTED_HVM_CFG,
     PROMPT,
     BootRun,
     boot_test,
@@ -163,7 +164,9 @@ def test_pvh_kernel_on_our_blkback_passes(images):
     image = images["image"]
     run = _run(images, "pvh", image.path, "--profile", "linux-pv", "--type", "pvh",
                "--kernel", str(images["kernel"].image), "--ramdisk", str(image.initramfs), "--extra", image.pv_cmdline,
-               "--backend", "xentools", "--read-only", "--memory", "256", "--vcpus", "1", *TIMEOUTS)
+               "--backend", "xentools", "--read-only", "--memory", "256", "--vcpus", "1",
+               # A PVH guest runs under the same emulated SVM as HVM: RDTSCP needs native TSC.
+               *[arg for line in NESTED_HVM_CFG for arg in ("--xl-cfg", line)], *TIMEOUTS)
     report = _assert_pass(run)
     assert (report["guest_type"], report["backend"]) == ("pvh", "xentools")
     _assert_read_the_whole_disk(run, images)

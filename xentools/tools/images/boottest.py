@@ -88,6 +88,8 @@ class GuestConfig:
     device_model_args: tuple[str, ...] = ()
     # Extra xl.cfg lines, "KEY=VALUE" as xl.cfg(5) spells them (--xl-cfg), written last.
     extra_cfg: tuple[str, ...] = ()
+    # The kernel= is a bootloader (pvgrub2): its output is the bootloader milestone.
+    kernel_is_bootloader: bool = False
 
 
 def _q(key: str, value: str) -> str:
@@ -478,7 +480,9 @@ def emulated_disk_args(image: str, emulated_disk: str, *, read_only: bool) -> li
     of its own (hdtype='ahci' does the same for disk= lines)."""
     if "," in image:
         raise BootTestError("boottest.image_path", f"image path {image!r} contains ',', which QEMU's -drive cannot carry")
-    ro = ",readonly=on" if read_only else ""
+    # QEMU's IDE/AHCI disks refuse a read-only drive ("Can't use a read-only drive"):
+    # snapshot=on gives the firmware a writable view whose writes go to a temporary overlay.
+    ro = ",snapshot=on" if read_only else ""
     drive = f"file={image},if=none,id=xtdisk0,format=raw{ro}"
     if emulated_disk == "ahci":
         return ["-device", "ahci,id=xtahci0", "-drive", drive, "-device", "ide-hd,bus=xtahci0.0,unit=0,drive=xtdisk0"]
@@ -765,6 +769,7 @@ class BootTest:
         self._xen_log_ok = True
         # Seconds from unpause to each boot milestone seen (MILESTONES), for the report.
         self.milestones: dict[str, float] = {}
+        self._create_failure = ""
         self.files = {
             "xl_cfg": str(self.out_dir / "xl.cfg"),
             "console_log": str(self.out_dir / "console.log"),
@@ -784,6 +789,9 @@ class BootTest:
 
     def _xl(self, *args: str, timeout: float = XL_TIMEOUT) -> Completed:
         done = self._run_xl(args, timeout)
+        if done.returncode != 0 and args[0] == "create":
+            # libxl's reason is rarely its last line: the report keeps all of it.
+            self._create_failure = (done.stdout + done.stderr).strip()[-4000:]
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
             raise BootTestError("boottest.xl_failed", f"xl {args[0]} failed (exit {done.returncode}): {last}")
@@ -851,8 +859,12 @@ class BootTest:
                 engine = VerdictEngine(self.rules, self.clock())
                 self._watch(engine, console, log, domid)
                 phase("guest")
-            except (XentoolsError, OSError) as err:
-                engine.error(self.clock(), str(err) if isinstance(err, XentoolsError) else f"{err.strerror or err}")
+            except XentoolsError as err:
+                engine.error(self.clock(), str(err))
+                if not created and self._create_failure:
+                    create_out = self._create_failure
+            except OSError as err:
+                engine.error(self.clock(), f"{err.strerror or err}")
             if domid is not None and self.read_xen_log:
                 # Read once more while the domain's lines are fresh, before it is destroyed.
                 self._poll_xen_log(domid)
@@ -942,7 +954,8 @@ class BootTest:
     def _milestones_from(self, engine: VerdictEngine, data: bytes, now: float) -> None:
         start = engine.start
         if data:
-            self._milestone("bootloader" if self.guest.guest_type == "hvm" or not self.guest.kernel
+            g = self.guest
+            self._milestone("bootloader" if g.guest_type == "hvm" or not g.kernel or g.kernel_is_bootloader
                             else "kernel", now, start)
             text = data.decode("utf-8", "replace")
             self._recent = (self._recent + text)[-4096:]
