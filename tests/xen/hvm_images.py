@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,17 +156,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class BootRun:
-    """One `xentools image boot-test` process and the files it wrote."""
+    """One `xentools image boot-test` process (domain `name`) and the files it wrote to `out`;
+    `label` names it in test output. Shared by the nested boot-test suites."""
 
-    label: str
+    name: str
     out: Path
     returncode: int
     stdout: str
     stderr: str
     seconds: float
+    label: str = ""
 
     def report(self) -> dict:
         return json.loads((self.out / "report.json").read_text())
+
+    def junit(self) -> ET.Element:
+        return ET.parse(self.out / "junit.xml").getroot()
 
     def console(self) -> str:
         path = self.out / "console.log"
@@ -184,10 +191,10 @@ class BootRun:
             created = ""
         # libxl's logs of the domain (the device model's stderr lands in qemu-dm-NAME.log).
         logs = ""
-        for path in (Path(f"/var/log/xen/qemu-dm-{self.out.name}.log"), Path(f"/var/log/xen/xl-{self.out.name}.log")):
+        for path in (Path(f"/var/log/xen/qemu-dm-{self.name}.log"), Path(f"/var/log/xen/xl-{self.name}.log")):
             if path.exists():
                 logs += f"{path}:\n{path.read_text(errors='replace')[-3000:]}\n"
-        return (f"boot-test {self.label} exited {self.returncode} after {self.seconds:.1f} s\n"
+        return (f"boot-test {self.label or self.name} exited {self.returncode} after {self.seconds:.1f} s\n"
                 f"stdout: {self.stdout[-3000:]}\nstderr: {self.stderr[-3000:]}\nxl create said:\n{created}\n"
                 f"{logs}console tail:\n{tail}\nXen's log of the domain:\n{xen}\nblkback log:\n{backend}")
 
@@ -196,8 +203,8 @@ class BootRun:
         try:
             r = self.report()
         except (OSError, ValueError):
-            return f"{self.label}: exit {self.returncode} in {self.seconds:.1f} s (no report)"
-        return (f"{self.label}: {r['verdict']} in {r['elapsed_s']:.1f} s after unpause ({self.seconds:.1f} s "
+            return f"{self.label or self.name}: exit {self.returncode} in {self.seconds:.1f} s (no report)"
+        return (f"{self.label or self.name}: {r['verdict']} in {r['elapsed_s']:.1f} s after unpause ({self.seconds:.1f} s "
                 f"in all); milestones {json.dumps(r.get('milestones_s'))}")
 
 
@@ -221,7 +228,19 @@ def boot_test(label: str, image: Path, out: Path, name: str, *options: str, time
     began = time.monotonic()
     proc = subprocess.run(boot_test_argv(image, out, name, *options), cwd=REPO, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=timeout)
-    return BootRun(label, out, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - began)
+    return BootRun(name, out, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - began, label)
+
+
+def results_root(tmp_path_factory, sub: str) -> Path:
+    """Where a nested suite's boot-test runs write: under $NESTED_RESULTS, which the harness
+    keeps on the host after dom0 powers off (reports and console logs stay readable when
+    something fails), else a pytest temporary directory."""
+    results = os.environ.get("NESTED_RESULTS")
+    if results:
+        root = Path(results) / sub
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    return tmp_path_factory.mktemp(sub)
 
 
 def disk_digest_read(console: str) -> str | None:

@@ -693,6 +693,9 @@ KERNEL_LINE = re.compile(r"Decompressing Linux|Booting the kernel|Linux version 
 BLKFRONT_LINE = re.compile(r"blkfront: xvd[a-z]+: |xbd\d+: .*<Virtual Block Device>")
 
 
+_XEN_NOISE = re.compile(r"^\(XEN\) HVM\s?d?\d+(v\d+)? (save|restore):")
+
+
 def domain_xen_lines(dmesg: str, domid: int) -> list[str]:
     """The lines of `xl dmesg` about domain `domid`: its own output ("(dN) ..."), Xen's lines
     naming it ("dNvM", "Domain N"), and the register dump that follows a fatal line."""
@@ -700,6 +703,8 @@ def domain_xen_lines(dmesg: str, domid: int) -> list[str]:
     out: list[str] = []
     dump = 0
     for line in dmesg.splitlines():
+        if _XEN_NOISE.search(line):
+            continue  # the toolstack saving/restoring HVM context at create: every HVM guest has them
         if mine.search(line):
             out.append(line)
             dump = 40 if first_match([line], XEN_FATAL) else dump
