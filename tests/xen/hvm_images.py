@@ -104,9 +104,13 @@ def make_boot_image(path: Path, kernel: Kernel, work: Path, *, size_mib: int = 3
     initramfs = build_initramfs(work / "initrd.img", kernel=kernel, scenarios=(),
                                 modules=("xen-blkfront",), extra_files={"scenarios/hvm-read.sh": SCENARIO.encode()})
     # Linux's decompressor and the kernel write to the emulated UART (HVM) or the PV console
-    # (pvgrub2, PVH). quiet: every console byte is an exit to QEMU in dom0 under nested TCG.
-    hvm_cmdline = "console=ttyS0,115200 quiet xentools.scenario=hvm-read"
-    pv_cmdline = "console=hvc0 quiet xentools.scenario=hvm-read"
+    # (pvgrub2, PVH). HVM: earlyprintk=serial makes the decompressor talk on COM1 (console=
+    # ttyS0 alone does not), loglevel=1 rather than quiet lets it: its lines ("Booting the
+    # kernel") mark the kernel milestone, while the kernel's own messages stay off the UART
+    # (each byte is an exit to QEMU in dom0 under nested TCG). PV: loglevel=6 keeps
+    # "Linux version" (a notice) for the same milestone; the PV console is a shared ring.
+    hvm_cmdline = "console=ttyS0,115200 earlyprintk=serial,ttyS0,115200 loglevel=1 xentools.scenario=hvm-read"
+    pv_cmdline = "console=hvc0 loglevel=6 xentools.scenario=hvm-read"
     total = size_mib << 20
     with open(path, "wb") as f:
         f.truncate(total)
