@@ -629,3 +629,28 @@ def test_a_vhd_named_raw_is_never_converted_onto_itself(tmp_path, fake, image):
     assert f"qemu-img convert -f vpc -O raw {vhd} {tmp_path / 'disk-converted.raw'}" in str(err.value)
     info, _ = preflight(vhd, xl=str(fake.path), euid=0, force_format="raw")
     assert info.format == "vhd"
+
+
+def test_cli_pvgrub_boots_a_pv_guest_from_the_images_own_grub_cfg(tmp_path, fake, image, as_root, monkeypatch):
+    grub = tmp_path / "grub-x86_64-xen.bin"
+    grub.write_bytes(b"\x7fELF")
+    monkeypatch.setattr("xentools.tools.image_cmd.PVGRUB", (str(grub), "grub-xen-host"))
+    fake.configure(transcript=[[0.02, "GNU GRUB  version 2.06\n"], [0.02, "login: \n"]])
+    r = cli(str(image), "--out", str(tmp_path / "res"), "--name", NAME, "--bootloader", "pvgrub", "--json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["guest_type"] == "pv" and set(report["milestones_s"]) >= {"bootloader", "verdict"}
+    assert "kernel" not in report["milestones_s"]
+    cfg = (tmp_path / "res" / "xl.cfg").read_text()
+    assert f"kernel = '{grub}'" in cfg and "extra" not in cfg and "ramdisk" not in cfg
+    r = cli(str(image), "--bootloader", "pvgrub", "--kernel", str(grub))
+    assert r.exit_code == 4 and "boottest.bootloader" in r.stderr and "not both" in r.stderr
+    monkeypatch.setattr("xentools.tools.image_cmd.PVGRUB", (str(tmp_path / "none.bin"), "grub-xen-host"))
+    r = cli(str(image), "--bootloader", "pvgrub")
+    assert r.exit_code == 4 and "apt-get install grub-xen-host" in r.stderr
+
+
+def test_cli_an_hvm_disk_cannot_be_read_only_on_the_hosts_backends(tmp_path, fake, image, as_root):
+    r = cli(str(image), "--read-only", "--backend", "qdisk")
+    assert r.exit_code == 4 and r.stderr.startswith("xentools: error: boottest.read_only: ")
+    assert "--backend xentools" in r.stderr and "create" not in commands(fake)
