@@ -28,6 +28,7 @@ from xentools.tools.images.boottest import (
     XentoolsDisk,
     default_blkback_argv,
     domain_name,
+    domain_xen_lines,
     fit_guest,
     parse_cfg_line,
     parse_xl_info,
@@ -453,6 +454,8 @@ def test_a_triple_fault_in_xens_log_is_an_error_quoting_xen(tmp_path, fake, imag
                                "(XEN) d7v0 Triple fault - invoking HVM shutdown action 1",
                                "(XEN) *** Dumping Dom7 vcpu#0 state: ***", "(XEN) RIP:    0010:[<ffffffff81a1b2c3>]")
     assert not any("d6v0" in line for line in res.xen_log)
+    assert domain_xen_lines("(XEN) HVM d7 save: PIC\n(XEN) HVM d7v0 save: CPU\n(XEN) HVM7 restore: CPU 0\n"
+                            "(d7) SeaBIOS\n(d17) other\n", 7) == ["(d7) SeaBIOS"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["xen_log"] == list(res.xen_log) and report["verdict"] == "error"
     assert {"bootloader", "firmware", "verdict"} <= set(report["milestones_s"])
