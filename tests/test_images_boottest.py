@@ -657,3 +657,30 @@ def test_cli_an_hvm_disk_cannot_be_read_only_on_the_hosts_backends(tmp_path, fak
     r = cli(str(image), "--read-only", "--backend", "qdisk")
     assert r.exit_code == 4 and r.stderr.startswith("xentools: error: boottest.read_only: ")
     assert "--backend xentools" in r.stderr and "create" not in commands(fake)
+
+
+def test_host_disk_reads_the_frontends_state_for_the_blkfront_milestone():
+    states = iter([b"1", b"4"])
+    reads = []
+
+    class Xs:
+        def read(self, path):
+            reads.append(path)
+            return next(states)
+
+        def close(self):
+            pass
+
+    disk = HostDisk("/i.raw", backendtype="qdisk", connect=Xs)
+    assert disk.connected() is False  # before start(): no domain yet
+    disk.start(7)
+    assert disk.connected() is False and disk.connected() is True and disk.connected() is True
+    assert reads == ["/local/domain/7/device/vbd/51712/state"] * 2
+    disk.stop()
+
+    def no_xenstore():
+        raise BootTestError("x", "no xenstore")
+
+    lonely = HostDisk("/i.raw", connect=no_xenstore)
+    lonely.start(7)
+    assert lonely.connected() is False and lonely.connected() is False

@@ -452,19 +452,65 @@ class DiskServer(abc.ABC):
         return False
 
 
+def read_state(xs: Any, path: str) -> int | None:
+    """A xenbus state node as a number; None when it is absent or not a number."""
+    from xentools.platform.interface import XenstoreError
+
+    try:
+        raw = xs.read(path)
+    except XenstoreError:
+        return None
+    text = raw.decode("ascii", "replace").strip() if isinstance(raw, bytes) else str(raw)
+    return int(text) if text.isdigit() else None
+
+
 class HostDisk(DiskServer):
     """The host's usual backend: xl and its hotplug scripts attach the image (or, with
-    backendtype "qdisk", QEMU in dom0 serves it, with no hotplug script)."""
+    backendtype "qdisk", QEMU in dom0 serves it, with no hotplug script). Whether the guest's
+    frontend connected is read from its xenstore state, for the boot milestones only: without
+    a reachable xenstore (a test's fake xl) it stays unknown."""
 
     kind = "host"
 
-    def __init__(self, image: str, vdev: str = "xvda", writable: bool = True, backendtype: str | None = None) -> None:
+    def __init__(self, image: str, vdev: str = "xvda", writable: bool = True, backendtype: str | None = None,
+                 connect: Callable[[], Any] | None = None) -> None:
         self.image = os.path.abspath(image)
         self.vdev = vdev
         self.access = "rw" if writable else "ro"
         self.backendtype = backendtype
         if backendtype:
             self.kind = backendtype
+        self._connect = connect
+        self._xs: Any = None
+        self._state_path: str | None = None
+        self._connected = False
+
+    def start(self, domid: int) -> None:
+        from xentools.core.vbd import encode_vbd
+
+        self._state_path = f"/local/domain/{domid}/device/vbd/{encode_vbd(self.vdev)}/state"
+
+    def connected(self) -> bool:
+        if self._connected or self._state_path is None:
+            return self._connected
+        if self._xs is None:
+            if self._connect is None:
+                from xentools.platform.xenstore import XenstoreClient
+                self._connect = XenstoreClient.connect
+            try:
+                self._xs = self._connect()
+            except XentoolsError:
+                self._state_path = None  # no xenstore here: unknown, and not asked again
+                return False
+        self._connected = read_state(self._xs, self._state_path) == 4
+        return self._connected
+
+    def stop(self) -> Mapping[str, object] | None:
+        if self._xs is not None:
+            with contextlib.suppress(Exception):
+                self._xs.close()
+            self._xs = None
+        return None
 
     def xl_disks(self) -> list[str]:
         # target= must come last: everything after it, commas included, is the path.
@@ -576,14 +622,7 @@ class XentoolsDisk(DiskServer):
         self._wait_ready(began)
 
     def _backend_state(self) -> int | None:
-        from xentools.platform.interface import XenstoreError
-
-        try:
-            raw = self._xs.read(f"{self._paths.backend}/state")
-        except XenstoreError:
-            return None
-        text = raw.decode("ascii", "replace").strip() if isinstance(raw, bytes) else str(raw)
-        return int(text) if text.isdigit() else None
+        return read_state(self._xs, f"{self._paths.backend}/state")
 
     def _wait_ready(self, began: float) -> None:
         # blkif: the backend writes its features, then InitWait (2); a frontend connects after.
