@@ -28,6 +28,7 @@ from xentools.tools.images.boottest import (
     XentoolsDisk,
     default_blkback_argv,
     domain_name,
+    domain_xen_lines,
     fit_guest,
     parse_cfg_line,
     parse_xl_info,
@@ -382,7 +383,7 @@ def test_xentools_backend_gives_an_hvm_guests_firmware_the_image_through_qemu(tm
     disk = XentoolsDisk(str(image), report_path=str(tmp_path / "r.json"), writable=False)
     assert disk.xl_disks() == []
     ahci = disk.device_model_args("ahci")
-    assert ahci == ["-device", "ahci,id=xtahci0", "-drive", f"file={image},if=none,id=xtdisk0,format=raw,readonly=on",
+    assert ahci == ["-device", "ahci,id=xtahci0", "-drive", f"file={image},if=none,id=xtdisk0,format=raw,snapshot=on",
                     "-device", "ide-hd,bus=xtahci0.0,unit=0,drive=xtdisk0"]
     assert disk.device_model_args("ide")[-1] == "ide-hd,bus=ide.0,unit=0,drive=xtdisk0"
     cfg = render_xl_cfg(GuestConfig(NAME, "hvm", 256, 1, device_model_args=tuple(ahci),
@@ -453,6 +454,8 @@ def test_a_triple_fault_in_xens_log_is_an_error_quoting_xen(tmp_path, fake, imag
                                "(XEN) d7v0 Triple fault - invoking HVM shutdown action 1",
                                "(XEN) *** Dumping Dom7 vcpu#0 state: ***", "(XEN) RIP:    0010:[<ffffffff81a1b2c3>]")
     assert not any("d6v0" in line for line in res.xen_log)
+    assert domain_xen_lines("(XEN) HVM d7 save: PIC\n(XEN) HVM d7v0 save: CPU\n(XEN) HVM7 restore: CPU 0\n"
+                            "(d7) SeaBIOS\n(d17) other\n", 7) == ["(d7) SeaBIOS"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["xen_log"] == list(res.xen_log) and report["verdict"] == "error"
     assert {"bootloader", "firmware", "verdict"} <= set(report["milestones_s"])
@@ -629,3 +632,55 @@ def test_a_vhd_named_raw_is_never_converted_onto_itself(tmp_path, fake, image):
     assert f"qemu-img convert -f vpc -O raw {vhd} {tmp_path / 'disk-converted.raw'}" in str(err.value)
     info, _ = preflight(vhd, xl=str(fake.path), euid=0, force_format="raw")
     assert info.format == "vhd"
+
+
+def test_cli_pvgrub_boots_a_pv_guest_from_the_images_own_grub_cfg(tmp_path, fake, image, as_root, monkeypatch):
+    grub = tmp_path / "grub-x86_64-xen.bin"
+    grub.write_bytes(b"\x7fELF")
+    monkeypatch.setattr("xentools.tools.image_cmd.PVGRUB", (str(grub), "grub-xen-host"))
+    fake.configure(transcript=[[0.02, "GNU GRUB  version 2.06\n"], [0.02, "login: \n"]])
+    r = cli(str(image), "--out", str(tmp_path / "res"), "--name", NAME, "--bootloader", "pvgrub", "--json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["guest_type"] == "pv" and set(report["milestones_s"]) >= {"bootloader", "verdict"}
+    assert "kernel" not in report["milestones_s"]
+    cfg = (tmp_path / "res" / "xl.cfg").read_text()
+    assert f"kernel = '{grub}'" in cfg and "extra" not in cfg and "ramdisk" not in cfg
+    r = cli(str(image), "--bootloader", "pvgrub", "--kernel", str(grub))
+    assert r.exit_code == 4 and "boottest.bootloader" in r.stderr and "not both" in r.stderr
+    monkeypatch.setattr("xentools.tools.image_cmd.PVGRUB", (str(tmp_path / "none.bin"), "grub-xen-host"))
+    r = cli(str(image), "--bootloader", "pvgrub")
+    assert r.exit_code == 4 and "apt-get install grub-xen-host" in r.stderr
+
+
+def test_cli_an_hvm_disk_cannot_be_read_only_on_the_hosts_backends(tmp_path, fake, image, as_root):
+    r = cli(str(image), "--read-only", "--backend", "qdisk")
+    assert r.exit_code == 4 and r.stderr.startswith("xentools: error: boottest.read_only: ")
+    assert "--backend xentools" in r.stderr and "create" not in commands(fake)
+
+
+def test_host_disk_reads_the_frontends_state_for_the_blkfront_milestone():
+    states = iter([b"1", b"4"])
+    reads = []
+
+    class Xs:
+        def read(self, path):
+            reads.append(path)
+            return next(states)
+
+        def close(self):
+            pass
+
+    disk = HostDisk("/i.raw", backendtype="qdisk", connect=Xs)
+    assert disk.connected() is False  # before start(): no domain yet
+    disk.start(7)
+    assert disk.connected() is False and disk.connected() is True and disk.connected() is True
+    assert reads == ["/local/domain/7/device/vbd/51712/state"] * 2
+    disk.stop()
+
+    def no_xenstore():
+        raise BootTestError("x", "no xenstore")
+
+    lonely = HostDisk("/i.raw", connect=no_xenstore)
+    lonely.start(7)
+    assert lonely.connected() is False and lonely.connected() is False

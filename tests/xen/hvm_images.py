@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,9 +104,13 @@ def make_boot_image(path: Path, kernel: Kernel, work: Path, *, size_mib: int = 3
     initramfs = build_initramfs(work / "initrd.img", kernel=kernel, scenarios=(),
                                 modules=("xen-blkfront",), extra_files={"scenarios/hvm-read.sh": SCENARIO.encode()})
     # Linux's decompressor and the kernel write to the emulated UART (HVM) or the PV console
-    # (pvgrub2, PVH). quiet: every console byte is an exit to QEMU in dom0 under nested TCG.
-    hvm_cmdline = "console=ttyS0,115200 quiet xentools.scenario=hvm-read"
-    pv_cmdline = "console=hvc0 quiet xentools.scenario=hvm-read"
+    # (pvgrub2, PVH). HVM: earlyprintk=serial makes the decompressor talk on COM1 (console=
+    # ttyS0 alone does not), loglevel=1 rather than quiet lets it: its lines ("Booting the
+    # kernel") mark the kernel milestone, while the kernel's own messages stay off the UART
+    # (each byte is an exit to QEMU in dom0 under nested TCG). PV: loglevel=6 keeps
+    # "Linux version" (a notice) for the same milestone; the PV console is a shared ring.
+    hvm_cmdline = "console=ttyS0,115200 earlyprintk=serial,ttyS0,115200 loglevel=1 xentools.scenario=hvm-read"
+    pv_cmdline = "console=hvc0 loglevel=6 xentools.scenario=hvm-read"
     total = size_mib << 20
     with open(path, "wb") as f:
         f.truncate(total)
@@ -154,17 +160,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class BootRun:
-    """One `xentools image boot-test` process and the files it wrote."""
+    """One `xentools image boot-test` process (domain `name`) and the files it wrote to `out`;
+    `label` names it in test output. Shared by the nested boot-test suites."""
 
-    label: str
+    name: str
     out: Path
     returncode: int
     stdout: str
     stderr: str
     seconds: float
+    label: str = ""
 
     def report(self) -> dict:
         return json.loads((self.out / "report.json").read_text())
+
+    def junit(self) -> ET.Element:
+        return ET.parse(self.out / "junit.xml").getroot()
 
     def console(self) -> str:
         path = self.out / "console.log"
@@ -178,17 +189,26 @@ class BootRun:
             xen = "\n".join(self.report().get("xen_log", [])[-40:])
         except (OSError, ValueError):
             xen = ""
-        return (f"boot-test {self.label} exited {self.returncode} after {self.seconds:.1f} s\n"
-                f"stdout: {self.stdout[-3000:]}\nstderr: {self.stderr[-3000:]}\n"
-                f"console tail:\n{tail}\nXen's log of the domain:\n{xen}\nblkback log:\n{backend}")
+        try:
+            created = self.report().get("xl_create_output", "")
+        except (OSError, ValueError):
+            created = ""
+        # libxl's logs of the domain (the device model's stderr lands in qemu-dm-NAME.log).
+        logs = ""
+        for path in (Path(f"/var/log/xen/qemu-dm-{self.name}.log"), Path(f"/var/log/xen/xl-{self.name}.log")):
+            if path.exists():
+                logs += f"{path}:\n{path.read_text(errors='replace')[-3000:]}\n"
+        return (f"boot-test {self.label or self.name} exited {self.returncode} after {self.seconds:.1f} s\n"
+                f"stdout: {self.stdout[-3000:]}\nstderr: {self.stderr[-3000:]}\nxl create said:\n{created}\n"
+                f"{logs}console tail:\n{tail}\nXen's log of the domain:\n{xen}\nblkback log:\n{backend}")
 
     def summary(self) -> str:
         """One line for the test output: verdict, times, milestones."""
         try:
             r = self.report()
         except (OSError, ValueError):
-            return f"{self.label}: exit {self.returncode} in {self.seconds:.1f} s (no report)"
-        return (f"{self.label}: {r['verdict']} in {r['elapsed_s']:.1f} s after unpause ({self.seconds:.1f} s "
+            return f"{self.label or self.name}: exit {self.returncode} in {self.seconds:.1f} s (no report)"
+        return (f"{self.label or self.name}: {r['verdict']} in {r['elapsed_s']:.1f} s after unpause ({self.seconds:.1f} s "
                 f"in all); milestones {json.dumps(r.get('milestones_s'))}")
 
 
@@ -198,8 +218,10 @@ def boot_test_argv(image: Path, out: Path, name: str, *options: str) -> list[str
 
 
 def hvm_options(backend: str, emulated_disk: str = "ahci") -> list[str]:
-    opts = ["--profile", "linux-hvm", "--backend", backend, "--emulated-disk", emulated_disk, "--read-only",
-            "--memory", "256", "--vcpus", "1"]
+    # Read-only where it can be: libxl refuses read-only emulated disks (the qdisk guest gets
+    # its image writable, and only reads it; the test checks it is unchanged).
+    opts = ["--profile", "linux-hvm", "--backend", backend, "--emulated-disk", emulated_disk,
+            "--memory", "256", "--vcpus", "1", *(["--read-only"] if backend == "xentools" else [])]
     for line in NESTED_HVM_CFG:
         opts += ["--xl-cfg", line]
     return opts
@@ -210,7 +232,19 @@ def boot_test(label: str, image: Path, out: Path, name: str, *options: str, time
     began = time.monotonic()
     proc = subprocess.run(boot_test_argv(image, out, name, *options), cwd=REPO, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=timeout)
-    return BootRun(label, out, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - began)
+    return BootRun(name, out, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - began, label)
+
+
+def results_root(tmp_path_factory, sub: str) -> Path:
+    """Where a nested suite's boot-test runs write: under $NESTED_RESULTS, which the harness
+    keeps on the host after dom0 powers off (reports and console logs stay readable when
+    something fails), else a pytest temporary directory."""
+    results = os.environ.get("NESTED_RESULTS")
+    if results:
+        root = Path(results) / sub
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    return tmp_path_factory.mktemp(sub)
 
 
 def disk_digest_read(console: str) -> str | None:

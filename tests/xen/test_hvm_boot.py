@@ -15,6 +15,10 @@ Owns: proof, through the real CLI run as a subprocess, that
   not write onto the image; the same VHD forced through as RAW gets the no_output verdict
   quoting SeaBIOS's "Boot failed: not a bootable disk" (the seed's "hang").
 Every run prints its verdict, time after unpause, milestones and our blkback's report.
+Not here: OVMF (`--firmware ovmf`). Debian's build carries no Xen PV block driver (no
+blkfront to prove), and its one run in this suite made the OUTER QEMU (7.2, TCG) abort,
+killing the whole nested run: "tcg_handle_interrupt: assertion failed:
+(qemu_mutex_iothread_locked())" right after "(d6) Invoking OVMF ..." (tests/nested/README.md).
 Must not: build images (tests/xen/hvm_images.py) or start Xen services (tests/nested/dom0/).
 
 Run alone: flock /tmp/xentools-nested.lock .venv/bin/python tests/nested/run.py --
@@ -33,6 +37,7 @@ from pathlib import Path
 import pytest
 from guests import guest_kernel, unique_name, xl_domains
 from hvm_images import (
+    NESTED_HVM_CFG,
     PROMPT,
     BootRun,
     boot_test,
@@ -40,6 +45,7 @@ from hvm_images import (
     hvm_options,
     make_boot_image,
     make_vhd,
+    results_root,
     sha256_file,
 )
 
@@ -47,15 +53,6 @@ from xentools.devices.toolstack import USERSPACE_BACKEND_KIND
 
 XVDA = 51712
 TIMEOUTS = ["--first-output-timeout", "150", "--timeout", "300"]
-
-
-def _out_root(tmp_path_factory) -> Path:
-    results = os.environ.get("NESTED_RESULTS")
-    if results:
-        root = Path(results) / "hvm-boot"
-        root.mkdir(parents=True, exist_ok=True)
-        return root
-    return tmp_path_factory.mktemp("hvm-boot")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +66,7 @@ def images(tmp_path_factory):
     vhd = make_vhd(image.path, work / "boot.vhd")
     print(f"\nHVM test images built in {time.monotonic() - began:.1f} s; load {os.getloadavg()[0]:.2f}",
           file=sys.stderr)
-    return {"image": image, "vhd": vhd, "kernel": kernel, "root": _out_root(tmp_path_factory)}
+    return {"image": image, "vhd": vhd, "kernel": kernel, "root": results_root(tmp_path_factory, "hvm-boot")}
 
 
 def _run(images, label: str, image: Path, *options: str) -> BootRun:
@@ -116,12 +113,13 @@ def _assert_our_blkback_served(run: BootRun, report: dict) -> dict:
     return conformance
 
 
-def _assert_pass(run: BootRun) -> dict:
+def _assert_pass(run: BootRun, prompt: str | None = PROMPT) -> dict:
     assert run.returncode == 0, run.explain()
     report = run.report()
     assert json.loads(run.stdout) == report
     assert (report["verdict"], report["exit_code"], report["destroyed"]) == ("pass", 0, True), run.explain()
-    assert report["matched_line"] == PROMPT
+    if prompt is not None:
+        assert report["matched_line"] == prompt
     return report
 
 
@@ -163,7 +161,9 @@ def test_pvh_kernel_on_our_blkback_passes(images):
     image = images["image"]
     run = _run(images, "pvh", image.path, "--profile", "linux-pv", "--type", "pvh",
                "--kernel", str(images["kernel"].image), "--ramdisk", str(image.initramfs), "--extra", image.pv_cmdline,
-               "--backend", "xentools", "--read-only", "--memory", "256", "--vcpus", "1", *TIMEOUTS)
+               "--backend", "xentools", "--read-only", "--memory", "256", "--vcpus", "1",
+               # A PVH guest runs under the same emulated SVM as HVM: RDTSCP needs native TSC.
+               *[arg for line in NESTED_HVM_CFG for arg in ("--xl-cfg", line)], *TIMEOUTS)
     report = _assert_pass(run)
     assert (report["guest_type"], report["backend"]) == ("pvh", "xentools")
     _assert_read_the_whole_disk(run, images)
@@ -192,3 +192,4 @@ def test_the_vhd_forced_as_raw_gets_no_output_quoting_seabios(images):
     assert report["matched_line"] == "Boot failed: not a bootable disk", run.explain()
     assert "the firmware found no bootable disk" in report["reason"]
     assert report["destroyed"] is True
+

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import secrets
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -46,6 +43,7 @@ from guests import (
     unique_name,
     xl_domains,
 )
+from hvm_images import BootRun, results_root
 
 from xentools.devices.toolstack import USERSPACE_BACKEND_KIND
 from xentools.tools.images.diskformat import inspect_image
@@ -62,46 +60,6 @@ PANIC_PATTERN = "Kernel panic - "
 PROMPT = BANNER  # "xentools-guest login:" (the guest prints it with a trailing space)
 # A guest's shell reporting a crashed child, or its kernel reporting a crashed process.
 GUEST_CRASH = re.compile(r"^Segmentation fault$|\]: segfault at |\btraps: .* general protection", re.M)
-
-
-@dataclass(frozen=True)
-class BootRun:
-    """One `xentools image boot-test` process and the files it wrote."""
-
-    name: str
-    out: Path
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    def report(self) -> dict:
-        return json.loads((self.out / "report.json").read_text())
-
-    def junit(self) -> ET.Element:
-        return ET.parse(self.out / "junit.xml").getroot()
-
-    def console(self) -> str:
-        return (self.out / "console.log").read_bytes().decode("utf-8", "replace").replace("\r", "")
-
-    def explain(self) -> str:
-        tail = "\n".join(self.console().splitlines()[-30:]) if (self.out / "console.log").exists() else ""
-        log = self.out / "blkback-report.json.log"
-        backend = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-        return (f"boot-test {self.name} exited {self.returncode} after {self.seconds:.1f} s\n"
-                f"stdout: {self.stdout[-3000:]}\nstderr: {self.stderr[-3000:]}\n"
-                f"console tail:\n{tail}\nblkback log:\n{backend}")
-
-
-def _out_root(tmp_path_factory) -> Path:
-    # The harness keeps $NESTED_RESULTS on the host after dom0 powers off: the reports and
-    # console logs stay readable there when something fails.
-    results = os.environ.get("NESTED_RESULTS")
-    if results:
-        root = Path(results) / "image-boot"
-        root.mkdir(parents=True, exist_ok=True)
-        return root
-    return tmp_path_factory.mktemp("image-boot")
 
 
 def boot_test_argv(image: Path, out: Path, name: str, kernel: Path, ramdisk: Path, extra: str) -> list[str]:
@@ -173,7 +131,7 @@ def boots(tmp_path_factory):
     built = time.monotonic() - began
 
     domains_before = set(xl_domains())
-    root = _out_root(tmp_path_factory)
+    root = results_root(tmp_path_factory, "image-boot")
     scenarios = {"banner": guest_extra("banner"), "panic": guest_extra("panic")}
     runs, retried = {}, []
     started = time.monotonic()

@@ -229,6 +229,11 @@ def boot_test_cmd(ctx: click.Context, image_path: str, profile_name: str | None,
         kind = guest_type or ("pv" if kernel and profile.guest_type == "hvm" else profile.guest_type)
         if kind != "hvm" and (firmware or emulated_disk):
             raise BootTestError("boottest.hvm_only", f"--firmware and --emulated-disk are for HVM guests, not {kind}")
+        if kind == "hvm" and read_only and backend != "xentools":
+            raise BootTestError("boottest.read_only", "an HVM guest's emulated disk cannot be read-only (libxl and "
+                                                      "QEMU refuse it): drop --read-only, or use --backend xentools "
+                                                      "(the firmware then reads a snapshot, the PV driver our "
+                                                      "read-only vbd)")
         info, xl_path = preflight(image_path, xl=xl, kernel=kernel, ramdisk=ramdisk, guest_type=kind,
                                   firmware=firmware, extra_cfg=xl_cfg, force_format=force_format)
         rules = Rules.build(
@@ -257,7 +262,7 @@ def boot_test_cmd(ctx: click.Context, image_path: str, profile_name: str | None,
             kernel=os.path.abspath(kernel) if kernel else None,
             ramdisk=os.path.abspath(ramdisk) if ramdisk else None,
             extra=extra if extra is not None else (profile.extra if kernel and not bootloader else None),
-            firmware=firmware, extra_cfg=tuple(xl_cfg),
+            firmware=firmware, extra_cfg=tuple(xl_cfg), kernel_is_bootloader=bootloader is not None,
         )
         dm_args = tuple(disk.device_model_args(emulated_disk or "ide")) if kind == "hvm" else ()
         guest = dataclasses.replace(guest, disks=tuple(disk.xl_disks()), device_model_args=dm_args,

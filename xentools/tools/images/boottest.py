@@ -88,6 +88,8 @@ class GuestConfig:
     device_model_args: tuple[str, ...] = ()
     # Extra xl.cfg lines, "KEY=VALUE" as xl.cfg(5) spells them (--xl-cfg), written last.
     extra_cfg: tuple[str, ...] = ()
+    # The kernel= is a bootloader (pvgrub2): its output is the bootloader milestone.
+    kernel_is_bootloader: bool = False
 
 
 def _q(key: str, value: str) -> str:
@@ -450,19 +452,65 @@ class DiskServer(abc.ABC):
         return False
 
 
+def read_state(xs: Any, path: str) -> int | None:
+    """A xenbus state node as a number; None when it is absent or not a number."""
+    from xentools.platform.interface import XenstoreError
+
+    try:
+        raw = xs.read(path)
+    except XenstoreError:
+        return None
+    text = raw.decode("ascii", "replace").strip() if isinstance(raw, bytes) else str(raw)
+    return int(text) if text.isdigit() else None
+
+
 class HostDisk(DiskServer):
     """The host's usual backend: xl and its hotplug scripts attach the image (or, with
-    backendtype "qdisk", QEMU in dom0 serves it, with no hotplug script)."""
+    backendtype "qdisk", QEMU in dom0 serves it, with no hotplug script). Whether the guest's
+    frontend connected is read from its xenstore state, for the boot milestones only: without
+    a reachable xenstore (a test's fake xl) it stays unknown."""
 
     kind = "host"
 
-    def __init__(self, image: str, vdev: str = "xvda", writable: bool = True, backendtype: str | None = None) -> None:
+    def __init__(self, image: str, vdev: str = "xvda", writable: bool = True, backendtype: str | None = None,
+                 connect: Callable[[], Any] | None = None) -> None:
         self.image = os.path.abspath(image)
         self.vdev = vdev
         self.access = "rw" if writable else "ro"
         self.backendtype = backendtype
         if backendtype:
             self.kind = backendtype
+        self._connect = connect
+        self._xs: Any = None
+        self._state_path: str | None = None
+        self._connected = False
+
+    def start(self, domid: int) -> None:
+        from xentools.core.vbd import encode_vbd
+
+        self._state_path = f"/local/domain/{domid}/device/vbd/{encode_vbd(self.vdev)}/state"
+
+    def connected(self) -> bool:
+        if self._connected or self._state_path is None:
+            return self._connected
+        if self._xs is None:
+            if self._connect is None:
+                from xentools.platform.xenstore import XenstoreClient
+                self._connect = XenstoreClient.connect
+            try:
+                self._xs = self._connect()
+            except XentoolsError:
+                self._state_path = None  # no xenstore here: unknown, and not asked again
+                return False
+        self._connected = read_state(self._xs, self._state_path) == 4
+        return self._connected
+
+    def stop(self) -> Mapping[str, object] | None:
+        if self._xs is not None:
+            with contextlib.suppress(Exception):
+                self._xs.close()
+            self._xs = None
+        return None
 
     def xl_disks(self) -> list[str]:
         # target= must come last: everything after it, commas included, is the path.
@@ -478,7 +526,9 @@ def emulated_disk_args(image: str, emulated_disk: str, *, read_only: bool) -> li
     of its own (hdtype='ahci' does the same for disk= lines)."""
     if "," in image:
         raise BootTestError("boottest.image_path", f"image path {image!r} contains ',', which QEMU's -drive cannot carry")
-    ro = ",readonly=on" if read_only else ""
+    # QEMU's IDE/AHCI disks refuse a read-only drive ("Can't use a read-only drive"):
+    # snapshot=on gives the firmware a writable view whose writes go to a temporary overlay.
+    ro = ",snapshot=on" if read_only else ""
     drive = f"file={image},if=none,id=xtdisk0,format=raw{ro}"
     if emulated_disk == "ahci":
         return ["-device", "ahci,id=xtahci0", "-drive", drive, "-device", "ide-hd,bus=xtahci0.0,unit=0,drive=xtdisk0"]
@@ -572,14 +622,7 @@ class XentoolsDisk(DiskServer):
         self._wait_ready(began)
 
     def _backend_state(self) -> int | None:
-        from xentools.platform.interface import XenstoreError
-
-        try:
-            raw = self._xs.read(f"{self._paths.backend}/state")
-        except XenstoreError:
-            return None
-        text = raw.decode("ascii", "replace").strip() if isinstance(raw, bytes) else str(raw)
-        return int(text) if text.isdigit() else None
+        return read_state(self._xs, f"{self._paths.backend}/state")
 
     def _wait_ready(self, began: float) -> None:
         # blkif: the backend writes its features, then InitWait (2); a frontend connects after.
@@ -689,6 +732,9 @@ KERNEL_LINE = re.compile(r"Decompressing Linux|Booting the kernel|Linux version 
 BLKFRONT_LINE = re.compile(r"blkfront: xvd[a-z]+: |xbd\d+: .*<Virtual Block Device>")
 
 
+_XEN_NOISE = re.compile(r"^\(XEN\) HVM\s?d?\d+(v\d+)? (save|restore):")
+
+
 def domain_xen_lines(dmesg: str, domid: int) -> list[str]:
     """The lines of `xl dmesg` about domain `domid`: its own output ("(dN) ..."), Xen's lines
     naming it ("dNvM", "Domain N"), and the register dump that follows a fatal line."""
@@ -696,6 +742,8 @@ def domain_xen_lines(dmesg: str, domid: int) -> list[str]:
     out: list[str] = []
     dump = 0
     for line in dmesg.splitlines():
+        if _XEN_NOISE.search(line):
+            continue  # the toolstack saving/restoring HVM context at create: every HVM guest has them
         if mine.search(line):
             out.append(line)
             dump = 40 if first_match([line], XEN_FATAL) else dump
@@ -765,6 +813,7 @@ class BootTest:
         self._xen_log_ok = True
         # Seconds from unpause to each boot milestone seen (MILESTONES), for the report.
         self.milestones: dict[str, float] = {}
+        self._create_failure = ""
         self.files = {
             "xl_cfg": str(self.out_dir / "xl.cfg"),
             "console_log": str(self.out_dir / "console.log"),
@@ -784,6 +833,9 @@ class BootTest:
 
     def _xl(self, *args: str, timeout: float = XL_TIMEOUT) -> Completed:
         done = self._run_xl(args, timeout)
+        if done.returncode != 0 and args[0] == "create":
+            # libxl's reason is rarely its last line: the report keeps all of it.
+            self._create_failure = (done.stdout + done.stderr).strip()[-4000:]
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
             raise BootTestError("boottest.xl_failed", f"xl {args[0]} failed (exit {done.returncode}): {last}")
@@ -851,8 +903,12 @@ class BootTest:
                 engine = VerdictEngine(self.rules, self.clock())
                 self._watch(engine, console, log, domid)
                 phase("guest")
-            except (XentoolsError, OSError) as err:
-                engine.error(self.clock(), str(err) if isinstance(err, XentoolsError) else f"{err.strerror or err}")
+            except XentoolsError as err:
+                engine.error(self.clock(), str(err))
+                if not created and self._create_failure:
+                    create_out = self._create_failure
+            except OSError as err:
+                engine.error(self.clock(), f"{err.strerror or err}")
             if domid is not None and self.read_xen_log:
                 # Read once more while the domain's lines are fresh, before it is destroyed.
                 self._poll_xen_log(domid)
@@ -942,7 +998,8 @@ class BootTest:
     def _milestones_from(self, engine: VerdictEngine, data: bytes, now: float) -> None:
         start = engine.start
         if data:
-            self._milestone("bootloader" if self.guest.guest_type == "hvm" or not self.guest.kernel
+            g = self.guest
+            self._milestone("bootloader" if g.guest_type == "hvm" or not g.kernel or g.kernel_is_bootloader
                             else "kernel", now, start)
             text = data.decode("utf-8", "replace")
             self._recent = (self._recent + text)[-4096:]
