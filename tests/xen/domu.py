@@ -152,7 +152,7 @@ def acknowledge(xs, domid: int, devid: int) -> None:  # type: ignore[no-untyped-
 # ------------------------------------------------------------------ Xen's tables, via dom0
 
 _GRANT_HEADER = re.compile(r"grant-table for remote (?:d|domain:\s*)(\d+)")
-_GRANT_ENTRY = re.compile(r"^\[\s*(0x[0-9a-fA-F]+|\d+)\]\s+(\d+)\s")
+_GRANT_ENTRY = re.compile(r"^\s*\[\s*(0x[0-9a-fA-F]+|\d+)\]\s+(\d+)\s")
 _EVTCHN_HEADER = re.compile(r"Event channel information for (?:domain |d)(\d+)")
 _EVTCHN_ENTRY = re.compile(r"^\s*(\d+)\s+\[[^\]]*\]:\s+s=(\d+)(.*)$")
 _END = re.compile(r"\] done|Event channel information|grant-table for remote")
@@ -198,48 +198,38 @@ class XenTables:
             (self.keep_dir / f"xen-dump-{self.dumps:02d}-{key}.log").write_text(text)
         return [line.split("(XEN) ", 1)[1] if "(XEN) " in line else line for line in text.splitlines()]
 
-    def _section(self, lines: list[str], header: re.Pattern[str], domid: int) -> list[str] | None:
-        out: list[str] | None = None
-        for line in lines:
+    def _entries(self, key: str, header: re.Pattern[str], entry: re.Pattern[str], domid: int) -> list[re.Match[str]]:
+        """The entry lines of `domid`'s section of dump `key` (between its header and the
+        next header or the dump's end). GuestError when the dump has no such section (a
+        wrapped ring)."""
+        section: list[re.Match[str]] | None = None
+        for line in self._dump(key):
             found = header.search(line)
             if found:
-                if out is not None:
+                if section is not None:
                     break
                 if int(found.group(1)) == domid:
-                    out = []
+                    section = []
                 continue
-            if out is not None:
+            if section is not None:
                 if _END.search(line):
                     break
-                out.append(line)
-        return out
+                matched = entry.match(line)
+                if matched:
+                    section.append(matched)
+        if section is None:
+            raise GuestError(f"Xen's dump of debug key {key!r} has no section for d{domid}")
+        return section
 
     def active_grants(self, domid: int) -> list[ActiveGrant]:
-        """The grants of `domid` that some domain maps now (debug key 'g'). Raises
-        GuestError when the dump has no section for the domain (a wrapped ring)."""
-        lines = self._dump("g")
-        section = self._section(lines, _GRANT_HEADER, domid)
-        if section is None:
-            raise GuestError(f"Xen's grant table dump ('g') has no section for d{domid}")
-        grants = []
-        for line in section:
-            found = _GRANT_ENTRY.match(line.strip())
-            if found:
-                grants.append(ActiveGrant(int(found.group(1), 0), int(found.group(2))))
-        return grants
+        """The grants of `domid` that some domain maps now (debug key 'g')."""
+        return [ActiveGrant(int(m.group(1), 0), int(m.group(2)))
+                for m in self._entries("g", _GRANT_HEADER, _GRANT_ENTRY, domid)]
 
     def bound_ports(self, domid: int) -> list[BoundPort]:
         """The event channel ports of `domid` that are not free (debug key 'e')."""
-        lines = self._dump("e")
-        section = self._section(lines, _EVTCHN_HEADER, domid)
-        if section is None:
-            raise GuestError(f"Xen's event channel dump ('e') has no section for d{domid}")
-        ports = []
-        for line in section:
-            found = _EVTCHN_ENTRY.match(line)
-            if found:
-                ports.append(BoundPort(int(found.group(1)), int(found.group(2)), found.group(3)))
-        return ports
+        return [BoundPort(int(m.group(1)), int(m.group(2)), m.group(3))
+                for m in self._entries("e", _EVTCHN_HEADER, _EVTCHN_ENTRY, domid)]
 
 
 def _xl(*args: str) -> str:

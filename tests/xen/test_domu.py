@@ -1,4 +1,5 @@
-"""Our blkfront in a PV domU, against Linux's xen-blkback and against our blkback in dom0.
+"""Our blkfront in a PV domU, against Linux's xen-blkback and against our blkback in dom0,
+and what a domU is told when a piece it needs is missing.
 
 Owns: proof that a userspace frontend in an unprivileged domain works on real Xen: the domU
 (tests/xen/domu.py: the repository's .venv Python in its initramfs) runs BlkFront on
@@ -17,6 +18,17 @@ and while the domU waits alive, dom0 checks from Xen's own tables that none of t
 the domU shared is still mapped by anyone and that none of its ports is still bound, the
 backend reached Closed (ours: no grant mapping left in its process), and the image file
 holds exactly the seed's content with the planned writes.
+
+Bad input, in a second domU (task "bad-input" of domu_guest.py): `xentools blk info` and
+`xentools doctor` say in one line what is missing and how to get it, and exit 1, never with
+a traceback, when
+- the domU has no gntalloc device (xen-gntalloc not loaded): `modprobe xen-gntalloc`;
+- the vbd's frontend directory is not the domU's (dom0 wrote it owned by dom0 alone): the
+  permissions dom0 must give, and `xentools vbd create --frontend-domid N`;
+- the domU has no /dev/xen/xenbus: mount devtmpfs (or xenfs and XENSTORED_PATH);
+and that doctor, in a domU with everything, lists the xenbus device and a vbd it may use.
+The vbd the frontend tries is served by Linux's blkback (waiting in InitWait), so the
+frontend gets as far as it can before it needs the missing piece.
 """
 
 from __future__ import annotations
@@ -41,12 +53,13 @@ from domu_guest import DISK_SIZE, FRONT_CONFIG, plan_writes
 from guests import XVDA, Guest, guest_kernel, guest_lines, unique_name, xl_domains
 from test_blk_ours_vs_kernel import blkback_two_queues  # noqa: F401 - fixture
 
-from xentools.devices.toolstack import destroy_vbd
+from xentools.devices.toolstack import create_vbd, destroy_vbd
 
-KERNEL_DEVID, OURS_DEVID = XVDA, XVDA + 16  # xvda, xvdb
+KERNEL_DEVID, OURS_DEVID, DENIED_DEVID = XVDA, XVDA + 16, XVDA + 32  # xvda, xvdb, xvdc
 # Boot (~6 s), Python in the domU (~18x slower than the host), the workload; x3 on a busy host.
 TIMEOUT = 300.0
 SEED = 13
+_CLI = re.compile(r"^cli (\S+) rc=(-?\d+) stdout=(\".*\") stderr=(\".*\")$")
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +178,85 @@ def test_our_blkfront_in_a_domu_on_linux_blkback_then_on_ours(tmp_path, kernel, 
         for offset, data in plan_writes(SEED, DISK_SIZE):
             disk.model[offset : offset + len(data)] = data
         disk.assert_file_matches()
+
+
+def one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xentools: error: "), stderr
+    return lines[0]
+
+
+def doctor_line(stdout: str, name: str) -> str:
+    """The doctor's line for check `name` with its fix line, if any, joined."""
+    lines = stdout.splitlines()
+    for i, line in enumerate(lines):
+        words = line.split()
+        if len(words) > 1 and line[9:].startswith(name):
+            fix = lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1].lstrip().startswith("fix:") else ""
+            return f"{line} {fix}"
+    raise AssertionError(f"doctor printed no line for {name!r}: {stdout}")
+
+
+@pytest.mark.usefixtures("no_vbd_left")
+def test_domu_without_gntalloc_permission_or_xenbus_gets_one_line_with_the_fix(tmp_path, kernel, initramfs, xs, capsys):
+    disk = Disk(tmp_path / "good.raw", DISK_SIZE, seed=SEED)
+    cfg = domu_config(unique_name("xt-domu-bad"), kernel, initramfs, task="bad-input",
+                      load="xen-evtchn", good=KERNEL_DEVID, denied=DENIED_DEVID)
+    with Guest(cfg, tmp_path) as guest:
+        domid = guest.domid
+        good = guest.attach_kernel_vbd(xs, disk.path, devid=KERNEL_DEVID)
+        denied = create_vbd(xs, backend_domid=0, frontend_domid=domid, devid=DENIED_DEVID, params="/dev/null",
+                            backend_kind="xtvbd")
+        guest.after_destroy(lambda: destroy_vbd(xs, denied))
+        # The toolstack's mistake: the frontend directory left to dom0 alone.
+        for node in [denied.frontend] + [f"{denied.frontend}/{k}" for k in xs.directory(denied.frontend)]:
+            xs.set_perms(node, ["n0"])
+        good.wait_backend_state({INIT_WAIT})
+        guest.unpause()
+        guest.wait_for("GUEST: python exited", timeout=TIMEOUT)
+        lines = guest_lines(guest.console())
+    assert "python exited 0" in lines, lines
+
+    runs = {}
+    for line in lines:
+        found = _CLI.match(line)
+        if found:
+            runs[found.group(1)] = (int(found.group(2)), json.loads(found.group(3)), json.loads(found.group(4)))
+    assert set(runs) == {"no-gntalloc-doctor", "no-gntalloc-blk", "denied-blk", "denied-doctor",
+                         "no-xenbus-doctor", "no-xenbus-blk"}, lines
+    shown = {}
+
+    rc, out, err = runs["no-gntalloc-blk"]
+    shown["no gntalloc: blk info"] = line = one_error_line(err)
+    assert rc == 1 and "/dev/xen/gntalloc is absent" in line and "modprobe xen-gntalloc" in line, line
+    rc, out, err = runs["no-gntalloc-doctor"]
+    shown["no gntalloc: doctor"] = line = doctor_line(out, "/dev/xen/gntalloc")
+    assert rc == 1 and line.startswith("MISSING") and "fix: modprobe xen-gntalloc" in line, out
+    assert doctor_line(out, "domain").startswith("ok") and "domU" in doctor_line(out, "domain"), out
+    assert doctor_line(out, "xenbus device").startswith("ok"), out
+    assert doctor_line(out, "/dev/xen/gntdev").startswith("optional"), out  # a frontend needs no gntdev
+    assert doctor_line(out, f"vbd {KERNEL_DEVID}").startswith("ok"), out
+    assert "gntalloc" in one_error_line(err)
+
+    rc, out, err = runs["denied-blk"]
+    shown["no permission: blk info"] = line = one_error_line(err)
+    assert rc == 1 and "EACCES" in line and denied.frontend in line, line
+    assert "owned by the frontend's domain" in line and "--frontend-domid" in line, line
+    rc, out, err = runs["denied-doctor"]
+    shown["no permission: doctor"] = line = doctor_line(out, f"vbd {DENIED_DEVID}")
+    assert rc == 1 and line.startswith("MISSING") and f"--frontend-domid {domid}" in line, out
+    assert doctor_line(out, "/dev/xen/gntalloc").startswith("ok"), out
+    assert one_error_line(err).endswith(f"missing vbd {DENIED_DEVID}"), err
+
+    rc, out, err = runs["no-xenbus-doctor"]
+    shown["no xenbus: doctor"] = line = doctor_line(out, "xenbus device")
+    assert rc == 1 and line.startswith("MISSING") and "mount -t devtmpfs" in line, out
+    rc, out, err = runs["no-xenbus-blk"]
+    shown["no xenbus: blk info"] = line = one_error_line(err)
+    assert rc == 1 and "/dev/xen/xenbus is absent" in line and "mount -t devtmpfs" in line, line
+
+    with capsys.disabled():
+        print(f"\ndomU {cfg.name}: {guest.timings}")
+        for what, text in shown.items():
+            print(f"{what}: {text}")
