@@ -128,9 +128,30 @@ def python_files() -> dict[str, Path]:
     return out
 
 
+def unchecked_pyc(pyc: bytes, source: Path) -> bytes | None:
+    """A timestamp-checked .pyc of `source`, turned into an unchecked hash-based one (PEP
+    552: flags = 1), or None when it is not the bytecode of `source` as it is now. The
+    initramfs stores every file with mtime 0, so a timestamp-checked .pyc would never match
+    its source there and the domU would compile every module again, ~18x slower than here."""
+    if len(pyc) < 16 or int.from_bytes(pyc[4:8], "little") != 0:
+        return None
+    st = source.stat()
+    if pyc[8:16] != (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little"):
+        return None
+    return pyc[:4] + (1).to_bytes(4, "little") + pyc[8:]
+
+
 def domu_initramfs(out: Path, kernel: Kernel) -> Path:
     files = python_files()
-    bodies = {inner: path.read_bytes() for inner, path in files.items()}
+    bodies = {}
+    for inner, path in files.items():
+        body = path.read_bytes()
+        if "/__pycache__/" in inner and inner.endswith(".pyc"):
+            source = path.parent.parent / (path.name.split(".", 1)[0] + ".py")
+            body = unchecked_pyc(body, source) if source.is_file() else None
+            if body is None:
+                continue
+        bodies[inner] = body
     elves = [inner for inner, body in bodies.items() if body[:4] == b"\x7fELF"]
     return build_initramfs(out, kernel=kernel, scenarios=(SCENARIO,), modules=DOMU_MODULES,
                            extra_files=bodies, executables=elves)

@@ -22,7 +22,7 @@ case "$XT_hide" in
     *) fail "unknown xentools.hide=$XT_hide" ;;
 esac
 
-if [ -n "$XT_compare9p" ]; then
+if [ -n "$XT_ninep" ]; then
     for _module in 9pnet_xen 9p; do load_module "$_module"; done
     mkdir -p /lower
     run mount -t 9p -o trans=xen,version=9p2000.L,ro,cache=loose host /lower || fail "9p mount"
