@@ -60,7 +60,7 @@ clean:
 # the command's, 124 on timeout (env NESTED_TIMEOUT, seconds), 125 if dom0 could not test.
 XEN_DEBS := xen-hypervisor-4.17-amd64 xen-utils-4.17 xenstore-utils qemu-system-x86 \
             linux-image-amd64 busybox-static kmod libxengnttab1 libxenevtchn1 gcc \
-            fio qemu-system-xen
+            fio
 
 .PHONY: debs-xen test-xen
 

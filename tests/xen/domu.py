@@ -16,11 +16,15 @@ Owns:
 - `acknowledge`: dom0's answer to the domU program's hand-over (domu_guest.ACK_NODE).
 Must not: decide a verdict (the tests assert on what these return), or start Xen services.
 
-Why an initramfs and not Xen 9pfs (xl.cfg p9=, QEMU in dom0 serving dom0's /): both were
-measured in the nested Xen. Over 9pfs every file Python opens or looks up costs a round trip
-domU -> QEMU in dom0 -> dom0's own virtio 9p -> the host; starting the interpreter and
-importing xentools took minutes. From the initramfs (in the domU's RAM) it costs what the
-CPU costs. The numbers are in tests/nested/README.md's domU notes and the closing report.
+Why an initramfs and not Xen 9pfs (xl.cfg p9=, QEMU in dom0 serving dom0's / over
+9pnet_xen): both were measured in the nested Xen (2026-11-27, host load 5-8). Over 9pfs every
+file Python opens or looks up costs a round trip domU -> QEMU in dom0 -> dom0's own virtio 9p
+-> the host: `import xentools.devices.blkfront, xentools.platform.xen.platform` took 29 s
+(cache=loose), against 6.8 s from the initramfs in the same domU; a whole start of the
+program over 9pfs took over 100 s. 9pfs also costs a QEMU process per domU in dom0, and
+its data rings keep hundreds of the domU's grants mapped, which overflowed Xen's console
+ring when dom0 dumped the grant table. The initramfs
+(~50 MB) is built once per test session in dom0 from the files the interpreter really uses.
 """
 
 from __future__ import annotations
@@ -45,9 +49,8 @@ PYTHON = Path(os.path.normpath(os.path.abspath(sys.executable)))
 PROGRAM = HERE / "domu_guest.py"
 SCENARIO = "python"
 # The devices our platform needs in a domU (/dev/xen/xenbus is built into Debian's kernel).
-DOMU_MODULES = ("xen-gntalloc", "xen-evtchn", "9pnet_xen", "9p")
+DOMU_MODULES = ("xen-gntalloc", "xen-evtchn")
 DOMU_MEMORY = 256  # MiB: the initramfs (~50 MB, unpacked into RAM) and Python
-HOST_SHARE = "tag=host,security_model=none,path=/"
 # What the domU program imports, at once or later: every module of the package (the CLI's
 # commands import theirs lazily), the platform's libraries, ctypes for doctor. Run by the
 # interpreter that collects the file list.
@@ -162,7 +165,7 @@ def domu_config(name: str, kernel: Kernel, initramfs: Path, **params: object) ->
     .venv) from its initramfs. `params` go to the kernel command line as xentools.KEY=VALUE
     (task, vbds, seed, good, denied, load, hide: see domu_guest.py and guest_init/python.sh)."""
     extra = guest_extra(SCENARIO, python=PYTHON, script=PROGRAM, cwd=REPO, **params)
-    return GuestConfig(name, kernel.image, initramfs, extra, memory=DOMU_MEMORY, p9=(HOST_SHARE,))
+    return GuestConfig(name, kernel.image, initramfs, extra, memory=DOMU_MEMORY)
 
 
 def acknowledge(xs, domid: int, devid: int) -> None:  # type: ignore[no-untyped-def]

@@ -336,21 +336,17 @@ class GuestConfig:
     on_poweroff: str = "preserve"
     on_reboot: str = "preserve"
     on_crash: str = "preserve"
-    # xl.cfg p9= entries ("tag=T,security_model=none,path=P"): Xen 9pfs shares that libxl
-    # serves with QEMU in dom0 (/usr/libexec/xen-qemu-system-i386, Debian qemu-system-xen).
-    p9: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
             raise GuestError(f"guest name {self.name!r}: use [A-Za-z0-9_.-]")
-        for value in (str(self.kernel), str(self.ramdisk), self.extra, *self.p9):
+        for value in (str(self.kernel), str(self.ramdisk), self.extra):
             if any(c in value for c in "\"\\\n"):
                 raise GuestError(f"xl.cfg value {value!r} holds a quote, backslash or newline")
 
 
 def render_xl_cfg(cfg: GuestConfig) -> str:
-    """The xl.cfg text: type="pv", no disk= (vbds are written by KernelVbd), no vif; p9=
-    when the guest has 9pfs shares."""
+    """The xl.cfg text: type="pv", no disk= (vbds are written by KernelVbd), no vif."""
     return "".join(
         f'{key} = {value}\n'
         for key, value in (
@@ -364,7 +360,6 @@ def render_xl_cfg(cfg: GuestConfig) -> str:
             ("on_poweroff", f'"{cfg.on_poweroff}"'),
             ("on_reboot", f'"{cfg.on_reboot}"'),
             ("on_crash", f'"{cfg.on_crash}"'),
-            *((("p9", "[ " + ", ".join(f'"{share}"' for share in cfg.p9) + " ]"),) if cfg.p9 else ()),
         )
     )
 

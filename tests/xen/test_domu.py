@@ -102,7 +102,7 @@ def test_our_blkfront_in_a_domu_on_linux_blkback_then_on_ours(tmp_path, kernel, 
     kernel_disk = Disk(tmp_path / "kernel-blkback.raw", DISK_SIZE, seed=SEED)
     our_disk = Disk(tmp_path / "our-blkback.raw", DISK_SIZE, seed=SEED)
     cfg = domu_config(unique_name("xt-domu"), kernel, initramfs,
-                      task="blkfront", vbds=f"{KERNEL_DEVID}+{OURS_DEVID}", seed=SEED, ninep=1)
+                      task="blkfront", vbds=f"{KERNEL_DEVID}+{OURS_DEVID}", seed=SEED)
     results = os.environ.get("NESTED_RESULTS")
     xen = XenTables(Path(results) / "domu" if results else None)
     checked = {}

@@ -22,23 +22,6 @@ case "$XT_hide" in
     *) fail "unknown xentools.hide=$XT_hide" ;;
 esac
 
-if [ -n "$XT_ninep" ]; then
-    for _module in 9pnet_xen 9p; do load_module "$_module"; done
-    mkdir -p /lower
-    run mount -t 9p -o trans=xen,version=9p2000.L,ro,cache=loose host /lower || fail "9p mount"
-    read -r _up _ < /proc/uptime
-    say "9p python import start at $_up s"
-    chroot /lower "$XT_python" -c 'import xentools.devices.blkfront, xentools.platform.xen.platform' > /dev/console 2>&1
-    read -r _up _ < /proc/uptime
-    say "9p python import done at $_up s"
-    umount /lower
-    read -r _up _ < /proc/uptime
-    say "ramfs python import start at $_up s"
-    "$XT_python" -c 'import xentools.devices.blkfront, xentools.platform.xen.platform' > /dev/console 2>&1
-    read -r _up _ < /proc/uptime
-    say "ramfs python import done at $_up s"
-fi
-
 [ -n "$XT_python" ] && [ -n "$XT_script" ] || fail "the python scenario needs xentools.python and xentools.script"
 cd "${XT_cwd:-/}" || fail "no directory ${XT_cwd:-/}"
 read -r _up _ < /proc/uptime
