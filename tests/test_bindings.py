@@ -112,7 +112,8 @@ def test_open_without_device_reports_errno():
     with pytest.raises(PlatformError) as info:
         XenGrantSharer()
     assert info.value.errno == errno.ENOENT
-    assert str(info.value) == "xengntshr_open (/dev/xen/gntalloc): [Errno 2] No such file or directory"
+    assert str(info.value) == ("xengntshr_open (/dev/xen/gntalloc): [Errno 2] No such file or directory; "
+                               "/dev/xen/gntalloc is absent: load its driver with `modprobe xen-gntalloc` (as root)")
     assert isinstance(info.value.__cause__, FileNotFoundError)
 
 

@@ -134,13 +134,15 @@ def build_initramfs(
     scenarios: Iterable[str] = SCENARIOS,
     modules: Iterable[str] = DEFAULT_MODULES,
     extra_files: Mapping[str, bytes] | None = None,
+    executables: Iterable[str] = (),
 ) -> Path:
     """Write a guest initramfs (uncompressed newc cpio) to `out` and return it.
 
     Contents: /bin/busybox (static), /init, /scenarios/<name>.sh for each scenario,
     /lib/modules/<file>.ko for each module's dependency chain with /lib/modules/deps
     ("name: file file ..." lines that /init's load_module reads), and `extra_files`
-    (relative path inside the initramfs -> bytes; parent directories are made). A scenario
+    (relative path inside the initramfs -> bytes; parent directories are made; those named
+    in `executables` get mode 0755). A scenario
     of your own is an extra file "scenarios/NAME.sh", sourced by /init with its helpers
     (say, fail, load_module, wait_for_block) when the command line says
     xentools.scenario=NAME.
@@ -174,6 +176,7 @@ def build_initramfs(
         deps.append(f"{name}: {' '.join(p.name for p in chain)}\n")
     cpio.file("lib/modules/deps", "".join(deps).encode())
     made = {"bin", "dev", "proc", "sys", "tmp", "mnt", "lib", "lib/modules", "scenarios"}
+    executables = set(executables)
     for inner, body in (extra_files or {}).items():
         parts = Path(inner).parts
         if not parts or Path(inner).is_absolute() or ".." in parts:
@@ -183,7 +186,7 @@ def build_initramfs(
             if parent not in made:
                 cpio.directory(parent)
                 made.add(parent)
-        cpio.file("/".join(parts), body)
+        cpio.file("/".join(parts), body, executable=inner in executables)
     tmp = out.with_name(f".{out.name}.{os.getpid()}")
     tmp.write_bytes(cpio.finish())
     os.replace(tmp, out)

@@ -13,7 +13,9 @@ reads `frontend` before it exists, blkfront reads `backend` before its permissio
 Permissions, as libxl sets them: the backend directory is owned by the backend domain and
 readable by the frontend domain; the frontend directory is owned by the frontend domain and
 readable by the backend domain. Every node is given its permissions explicitly, so the
-result does not depend on the xenstored's inheritance rule.
+result does not depend on the xenstored's inheritance rule; so is the frontend's
+device/<kind>/ directory of a domU when this call makes it ("n0 r<domU>", as libxl gives
+device/): a frontend in a domU must be able to list its devices.
 A commit that fails with EAGAIN (another writer touched what we read) is repeated, up to
 TRANSACTION_ATTEMPTS times.
 Why a backend kind: the backend directory is /local/domain/<be>/backend/<kind>/<fe>/<devid>,
@@ -150,11 +152,20 @@ def create_vbd(
     backend_perms = [f"n{backend_domid}", f"r{frontend_domid}"]
     frontend_perms = [f"n{frontend_domid}", f"r{backend_domid}"]
 
+    # A domU lists its own device/<kind>/ (doctor does; Linux's xenbus does to find its
+    # devices): made here when absent, it would inherit its parent's permissions, which need
+    # not let the domU read. libxl gives /local/domain/<fe>/device "n0 r<fe>"; so do we.
+    device_dir = f"/local/domain/{frontend_domid}/device/"
+    kind_dir = paths.frontend.rsplit("/", 1)[0] if paths.frontend.startswith(device_dir) else None
+
     def work(tx: int) -> None:
         if existing != "overwrite":
             _check_existing(xs, tx, paths, replace=existing == "replace")
         if not shared_ok:
             _check_shared(xs, tx, backend_domid, paths.backend, params, mode)
+        if kind_dir is not None and frontend_domid != 0 and not xs.exists(kind_dir, tx):
+            xs.mkdir(kind_dir, tx)
+            xs.set_perms(kind_dir, ["n0", f"r{frontend_domid}"], tx)
         for directory, keys, perms in (
             (paths.backend, backend_keys, backend_perms),
             (paths.frontend, frontend_keys, frontend_perms),

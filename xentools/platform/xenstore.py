@@ -49,22 +49,30 @@ from xentools.core.xs_wire import (
 )
 from xentools.platform.interface import XenstoreError, XenstoreTimeout
 
-__all__ = ["DEFAULT_SOCKET", "XENBUS_DEVICE", "XenstoreClient", "default_path"]
+__all__ = ["DEFAULT_SOCKET", "XENBUS_DEVICE", "XENBUS_PROC", "XenstoreClient", "default_path"]
 
 DEFAULT_SOCKET = "/run/xenstored/socket"
 XENBUS_DEVICE = "/dev/xen/xenbus"
+XENBUS_PROC = "/proc/xen/xenbus"  # the same device, from xenfs (older Linux, no devtmpfs)
 _DIRECTORY_PART_RETRIES = 16
+# A domU meets EACCES where the toolstack did not give it a node (e.g. a vbd whose frontend
+# directory it does not own): the fix is in dom0.
+EACCES_FIX = ("this domain has no permission on that node: the toolstack in dom0 must grant it "
+              "(xenstore-chmod; a vbd's frontend directory must be owned by the frontend's domain "
+              "and its backend directory readable by it: xentools vbd create --frontend-domid N)")
 _T = TypeVar("_T")  # restarts when the directory changes between parts
 
 
 def default_path() -> str:
     """$XENSTORED_PATH, else the dom0 socket if present, else the domU xenbus device (the
-    order libxenstore's xs_open() follows)."""
+    order libxenstore's xs_open() follows), or xenfs's copy of it when only that exists."""
     env = os.environ.get("XENSTORED_PATH")
     if env:
         return env
     if os.path.exists(DEFAULT_SOCKET):
         return DEFAULT_SOCKET
+    if not os.path.exists(XENBUS_DEVICE) and os.path.exists(XENBUS_PROC):
+        return XENBUS_PROC
     return XENBUS_DEVICE
 
 
@@ -274,7 +282,8 @@ class XenstoreClient:
                 name = error_name(reply.payload)
             except XsWireError as err:
                 raise XenstoreError(f"xenstore: {op.name} {what}: {err}") from None
-            raise XenstoreError(f"xenstore: {op.name} {what}: {name}", errno_name=name)
+            hint = f"; {EACCES_FIX}" if name == "EACCES" else ""
+            raise XenstoreError(f"xenstore: {op.name} {what}: {name}{hint}", errno_name=name)
         if reply.op != op:
             self._broken(f"xenstore: {self.path} answered {op.name} with {reply.op!r}")
             raise XenstoreError(self._dead or "xenstore: protocol error")

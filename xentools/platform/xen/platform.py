@@ -39,6 +39,7 @@ from xentools.platform.interface import (
     Platform,
     PlatformError,
     SharedPages,
+    XenstoreError,
 )
 from xentools.platform.xen._xenlibs import ffi
 
@@ -76,14 +77,35 @@ def _lib(soname: str):
         return _libs[soname]
 
 
-def _raise(cls: type[PlatformError], call: str, err: int | None = None) -> None:
-    """Raise `cls` for a failed C call, from ffi.errno (read at once: it is per thread)."""
+def _raise(cls: type[PlatformError], call: str, err: int | None = None, fix: str = "") -> None:
+    """Raise `cls` for a failed C call, from ffi.errno (read at once: it is per thread),
+    with `fix` (what the user can do about it) appended when given."""
     if err is None:
         err = ffi.errno
     cause = OSError(err, os.strerror(err))
-    exc = cls(f"{call}: [Errno {err}] {os.strerror(err)}")
+    exc = cls(f"{call}: [Errno {err}] {os.strerror(err)}" + (f"; {fix}" if fix else ""))
     exc.errno = err
     raise exc from cause
+
+
+# /dev/xen/<node> -> the Linux module that makes it.
+DEVICE_MODULES = {"gntdev": "xen-gntdev", "gntalloc": "xen-gntalloc", "evtchn": "xen-evtchn"}
+
+
+def device_fix(node: str, err: int) -> str:
+    """What to do when /dev/xen/<node> could not be opened with errno `err`: load its module
+    when it is absent, get access when it is refused (in a domU as in dom0)."""
+    path = DEV_XEN / node
+    if err == errno.ENOENT or not path.exists():
+        return f"{path} is absent: load its driver with `modprobe {DEVICE_MODULES[node]}` (as root)"
+    if err in (errno.EACCES, errno.EPERM):
+        return f"no access to {path}: run as root, or give this user read-write access to it (a udev rule)"
+    return ""
+
+
+def _open_failed(cls: type[PlatformError], call: str, node: str) -> None:
+    err = ffi.errno
+    _raise(cls, f"{call} ({DEV_XEN / node})", err, device_fix(node, err))
 
 
 def _check_count(count: int) -> None:
@@ -169,7 +191,7 @@ class XenGrantSharer(GrantSharer):
         self._lib = _lib(GNTTAB_SONAME)
         handle = self._lib.xengntshr_open(ffi.NULL, 0)
         if handle == ffi.NULL:
-            _raise(PlatformError, "xengntshr_open (/dev/xen/gntalloc)")
+            _open_failed(PlatformError, "xengntshr_open", "gntalloc")
         self._handle = handle
         self._shared: dict[int, XenSharedPages] = {}
         self._lock = threading.Lock()
@@ -238,7 +260,7 @@ class XenGrantMapper(GrantMapper):
         self._lib = _lib(GNTTAB_SONAME)
         handle = self._lib.xengnttab_open(ffi.NULL, 0)
         if handle == ffi.NULL:
-            _raise(PlatformError, "xengnttab_open (/dev/xen/gntdev)")
+            _open_failed(PlatformError, "xengnttab_open", "gntdev")
         self._handle = handle
         self._mapped: dict[int, XenMappedPages] = {}
         self._lock = threading.Lock()
@@ -354,7 +376,7 @@ class XenEventChannels(EventChannels):
         self._lib = _lib(EVTCHN_SONAME)
         handle = self._lib.xenevtchn_open(ffi.NULL, 0)
         if handle == ffi.NULL:
-            _raise(PlatformError, "xenevtchn_open (/dev/xen/evtchn)")
+            _open_failed(PlatformError, "xenevtchn_open", "evtchn")
         self._handle = handle
         self._fd = self._lib.xenevtchn_fd(handle)
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
@@ -481,6 +503,30 @@ class XenPlatform(Platform):
     def open_xenstore(self, timeout: float = 10.0):
         """A XenstoreClient for this domain: the path given at construction, else (as
         libxenstore) $XENSTORED_PATH, dom0's xenstored socket, or the xenbus device."""
-        from xentools.platform.xenstore import XenstoreClient
+        from xentools.platform.xenstore import XenstoreClient, default_path
 
-        return XenstoreClient.connect(self._xenstore_path, timeout)
+        path = self._xenstore_path or default_path()
+        try:
+            return XenstoreClient.connect(path, timeout)
+        except XenstoreError as err:
+            fix = xenbus_fix(path)
+            if not fix:
+                raise
+            raise XenstoreError(f"{err}; {fix}", errno_name=err.errno_name) from None
+
+
+def xenbus_fix(path: str) -> str:
+    """What to do when xenstore cannot be reached through the xenbus device `path` (a domU
+    has no xenstored socket: Linux's xenbus frontend, built into the kernel, serves the
+    device): "" for any other path, or when the device looks usable."""
+    from xentools.platform.xenstore import XENBUS_DEVICE, XENBUS_PROC
+
+    if path not in (XENBUS_DEVICE, XENBUS_PROC):
+        return ""
+    if not os.path.exists(path):
+        return (f"{path} is absent: mount devtmpfs on /dev (`mount -t devtmpfs devtmpfs /dev`, Linux's "
+                f"xenbus frontend creates it there), or mount xenfs (`mount -t xenfs xenfs /proc/xen`) "
+                f"and set XENSTORED_PATH={XENBUS_PROC}")
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"no access to {path}: run as root, or give this user read-write access to it (a udev rule)"
+    return ""
