@@ -71,29 +71,32 @@ class ImageFile:
         self._vectored(os.pwritev, buffers, offset, total)
 
     def try_readv(self, buffers: Sequence[memoryview], offset: int, total: int) -> bool:
-        """Fill `buffers` only if that needs no waiting (preadv2 RWF_NOWAIT: the data is in
-        the page cache). True when every byte was read; False when it would block (some
-        bytes may have been read: call readv for all of them) or the kernel cannot tell.
-        OSError for a real failure."""
+        """Fill `buffers` from `offset` unless the kernel says that would wait for the disk
+        (preadv2 RWF_NOWAIT: the data is not in the page cache): then False, and some bytes
+        may have been read (call readv for all of them, e.g. on another thread). Where the
+        kernel or filesystem cannot tell, the read is simply done (waiting) and True
+        returned. OSError for a real failure."""
         return self._nowait(os.preadv, buffers, offset, total)
 
     def try_writev(self, buffers: Sequence[memoryview], offset: int, total: int) -> bool:
-        """Write `buffers` only if that needs no waiting (pwritev2 RWF_NOWAIT); False as
-        try_readv (rewriting the same bytes with writev is then harmless)."""
+        """Write `buffers` unless that would wait (pwritev2 RWF_NOWAIT); False as try_readv
+        (rewriting the same bytes with writev is then harmless)."""
         return self._nowait(os.pwritev, buffers, offset, total)
 
     def _nowait(self, call, buffers: Sequence[memoryview], offset: int, total: int) -> bool:  # type: ignore[no-untyped-def]
-        if not self._nowait_ok or len(buffers) > IOV_MAX:
-            return False
-        try:
-            return call(self.fd, buffers, offset, os.RWF_NOWAIT) == total
-        except BlockingIOError:
-            return False
-        except OSError as err:
-            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                self._nowait_ok = False  # this kernel or filesystem cannot say: always wait
+        if self._nowait_ok and len(buffers) <= IOV_MAX:
+            try:
+                done = call(self.fd, buffers, offset, os.RWF_NOWAIT)
+            except BlockingIOError:
                 return False
-            raise
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                self._nowait_ok = False  # this kernel or filesystem cannot say: just wait
+            else:
+                return done == total
+        self._vectored(call, buffers, offset, total)
+        return True
 
     def _vectored(self, call, buffers: Sequence[memoryview], offset: int, total: int = -1) -> None:  # type: ignore[no-untyped-def]
         fd = self.fd
