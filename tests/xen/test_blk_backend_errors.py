@@ -47,8 +47,12 @@ def test_a_backend_that_cannot_serve_tells_our_frontend_why_at_once(tmp_path, xs
             linux_node = f"/local/domain/{DOM0}/error/" + paths.backend.split("/", 4)[4] + "/error"
             assert read_key(xs, linux_node) == error
             started = time.monotonic()
-            with pytest.raises(BlkfrontError) as err:
-                BlkFront.attach(CheckedPlatform(), paths.frontend, config=BlkfrontConfig(connect_timeout=60))
+            platform = CheckedPlatform()
+            try:
+                with pytest.raises(BlkfrontError) as err:
+                    BlkFront.attach(platform, paths.frontend, config=BlkfrontConfig(connect_timeout=60))
+            finally:
+                platform.close()
             assert time.monotonic() - started < 20, "our blkfront waited for its timeout"
             assert "the backend says: image.missing" in str(err.value), err.value
             print(f"our blkfront, on a backend that cannot open its image: {err.value}")
