@@ -1,5 +1,5 @@
 """DOMU SIDE: the Python program a PV test domU runs (from its initramfs: tests/xen/domu.py), and the
-workload it shares with the dom0 side that checks it (tests/xen/test_domu_blkfront.py).
+workload it shares with the dom0 side that checks it (tests/xen/test_domu.py).
 
 Owns:
 - `plan_writes`: the writes of the domU workload, a pure function of (seed, size), so dom0
