@@ -66,6 +66,7 @@ from xentools.core.blkif import (
 from xentools.core.errors import FeatureError, RingError
 from xentools.core.ring import BackRing, SharedRing, ring_entries
 from xentools.devices.blkback_conformance import FrontendLog
+from xentools.devices.blkback_faults import FaultSet
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS, PageSet, SegmentMapper
 from xentools.devices.blkback_image import ImageFile
 from xentools.devices.blkback_validate import (
@@ -177,11 +178,13 @@ class QueueWorker:
         on_fatal: Callable[[QueueWorker, str], None] | None = None,
         io_threads: int = DEFAULT_IO_THREADS,
         inline_bytes: int = DEFAULT_INLINE_BYTES,
+        faults: FaultSet | None = None,
     ) -> None:
         self.index = index
         self.frontend_id = frontend_id
         self.policy = policy
-        self.image = image
+        self.faults = faults or None  # FAULT HOOK (--fault): None when serving honestly
+        self.image = faults.image(image) if self.faults else image  # FAULT HOOK: read data
         self.gate = gate
         self.lock = gate.locks[index]
         self.report = log_to
@@ -393,16 +396,22 @@ class QueueWorker:
     def _publish(self) -> None:
         """Write the answers gathered so far, publish them, notify if the frontend asked."""
         answers, self._answers = self._answers, []
+        if self.faults is not None:  # FAULT HOOK: the responses the guest is told
+            answers = self.faults.responses(self.index, answers, self._stop)
         put = self.ring.put_response
         pack = self.codec.response.pack
         for req_id, rsp_op, status in answers:
             put(pack(req_id, rsp_op, status))
         if self.ring.push_responses_and_check_notify():
-            try:
-                self._evtchn.notify(self.port)  # type: ignore[union-attr]
-            except EventChannelError as err:
-                # The frontend closed its end; the owner sees the state change.
-                log.info("queue %d: notify failed: %s", self.index, err)
+            self._notify()
+        if self.faults is not None:  # FAULT HOOK: rsp_prod overrun, event storm
+            self.faults.published(self.index, self.ring.shared, self._notify)
+
+    def _notify(self) -> None:
+        try:  # a failure means the frontend closed its end; the owner sees the state change
+            self._evtchn.notify(self.port)  # type: ignore[union-attr]
+        except EventChannelError as err:
+            log.info("queue %d: notify failed: %s", self.index, err)
 
     def _reap(self) -> None:
         """Answers for the jobs the I/O threads completed (ring thread only)."""
