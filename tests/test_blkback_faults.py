@@ -22,6 +22,7 @@ from xentools.core.xenbus import XenbusState  # noqa: E402
 from xentools.devices.blkback_faults import (  # noqa: E402
     CONNECT_KINDS,
     DATA_KINDS,
+    GRANT_KINDS,
     KINDS,
     RESPONSE_KINDS,
     FaultSpec,
@@ -46,7 +47,7 @@ def test_specs_parse() -> None:
     assert parse_fault("error:p=0.25").value == 0.25
     assert parse_fault("late:delay=2.5,on=flush").delay == 2.5
     assert parse_fault("error:on=write").trigger == "first"
-    assert set(KINDS) == set(RESPONSE_KINDS) | set(DATA_KINDS) | set(CONNECT_KINDS)
+    assert set(KINDS) == set(RESPONSE_KINDS) | set(DATA_KINDS) | set(GRANT_KINDS) | set(CONNECT_KINDS)
 
 
 BAD_SPECS = [
@@ -66,6 +67,7 @@ BAD_SPECS = [
     ("late:delay=0", "delay=0 is outside"),
     ("corrupt-read:on=write", "would never fire"),
     ("zero-sectors:every=2", "takes no trigger"),
+    ("keep-mapped:on=read", "drop on="),
 ]
 
 
@@ -162,6 +164,8 @@ DETECTED = [
     ("wrong-op:after=2", "response.op"),
     ("bad-status:after=2", "response.status"),
     ("rsp-overrun:after=2", "ring.rsp_overflow"),
+    ("unsolicited:after=2", "response.id"),
+    ("closing:after=2", "backend.closed"),
     ("silent:after=2", "response.timeout"),
     ("late:after=2,delay=4", "response.timeout"),
 ]
@@ -183,9 +187,25 @@ def test_blkfront_detects(tmp_path, xen, xs, spec, rule) -> None:
             io(dev)
         assert dev.failed is not None and dev.failed[0] == rule, dev.failed
         assert reads >= 1  # the honest requests before the trigger were served honestly
-    [fault] = s.faults()
+    report = s.report()
+    assert report["total"] == 0, report["frontends"]  # the backend's lie is not the frontend's violation
+    [fault] = report["faults"]
     assert fault["kind"] == spec.split(":")[0] and fault["fired"] == 1 and fault["first"]["request"] == 3
     assert fault["trigger"].startswith("after=2") and fault["first"]["seconds"] >= 0
+
+
+def test_grants_kept_mapped_after_the_response_are_detected(tmp_path, xen, xs) -> None:
+    with served(tmp_path, xen, xs, "keep-mapped:after=2", args=("--no-persistent",)) as s:
+        dev = s.attach()
+        reads = 0
+        with pytest.raises(BlkfrontError):
+            for sector in range(0, 64, 8):
+                assert dev.read(sector, 8) == s.expect(sector, 8)
+                reads += 1
+        assert dev.failed is not None and dev.failed[0] == "grant.still_mapped", dev.failed
+        assert reads == 2
+    report = s.report()
+    assert report["total"] == 0 and report["faults"][0]["fired"] == 1
 
 
 def test_error_fails_only_that_request(tmp_path, xen, xs) -> None:

@@ -179,6 +179,7 @@ class BlkBackend:
         self.faults = FaultSet(config.faults)  # FAULT HOOK: empty unless --fault
         if self.faults:
             self.report.sections["faults"] = self.faults.as_dict
+            self.faults.closing = lambda why: self._queue_failed(None, why)  # type: ignore[arg-type]
         self.handshake = Handshake("backend")
         self.queues: list[QueueWorker] = []
         self.frontend_path = ""

@@ -4,8 +4,11 @@ Owns: the fault spec grammar (`parse_fault`, pure: no I/O), `FaultSpec`, `FaultS
 and `FaultSet`, the one object the blkback consults at its marked hooks ("FAULT HOOK"):
 - QueueWorker._publish, before the responses are packed (`FaultSet.responses`: a response
   with an unknown id, a duplicate, a wrong operation, a status outside blkif's, ERROR for a
-  valid request, no answer at all, a late answer) and after they are published
-  (`FaultSet.published`: rsp_prod beyond req_prod, an event storm);
+  valid request, no answer at all, a late answer, Closing mid-I/O through the backend's
+  `closing` callback) and where they are published (`FaultSet.push`, instead of the honest
+  push: a response for a request never sent, rsp_prod more than a ring beyond req_prod, an
+  event storm);
+- a queue's grant mapper (`FaultSet.mapper`: grants kept mapped after the response);
 - the image a queue reads from (`FaultSet.image`: READ answered OKAY without the data
   written, or with flipped bytes). Only what is copied into the guest's pages is touched:
   the image file itself is never written by a fault;
@@ -42,16 +45,18 @@ from xentools.core.blkif import (
     BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
 )
 from xentools.core.errors import XentoolsError
 
-__all__ = ["CONNECT_KINDS", "DATA_KINDS", "KINDS", "RESPONSE_KINDS", "FaultSet", "FaultSpec",
+__all__ = ["CONNECT_KINDS", "DATA_KINDS", "GRANT_KINDS", "KINDS", "RESPONSE_KINDS", "FaultSet", "FaultSpec",
            "FaultSpecError", "parse_fault", "parse_faults"]
 
 # kind -> what the guest is told (the --help text lists these).
 RESPONSE_KINDS: dict[str, str] = {
     "unknown-id": "the response carries an id no request has",
     "duplicate": "the previous response of the ring is sent again, in place of this one",
+    "unsolicited": "after this response, one more in a slot the frontend never filled (rsp_prod passes req_prod)",
     "wrong-op": "the response names another operation than the request's",
     "bad-status": "the response's status is 2, not OKAY/ERROR/EOPNOTSUPP",
     "error": "a valid request is answered ERROR (after it was carried out)",
@@ -59,10 +64,14 @@ RESPONSE_KINDS: dict[str, str] = {
     "late": "the answer is held back delay=S seconds (the ring stalls meanwhile)",
     "rsp-overrun": "rsp_prod is published more than a ring ahead of req_prod",
     "storm": "10000 event notifications after the response",
+    "closing": "the backend goes to Closing (error node written) with requests in flight",
 }
 DATA_KINDS: dict[str, str] = {
     "read-no-data": "a READ is answered OKAY without its data written into the guest's pages",
     "corrupt-read": "a READ is answered OKAY with one byte of every 512 flipped (the image is untouched)",
+}
+GRANT_KINDS: dict[str, str] = {
+    "keep-mapped": "a request's grants (non-persistent) stay mapped after its response, for >= 1 s",
 }
 CONNECT_KINDS: dict[str, str] = {
     "bad-ring-order": "max-ring-page-order 99 is offered",
@@ -72,13 +81,14 @@ CONNECT_KINDS: dict[str, str] = {
     "zero-sectors": "sectors 0 is published",
     "huge-sectors": "sectors 2^64-1 is published",
 }
-KINDS: dict[str, str] = {**RESPONSE_KINDS, **DATA_KINDS, **CONNECT_KINDS}
+KINDS: dict[str, str] = {**RESPONSE_KINDS, **DATA_KINDS, **GRANT_KINDS, **CONNECT_KINDS}
 
 _OPS = {"read": (BLKIF_OP_READ,), "write": (BLKIF_OP_WRITE,),
         "flush": (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER)}
 _STORM_EVENTS = 10000
 _BAD_STATUS = 2
 _UNKNOWN_ID_BIT = 1 << 63
+LINGER = 1.0  # seconds keep-mapped holds a mapping (until the next grant operation after that)
 DEFAULT_DELAY = 10.0
 
 
@@ -153,6 +163,8 @@ def parse_fault(spec: str) -> FaultSpec:
                 raise FaultSpecError(f"fault {spec!r}: p={raw} is outside 0..1")
             fields["value"] = value
         elif key == "on":
+            if kind in GRANT_KINDS:
+                raise FaultSpecError(f"fault {spec!r}: {kind} counts mappings, not operations; drop on=")
             if raw not in _OPS:
                 raise FaultSpecError(f"fault {spec!r}: on={raw!r}; give on=read, on=write or on=flush")
             if kind in DATA_KINDS and raw != "read":
@@ -283,6 +295,55 @@ class _FaultyImage:
                     view[at] ^= 0xFF
 
 
+class _LingeringMapper:
+    """A queue's SegmentMapper whose temporary mappings may outlive their response
+    (keep-mapped): held for LINGER seconds, then unmapped at the next grant operation, or
+    at close."""
+
+    def __init__(self, mapper: Any, fault: _Fault) -> None:
+        self._mapper = mapper
+        self._fault = fault
+        self._held: list[tuple[float, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._mapper, name)
+
+    def _expire(self, everything: bool = False) -> None:
+        now = time.monotonic()
+        while self._held and (everything or self._held[0][0] <= now):
+            _, mapped = self._held.pop(0)
+            self._mapper.unmap(mapped)  # the same gnttab unmap as a map_many mapping
+
+    def map(self, grefs: Sequence[int], writable: bool) -> Any:
+        self._expire()
+        return self._mapper.map(grefs, writable)
+
+    def map_many(self, requests: Sequence[Sequence[int]], writable: bool) -> Any:
+        self._expire()
+        return self._mapper.map_many(requests, writable)
+
+    def release(self, pages: Any) -> None:
+        if pages.temporary and self._fault.fires(BLKIF_OP_READ):
+            until = time.monotonic() + LINGER
+            self._held.extend((until, mapped) for mapped in pages.temporary)
+            pages.temporary = []
+        self._mapper.release(pages)
+        self._expire()
+
+    def unmap(self, mapped: Any) -> None:
+        if self._fault.fires(BLKIF_OP_READ):
+            self._held.append((time.monotonic() + LINGER, mapped))
+        else:
+            self._mapper.unmap(mapped)
+        self._expire()
+
+    def close(self) -> None:
+        try:
+            self._expire(everything=True)
+        finally:
+            self._mapper.close()
+
+
 class FaultSet:
     """Every --fault of one backend; consulted at the FAULT HOOKs of blkback and its queues."""
 
@@ -292,9 +353,13 @@ class FaultSet:
         self._response = [f for f in self.faults if f.spec.kind in RESPONSE_KINDS]
         self._data = [f for f in self.faults if f.spec.kind in DATA_KINDS]
         self._connect = [f for f in self.faults if f.spec.kind in CONNECT_KINDS]
+        self._grant = [f for f in self.faults if f.spec.kind in GRANT_KINDS]
         self._previous: dict[int, tuple[int, int, int]] = {}  # ring id -> last answer written
         self._pending_duplicate: set[int] = set()
         self._after: dict[int, list[str]] = {}  # ring id -> faults to apply after publishing
+        self._pending_unsolicited: set[int] = set()
+        # Set by the backend: asks it to close the device with this message (any thread).
+        self.closing: Callable[[str], None] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.faults)
@@ -335,6 +400,10 @@ class FaultSet:
                 else:
                     self._pending_duplicate.discard(ring)
                     answer = previous
+            if "closing" in kinds and self.closing is not None:
+                self.closing(f"fault closing: the backend leaves Connected mid-I/O (--fault {self._spec('closing')})")
+            if "unsolicited" in kinds:
+                self._pending_unsolicited.add(ring)
             for kind in ("rsp-overrun", "storm"):
                 if kind in kinds:
                     self._after.setdefault(ring, []).append(kind)
@@ -343,11 +412,36 @@ class FaultSet:
             self._previous[ring] = out[-1]
         return out
 
-    def published(self, ring: int, shared: Any, notify: Callable[[], None]) -> None:
-        """After responses were published on ring `ring` (its SharedRing `shared`)."""
+    def _spec(self, kind: str) -> str:
+        return next(f.spec.text for f in self.faults if f.spec.kind == kind)
+
+    def push(self, ring: int, back: Any, pack: Callable[[int, int, int], bytes],
+             notify: Callable[[], None]) -> None:
+        """Publish the responses written on ring `ring` (its BackRing `back`) and notify as
+        the honest path does (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY), misbehaving around it.
+        Ring thread only."""
+        fake = None
+        if ring in self._pending_unsolicited and ring in self._previous:
+            # One more response, in slot rsp_prod_pvt, only while the frontend has not filled
+            # it: every request it produced is consumed and answered (else on a later push).
+            # Written past the private producer's check (put_response refuses it), published
+            # with the others, then the private producer goes back: the next honest
+            # response takes that slot again and the ring accounting stays right.
+            pvt = back.rsp_prod_pvt
+            if back.req_cons == back.shared.req_prod == pvt:
+                self._pending_unsolicited.discard(ring)
+                req_id, op, _ = self._previous[ring]
+                back.shared.write_slot(pvt, pack(req_id, op, BLKIF_RSP_OKAY))
+                back.rsp_prod_pvt = pvt + 1
+                fake = pvt
+        if back.push_responses_and_check_notify() or fake is not None:
+            notify()
+        if fake is not None:
+            back.rsp_prod_pvt = fake
         kinds = self._after.pop(ring, None)
         if not kinds:
             return
+        shared = back.shared
         if "rsp-overrun" in kinds:
             # The private producer stays right: the next honest push writes it back.
             shared.rsp_prod = (shared.req_prod + shared.nr_ents + 1) & 0xFFFFFFFF
@@ -361,6 +455,12 @@ class FaultSet:
     def image(self, image: Any) -> Any:
         """The image a queue should use: the real one unless a data fault is set."""
         return _FaultyImage(image, self._data) if self._data else image
+
+    # -- FAULT HOOK: grant mappings --------------------------------------------------------------------
+
+    def mapper(self, mapper: Any) -> Any:
+        """The SegmentMapper a queue should use: the real one unless keep-mapped is set."""
+        return _LingeringMapper(mapper, self._grant[0]) if self._grant else mapper
 
     # -- FAULT HOOK: connect -------------------------------------------------------------------------
 

@@ -235,6 +235,8 @@ class QueueWorker:
             self.mapper = SegmentMapper(
                 self._gnttab, frontend_id, persistent=persistent, max_persistent=max_persistent
             )
+            if self.faults is not None:  # FAULT HOOK: grants kept mapped after the response
+                self.mapper = self.faults.mapper(self.mapper)
         except BaseException:
             self._release()
             raise
@@ -402,10 +404,10 @@ class QueueWorker:
         pack = self.codec.response.pack
         for req_id, rsp_op, status in answers:
             put(pack(req_id, rsp_op, status))
-        if self.ring.push_responses_and_check_notify():
+        if self.faults is not None:  # FAULT HOOK: publishes, and may misbehave around that
+            self.faults.push(self.index, self.ring, pack, self._notify)
+        elif self.ring.push_responses_and_check_notify():
             self._notify()
-        if self.faults is not None:  # FAULT HOOK: rsp_prod overrun, event storm
-            self.faults.published(self.index, self.ring.shared, self._notify)
 
     def _notify(self) -> None:
         try:  # a failure means the frontend closed its end; the owner sees the state change
