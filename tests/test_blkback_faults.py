@@ -11,6 +11,7 @@ import json
 import os
 import random
 import sys
+import threading
 
 import pytest
 
@@ -18,6 +19,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from test_blkback_cli import Server, image, new_vbd, one_line, run, xen, xs  # noqa: E402,F401 - shared fixtures
 
+from xentools.core.blkif import (  # noqa: E402
+    BLKIF_OP_FLUSH_DISKCACHE,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    BLKIF_OP_WRITE_BARRIER,
+    BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY,
+)
 from xentools.core.xenbus import XenbusState  # noqa: E402
 from xentools.devices.blkback_faults import (  # noqa: E402
     CONNECT_KINDS,
@@ -25,6 +34,7 @@ from xentools.devices.blkback_faults import (  # noqa: E402
     GRANT_KINDS,
     KINDS,
     RESPONSE_KINDS,
+    FaultSet,
     FaultSpec,
     FaultSpecError,
     parse_fault,
@@ -48,6 +58,51 @@ def test_specs_parse() -> None:
     assert parse_fault("late:delay=2.5,on=flush").delay == 2.5
     assert parse_fault("error:on=write").trigger == "first"
     assert set(KINDS) == set(RESPONSE_KINDS) | set(DATA_KINDS) | set(GRANT_KINDS) | set(CONNECT_KINDS)
+
+
+def _fired(spec: str, ops: list[int]) -> list[int]:
+    """Which of the responses to `ops` (1-based) the fault changed or dropped."""
+    faults = FaultSet([parse_fault(spec)])
+    stop = threading.Event()
+    changed = []
+    for n, op in enumerate(ops, 1):
+        out = faults.responses(0, [(n, op, BLKIF_RSP_OKAY)], stop)
+        if out != [(n, op, BLKIF_RSP_OKAY)]:
+            changed.append(n)
+    return changed
+
+
+def test_triggers() -> None:
+    reads = [BLKIF_OP_READ] * 20
+    assert _fired("error", reads) == [1]
+    assert _fired("error:after=3", reads) == [4]
+    assert _fired("error:every=7", reads) == [7, 14]
+    assert _fired("error:p=0", reads) == [] and _fired("error:p=1", reads) == list(range(1, 21))
+    some = _fired("error:p=0.5", reads * 10)
+    assert 60 < len(some) < 140 and some == _fired("error:p=0.5", reads * 10)  # seeded: repeatable
+    mixed = [BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER] * 3
+    assert _fired("error:every=2,on=write", mixed) == [6]  # the 2nd write
+    assert _fired("error:every=1,on=flush", mixed) == [3, 4, 7, 8, 11, 12]
+    assert _fired("silent:after=1", reads[:3]) == [2]
+
+
+def test_response_kinds_change_only_what_they_say() -> None:
+    stop = threading.Event()
+
+    def one(kind: str) -> tuple[int, int, int]:
+        [out] = FaultSet([parse_fault(kind)]).responses(0, [(5, BLKIF_OP_READ, BLKIF_RSP_OKAY)], stop)
+        return out
+
+    assert one("error") == (5, BLKIF_OP_READ, BLKIF_RSP_ERROR)
+    assert one("bad-status") == (5, BLKIF_OP_READ, 2)
+    assert one("wrong-op") == (5, BLKIF_OP_WRITE, BLKIF_RSP_OKAY)
+    assert one("unknown-id") == (5 | 1 << 63, BLKIF_OP_READ, BLKIF_RSP_OKAY)
+    assert FaultSet([parse_fault("silent")]).responses(0, [(5, 0, 0), (6, 0, 0)], stop) == [(6, 0, 0)]
+    dup = FaultSet([parse_fault("duplicate:after=1")])
+    assert dup.responses(0, [(5, 0, 0), (6, 0, 0), (7, 0, 0)], stop) == [(5, 0, 0), (5, 0, 0), (7, 0, 0)]
+    first = FaultSet([parse_fault("duplicate")])  # nothing to repeat yet: the next answer repeats it
+    assert first.responses(0, [(5, 0, 0), (6, 0, 0), (7, 0, 0)], stop) == [(5, 0, 0), (5, 0, 0), (7, 0, 0)]
+    assert first.as_dict()[0]["fired"] == 1
 
 
 BAD_SPECS = [

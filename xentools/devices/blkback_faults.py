@@ -376,8 +376,9 @@ class FaultSet:
         for answer in answers:
             req_id, op, status = answer
             kinds = {fault.spec.kind for fault in self._response if fault.fires(op)}
-            if not kinds:
+            if not kinds and ring not in self._pending_duplicate:
                 out.append(answer)
+                self._previous[ring] = answer
                 continue
             if "silent" in kinds:
                 continue
@@ -408,8 +409,7 @@ class FaultSet:
                 if kind in kinds:
                     self._after.setdefault(ring, []).append(kind)
             out.append(answer)
-        if out:
-            self._previous[ring] = out[-1]
+            self._previous[ring] = answer
         return out
 
     def _spec(self, kind: str) -> str:
