@@ -6,7 +6,7 @@ report), `serve()` (the order of the checks before serving: the vbd lock, the to
 keys, the image named by `params`, its format, size and lock), `write_device_error` (the
 error node of Linux's xenbus_dev_error) and `main()` (`python -m xentools.devices.blkback
 --sim-dir DIR --backend-path P [--image FILE] [options]`; `xentools blkback serve` is the
-same).
+same). With --fault, blkback_faults misbehaves on purpose at the lines marked FAULT HOOK.
 Must not: implement ring, request or key formats (core does), image formats
 (core.diskformat), locks (blkback_lock), know whether the platform is real Xen or the
 software Xen, or trust anything the frontend wrote.

@@ -26,8 +26,14 @@ Grammar: KIND[:TRIGGER[,TRIGGER...]], TRIGGER one of
   on=read|write|flush   only requests of that operation match (default: every request);
   delay=S   (late only) seconds the answer is held back (default 10).
 At most one of after/every/p; a bare KIND fires once, on the first matching request.
-Connect kinds (absurd values at connect) take no trigger. A count of 0, a probability
-outside 0..1, an unknown kind or key: FaultSpecError, one line.
+Connect kinds (absurd values at connect) take no trigger; read-data kinds match READs only;
+keep-mapped counts per-request mappings (none with persistent grants) and takes no on=. A
+count of 0, a probability outside 0..1, an unknown kind or key: FaultSpecError, one line.
+
+Report ("faults", one entry per --fault in the order given): kind, spec (as written),
+trigger (normalised), effect, matched (requests the trigger saw), fired, first (null until
+it fires, else {"request": the matching request it fired on, 1-based; "seconds": since the
+backend started; "at": UTC time}).
 """
 
 from __future__ import annotations

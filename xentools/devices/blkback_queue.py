@@ -4,6 +4,8 @@ Owns: `QueueWorker` (the ring, its event channel, its grant mapper and persisten
 cache, the ring thread that consumes requests and produces responses, and the I/O threads
 that move data), `DeviceGate` (what lets a WRITE_BARRIER drain every queue), and
 `connect_queue` errors as FeatureError with "frontend.*" rules.
+With --fault (blkback_faults) the lines marked FAULT HOOK misbehave on purpose; a queue
+built without faults runs none of them.
 Must not: touch xenstore or decide the device's xenbus state: a fatal ring violation is
 reported to the owner through `on_fatal` and the owner closes the device.
 
