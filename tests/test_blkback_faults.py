@@ -10,6 +10,8 @@ import contextlib
 import json
 import os
 import random
+import signal
+import subprocess
 import sys
 import threading
 
@@ -17,7 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_blkback_cli import Server, image, new_vbd, one_line, run, xen, xs  # noqa: E402,F401 - shared fixtures
+from test_blkback_cli import ENTRY_POINTS, Server, image, new_vbd, one_line, run, xen, xs  # noqa: E402,F401 - shared fixtures
 
 from xentools.core.blkif import (  # noqa: E402
     BLKIF_OP_FLUSH_DISKCACHE,
@@ -206,13 +208,6 @@ def served(tmp_path, xen, xs, *faults: str, args: tuple[str, ...] = ()):  # type
             assert f.read() == session.content, "a fault changed the image file"
 
 
-def _fails_with(session: Session, rule: str, io) -> None:  # type: ignore[no-untyped-def]
-    dev = session.attach()
-    with pytest.raises(BlkfrontError):
-        io(dev)
-    assert dev.failed is not None and dev.failed[0] == rule, dev.failed
-
-
 DETECTED = [
     ("unknown-id:after=2", "response.id"),
     ("duplicate:after=2", "response.id"),
@@ -374,3 +369,30 @@ def test_several_faults_and_the_report_keeps_conformance(tmp_path, xen, xs) -> N
     mine = report["frontends"][s.paths.frontend]
     assert mine["requests"]["by_operation"]["read"]["direct"] >= 4
     assert report["total"] == 0  # a fault is not the frontend's violation
+
+
+def test_the_cli_serves_with_faults_and_reports_them(tmp_path, xen, xs) -> None:
+    img = image(tmp_path, "disk.img", SIZE)
+    paths = new_vbd(xs, img)
+    report = str(tmp_path / "report.json")
+    proc = subprocess.Popen(
+        [*ENTRY_POINTS["cli"], "--sim-dir", xen.root_dir, "--backend-path", paths.backend, "--image", img,
+         "--fault", "zero-sectors", "--fault", "error:every=2,on=read", "--report", report],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    dev = None
+    try:
+        dev = BlkFront.attach(xen.platform(1), paths.frontend, config=BlkfrontConfig(connect_timeout=10))
+        assert dev.sectors == 0  # what the guest was told; the image is 1 MiB
+    finally:
+        if dev is not None:
+            dev.close()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+        destroy_vbd(xs, paths)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    with open(report) as f:
+        faults = json.load(f)["faults"]
+    assert [(f["spec"], f["fired"], f["matched"]) for f in faults] == [
+        ("zero-sectors", 1, 1), ("error:every=2,on=read", 0, 0)]
+    assert faults[1]["trigger"] == "every=2,on=read" and faults[1]["first"] is None
