@@ -68,7 +68,7 @@ RESPONSE_KINDS: dict[str, str] = {
     "error": "a valid request is answered ERROR (after it was carried out)",
     "silent": "the request is never answered",
     "late": "the answer is held back delay=S seconds (the ring stalls meanwhile)",
-    "rsp-overrun": "rsp_prod is published more than a ring ahead of req_prod",
+    "rsp-overrun": "rsp_prod is published more than a ring ahead of req_prod, again after every later push",
     "storm": "10000 event notifications after the response",
     "closing": "the backend goes to Closing (error node written) with requests in flight",
 }
@@ -364,6 +364,7 @@ class FaultSet:
         self._pending_duplicate: set[int] = set()
         self._after: dict[int, list[str]] = {}  # ring id -> faults to apply after publishing
         self._pending_unsolicited: set[int] = set()
+        self._overrun: set[int] = set()  # rings whose rsp_prod stays broken
         # Set by the backend: asks it to close the device with this message (any thread).
         self.closing: Callable[[str], None] | None = None
 
@@ -444,12 +445,13 @@ class FaultSet:
             notify()
         if fake is not None:
             back.rsp_prod_pvt = fake
-        kinds = self._after.pop(ring, None)
-        if not kinds:
-            return
-        shared = back.shared
+        kinds = self._after.pop(ring, None) or []
         if "rsp-overrun" in kinds:
-            # The private producer stays right: the next honest push writes it back.
+            self._overrun.add(ring)
+        shared = back.shared
+        if ring in self._overrun:
+            # The private producer stays right, but from now on every push ends with the bad
+            # rsp_prod (else a fast frontend could read only the honest one before it).
             shared.rsp_prod = (shared.req_prod + shared.nr_ents + 1) & 0xFFFFFFFF
             notify()
         if "storm" in kinds:
