@@ -399,3 +399,13 @@ def test_the_cli_serves_with_faults_and_reports_them(tmp_path, xen, xs) -> None:
     assert [(f["spec"], f["fired"], f["matched"]) for f in faults] == [
         ("zero-sectors", 1, 1), ("error:every=2,on=read", 0, 0)]
     assert faults[1]["trigger"] == "every=2,on=read" and faults[1]["first"] is None
+
+
+def test_every_kind_has_a_live_test_here() -> None:
+    with open(__file__) as f:
+        text = f.read()
+    live = {spec.split(":")[0] for spec, _ in DETECTED} | {kind for kind, _ in CONNECT}
+    live |= {"error", "late", "storm", "read-no-data", "corrupt-read", "keep-mapped"}
+    assert live == set(KINDS)
+    for kind in live - {spec.split(":")[0] for spec, _ in DETECTED} - {kind for kind, _ in CONNECT}:
+        assert f'served(tmp_path, xen, xs, "{kind}' in text, kind
