@@ -6,7 +6,7 @@ report), `serve()` (the order of the checks before serving: the vbd lock, the to
 keys, the image named by `params`, its format, size and lock), `write_device_error` (the
 error node of Linux's xenbus_dev_error) and `main()` (`python -m xentools.devices.blkback
 --sim-dir DIR --backend-path P [--image FILE] [options]`; `xentools blkback serve` is the
-same).
+same). With --fault, blkback_faults misbehaves on purpose at the lines marked FAULT HOOK.
 Must not: implement ring, request or key formats (core does), image formats
 (core.diskformat), locks (blkback_lock), know whether the platform is real Xen or the
 software Xen, or trust anything the frontend wrote.
@@ -77,6 +77,7 @@ from xentools.core.features import (
 )
 from xentools.core.xenbus import Action, Handshake, Milestone, Step, XenbusState, parse_state
 from xentools.devices.blkback_conformance import STATE_RULES, ConformanceReport, FrontendLog
+from xentools.devices.blkback_faults import FaultSet, FaultSpec, FaultSpecError, parse_faults
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
 from xentools.devices.blkback_image import ImageError, ImageFile, open_image
 from xentools.devices.blkback_lock import LockError, lock_dir, lock_image, lock_vbd
@@ -116,6 +117,7 @@ class BackendConfig:
     max_persistent_grants: int = DEFAULT_MAX_PERSISTENT_GRANTS
     report_path: str | None = None  # "-": stdout
     shared_writable: bool = False  # xl's w!: the image may be served writable elsewhere too
+    faults: tuple[FaultSpec, ...] = ()  # --fault: misbehave on purpose (blkback_faults)
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_ring_page_order <= RING_PAGE_ORDER_LIMIT:
@@ -174,6 +176,10 @@ class BlkBackend:
         self.image = image
         self.config = config
         self.report = report if report is not None else ConformanceReport(self.backend_path)
+        self.faults = FaultSet(config.faults)  # FAULT HOOK: empty unless --fault
+        if self.faults:
+            self.report.sections["faults"] = self.faults.as_dict
+            self.faults.closing = lambda why: self._queue_failed(None, why)  # type: ignore[arg-type]
         self.handshake = Handshake("backend")
         self.queues: list[QueueWorker] = []
         self.frontend_path = ""
@@ -483,7 +489,10 @@ class BlkBackend:
 
     def _publish_features(self) -> None:
         # An earlier connection's error node goes: it no longer says why the device fails.
-        self._write_keys(self.backend_features().to_keys(), remove=("error",))
+        keys = self.backend_features().to_keys()
+        if self.faults:  # FAULT HOOK: absurd feature values
+            keys = self.faults.feature_keys(keys)
+        self._write_keys(keys, remove=("error",))
 
     def _read_ring_info(self) -> FrontendRingInfo:
         xs = self._xs
@@ -545,6 +554,7 @@ class BlkBackend:
                         persistent=persistent,
                         max_persistent=self.config.max_persistent_grants,
                         on_fatal=self._queue_failed,
+                        faults=self.faults,  # FAULT HOOK
                     )
                 )
         except BaseException:
@@ -581,7 +591,10 @@ class BlkBackend:
             sector_size=unit,
             physical_sector_size=self.image.sector_size,
         )
-        self._write_keys(info.to_keys())
+        keys = info.to_keys()
+        if self.faults:  # FAULT HOOK: absurd disk size values
+            keys = self.faults.disk_keys(keys)
+        self._write_keys(keys)
 
     def _disconnect(self, why: str = "reconnect") -> None:
         queues, self.queues = self.queues, []
@@ -861,6 +874,8 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-persistent-grants", type=int, default=DEFAULT_MAX_PERSISTENT_GRANTS)
     parser.add_argument("--report", default=None,
                         help="write the conformance report (JSON) to this file, or - for stdout, on exit and SIGUSR1")
+    parser.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                        help="misbehave on purpose: KIND[:TRIGGER,...] (see `xentools blkback serve --help`)")
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser
 
@@ -873,6 +888,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        faults = parse_faults(args.fault)
+    except FaultSpecError as err:
+        print(f"blkback: error: {err}", file=sys.stderr)
+        return 2
+    try:
         config = BackendConfig(
             read_only=args.read_only,
             max_ring_page_order=args.max_ring_page_order,
@@ -883,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
             max_persistent_grants=args.max_persistent_grants,
             report_path=args.report,
             shared_writable=args.shared_writable,
+            faults=faults,
         )
         serve(sim_dir=args.sim_dir, backend_path=args.backend_path, image_path=args.image, config=config)
     except XentoolsError as err:

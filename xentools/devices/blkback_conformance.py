@@ -37,6 +37,7 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from xentools.core.blkif import (
@@ -230,6 +231,8 @@ class ConformanceReport:
     def __init__(self, backend: str = "") -> None:
         self.backend = backend
         self.ended: str | None = None  # why the backend stopped serving
+        # Extra top-level sections: name -> function giving its JSON value (e.g. "faults").
+        self.sections: dict[str, Callable[[], Any]] = {}
         self._lock = threading.Lock()
         self._frontends: dict[str, _Frontend] = {}
 
@@ -275,6 +278,7 @@ class ConformanceReport:
             "requests": sum(fe["requests"]["checked"] for fe in frontends.values()),
             "ended": ended,
             "frontends": frontends,
+            **{name: section() for name, section in sorted(self.sections.items())},
         }
 
     def to_json(self) -> str:

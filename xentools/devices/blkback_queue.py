@@ -4,6 +4,8 @@ Owns: `QueueWorker` (the ring, its event channel, its grant mapper and persisten
 cache, the ring thread that consumes requests and produces responses, and the I/O threads
 that move data), `DeviceGate` (what lets a WRITE_BARRIER drain every queue), and
 `connect_queue` errors as FeatureError with "frontend.*" rules.
+With --fault (blkback_faults) the lines marked FAULT HOOK misbehave on purpose; a queue
+built without faults runs none of them.
 Must not: touch xenstore or decide the device's xenbus state: a fatal ring violation is
 reported to the owner through `on_fatal` and the owner closes the device.
 
@@ -68,6 +70,7 @@ from xentools.core.blkif import (
 from xentools.core.errors import FeatureError, RingError
 from xentools.core.ring import BackRing, SharedRing, ring_entries
 from xentools.devices.blkback_conformance import FrontendLog
+from xentools.devices.blkback_faults import FaultSet
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS, PageSet, SegmentMapper
 from xentools.devices.blkback_image import ImageFile
 from xentools.devices.blkback_validate import (
@@ -179,11 +182,13 @@ class QueueWorker:
         on_fatal: Callable[[QueueWorker, str], None] | None = None,
         io_threads: int = DEFAULT_IO_THREADS,
         inline_bytes: int = DEFAULT_INLINE_BYTES,
+        faults: FaultSet | None = None,
     ) -> None:
         self.index = index
         self.frontend_id = frontend_id
         self.policy = policy
-        self.image = image
+        self.faults = faults or None  # FAULT HOOK (--fault): None when serving honestly
+        self.image = faults.image(image) if self.faults else image  # FAULT HOOK: read data
         self.gate = gate
         self.lock = gate.locks[index]
         self.report = log_to
@@ -234,6 +239,8 @@ class QueueWorker:
             self.mapper = SegmentMapper(
                 self._gnttab, frontend_id, persistent=persistent, max_persistent=max_persistent
             )
+            if self.faults is not None:  # FAULT HOOK: grants kept mapped after the response
+                self.mapper = self.faults.mapper(self.mapper)
         except BaseException:
             self._release()
             raise
@@ -395,16 +402,22 @@ class QueueWorker:
     def _publish(self) -> None:
         """Write the answers gathered so far, publish them, notify if the frontend asked."""
         answers, self._answers = self._answers, []
+        if self.faults is not None:  # FAULT HOOK: the responses the guest is told
+            answers = self.faults.responses(self.index, answers, self._stop)
         put = self.ring.put_response
         pack = self.codec.response.pack
         for req_id, rsp_op, status in answers:
             put(pack(req_id, rsp_op, status))
-        if self.ring.push_responses_and_check_notify():
-            try:
-                self._evtchn.notify(self.port)  # type: ignore[union-attr]
-            except EventChannelError as err:
-                # The frontend closed its end; the owner sees the state change.
-                log.info("queue %d: notify failed: %s", self.index, err)
+        if self.faults is not None:  # FAULT HOOK: publishes, and may misbehave around that
+            self.faults.push(self.index, self.ring, pack, self._notify)
+        elif self.ring.push_responses_and_check_notify():
+            self._notify()
+
+    def _notify(self) -> None:
+        try:  # a failure means the frontend closed its end; the owner sees the state change
+            self._evtchn.notify(self.port)  # type: ignore[union-attr]
+        except EventChannelError as err:
+            log.info("queue %d: notify failed: %s", self.index, err)
 
     def _reap(self) -> None:
         """Answers for the jobs the I/O threads completed (ring thread only)."""

@@ -20,6 +20,7 @@ import click
 
 from xentools.core.features import RING_PAGE_ORDER_LIMIT
 from xentools.devices.blkback import BackendConfig, serve
+from xentools.devices.blkback_faults import FaultSpecError, help_epilog, help_text, parse_faults
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
 from xentools.tools.options import resolve_disk
 
@@ -29,7 +30,7 @@ def blkback() -> None:
     """Userspace blkif backend serving RAW image files."""
 
 
-@blkback.command("serve")
+@blkback.command("serve", epilog=help_epilog())
 @click.option("--sim-dir", type=click.Path(file_okay=False), default=None,
               help="Software Xen root directory (default: $XENTOOLS_SIM_DIR, else real Xen).")
 @click.option("--backend-path", required=True,
@@ -52,13 +53,22 @@ def blkback() -> None:
               default=DEFAULT_MAX_PERSISTENT_GRANTS, show_default=True, help="Persistent grants cached per ring.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the conformance report (JSON) to this file, or - for stdout, on exit and SIGUSR1.")
+@click.option("--fault", "faults", multiple=True, metavar="SPEC", help=help_text())
 @click.option("--verbose", "-v", is_flag=True, help="Log connections on stderr.")
+@click.pass_context
 def serve_cmd(
+    ctx: click.Context,
     sim_dir: str | None, backend_path: str, image_path: str | None, read_only: bool, shared_writable: bool,
     max_ring_page_order: int, max_queues: int, max_indirect_segments: int, no_persistent: bool,
-    sector_size: str, max_persistent_grants: int, report_path: str | None, verbose: bool,
+    sector_size: str, max_persistent_grants: int, report_path: str | None, faults: tuple[str, ...],
+    verbose: bool,
 ) -> None:
     """Serve the vbd at BACKEND_PATH (its params image) until stopped or the vbd is removed."""
+    try:
+        fault_specs = parse_faults(faults)  # refused before anything is served
+    except FaultSpecError as err:
+        click.echo(f"xentools: error: {err}", err=True)
+        ctx.exit(2)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="blkback: %(levelname)s: %(message)s",
@@ -78,5 +88,6 @@ def serve_cmd(
         max_persistent_grants=max_persistent_grants,
         report_path=report_path,
         shared_writable=shared_writable,
+        faults=fault_specs,
     )
     serve(sim_dir=sim_dir, backend_path=backend_path, image_path=image_path, config=config)
