@@ -77,10 +77,9 @@ def released_checked_from_dom0(xen: XenTables, domid: int, released: dict) -> di
     active = xen.active_grants(domid)
     ports = xen.bound_ports(domid)
     assert released["refs"] and released["ports"], f"the frontend shared no grant or bound no port: {released}"
-    # XenTables raises when a dump has no section for the domain (a wrapped console ring).
-    # The domU's xenstore and console channels stay bound: the event channel dump was read.
-    # (Its grant section may be empty: xenstored and xenconsoled map the rings by frame, not
-    # by grant, here.)
+    # The xenstore and console rings (reserved grants 0 and 1 that xenstored and xenconsoled
+    # map) and their channels: what shows that the dumps were read for this domain.
+    assert active, f"Xen lists no active grant of d{domid} at all (xenstored maps its ring)"
     assert ports, f"Xen lists no bound port of d{domid} at all"
     still_mapped = sorted({g.ref for g in active} & set(released["refs"]))
     still_bound = sorted({p.port for p in ports} & set(released["ports"]))
