@@ -2,7 +2,8 @@
 
 Owns: the guard that FAILS every test here with the reason when this is not dom0 on real
 Xen with the grant and event channel devices (no skips: a missing Xen is a failure), the
-`xen` marker on every test here, and shared fixtures that check nothing leaks.
+`xen` marker on every test here, the summary line listing every re-run (guests.RERUNS),
+and shared fixtures that check nothing leaks.
 Must not: start Xen services (tests/nested/dom0/boot.sh did that before pytest started).
 
 Run it with `make test-xen`, or: python3 tests/nested/run.py -- .venv/bin/python -m pytest -q tests/xen
@@ -37,6 +38,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if HERE in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.xen)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Every re-run done because of the emulator (guests.record_rerun), in the summary: a
+    re-run hides bugs, so each is shown even when every test passed."""
+    import sys
+
+    guests = sys.modules.get("guests")
+    reruns = list(getattr(guests, "RERUNS", ()))
+    terminalreporter.write_line(f"re-runs (emulator faults, each run again): {len(reruns)}")
+    for what in reruns:
+        terminalreporter.write_line(f"  RE-RUN {what}")
 
 
 @pytest.fixture(autouse=True)

@@ -307,6 +307,18 @@ def _run(argv: list[str], *, timeout: float = XL_TIMEOUT, check: bool = True) ->
     return result
 
 
+# Every re-run this process did because of the emulator (see tests/xen/conftest.py, which
+# prints them in pytest's summary): a re-run hides bugs, so none goes unreported.
+RERUNS: list[str] = []
+
+
+def record_rerun(what: str) -> None:
+    """Note one re-run (`what`: what failed and why it was run again); printed at once and in
+    the test session's summary."""
+    RERUNS.append(what)
+    print(f"guests: RE-RUN {what}", flush=True)
+
+
 def xl_domains() -> list[tuple[str, int]]:
     """(name, domid) of every domain `xl list` shows, Domain-0 included."""
     rows = []
@@ -473,7 +485,21 @@ class Guest:
         """xl's six state flags (r b p s c d, "-" where unset), or None when the domain is gone."""
         result = _run(["xl", "list", str(self._id())], check=False)
         if result.returncode != 0:
-            return None
+            # `xl list ID` also fails when xl itself dies (the emulator's SIGSEGV in a new
+            # process; xl once read garbage from xl.conf over 9p): a guest is "gone" only when
+            # the domain list, read whole, lacks it. Each such re-run is recorded.
+            for attempt in range(1, 4):
+                listed = _run(["xl", "list"], check=False)
+                if listed.returncode == 0 and "Domain-0" in listed.stdout:
+                    for line in listed.stdout.splitlines()[1:]:
+                        words = line.split()
+                        if len(words) >= 5 and words[1] == str(self.domid) and _XL_STATE.match(words[4]):
+                            record_rerun(f"`xl list {self.domid}` exited {result.returncode} "
+                                         f"({(result.stderr or '').strip()[:160]!r}) though `xl list` shows the domain")
+                            return words[4]
+                    return None
+                time.sleep(attempt)
+            raise GuestError(f"xl list {self.domid} and xl list failed 4 times: {(result.stderr or '').strip()}")
         for line in result.stdout.splitlines()[1:]:
             words = line.split()
             if len(words) >= 5 and words[1] == str(self.domid) and _XL_STATE.match(words[4]):
@@ -544,6 +570,9 @@ class Guest:
         when its device goes away; so backends go before waiting for the domain."""
         problems = []
         began = time.monotonic()
+        # The guest's own re-runs (/init's `run`: a process killed by a signal, run again).
+        for note in re.findall(r"GUEST: note (.+ killed by signal \d+), running it again", self.console()):
+            record_rerun(f"in guest {self.cfg.name}: {note}")
         if self.domid is not None and self.state() is not None:
             result = _run(["xl", "destroy", str(self.domid)], check=False)
             if result.returncode != 0 and self.state() is not None:

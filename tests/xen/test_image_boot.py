@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 from guests import (
+    record_rerun,
     BANNER,
     CONSOLE_LOG_DIR,
     PANIC_LINE,
@@ -145,6 +146,7 @@ def boots(tmp_path_factory):
             if crash is None or attempt:
                 break
             retried.append(f"{key}: {crash}")
+            record_rerun(f"image boot-test {key}: {crash}")
             # A killed CLI may not have destroyed its guest: do it for it.
             subprocess.run(["xl", "destroy", name], capture_output=True, timeout=120, check=False)
             print(f"\nimage boot-test {key}: {crash}; once more with a new domain", file=sys.stderr)
