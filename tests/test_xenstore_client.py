@@ -18,7 +18,7 @@ import pytest
 from xentools.core.xs_wire import FrameDecoder, Message, XsOp, encode, error_payload, join_strings
 from xentools.platform.interface import XenstoreError, XenstoreTimeout
 from xentools.platform.sim.xenstored import domain_socket_path, spawn_xenstored
-from xentools.platform.xenstore import XenstoreClient, default_path
+from xentools.platform.xenstore import XenstoreClient, default_path, run_transaction
 
 
 @pytest.fixture
@@ -297,6 +297,49 @@ def test_transaction_methods(server, xs):
     with pytest.raises(XenstoreError) as exc:
         xs.transaction_end(tx)  # already ended
     assert exc.value.errno_name == "ENOENT"
+
+
+def test_run_transaction_repeats_a_conflict_and_gives_up_with_eagain(server, xs):
+    xs.write("/rt/v", b"0")
+    runs = []
+    with XenstoreClient.connect(server, timeout=5.0) as other:
+        def work(tx: int) -> bytes:
+            seen = xs.read("/rt/v", tx)
+            runs.append(seen)
+            if len(runs) == 1:
+                other.write("/rt/v", b"other")  # the first commit conflicts
+            xs.write("/rt/w", seen, tx)
+            return seen
+
+        assert run_transaction(xs, work, what="copying /rt/v") == b"other"
+        assert runs == [b"0", b"other"]
+        assert xs.read("/rt/w") == b"other"
+
+        def always_conflicts(tx: int) -> None:
+            runs.append(xs.read("/rt/v", tx))
+            other.write("/rt/v", b"%d" % len(runs))
+
+        runs.clear()
+        with pytest.raises(XenstoreError) as exc:
+            run_transaction(xs, always_conflicts, what="a busy node", attempts=3)
+    assert exc.value.errno_name == "EAGAIN"
+    assert str(exc.value) == "xenstore: a busy node: the transaction conflicted 3 times"
+    assert len(runs) == 3
+
+
+def test_run_transaction_aborts_and_does_not_repeat_other_errors(xs):
+    runs = []
+
+    def work(tx: int) -> None:
+        runs.append(tx)
+        xs.write("/ra/v", b"1", tx)
+        xs.read("/ra/missing", tx)  # ENOENT
+
+    with pytest.raises(XenstoreError) as exc:
+        run_transaction(xs, work, what="reading a missing node")
+    assert exc.value.errno_name == "ENOENT"
+    assert len(runs) == 1
+    assert not xs.exists("/ra/v")  # aborted
 
 
 def test_domain_methods(server, xs):
