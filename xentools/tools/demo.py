@@ -24,13 +24,14 @@ from typing import Any
 import click
 
 from xentools.core.errors import XentoolsError
+from xentools.core.vbd import encode_vbd
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError
 from xentools.devices.toolstack import create_vbd
 
 MIB = 1 << 20
 FRONTEND_DOMID = 1
 BACKEND_DOMID = 0
-DEVID = 51712  # xvda
+DEVID = encode_vbd("xvda")
 
 
 class DemoError(XentoolsError):
