@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import tty
@@ -17,29 +15,13 @@ import pytest
 
 from xentools.core.xs_wire import FrameDecoder, Message, XsOp, encode, error_payload, join_strings
 from xentools.platform.interface import XenstoreError, XenstoreTimeout
-from xentools.platform.sim.xenstored import domain_socket_path, spawn_xenstored
+from xentools.platform.sim.xenstored import domain_socket_path
 from xentools.platform.xenstore import XenstoreClient, default_path, run_transaction
 
 
 @pytest.fixture
-def sockdir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="xc", dir="/tmp")  # short: unix socket paths are limited
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def server(sockdir) -> Iterator[str]:
-    path = os.path.join(sockdir, "socket")
-    proc = spawn_xenstored(path)
-    yield path
-    proc.terminate()
-    assert proc.wait(timeout=10) == 0
-
-
-@pytest.fixture
-def xs(server) -> Iterator[XenstoreClient]:
-    with XenstoreClient.connect(server, timeout=5.0) as client:
+def xs(xenstored) -> Iterator[XenstoreClient]:
+    with XenstoreClient.connect(xenstored, timeout=5.0) as client:
         yield client
 
 
@@ -135,25 +117,25 @@ def test_connect_errors_are_one_clear_line(sockdir):
         XenstoreClient.connect(dead)
 
 
-def test_default_path_order(monkeypatch, server):
-    monkeypatch.setenv("XENSTORED_PATH", server)
-    assert default_path() == server
+def test_default_path_order(monkeypatch, xenstored):
+    monkeypatch.setenv("XENSTORED_PATH", xenstored)
+    assert default_path() == xenstored
     with XenstoreClient.connect(timeout=5.0) as client:  # path None: $XENSTORED_PATH
-        assert client.path == server
+        assert client.path == xenstored
         assert client.get_domain_path(1) == "/local/domain/1"
     monkeypatch.delenv("XENSTORED_PATH")
     expected = "/run/xenstored/socket" if os.path.exists("/run/xenstored/socket") else "/dev/xen/xenbus"
     assert default_path() == expected
 
 
-def test_character_device_path(server):
+def test_character_device_path(xenstored):
     """A path that is not a socket is opened O_RDWR like /dev/xen/xenbus; a raw pty relayed
     to the server stands in for the xenbus device."""
     master, slave = os.openpty()
     tty.setraw(slave)
     device = os.ttyname(slave)
     upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    upstream.connect(server)
+    upstream.connect(xenstored)
     stop_r, stop_w = os.pipe()
 
     def relay() -> None:
@@ -273,7 +255,7 @@ def test_watch_methods_and_fileno(xs):
     assert xs.read_watch(0.2) is None
 
 
-def test_transaction_methods(server, xs):
+def test_transaction_methods(xenstored, xs):
     xs.write("/t/v", b"0")
     tx = xs.transaction_start()
     assert tx != 0
@@ -289,7 +271,7 @@ def test_transaction_methods(server, xs):
         xs.write("/t/v", b"3", tx)
         raise RuntimeError("abort me")
     assert xs.read("/t/v") == b"1"
-    with XenstoreClient.connect(server, timeout=5.0) as other:
+    with XenstoreClient.connect(xenstored, timeout=5.0) as other:
         with pytest.raises(XenstoreError) as exc, xs.transaction() as tx:
             xs.read("/t/v", tx)
             other.write("/t/v", b"other")
@@ -299,10 +281,10 @@ def test_transaction_methods(server, xs):
     assert exc.value.errno_name == "ENOENT"
 
 
-def test_run_transaction_repeats_a_conflict_and_gives_up_with_eagain(server, xs):
+def test_run_transaction_repeats_a_conflict_and_gives_up_with_eagain(xenstored, xs):
     xs.write("/rt/v", b"0")
     runs = []
-    with XenstoreClient.connect(server, timeout=5.0) as other:
+    with XenstoreClient.connect(xenstored, timeout=5.0) as other:
         def work(tx: int) -> bytes:
             seen = xs.read("/rt/v", tx)
             runs.append(seen)
@@ -342,12 +324,12 @@ def test_run_transaction_aborts_and_does_not_repeat_other_errors(xs):
     assert not xs.exists("/ra/v")  # aborted
 
 
-def test_domain_methods(server, xs):
+def test_domain_methods(xenstored, xs):
     assert xs.get_domain_path(12) == "/local/domain/12"
     assert not xs.is_introduced(12)
     xs.introduce(12, 4096, 5)
     assert xs.is_introduced(12)
-    with XenstoreClient.connect(domain_socket_path(server, 12), timeout=5.0) as domu:
+    with XenstoreClient.connect(domain_socket_path(xenstored, 12), timeout=5.0) as domu:
         with pytest.raises(XenstoreError) as exc:
             domu.read("/tool")
         assert exc.value.errno_name == "EACCES"
@@ -380,8 +362,8 @@ def test_threads_share_one_client(xs):
     assert sorted(xs.directory("/thr")) == [str(n) for n in range(6)]
 
 
-def test_close_is_idempotent_and_final(server):
-    client = XenstoreClient.connect(server, timeout=5.0)
+def test_close_is_idempotent_and_final(xenstored):
+    client = XenstoreClient.connect(xenstored, timeout=5.0)
     client.write("/closing", b"1")
     client.close()
     client.close()

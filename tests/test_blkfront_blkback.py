@@ -23,11 +23,8 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from xentools.devices.blkfront import BlkFront, BlkfrontConfig  # noqa: E402
-from xentools.devices.toolstack import create_vbd  # noqa: E402
-from xentools.platform.sim.launcher import SoftwareXen  # noqa: E402
+from xentools.devices.blkfront import BlkFront, BlkfrontConfig
+from xentools.devices.toolstack import create_vbd
 
 MIB = 1 << 20
 DIMENSIONS = {
@@ -93,12 +90,6 @@ class Backend:
         out, err = self.proc.communicate(timeout=20)
         assert self.proc.returncode == 0, err.decode(errors="replace")
         return json.loads(out) if out.strip() else {}
-
-
-@pytest.fixture(scope="module")
-def xen():
-    with SoftwareXen(domains=(0, 1)) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
