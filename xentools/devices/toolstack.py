@@ -58,9 +58,7 @@ class ToolstackError(XentoolsError):
     another vbd, or the frontend domain does not exist. `rule` is "vbd.<what>"."""
 
     def __init__(self, rule: str, detail: str, *, path: str | None = None) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule
-        self.detail = detail
+        super().__init__(rule, detail)
         self.path = path
 
 

@@ -37,10 +37,6 @@ DEVID = encode_vbd("xvda")
 class DemoError(XentoolsError):
     """The demo or bench could not run, or found wrong data. One line, with the rule."""
 
-    def __init__(self, rule: str, detail: str) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule
-
 
 class LocalRig:
     """A software Xen with dom0 (backend) and dom1 (frontend), a RAW image of `size` bytes

@@ -35,7 +35,7 @@ from xentools.tools.images.catalog import ChecksumEntry, ImageRef, parse_checksu
 from xentools.tools.images.errors import (
     CatalogError,
     ChecksumError,
-    ImageError,
+    GuestImageError,
     ImageFormatError,
     MirrorError,
     StorageError,
@@ -389,7 +389,7 @@ def decompress_xz(src: Path, dst: Path, progress: Progress = _no_progress) -> in
             os.fsync(fd)
         except lzma.LZMAError as err:
             raise ImageFormatError("xz.corrupt", f"{src} is not a valid xz file: {err}") from None
-        except ImageError:
+        except GuestImageError:
             raise
         except OSError as err:
             raise _storage_error(err, dst, "decompressing to") from None
