@@ -3,6 +3,7 @@ against scripted servers that stall, hang up, or misbehave."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import socket
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from xentools.core.xs_wire import FrameDecoder, Message, XsOp, encode, error_payload, join_strings
+from xentools.core.xs_wire import FrameDecoder, Message, XsOp, encode, error_payload, join_strings, split_strings
 from xentools.platform.interface import XenstoreError, XenstoreTimeout
 from xentools.platform.sim.xenstored import domain_socket_path
 from xentools.platform.xenstore import XenstoreClient, default_path, run_transaction
@@ -374,6 +375,40 @@ def test_close_is_idempotent_and_final(xenstored):
 
 
 # -- failures -------------------------------------------------------------------------------
+
+
+def _listing_server(generations: Callable[[], int]):  # type: ignore[no-untyped-def]
+    """A script: DIRECTORY answers E2BIG; DIRECTORY_PART lists "a" then "b", one name a part,
+    each part stamped with generations()."""
+
+    def script(msg: Message) -> list[bytes]:
+        if msg.op == XsOp.DIRECTORY:
+            return [reply(msg, error_payload("E2BIG"), XsOp.ERROR)]
+        offset = int(split_strings(msg.payload)[1])
+        part = {0: b"a\0", 2: b"b\0\0"}[offset]
+        return [reply(msg, b"%d\0" % generations() + part)]
+
+    return script
+
+
+def test_directory_part_restarts_when_the_directory_changes(scripted):
+    parts = itertools.count()
+    # The first listing sees generation 0 then 1 (changed): it starts again and sees 2, 2.
+    path = scripted(_listing_server(lambda: min(next(parts), 2)))
+    with XenstoreClient.connect(path, timeout=5.0) as client:
+        assert client.directory("/d") == ["a", "b"]
+    assert next(parts) == 4  # two parts served, then two again
+
+
+def test_directory_part_gives_up_when_the_directory_never_holds_still(scripted):
+    parts = itertools.count()
+    path = scripted(_listing_server(lambda: next(parts)))
+    with XenstoreClient.connect(path, timeout=5.0) as client:
+        with pytest.raises(XenstoreError) as exc:
+            client.directory("/d")
+    assert exc.value.errno_name == "EAGAIN"
+    assert str(exc.value) == "xenstore: DIRECTORY_PART /d: kept changing while listed"
+    assert next(parts) == 2 * 16  # every one of the 16 listings saw a change at its 2nd part
 
 
 def test_timeout_when_server_never_answers(scripted):

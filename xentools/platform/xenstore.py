@@ -5,7 +5,8 @@ or a domU's /dev/xen/xenbus character device: same framing, opened O_RDWR), requ
 matching by req_id, the queue of watch events, and the translation of every failure into
 XenstoreError (server errors carry `errno_name`) or XenstoreTimeout; and `run_transaction`,
 the one place in xentools where a whole transaction is repeated after a conflicting commit
-(EAGAIN), for every caller (toolstack, blkback, blkfront), on tenacity.
+(EAGAIN), for every caller (toolstack, blkback, blkfront). Both repeats (that one and a
+DIRECTORY_PART listing restarted when the directory changes) go through tenacity.
 Must not: retry a single request on its own, interpret node contents, or ever block without
 a timeout on a reply: a dropped connection fails every waiting request at once (pyxs 0.4.1
 hangs there).
@@ -374,7 +375,7 @@ class XenstoreClient:
         return self._parse(f"DIRECTORY {path}", split_strings, payload)
 
     def _directory_part(self, path: str, tx: int) -> list[str]:
-        for _ in range(_DIRECTORY_PART_RETRIES):
+        def once() -> list[str]:
             collected = b""
             first_gen: str | None = None
             while True:
@@ -382,12 +383,14 @@ class XenstoreClient:
                 gen, chunk, last = self._parse(f"DIRECTORY_PART {path}", parse_directory_part_reply, payload)
                 if first_gen is None:
                     first_gen = gen
-                elif gen != first_gen:
-                    break  # changed between parts: start again
+                elif gen != first_gen:  # changed between parts: start again
+                    raise XenstoreError(f"xenstore: DIRECTORY_PART {path}: changed while listed", errno_name="EAGAIN")
                 collected += chunk
                 if last:
                     return self._parse(f"DIRECTORY_PART {path}", split_strings, collected)
-        raise XenstoreError(f"xenstore: DIRECTORY_PART {path}: kept changing while listed", errno_name="EAGAIN")
+
+        return _repeat_on_eagain(once, _DIRECTORY_PART_RETRIES,
+                                 f"xenstore: DIRECTORY_PART {path}: kept changing while listed")
 
     def get_perms(self, path: str, tx: int = 0) -> list[str]:
         """Permission strings, owner first: e.g. ["b0", "r3"]."""
@@ -513,6 +516,12 @@ def run_transaction(xs: Any, work: Callable[[int], _T], *, what: str,
         with _transaction(xs, what) as tx:
             return work(tx)
 
+    return _repeat_on_eagain(once, attempts, f"xenstore: {what}: the transaction conflicted {attempts} times")
+
+
+def _repeat_on_eagain(once: Callable[[], _T], attempts: int, exhausted: str) -> _T:
+    """once(), called again while it raises XenstoreError "EAGAIN", at most `attempts` times
+    in all; then XenstoreError "EAGAIN" with the message `exhausted`."""
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(attempts),
         retry=tenacity.retry_if_exception(_conflicted),
@@ -522,6 +531,5 @@ def run_transaction(xs: Any, work: Callable[[int], _T], *, what: str,
         return retrying(once)
     except XenstoreError as err:
         if _conflicted(err):
-            raise XenstoreError(f"xenstore: {what}: the transaction conflicted {attempts} times",
-                                errno_name="EAGAIN") from None
+            raise XenstoreError(exhausted, errno_name="EAGAIN") from None
         raise
