@@ -31,6 +31,7 @@ from typing import Protocol
 
 import tenacity
 
+from xentools.core.errors import XentoolsError
 from xentools.tools.images.catalog import ChecksumEntry, ImageRef, parse_checksum_file
 from xentools.tools.images.errors import (
     CatalogError,
@@ -215,7 +216,10 @@ class Mirror:
 
 # ----------------------------------------------------------------------------- download
 
-class _Interrupted(Exception):
+class _Interrupted(XentoolsError):
+    """A download stopped early (the connection dropped or closed): resumed, or MirrorError
+    "mirror.interrupted" once the retries are spent."""
+
     def __init__(self, why: str, have: int, total: int | None) -> None:
         super().__init__(why)
         self.why, self.have, self.total = why, have, total
