@@ -61,6 +61,7 @@ from xentools.core.features import BackendFeatures, FrontendRingInfo  # noqa: E4
 from xentools.core.ring import BackRing, SharedRing, ring_entries  # noqa: E402
 from xentools.core.xenbus import XenbusState, parse_state  # noqa: E402
 from xentools.platform.interface import PAGE_SIZE, PlatformError, XenstoreError  # noqa: E402
+from xentools.platform.xenstore import run_transaction  # noqa: E402
 
 _MASK32 = 0xFFFFFFFF
 
@@ -99,8 +100,7 @@ def make_vbd(xs, *, backend_domid: int, frontend_domid: int, devid: int, params:
         return paths.backend, paths.frontend
     backend = f"/local/domain/{backend_domid}/backend/vbd/{frontend_domid}/{devid}"
     frontend = f"/local/domain/{frontend_domid}/device/vbd/{devid}"
-    for _ in range(20):
-        tx = xs.transaction_start()
+    def work(tx: int) -> None:
         for key, value in {
             "frontend": frontend, "frontend-id": str(frontend_domid), "params": params or "mem",
             "type": "file", "mode": mode, "online": "1", "state": "1", **(extra_backend or {}),
@@ -113,9 +113,9 @@ def make_vbd(xs, *, backend_domid: int, frontend_domid: int, devid: int, params:
             xs.write(f"{frontend}/{key}", value, tx)
         xs.set_perms(backend, [f"n{backend_domid}", f"r{frontend_domid}"], tx)
         xs.set_perms(frontend, [f"n{frontend_domid}", f"r{backend_domid}"], tx)
-        if xs.transaction_end(tx, True):
-            return backend, frontend
-    raise RuntimeError("make_vbd: transaction kept conflicting")
+
+    run_transaction(xs, work, what="make_vbd")
+    return backend, frontend
 
 
 def remove_vbd(xs, backend: str, frontend: str) -> None:

@@ -51,6 +51,7 @@ from xentools.core.features import BackendFeatures, DiskInfo, FrontendRingInfo, 
 from xentools.core.ring import FrontRing, SharedRing, ring_entries
 from xentools.core.xenbus import XenbusState
 from xentools.platform.interface import Platform, XenstoreError
+from xentools.platform.xenstore import run_transaction
 
 BAD = (BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP)
 
@@ -145,12 +146,11 @@ class RawFrontend:
         if edit_keys is not None:
             keys = edit_keys(keys)
         keys["state"] = str(int(XenbusState.Initialised))
-        for _ in range(20):
-            tx = self.xs.transaction_start()
+        def work(tx: int) -> None:
             for key, value in keys.items():
                 self.xs.write(f"{self.frontend_path}/{key}", value, tx)
-            if self.xs.transaction_end(tx, True):
-                break
+
+        run_transaction(self.xs, work, what=f"writing {self.frontend_path}")
         if expect_connected:
             state = self.wait_backend({XenbusState.Connected, XenbusState.Closing, XenbusState.Closed})
             if state != XenbusState.Connected:

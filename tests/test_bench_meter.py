@@ -15,7 +15,6 @@ import sys
 import time
 
 from xentools.platform.sim.grantd import query_state
-from xentools.platform.sim.launcher import SoftwareXen
 from xentools.tools.bench import CpuMeter, cpu_seconds, event_round_trip
 
 
@@ -48,11 +47,10 @@ def test_cpu_meter_per_request_and_total():
     assert out["me"] >= 100 and out["total"] == out["me"]  # >= 0.1 s over 1000 requests
 
 
-def test_event_round_trip_between_two_processes():
-    with SoftwareXen(domains=(0, 1)) as xen:
-        result = event_round_trip(xen.root_dir, count=200)
-        # Every port the two processes bound is gone again.
-        assert query_state(xen.grantd_path)["ports"] == []
+def test_event_round_trip_between_two_processes(fresh_xen):
+    result = event_round_trip(fresh_xen.root_dir, count=200)
+    # Every port the two processes bound is gone again.
+    assert query_state(fresh_xen.grantd_path)["ports"] == []
     assert result["round_trips"] == 200
     assert result["event_round_trip_us"] > 0 and result["socketpair_round_trip_us"] > 0
     ratio = result["event_round_trip_us"] / result["socketpair_round_trip_us"]

@@ -21,7 +21,6 @@ from hostile_frontend import RawFrontend
 from test_images_support import vhd_footer
 from xentools.core.xenbus import XenbusState
 from xentools.devices.toolstack import create_vbd, destroy_vbd
-from xentools.platform.sim.launcher import SoftwareXen
 
 BACKEND_PATH = "/local/domain/0/backend/vbd/1/51712"
 ENTRY_POINTS = {
@@ -54,12 +53,6 @@ def one_line(result: subprocess.CompletedProcess, words: str) -> str:
     assert len(lines) == 1, result.stderr
     assert words in lines[0] and "Traceback" not in result.stderr, lines[0]
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def xen():
-    with SoftwareXen(domains=(0, 1)) as x:
-        yield x
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_blkback_cli import ENTRY_POINTS, Server, image, new_vbd, one_line, run, xen, xs  # noqa: E402,F401 - shared fixtures
+from test_blkback_cli import ENTRY_POINTS, Server, image, new_vbd, one_line, run, xs  # noqa: E402,F401 - shared fixtures
 
 from xentools.core.blkif import (  # noqa: E402
     BLKIF_OP_FLUSH_DISKCACHE,

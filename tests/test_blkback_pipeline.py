@@ -30,7 +30,6 @@ from xentools.core.blkif import (
 from xentools.devices.blkback import BackendConfig, BlkBackend
 from xentools.devices.blkback_image import ImageFile, open_image
 from xentools.devices.toolstack import create_vbd
-from xentools.platform.sim.launcher import SoftwareXen
 
 MiB = 1 << 20
 SLOW = 0.4  # seconds a slow transfer takes
@@ -82,29 +81,28 @@ class SlowImage(ImageFile):
 
 
 @pytest.fixture
-def rig():
-    with SoftwareXen(domains=(0, 1)) as xen:
-        path = os.path.join(xen.root_dir, "disk.img")
-        with open(path, "wb") as f:
-            f.write(random.Random(3).randbytes(8 * MiB))
-        xs = xen.platform(0).open_xenstore()
-        paths = create_vbd(xs, backend_domid=0, frontend_domid=1, devid=51712, params=path)
-        image = open_image(path)
-        image.__class__ = SlowImage
-        image.slow, image.events = set(), []
-        backend = BlkBackend(xen.platform(0), paths.backend, image, BackendConfig())
-        thread = threading.Thread(target=backend.run, daemon=True)
-        thread.start()
-        fe = RawFrontend(xen.platform(1), paths.frontend, paths.backend, 0)
-        try:
-            yield fe, backend, image
-        finally:
-            fe.close()
-            backend.request_stop()
-            thread.join(20)
-            assert not thread.is_alive(), "the backend did not stop"
-            image.close()
-            xs.close()
+def rig(fresh_xen):
+    path = os.path.join(fresh_xen.root_dir, "disk.img")
+    with open(path, "wb") as f:
+        f.write(random.Random(3).randbytes(8 * MiB))
+    xs = fresh_xen.platform(0).open_xenstore()
+    paths = create_vbd(xs, backend_domid=0, frontend_domid=1, devid=51712, params=path)
+    image = open_image(path)
+    image.__class__ = SlowImage
+    image.slow, image.events = set(), []
+    backend = BlkBackend(fresh_xen.platform(0), paths.backend, image, BackendConfig())
+    thread = threading.Thread(target=backend.run, daemon=True)
+    thread.start()
+    fe = RawFrontend(fresh_xen.platform(1), paths.frontend, paths.backend, 0)
+    try:
+        yield fe, backend, image
+    finally:
+        fe.close()
+        backend.request_stop()
+        thread.join(20)
+        assert not thread.is_alive(), "the backend did not stop"
+        image.close()
+        xs.close()
 
 
 def _content(image: SlowImage) -> bytes:

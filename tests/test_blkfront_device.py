@@ -10,17 +10,13 @@ its response fails the device). One software Xen and one backend process per mod
 from __future__ import annotations
 
 import itertools
-import os
 import random
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hostile_backend import known_data, make_vbd, remove_vbd
 
-from hostile_backend import BackendProcess, known_data, make_vbd, remove_vbd  # noqa: E402
-
-from xentools.devices.blkfront import (  # noqa: E402
+from xentools.devices.blkfront import (
     BlkFront,
     BlkfrontConfig,
     BlkfrontError,
@@ -28,30 +24,9 @@ from xentools.devices.blkfront import (  # noqa: E402
     DeviceFailed,
     RequestFailed,
 )
-from xentools.platform.sim.launcher import SoftwareXen  # noqa: E402
 
 SEED = 11
 _devids = itertools.count(0)
-
-
-@pytest.fixture(scope="module")
-def xen():
-    with SoftwareXen(domains=(0, 1)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def backend(xen):
-    proc = BackendProcess(xen.root_dir, 0)
-    yield proc
-    proc.close()
-
-
-@pytest.fixture(scope="module")
-def xs0(xen):
-    client = xen.platform(0).open_xenstore()
-    yield client
-    client.close()
 
 
 class Rig:

@@ -12,19 +12,12 @@ content, and a session that received a fatal message must end with the device fa
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 import time
 
-import pytest
+from hostile_backend import FATAL_KINDS, known_data, make_vbd, remove_vbd
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from hostile_backend import FATAL_KINDS, BackendProcess, known_data, make_vbd, remove_vbd  # noqa: E402
-
-from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError, ConnectTimeout  # noqa: E402
-from xentools.platform.sim.launcher import SoftwareXen  # noqa: E402
+from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError, ConnectTimeout
 
 SECTORS = 4096
 SESSIONS = 400
@@ -41,26 +34,6 @@ BAD_KEYS = [
     ("feature-flush-cache", "on"), ("feature-discard", "11"), ("info", "x"), ("info", "4294967296"),
     ("state", "9"), ("state", "abc"), ("state", "-4"),
 ]
-
-
-@pytest.fixture(scope="module")
-def xen():
-    with SoftwareXen(domains=(0, 1)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def backend(xen):
-    proc = BackendProcess(xen.root_dir, 0)
-    yield proc
-    proc.close()
-
-
-@pytest.fixture(scope="module")
-def xs0(xen):
-    client = xen.platform(0).open_xenstore()
-    yield client
-    client.close()
 
 
 def _random_offer(rng: random.Random) -> dict:

@@ -10,18 +10,13 @@ never have found a non-zero byte outside a request's data.
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hostile_backend import known_data, make_vbd, remove_vbd
 
-from hostile_backend import known_data, make_vbd, remove_vbd  # noqa: E402
-from test_blkfront_hostile import backend, xen, xs0  # noqa: E402,F401 - the same module fixtures
-
-from xentools.devices.blkfront import BlkFront, BlkfrontConfig  # noqa: E402
+from xentools.devices.blkfront import BlkFront, BlkfrontConfig
 
 SECTORS = 4096
 CASES = [(persistent, case) for persistent in (True, False) for case in range(5)]

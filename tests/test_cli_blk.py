@@ -17,7 +17,6 @@ import sys
 import pytest
 
 from xentools.devices.toolstack import create_vbd
-from xentools.platform.sim.launcher import SoftwareXen
 from xentools.tools.blk_cmd import pattern_bytes
 
 IMAGE_BYTES = 8 << 20
@@ -41,29 +40,28 @@ def one_error_line(proc: subprocess.CompletedProcess, rule: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, xen):
     """A software Xen whose xvda (domain 1) is an 8 MiB image served by blkback; xvdb exists
     in xenstore but no backend ever serves it."""
     tmp = tmp_path_factory.mktemp("blk")
     image = tmp / "disk.img"
     image.write_bytes(random.Random(9).randbytes(IMAGE_BYTES))
-    with SoftwareXen(domains=(0, 1)) as xen:
-        xs = xen.platform(0).open_xenstore()
-        paths = create_vbd(xs, backend_domid=0, frontend_domid=1, devid=51712, params=str(image))
-        create_vbd(xs, backend_domid=0, frontend_domid=1, devid=51728, params=str(image))
-        xs.close()
-        backend = subprocess.Popen(
-            [sys.executable, "-m", "xentools.devices.blkback", "--sim-dir", xen.root_dir,
-             "--backend-path", paths.backend, "--image", str(image), "--report", "-"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        try:
-            yield xen.root_dir, image
-        finally:
-            backend.send_signal(signal.SIGTERM)
-            out, err = backend.communicate(timeout=20)
-        assert backend.returncode == 0, err
-        assert json.loads(out)["total"] == 0  # our frontend broke no rule
+    xs = xen.platform(0).open_xenstore()
+    paths = create_vbd(xs, backend_domid=0, frontend_domid=1, devid=51712, params=str(image))
+    create_vbd(xs, backend_domid=0, frontend_domid=1, devid=51728, params=str(image))
+    xs.close()
+    backend = subprocess.Popen(
+        [sys.executable, "-m", "xentools.devices.blkback", "--sim-dir", xen.root_dir,
+         "--backend-path", paths.backend, "--image", str(image), "--report", "-"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        yield xen.root_dir, image
+    finally:
+        backend.send_signal(signal.SIGTERM)
+        out, err = backend.communicate(timeout=20)
+    assert backend.returncode == 0, err
+    assert json.loads(out)["total"] == 0  # our frontend broke no rule
 
 
 def blk(sim_dir: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -9,13 +9,9 @@ import sys
 
 import pytest
 
-from xentools.platform.sim.launcher import SoftwareXen
 
 
-@pytest.fixture(scope="module")
-def xen():
-    with SoftwareXen(domains=(0, 4)) as sim:
-        yield sim
+XEN_DOMAINS = (0, 4)  # the module's software Xen (the xen fixture, tests/conftest.py)
 
 
 def _run(xen, *args):

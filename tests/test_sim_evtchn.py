@@ -11,21 +11,19 @@ import json
 import os
 import select
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
+from support import GRANTD_SOCKET
 
 from xentools.platform.interface import EventChannelError, PlatformError
 from xentools.platform.sim.evtchn import SoftwareEventChannels
 from xentools.platform.sim.grantd import query_state
 
 PEER = r"""
-import json, select, sys
+import json, os, select, sys
 from xentools.platform.sim.evtchn import SoftwareEventChannels
-evtchn = SoftwareEventChannels(sys.argv[1], int(sys.argv[2]))
+evtchn = SoftwareEventChannels(os.path.join(sys.argv[1], "grantd.sock"), int(sys.argv[2]))
 def handle(c):
     op = c["op"]
     if op == "bind_unbound":
@@ -60,76 +58,10 @@ for line in sys.stdin:
 """
 
 
-class Peer:
-    """A domain with one event channel handle, in another process."""
-
-    def __init__(self, path: str, domid: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", PEER, path, str(domid)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        assert self._line() == {"ready": True}
-
-    def _line(self) -> dict:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 20)
-        assert ready, "peer did not answer"
-        line = self.proc.stdout.readline()
-        assert line, f"peer exited with {self.proc.wait()}"
-        return json.loads(line)
-
-    def call(self, **cmd: object) -> dict:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        out = self._line()
-        assert "error" not in out, out
-        return out
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            self.proc.wait(timeout=20)
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None and not f.closed:
-                f.close()
-
-
 @pytest.fixture
-def path():
-    d = tempfile.mkdtemp(prefix="xt-evt-", dir="/tmp")
-    sock = os.path.join(d, "grantd.sock")
-    ready_r, ready_w = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xentools.platform.sim.grantd", "--socket", sock,
-         "--ready-fd", str(ready_w)],
-        pass_fds=(ready_w,),
-    )
-    os.close(ready_w)
-    with os.fdopen(ready_r, "rb") as ready:
-        assert ready.readline() == b"READY\n"
-    try:
-        yield sock
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        assert not os.path.exists(sock)
-        os.rmdir(d)
-
-
-@pytest.fixture
-def peers(path):
-    made: list[Peer] = []
-
-    def make(domid: int) -> Peer:
-        p = Peer(path, domid)
-        made.append(p)
-        return p
-
-    yield make
-    for p in made:
-        p.close()
+def path(grantd):
+    """grantd's socket (the grantd and peers fixtures: tests/conftest.py)."""
+    return os.path.join(grantd[0], GRANTD_SOCKET)
 
 
 def readable(handle: SoftwareEventChannels, timeout: float = 0.0) -> bool:

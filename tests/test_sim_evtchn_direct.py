@@ -42,7 +42,8 @@ from xentools.platform.sim.evtchn_channel import (
 )
 from xentools.platform.sim.grantd import query_state
 from xentools.platform.sim.grantd_wire import Kind, ServiceConnection
-from xentools.platform.sim.launcher import SoftwareXen
+
+XEN_DOMAINS = (0, 1, 2)  # the software Xen of the fresh_xen fixture (tests/conftest.py)
 
 
 @pytest.fixture(params=["cmpxchg", "lock"])
@@ -87,15 +88,9 @@ def test_channel_page_cannot_be_shrunk_by_a_holder():
         os.close(fd)
 
 
-@pytest.fixture
-def xen():
-    with SoftwareXen(domains=(0, 1, 2)) as running:
-        yield running
-
-
-def test_bound_channel_works_while_grantd_is_stopped(xen):
-    back = xen.platform(0).open_evtchn()
-    front = xen.platform(1).open_evtchn()
+def test_bound_channel_works_while_grantd_is_stopped(fresh_xen):
+    back = fresh_xen.platform(0).open_evtchn()
+    front = fresh_xen.platform(1).open_evtchn()
     offered = back.bind_unbound(1)
     bound = front.bind_interdomain(0, offered)
     assert readable(front, 5) and front.pending() == bound
@@ -103,7 +98,7 @@ def test_bound_channel_works_while_grantd_is_stopped(xen):
     back.notify(offered)  # the first notify asks grantd for the peer's doorbell
     assert readable(front, 5) and front.pending() == bound
     front.unmask(bound)
-    grantd = xen.service_pids["grantd"]
+    grantd = fresh_xen.service_pids["grantd"]
     os.kill(grantd, signal.SIGSTOP)
     try:
         for _ in range(100):
@@ -138,17 +133,17 @@ PRODUCER = textwrap.dedent(r"""
 """)
 
 
-def test_no_wakeup_is_lost_under_a_notify_storm(xen, tmp_path, atomics):
+def test_no_wakeup_is_lost_under_a_notify_storm(fresh_xen, tmp_path, atomics):
     count = 3000
     counter = tmp_path / "counter"
     counter.write_bytes(bytes(4096))
-    consumer = xen.platform(0).open_evtchn()
+    consumer = fresh_xen.platform(0).open_evtchn()
     port = consumer.bind_unbound(2)
     with open(counter, "r+b") as f:
         mapped = mmap.mmap(f.fileno(), 4096)
     cells = memoryview(mapped).cast("I")
     producer = subprocess.Popen(
-        [sys.executable, "-c", PRODUCER, xen.root_dir, str(counter), str(port), str(count), atomics]
+        [sys.executable, "-c", PRODUCER, fresh_xen.root_dir, str(counter), str(port), str(count), atomics]
     )
     try:
         deliveries = 0

@@ -6,15 +6,11 @@ crosses process boundaries, and so a peer can be killed or crash on a read-only 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import select
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
@@ -90,56 +86,6 @@ for line in sys.stdin:
 """
 
 
-class Peer:
-    """Another domain in another process."""
-
-    def __init__(self, root: str, domid: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", PEER, root, str(domid)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        assert self._line() == {"ready": True}
-
-    def _line(self) -> dict:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 20)
-        assert ready, "peer did not answer"
-        line = self.proc.stdout.readline()
-        assert line, f"peer exited with {self.proc.wait()}"
-        return json.loads(line)
-
-    def send(self, **cmd: object) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-
-    def call(self, **cmd: object) -> dict:
-        self.send(**cmd)
-        out = self._line()
-        if "error" in out:
-            raise AssertionError(f"peer failed: {out}")
-        return out
-
-    def call_error(self, **cmd: object) -> dict:
-        self.send(**cmd)
-        out = self._line()
-        assert "error" in out, out
-        return out
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            self.proc.wait(timeout=20)
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None and not f.closed:
-                f.close()
-
-
 def wait_state(path: str, predicate, timeout: float = 10.0) -> dict:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while True:
@@ -151,45 +97,8 @@ def wait_state(path: str, predicate, timeout: float = 10.0) -> dict:  # type: ig
 
 
 @pytest.fixture
-def grantd():
-    """A running grantd in a fresh short directory (unix socket paths hold 107 bytes)."""
-    d = tempfile.mkdtemp(prefix="xt-gnt-", dir="/tmp")
-    sock = os.path.join(d, "grantd.sock")
-    ready_r, ready_w = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xentools.platform.sim.grantd", "--socket", sock,
-         "--ready-fd", str(ready_w)],
-        pass_fds=(ready_w,),
-    )
-    os.close(ready_w)
-    with os.fdopen(ready_r, "rb") as ready:
-        assert ready.readline() == b"READY\n"
-    try:
-        yield d, proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        assert not os.path.exists(sock)
-        os.rmdir(d)  # fails if anything was left behind
-
-
-@pytest.fixture
 def root(grantd):
     return grantd[0]
-
-
-@pytest.fixture
-def peers(root):
-    made: list[Peer] = []
-
-    def make(domid: int) -> Peer:
-        p = Peer(root, domid)
-        made.append(p)
-        return p
-
-    yield make
-    for p in made:
-        p.close()
 
 
 def sock_of(root: str) -> str:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,30 +25,13 @@ from xentools.platform.xenstore import XenstoreClient
 
 
 @pytest.fixture
-def sockdir() -> Iterator[str]:
-    # unix socket paths are limited to 107 bytes: keep them short, not under tmp_path.
-    path = tempfile.mkdtemp(prefix="xs", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def server(sockdir) -> Iterator[str]:
-    path = os.path.join(sockdir, "socket")
-    proc = spawn_xenstored(path)
-    yield path
-    proc.terminate()
-    assert proc.wait(timeout=10) == 0
-
-
-@pytest.fixture
-def dom0(server) -> Iterator[XenstoreClient]:
-    with XenstoreClient.connect(server, timeout=5.0) as client:
+def dom0(xenstored) -> Iterator[XenstoreClient]:
+    with XenstoreClient.connect(xenstored, timeout=5.0) as client:
         yield client
 
 
-def tool(server: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, XENSTORED_PATH=server)
+def tool(xenstored: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, XENSTORED_PATH=xenstored)
     proc = subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=20)
     if check:
         assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
@@ -99,8 +80,8 @@ class Raw:
 
 
 @pytest.fixture
-def raw(server) -> Iterator[Raw]:
-    conn = Raw(server)
+def raw(xenstored) -> Iterator[Raw]:
+    conn = Raw(xenstored)
     yield conn
     conn.close()
 
@@ -113,30 +94,30 @@ def errno_of(msg: Message) -> str:
 # -- Xen's C tools --------------------------------------------------------------------------
 
 
-def test_c_tools_write_read_list_exists_rm(server):
-    tool(server, "xenstore-write", "/vm/a", "hello", "/vm/b/c", "world")
-    assert tool(server, "xenstore-read", "/vm/a").stdout == "hello\n"
-    assert tool(server, "xenstore-read", "/vm/b/c").stdout == "world\n"
-    assert tool(server, "xenstore-list", "/vm").stdout.split() == ["a", "b"]
-    ls = tool(server, "xenstore-ls", "/vm").stdout
+def test_c_tools_write_read_list_exists_rm(xenstored):
+    tool(xenstored, "xenstore-write", "/vm/a", "hello", "/vm/b/c", "world")
+    assert tool(xenstored, "xenstore-read", "/vm/a").stdout == "hello\n"
+    assert tool(xenstored, "xenstore-read", "/vm/b/c").stdout == "world\n"
+    assert tool(xenstored, "xenstore-list", "/vm").stdout.split() == ["a", "b"]
+    ls = tool(xenstored, "xenstore-ls", "/vm").stdout
     assert 'a = "hello"' in ls and 'c = "world"' in ls
-    assert tool(server, "xenstore-exists", "/vm/b/c", check=False).returncode == 0
-    assert tool(server, "xenstore-exists", "/vm/nope", check=False).returncode == 1
-    tool(server, "xenstore-rm", "/vm/b")
-    assert tool(server, "xenstore-list", "/vm").stdout.split() == ["a"]
-    failed = tool(server, "xenstore-read", "/vm/b/c", check=False)
+    assert tool(xenstored, "xenstore-exists", "/vm/b/c", check=False).returncode == 0
+    assert tool(xenstored, "xenstore-exists", "/vm/nope", check=False).returncode == 1
+    tool(xenstored, "xenstore-rm", "/vm/b")
+    assert tool(xenstored, "xenstore-list", "/vm").stdout.split() == ["a"]
+    failed = tool(xenstored, "xenstore-read", "/vm/b/c", check=False)
     assert failed.returncode == 1 and "couldn't read path" in failed.stderr
 
 
-def test_c_tools_chmod_and_perms(server, dom0):
-    tool(server, "xenstore-write", "/p/node", "x")
-    tool(server, "xenstore-chmod", "/p/node", "r3", "b5")
+def test_c_tools_chmod_and_perms(xenstored, dom0):
+    tool(xenstored, "xenstore-write", "/p/node", "x")
+    tool(xenstored, "xenstore-chmod", "/p/node", "r3", "b5")
     assert dom0.get_perms("/p/node") == ["r3", "b5"]
-    assert "(r3,b5)" in tool(server, "xenstore-ls", "-p", "/p").stdout
+    assert "(r3,b5)" in tool(xenstored, "xenstore-ls", "-p", "/p").stdout
 
 
-def test_c_tools_watch_prints_events(server, dom0):
-    env = dict(os.environ, XENSTORED_PATH=server)
+def test_c_tools_watch_prints_events(xenstored, dom0):
+    env = dict(os.environ, XENSTORED_PATH=xenstored)
     watcher = subprocess.Popen(
         ["xenstore-watch", "-n", "3", "/w"], env=env, stdout=subprocess.PIPE, text=True
     )
@@ -153,7 +134,7 @@ def test_c_tools_watch_prints_events(server, dom0):
     assert out.split() == ["/w/x", "/w/y/z"]
 
 
-def test_c_tools_list_big_directory_via_directory_part(server, dom0):
+def test_c_tools_list_big_directory_via_directory_part(xenstored, dom0):
     names = [f"entry-{i:05d}" for i in range(700)]  # 8400 bytes of names: DIRECTORY is E2BIG
     tx = dom0.transaction_start()
     for name in names:
@@ -163,15 +144,15 @@ def test_c_tools_list_big_directory_via_directory_part(server, dom0):
         dom0._request(XsOp.DIRECTORY, b"/big\0", 0, "/big")
     assert exc.value.errno_name == "E2BIG"
     # libxenstore falls back to XS_DIRECTORY_PART and parses our generation-count format.
-    assert tool(server, "xenstore-list", "/big").stdout.split() == names
+    assert tool(xenstored, "xenstore-list", "/big").stdout.split() == names
 
 
-def test_c_tools_as_unprivileged_domain(server, dom0):
+def test_c_tools_as_unprivileged_domain(xenstored, dom0):
     dom0.write("/secret", b"s3cr3t")
     dom0.mkdir("/local/domain/5")
     dom0.set_perms("/local/domain/5", ["n5"])
     dom0.introduce(5, 1234, 7)
-    domu = domain_socket_path(server, 5)
+    domu = domain_socket_path(xenstored, 5)
     denied = tool(domu, "xenstore-read", "/secret", check=False)
     assert denied.returncode == 1
     assert tool(domu, "xenstore-write", "/secret", "mine", check=False).returncode == 1
@@ -185,8 +166,8 @@ def test_c_tools_as_unprivileged_domain(server, dom0):
 # -- pyxs -----------------------------------------------------------------------------------
 
 
-def test_pyxs_read_write_list_perms(server, dom0):
-    with pyxs.Client(unix_socket_path=server) as c:
+def test_pyxs_read_write_list_perms(xenstored, dom0):
+    with pyxs.Client(unix_socket_path=xenstored) as c:
         c.write(b"/py/a", b"1")
         c.mkdir(b"/py/dir")
         assert c.read(b"/py/a") == b"1"
@@ -203,8 +184,8 @@ def test_pyxs_read_write_list_perms(server, dom0):
     assert dom0.read("/py/a") == b"1"
 
 
-def test_pyxs_transaction_commit_and_conflict(server):
-    with pyxs.Client(unix_socket_path=server) as a, pyxs.Client(unix_socket_path=server) as b:
+def test_pyxs_transaction_commit_and_conflict(xenstored):
+    with pyxs.Client(unix_socket_path=xenstored) as a, pyxs.Client(unix_socket_path=xenstored) as b:
         a.write(b"/tx/n", b"0")
         a.transaction()
         b.transaction()
@@ -216,8 +197,8 @@ def test_pyxs_transaction_commit_and_conflict(server):
         assert a.read(b"/tx/n") == b"a"
 
 
-def test_pyxs_monitor_watch(server, dom0):
-    with pyxs.Client(unix_socket_path=server) as c:
+def test_pyxs_monitor_watch(xenstored, dom0):
+    with pyxs.Client(unix_socket_path=xenstored) as c:
         with c.monitor() as m:
             m.watch(b"/mon", b"tok")
             events = m.wait()
@@ -229,8 +210,8 @@ def test_pyxs_monitor_watch(server, dom0):
 # -- transactions -------------------------------------------------------------------------
 
 
-def test_racing_transactions_exactly_one_eagain(server, dom0):
-    with XenstoreClient.connect(server, timeout=5.0) as other:
+def test_racing_transactions_exactly_one_eagain(xenstored, dom0):
+    with XenstoreClient.connect(xenstored, timeout=5.0) as other:
         dom0.write("/race", b"0")
         t1 = dom0.transaction_start()
         t2 = other.transaction_start()
@@ -242,7 +223,7 @@ def test_racing_transactions_exactly_one_eagain(server, dom0):
         assert dom0.read("/race") == b"1"
 
 
-def test_transaction_isolation_abort_and_events(server, dom0):
+def test_transaction_isolation_abort_and_events(xenstored, dom0):
     dom0.write("/iso/base", b"b")
     dom0.watch("/iso", "w")
     assert dom0.read_watch(2.0) == ("/iso", "w")
@@ -262,7 +243,7 @@ def test_transaction_isolation_abort_and_events(server, dom0):
     assert dom0.read_watch(2.0) == ("/iso/new", "w")
 
 
-def test_transaction_conflicts_on_read_only_access(server, dom0):
+def test_transaction_conflicts_on_read_only_access(xenstored, dom0):
     dom0.write("/ro/a", b"1")
     tx = dom0.transaction_start()
     dom0.read("/ro/a", tx)
@@ -272,7 +253,7 @@ def test_transaction_conflicts_on_read_only_access(server, dom0):
     assert not dom0.exists("/ro/b")
 
 
-def test_unrelated_transactions_both_commit(server, dom0):
+def test_unrelated_transactions_both_commit(xenstored, dom0):
     dom0.mkdir("/u/x")
     dom0.mkdir("/u/y")
     t1 = dom0.transaction_start()
@@ -285,7 +266,7 @@ def test_unrelated_transactions_both_commit(server, dom0):
 # -- watches --------------------------------------------------------------------------------
 
 
-def test_watch_scope_and_recursive_rm(server, dom0):
+def test_watch_scope_and_recursive_rm(xenstored, dom0):
     dom0.write("/ws/a/deep/leaf", b"x")
     dom0.watch("/ws/a", "sub")
     dom0.watch("/ws/a/deep/leaf", "leaf")
@@ -302,7 +283,7 @@ def test_watch_scope_and_recursive_rm(server, dom0):
     assert got == {("/ws/a", "sub"), ("/ws/a/deep/leaf", "leaf")}
 
 
-def test_unwatch_and_reset_watches(server, dom0):
+def test_unwatch_and_reset_watches(xenstored, dom0):
     dom0.watch("/uw", "t")
     assert dom0.read_watch(2.0) == ("/uw", "t")
     with pytest.raises(XenstoreError) as exc:
@@ -324,7 +305,7 @@ def test_unwatch_and_reset_watches(server, dom0):
     assert exc.value.errno_name == "ENOENT"
 
 
-def test_introduce_release_special_watches(server, dom0):
+def test_introduce_release_special_watches(xenstored, dom0):
     dom0.watch("@introduceDomain", "intro")
     dom0.watch("@releaseDomain", "rel")
     assert {dom0.read_watch(2.0), dom0.read_watch(2.0)} == {
@@ -335,7 +316,7 @@ def test_introduce_release_special_watches(server, dom0):
     dom0.introduce(9, 100, 3)
     assert dom0.read_watch(2.0) == ("@introduceDomain", "intro")
     assert dom0.is_introduced(9) and dom0.is_introduced(0)
-    domu_path = domain_socket_path(server, 9)
+    domu_path = domain_socket_path(xenstored, 9)
     assert os.path.exists(domu_path)
     domu = XenstoreClient.connect(domu_path, timeout=5.0)
     try:
@@ -357,11 +338,11 @@ def test_introduce_release_special_watches(server, dom0):
 
 
 @pytest.fixture
-def domu(server, dom0) -> Iterator[XenstoreClient]:
+def domu(xenstored, dom0) -> Iterator[XenstoreClient]:
     dom0.mkdir("/local/domain/4")
     dom0.set_perms("/local/domain/4", ["n4"])
     dom0.introduce(4, 1, 1)
-    with XenstoreClient.connect(domain_socket_path(server, 4), timeout=5.0) as client:
+    with XenstoreClient.connect(domain_socket_path(xenstored, 4), timeout=5.0) as client:
         yield client
 
 
@@ -410,7 +391,7 @@ def test_domu_watch_filtered_and_relative(dom0, domu):
     assert domu.read_watch(0.3) is None
 
 
-def test_set_target_grants_access(server, dom0, domu):
+def test_set_target_grants_access(xenstored, dom0, domu):
     dom0.mkdir("/local/domain/6")
     dom0.set_perms("/local/domain/6", ["n6"])
     with pytest.raises(XenstoreError):
@@ -498,7 +479,7 @@ def test_malformed_requests_get_error_replies(raw, dom0):
     dom0.write("/still", b"fine")
 
 
-def test_oversize_frame_closes_only_that_connection(raw, server, dom0):
+def test_oversize_frame_closes_only_that_connection(raw, xenstored, dom0):
     raw.send_raw(struct.pack("<IIII", XsOp.WRITE, 1, 0, 5000))
     assert raw.closed_by_server()
     dom0.write("/after", b"ok")
@@ -520,7 +501,7 @@ def test_replies_split_and_pipelined(raw):
     ]
 
 
-def test_client_killed_mid_request_does_not_disturb_others(server, dom0):
+def test_client_killed_mid_request_does_not_disturb_others(xenstored, dom0):
     script = (
         "import socket, struct, sys, time\n"
         "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
@@ -529,7 +510,7 @@ def test_client_killed_mid_request_does_not_disturb_others(server, dom0):
         "s.sendall(struct.pack('<IIII', 11, 3, 0, 100) + b'/k/half')\n"  # half a WRITE
         "print('sent', flush=True); time.sleep(60)\n"
     )
-    victim = subprocess.Popen([sys.executable, "-c", script, server], stdout=subprocess.PIPE, text=True)
+    victim = subprocess.Popen([sys.executable, "-c", script, xenstored], stdout=subprocess.PIPE, text=True)
     try:
         assert victim.stdout is not None and victim.stdout.readline() == "sent\n"
         victim.kill()

@@ -9,13 +9,6 @@ import pytest
 from xentools.core.features import BackendToolstackKeys, FrontendToolstackKeys
 from xentools.devices.toolstack import VbdPaths, backend_path, create_vbd, destroy_vbd, frontend_path
 from xentools.platform.interface import XenstoreError
-from xentools.platform.sim.launcher import SoftwareXen
-
-
-@pytest.fixture
-def xen():
-    with SoftwareXen(domains=(0, 1)) as xen:
-        yield xen
 
 
 class Recorder:
@@ -56,8 +49,8 @@ def test_paths() -> None:
     assert frontend_path(3, 51712) == "/local/domain/3/device/vbd/51712"
 
 
-def test_creates_both_directories_in_one_transaction(xen) -> None:
-    xs = xen.platform(0).open_xenstore()
+def test_creates_both_directories_in_one_transaction(fresh_xen) -> None:
+    xs = fresh_xen.platform(0).open_xenstore()
     rec = Recorder(xs)
     paths = create_vbd(rec, backend_domid=0, frontend_domid=1, devid=51712, params="/img", mode="r",
                        extra_backend={"discard-enable": "0"})
@@ -81,8 +74,8 @@ def test_creates_both_directories_in_one_transaction(xen) -> None:
     xs.close()
 
 
-def test_repeats_a_conflicting_transaction(xen) -> None:
-    xs = xen.platform(0).open_xenstore()
+def test_repeats_a_conflicting_transaction(fresh_xen) -> None:
+    xs = fresh_xen.platform(0).open_xenstore()
     rec = Recorder(xs, conflicts=2)
     paths = create_vbd(rec, backend_domid=0, frontend_domid=1, devid=51728, params="/img")
     assert rec.ends == [False, False, True]
@@ -90,9 +83,9 @@ def test_repeats_a_conflicting_transaction(xen) -> None:
     xs.close()
 
 
-def test_nothing_is_visible_before_the_commit(xen) -> None:
-    xs = xen.platform(0).open_xenstore()
-    watcher = xen.platform(0).open_xenstore()
+def test_nothing_is_visible_before_the_commit(fresh_xen) -> None:
+    xs = fresh_xen.platform(0).open_xenstore()
+    watcher = fresh_xen.platform(0).open_xenstore()
     seen = []
 
     class Peek(Recorder):
@@ -108,10 +101,10 @@ def test_nothing_is_visible_before_the_commit(xen) -> None:
     watcher.close()
 
 
-def test_domain_access_follows_the_permissions(xen) -> None:
-    xs = xen.platform(0).open_xenstore()
+def test_domain_access_follows_the_permissions(fresh_xen) -> None:
+    xs = fresh_xen.platform(0).open_xenstore()
     paths = create_vbd(xs, backend_domid=0, frontend_domid=1, devid=51712, params="/img")
-    domu = xen.platform(1).open_xenstore()
+    domu = fresh_xen.platform(1).open_xenstore()
     assert domu.read(f"{paths.backend}/state") == b"1"  # the frontend reads the backend
     domu.write(f"{paths.frontend}/ring-ref", "8")  # and writes its own directory
     with pytest.raises(XenstoreError) as info:
@@ -124,10 +117,10 @@ def test_domain_access_follows_the_permissions(xen) -> None:
     xs.close()
 
 
-def test_existing_and_served_vbds_are_checked_inside_the_transaction(xen) -> None:
+def test_existing_and_served_vbds_are_checked_inside_the_transaction(fresh_xen) -> None:
     from xentools.devices.toolstack import ToolstackError, require_domain
 
-    xs = xen.platform(0).open_xenstore()
+    xs = fresh_xen.platform(0).open_xenstore()
     try:
         common = dict(backend_domid=0, frontend_domid=1, devid=51712, params="/a.img")
         paths = create_vbd(xs, **common, existing="refuse")

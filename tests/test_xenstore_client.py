@@ -3,11 +3,10 @@ against scripted servers that stall, hang up, or misbehave."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import tty
@@ -15,31 +14,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from xentools.core.xs_wire import FrameDecoder, Message, XsOp, encode, error_payload, join_strings
+from xentools.core.xs_wire import FrameDecoder, Message, XsOp, encode, error_payload, join_strings, split_strings
 from xentools.platform.interface import XenstoreError, XenstoreTimeout
-from xentools.platform.sim.xenstored import domain_socket_path, spawn_xenstored
-from xentools.platform.xenstore import XenstoreClient, default_path
+from xentools.platform.sim.xenstored import domain_socket_path
+from xentools.platform.xenstore import XenstoreClient, default_path, run_transaction
 
 
 @pytest.fixture
-def sockdir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="xc", dir="/tmp")  # short: unix socket paths are limited
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def server(sockdir) -> Iterator[str]:
-    path = os.path.join(sockdir, "socket")
-    proc = spawn_xenstored(path)
-    yield path
-    proc.terminate()
-    assert proc.wait(timeout=10) == 0
-
-
-@pytest.fixture
-def xs(server) -> Iterator[XenstoreClient]:
-    with XenstoreClient.connect(server, timeout=5.0) as client:
+def xs(xenstored) -> Iterator[XenstoreClient]:
+    with XenstoreClient.connect(xenstored, timeout=5.0) as client:
         yield client
 
 
@@ -135,25 +118,25 @@ def test_connect_errors_are_one_clear_line(sockdir):
         XenstoreClient.connect(dead)
 
 
-def test_default_path_order(monkeypatch, server):
-    monkeypatch.setenv("XENSTORED_PATH", server)
-    assert default_path() == server
+def test_default_path_order(monkeypatch, xenstored):
+    monkeypatch.setenv("XENSTORED_PATH", xenstored)
+    assert default_path() == xenstored
     with XenstoreClient.connect(timeout=5.0) as client:  # path None: $XENSTORED_PATH
-        assert client.path == server
+        assert client.path == xenstored
         assert client.get_domain_path(1) == "/local/domain/1"
     monkeypatch.delenv("XENSTORED_PATH")
     expected = "/run/xenstored/socket" if os.path.exists("/run/xenstored/socket") else "/dev/xen/xenbus"
     assert default_path() == expected
 
 
-def test_character_device_path(server):
+def test_character_device_path(xenstored):
     """A path that is not a socket is opened O_RDWR like /dev/xen/xenbus; a raw pty relayed
     to the server stands in for the xenbus device."""
     master, slave = os.openpty()
     tty.setraw(slave)
     device = os.ttyname(slave)
     upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    upstream.connect(server)
+    upstream.connect(xenstored)
     stop_r, stop_w = os.pipe()
 
     def relay() -> None:
@@ -273,7 +256,7 @@ def test_watch_methods_and_fileno(xs):
     assert xs.read_watch(0.2) is None
 
 
-def test_transaction_methods(server, xs):
+def test_transaction_methods(xenstored, xs):
     xs.write("/t/v", b"0")
     tx = xs.transaction_start()
     assert tx != 0
@@ -289,7 +272,7 @@ def test_transaction_methods(server, xs):
         xs.write("/t/v", b"3", tx)
         raise RuntimeError("abort me")
     assert xs.read("/t/v") == b"1"
-    with XenstoreClient.connect(server, timeout=5.0) as other:
+    with XenstoreClient.connect(xenstored, timeout=5.0) as other:
         with pytest.raises(XenstoreError) as exc, xs.transaction() as tx:
             xs.read("/t/v", tx)
             other.write("/t/v", b"other")
@@ -299,12 +282,55 @@ def test_transaction_methods(server, xs):
     assert exc.value.errno_name == "ENOENT"
 
 
-def test_domain_methods(server, xs):
+def test_run_transaction_repeats_a_conflict_and_gives_up_with_eagain(xenstored, xs):
+    xs.write("/rt/v", b"0")
+    runs = []
+    with XenstoreClient.connect(xenstored, timeout=5.0) as other:
+        def work(tx: int) -> bytes:
+            seen = xs.read("/rt/v", tx)
+            runs.append(seen)
+            if len(runs) == 1:
+                other.write("/rt/v", b"other")  # the first commit conflicts
+            xs.write("/rt/w", seen, tx)
+            return seen
+
+        assert run_transaction(xs, work, what="copying /rt/v") == b"other"
+        assert runs == [b"0", b"other"]
+        assert xs.read("/rt/w") == b"other"
+
+        def always_conflicts(tx: int) -> None:
+            runs.append(xs.read("/rt/v", tx))
+            other.write("/rt/v", b"%d" % len(runs))
+
+        runs.clear()
+        with pytest.raises(XenstoreError) as exc:
+            run_transaction(xs, always_conflicts, what="a busy node", attempts=3)
+    assert exc.value.errno_name == "EAGAIN"
+    assert str(exc.value) == "xenstore: a busy node: the transaction conflicted 3 times"
+    assert len(runs) == 3
+
+
+def test_run_transaction_aborts_and_does_not_repeat_other_errors(xs):
+    runs = []
+
+    def work(tx: int) -> None:
+        runs.append(tx)
+        xs.write("/ra/v", b"1", tx)
+        xs.read("/ra/missing", tx)  # ENOENT
+
+    with pytest.raises(XenstoreError) as exc:
+        run_transaction(xs, work, what="reading a missing node")
+    assert exc.value.errno_name == "ENOENT"
+    assert len(runs) == 1
+    assert not xs.exists("/ra/v")  # aborted
+
+
+def test_domain_methods(xenstored, xs):
     assert xs.get_domain_path(12) == "/local/domain/12"
     assert not xs.is_introduced(12)
     xs.introduce(12, 4096, 5)
     assert xs.is_introduced(12)
-    with XenstoreClient.connect(domain_socket_path(server, 12), timeout=5.0) as domu:
+    with XenstoreClient.connect(domain_socket_path(xenstored, 12), timeout=5.0) as domu:
         with pytest.raises(XenstoreError) as exc:
             domu.read("/tool")
         assert exc.value.errno_name == "EACCES"
@@ -337,8 +363,8 @@ def test_threads_share_one_client(xs):
     assert sorted(xs.directory("/thr")) == [str(n) for n in range(6)]
 
 
-def test_close_is_idempotent_and_final(server):
-    client = XenstoreClient.connect(server, timeout=5.0)
+def test_close_is_idempotent_and_final(xenstored):
+    client = XenstoreClient.connect(xenstored, timeout=5.0)
     client.write("/closing", b"1")
     client.close()
     client.close()
@@ -349,6 +375,40 @@ def test_close_is_idempotent_and_final(server):
 
 
 # -- failures -------------------------------------------------------------------------------
+
+
+def _listing_server(generations: Callable[[], int]):  # type: ignore[no-untyped-def]
+    """A script: DIRECTORY answers E2BIG; DIRECTORY_PART lists "a" then "b", one name a part,
+    each part stamped with generations()."""
+
+    def script(msg: Message) -> list[bytes]:
+        if msg.op == XsOp.DIRECTORY:
+            return [reply(msg, error_payload("E2BIG"), XsOp.ERROR)]
+        offset = int(split_strings(msg.payload)[1])
+        part = {0: b"a\0", 2: b"b\0\0"}[offset]
+        return [reply(msg, b"%d\0" % generations() + part)]
+
+    return script
+
+
+def test_directory_part_restarts_when_the_directory_changes(scripted):
+    parts = itertools.count()
+    # The first listing sees generation 0 then 1 (changed): it starts again and sees 2, 2.
+    path = scripted(_listing_server(lambda: min(next(parts), 2)))
+    with XenstoreClient.connect(path, timeout=5.0) as client:
+        assert client.directory("/d") == ["a", "b"]
+    assert next(parts) == 4  # two parts served, then two again
+
+
+def test_directory_part_gives_up_when_the_directory_never_holds_still(scripted):
+    parts = itertools.count()
+    path = scripted(_listing_server(lambda: next(parts)))
+    with XenstoreClient.connect(path, timeout=5.0) as client:
+        with pytest.raises(XenstoreError) as exc:
+            client.directory("/d")
+    assert exc.value.errno_name == "EAGAIN"
+    assert str(exc.value) == "xenstore: DIRECTORY_PART /d: kept changing while listed"
+    assert next(parts) == 2 * 16  # every one of the 16 listings saw a change at its 2nd part
 
 
 def test_timeout_when_server_never_answers(scripted):

@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xentools.core.vbd import encode_vbd
+
 HERE = Path(__file__).resolve().parent
 GUEST_INIT = HERE / "guest_init"
 SCENARIOS = ("disk-io", "banner", "panic")
@@ -46,8 +48,7 @@ SCENARIOS = ("disk-io", "banner", "panic")
 DEFAULT_MODULES = ("xen-blkfront", "ext4")
 # Where tests/nested/dom0/boot.sh tells xenconsoled (--log=guest) to write guest-<name>.log.
 CONSOLE_LOG_DIR = Path("/var/log/xen/console")
-# xen-vbd-interface(7): xvda is major 202, minor 0 -> 202 << 8 = 51712.
-XVDA = 51712
+XVDA = encode_vbd("xvda")
 # A dom0 self-attach for a USERSPACE frontend: not under device/vbd/, which the kernel's
 # xen-blkfront claims entirely once loaded (xen-in-qemu.md). blkback reads the frontend path
 # from its `frontend` key, so any path works.

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import pytest
-from guests import guest_kernel, unique_name, xl_domains
+from guests import XVDA, guest_kernel, unique_name, xl_domains
 from hvm_images import (
     NESTED_HVM_CFG,
     PROMPT,
@@ -51,7 +51,6 @@ from hvm_images import (
 
 from xentools.devices.toolstack import USERSPACE_BACKEND_KIND
 
-XVDA = 51712
 TIMEOUTS = ["--first-output-timeout", "150", "--timeout", "300"]
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 from guests import (
+    XVDA,
     record_rerun,
     BANNER,
     CONSOLE_LOG_DIR,
@@ -50,7 +51,6 @@ from xentools.devices.toolstack import USERSPACE_BACKEND_KIND
 from xentools.tools.images.diskformat import inspect_image
 
 REPO = Path(__file__).resolve().parents[2]
-XVDA = 51712
 # Seconds. Under nested TCG a guest boots in ~6 s on an idle host, ~3x that on a busy one;
 # dom0's Python (the CLI, our blkback) starts ~18x slower than the host's.
 BOOT_TIMEOUT = 150

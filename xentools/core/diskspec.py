@@ -65,11 +65,6 @@ class DiskSpecError(XentoolsError, ValueError):
     a parameter given twice, too many positional parameters. `rule` is "diskspec.<what>";
     str() is one line naming the parameter and the accepted values."""
 
-    def __init__(self, rule: str, detail: str) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule
-        self.detail = detail
-
 
 @dataclass(frozen=True)
 class DiskSpec:

@@ -141,6 +141,25 @@ def _encode_xvd(disk: int, partition: int, name: str) -> int:
     return EXTENDED | disk << 8 | partition
 
 
+def _encode_linux_disk(name: str, majors: tuple[int, ...], disks_per_major: int, max_partition: int,
+                       canonical_disks: int, allow_deprecated: bool) -> int:
+    """hd<letters>[N] or sd<letters>[N]: Linux's IDE or SCSI numbering, `disks_per_major`
+    disks of (max_partition + 1) minors in each major."""
+    kind = name[:2]
+    letters, partition = _split_letters(name[2:], name)
+    disk = _letters_disk(letters, name, len(majors) * disks_per_major - 1)
+    if partition > max_partition:
+        raise VbdError("vbd.name.partition-range", f"{name!r}: {kind} partitions end at {max_partition}")
+    if disk >= canonical_disks and not allow_deprecated:
+        raise VbdError(
+            "vbd.name.deprecated",
+            f"{name!r}: {kind} disks beyond {kind}{_disk_letters(canonical_disks - 1)} are deprecated "
+            "(xen-vbd-interface(7))",
+        )
+    minor = (disk % disks_per_major) * (max_partition + 1) | partition
+    return majors[disk // disks_per_major] << 8 | minor
+
+
 def encode_vbd(name: str, *, allow_deprecated: bool = False) -> int:
     """The `virtual-device` number for a disk name (see the module docstring for syntax)."""
     if not isinstance(name, str):
@@ -155,31 +174,9 @@ def encode_vbd(name: str, *, allow_deprecated: bool = False) -> int:
         letters, partition = _split_letters(name[3:], name)
         return _encode_xvd(_letters_disk(letters, name, EXTENDED_MAX_DISK), partition, name)
     if name.startswith("hd"):
-        letters, partition = _split_letters(name[2:], name)
-        disk = _letters_disk(letters, name, len(HD_MAJORS) * 2 - 1)
-        if partition > HD_MAX_PARTITION:
-            raise VbdError(
-                "vbd.name.partition-range", f"{name!r}: hd partitions end at {HD_MAX_PARTITION}"
-            )
-        if disk >= HD_CANONICAL_DISKS and not allow_deprecated:
-            raise VbdError(
-                "vbd.name.deprecated",
-                f"{name!r}: hd disks beyond hdd are deprecated (xen-vbd-interface(7))",
-            )
-        return HD_MAJORS[disk // 2] << 8 | (disk % 2) << 6 | partition
+        return _encode_linux_disk(name, HD_MAJORS, 2, HD_MAX_PARTITION, HD_CANONICAL_DISKS, allow_deprecated)
     if name.startswith("sd"):
-        letters, partition = _split_letters(name[2:], name)
-        disk = _letters_disk(letters, name, len(SD_MAJORS) * 16 - 1)
-        if partition > SD_MAX_PARTITION:
-            raise VbdError(
-                "vbd.name.partition-range", f"{name!r}: sd partitions end at {SD_MAX_PARTITION}"
-            )
-        if disk >= SD_CANONICAL_DISKS and not allow_deprecated:
-            raise VbdError(
-                "vbd.name.deprecated",
-                f"{name!r}: sd disks beyond sdp are deprecated (xen-vbd-interface(7))",
-            )
-        return SD_MAJORS[disk // 16] << 8 | (disk % 16) << 4 | partition
+        return _encode_linux_disk(name, SD_MAJORS, 16, SD_MAX_PARTITION, SD_CANONICAL_DISKS, allow_deprecated)
     if name.startswith("d"):
         disk_text, sep, part_text = name[1:].partition("p")
         disk = _decimal(disk_text, name, "disk")

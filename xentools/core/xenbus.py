@@ -9,7 +9,8 @@ layer does the I/O: it feeds events in and carries the returned actions out.
 Rules of this file (in the manner of h11's _state.py):
 - Everything that affects the state machine lives in HANDSHAKE_TABLE. A (state, event) pair
   that is not in the table raises XenbusError with rule "xenbus.<role>.<state>-><event>",
-  e.g. "xenbus.frontend.Connected->InitWait", and changes nothing.
+  e.g. "xenbus.frontend.Connected->InitWait", and changes nothing: RemoteXenbusError when
+  the event is the peer's state, LocalXenbusError when it is our own milestone.
 - An event is either the peer's state node taking a value (a `XenbusState`; its name is the
   event name) or a local milestone (a `Milestone`: the device finished something, or was
   asked to). The table does not record where a peer came from, only where it is: a watch
@@ -167,7 +168,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-from xentools.core.errors import FeatureError, XenbusError
+from xentools.core.errors import FeatureError, LocalXenbusError, RemoteXenbusError
 from xentools.core.features import parse_uint
 
 __all__ = [
@@ -451,7 +452,8 @@ class Handshake:
 
     `state` is our own state (what we last wrote), `peer_state` the peer's last seen state.
     Feed each event with `peer_changed()` or `milestone()` (or `handle()`); carry out the
-    returned Step. On XenbusError nothing changes.
+    returned Step. On XenbusError nothing changes: RemoteXenbusError when the peer's state
+    is the fault, LocalXenbusError when ours is (a milestone out of order, a bad argument).
     """
 
     def __init__(
@@ -461,13 +463,13 @@ class Handshake:
         peer_state: XenbusState = XenbusState.Unknown,
     ) -> None:
         if role not in HANDSHAKE_TABLE:
-            raise XenbusError("xenbus.role.unknown", f"{role!r} is not frontend or backend")
+            raise LocalXenbusError("xenbus.role.unknown", f"{role!r} is not frontend or backend")
         self._role = role
         self._table = HANDSHAKE_TABLE[role]
         if not isinstance(state, XenbusState) or state not in self._table:
-            raise XenbusError(f"xenbus.{role}.state", f"a {role} is never in state {state!r}")
+            raise LocalXenbusError(f"xenbus.{role}.state", f"a {role} is never in state {state!r}")
         if not isinstance(peer_state, XenbusState):
-            raise XenbusError("xenbus.state.unknown", f"{peer_state!r} is not a XenbusState")
+            raise LocalXenbusError("xenbus.state.unknown", f"{peer_state!r} is not a XenbusState")
         self._state = state
         self._peer_state = peer_state
 
@@ -490,11 +492,11 @@ class Handshake:
     def peer_changed(self, state: XenbusState | int) -> Step:
         """The peer's `state` key now reads `state` (use parse_state on the raw value)."""
         if isinstance(state, bool) or not isinstance(state, int):
-            raise XenbusError("xenbus.state.unknown", f"{state!r} is not a xenbus state")
+            raise LocalXenbusError("xenbus.state.unknown", f"{state!r} is not a xenbus state")
         try:
             event = XenbusState(state)
         except ValueError:
-            raise XenbusError("xenbus.state.unknown", f"{state!r} is not a xenbus state") from None
+            raise RemoteXenbusError("xenbus.state.unknown", f"{state!r} is not a xenbus state") from None
         return self.handle(event)
 
     def milestone(self, milestone: Milestone | str) -> Step:
@@ -502,7 +504,7 @@ class Handshake:
         try:
             event = Milestone(milestone)
         except ValueError:
-            raise XenbusError(
+            raise LocalXenbusError(
                 "xenbus.milestone.unknown", f"{milestone!r} is not a milestone"
             ) from None
         return self.handle(event)
@@ -510,7 +512,7 @@ class Handshake:
     def handle(self, event: Event) -> Step:
         """Look the event up in the current state's row and apply it."""
         if not isinstance(event, (XenbusState, Milestone)):
-            raise XenbusError(
+            raise LocalXenbusError(
                 "xenbus.event.unknown", f"{event!r} is not a XenbusState or Milestone"
             )
         cell = self._cell(self._state, event)
@@ -535,7 +537,9 @@ class Handshake:
             what = (
                 f"peer going to {name}" if isinstance(event, XenbusState) else f"milestone {name}"
             )
-            raise XenbusError(
+            # The peer's state change is the peer's doing; a milestone out of order is ours.
+            side = RemoteXenbusError if isinstance(event, XenbusState) else LocalXenbusError
+            raise side(
                 f"xenbus.{self._role}.{state.name}->{name}",
                 f"a {self._role} in {state.name} has no transition for {what}",
             )

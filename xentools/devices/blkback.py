@@ -84,6 +84,7 @@ from xentools.devices.blkback_lock import LockError, lock_dir, lock_image, lock_
 from xentools.devices.blkback_queue import DeviceGate, QueueWorker
 from xentools.devices.blkback_validate import RequestPolicy
 from xentools.platform.interface import Platform, PlatformError, XenstoreError
+from xentools.platform.xenstore import run_transaction
 
 __all__ = [
     "BackendConfig", "BackendError", "BlkBackend", "LockError", "main", "serve", "write_device_error",
@@ -96,7 +97,6 @@ MAX_QUEUES_LIMIT = 64  # more queues than this is a configuration mistake, not a
 # backend/<kind>/: "vbd", or another kind where Linux's xen-blkback claims backend/vbd/
 # (toolstack.USERSPACE_BACKEND_KIND).
 _BACKEND_PATH = re.compile(r"^/local/domain/(\d+)/backend/[a-z][a-z0-9]{0,7}/(\d+)/(\d+)$")
-_TRANSACTION_ATTEMPTS = 20
 
 
 class BackendError(XentoolsError):
@@ -642,18 +642,14 @@ def parse_backend_path(path: str) -> tuple[int, int, int]:
 def in_backend_transaction(xs, backend_path: str, work) -> bool:  # type: ignore[no-untyped-def]
     """Run work(tx) in a transaction, repeated on EAGAIN. False (nothing written) if the
     backend directory is gone: its `frontend` key, written by the toolstack, is missing."""
-    for _ in range(_TRANSACTION_ATTEMPTS):
-        try:
-            with xs.transaction() as tx:  # commits on success, aborts on an exception
-                present = xs.exists(f"{backend_path}/frontend", tx)
-                if present:
-                    work(tx)
-        except XenstoreError as err:
-            if err.errno_name == "EAGAIN":
-                continue  # someone changed what we read: run the whole transaction again
-            raise
+
+    def checked(tx: int) -> bool:
+        present = xs.exists(f"{backend_path}/frontend", tx)
+        if present:
+            work(tx)
         return present
-    raise XenstoreError(f"xenstore: {backend_path}: transaction kept conflicting", errno_name="EAGAIN")
+
+    return run_transaction(xs, checked, what=backend_path)
 
 
 def write_device_error(xs, backend_path: str, err: int, message: str, *, closing: bool = False) -> bool:  # type: ignore[no-untyped-def]

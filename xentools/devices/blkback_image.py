@@ -42,10 +42,6 @@ class ImageError(XentoolsError):
     """The image cannot be served: missing, unreadable, not a multiple of the sector size,
     or read-only while write access was asked. The message is one line naming the rule."""
 
-    def __init__(self, rule: str, detail: str) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule
-
 
 class ImageFile:
     """An open image. `size` is in bytes; `read_only` says how it was opened."""

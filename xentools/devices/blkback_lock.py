@@ -36,10 +36,6 @@ class LockError(XentoolsError):
     """Another process serves the vbd, or writes the image. One line naming the holder's
     pid and what to do."""
 
-    def __init__(self, rule: str, detail: str) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule
-
 
 def lock_dir(sim_dir: str | None) -> str:
     """Where the locks of one Xen live: inside the software Xen's directory, or

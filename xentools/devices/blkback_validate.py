@@ -48,7 +48,7 @@ from xentools.core.blkif import (
     codec_for,
     indirect_pages_for,
 )
-from xentools.core.errors import BlkifError
+from xentools.core.errors import BlkifError, RemoteProtocolError
 
 __all__ = [
     "RULES",
@@ -88,8 +88,8 @@ _INDIRECT_PAGE = codec_for(X86_64)
 _GT = operator.gt
 
 
-class RequestRejected(BlkifError):
-    """The backend answers a request without doing its I/O.
+class RequestRejected(BlkifError, RemoteProtocolError):
+    """The frontend's request breaks a rule: the backend answers it without doing its I/O.
 
     `rule` is a key of RULES; `status` is BLKIF_RSP_ERROR or BLKIF_RSP_EOPNOTSUPP.
     """

@@ -32,7 +32,7 @@ from xentools.core.blkif import (
     BLKIF_RSP_OKAY,
     SlotCodec,
 )
-from xentools.core.errors import RingError
+from xentools.core.errors import RemoteProtocolError, RingError
 from xentools.core.ring import FrontRing, SharedRing, ring_entries
 from xentools.platform.interface import SharedPages
 
@@ -41,13 +41,8 @@ __all__ = ["BlkfrontQueue", "InFlight", "Violation"]
 _STATUSES = (BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_EOPNOTSUPP)
 
 
-class Violation(Exception):
+class Violation(RemoteProtocolError):
     """The backend broke a rule; the device must fail. Internal to the device layer."""
-
-    def __init__(self, rule: str, detail: str) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule
-        self.detail = detail
 
 
 class InFlight:

@@ -33,11 +33,6 @@ class BlkfrontError(XentoolsError):
     """blkfront refused or could not do something. `rule` names why; str() is one line
     "<rule>: <detail>"."""
 
-    def __init__(self, rule: str, detail: str) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule
-        self.detail = detail
-
 
 class DeviceFailed(BlkfrontError):
     """The device is in its error state: the backend broke a rule (XSA-376 checks), stopped

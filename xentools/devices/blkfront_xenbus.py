@@ -2,7 +2,7 @@
 
 Owns: resolving a `--vbd` argument to a frontend directory, reading the toolstack keys and
 the backend's records (`BackendFeatures`, `DiskInfo`) from xenstore, writing our
-`FrontendRingInfo` in one transaction (retried on EAGAIN), writing our state, and
+`FrontendRingInfo` in one transaction (run_transaction repeats it on EAGAIN), writing our state, and
 `BackendStateWatch` (a watch on the backend's `state` node with deadlines).
 Must not: decide transitions (xentools.core.xenbus.Handshake does) or touch rings and grants.
 
@@ -20,6 +20,7 @@ from xentools.core.vbd import encode_vbd
 from xentools.core.xenbus import XenbusState, parse_state
 from xentools.devices.blkfront_types import BlkfrontError, ConnectTimeout
 from xentools.platform.interface import XenstoreError
+from xentools.platform.xenstore import run_transaction
 
 __all__ = [
     "BackendStateWatch",
@@ -43,7 +44,6 @@ _DISK_KEYS = ("sectors", "info", "sector-size", "physical-sector-size")
 _TOOLSTACK_KEYS = ("backend", "backend-id", "virtual-device", "device-type", "trusted")
 # Transport keys a previous connection may have left in our directory.
 _RING_KEYS = ("ring-ref", "ring-page-order", "multi-queue-num-queues", "event-channel", "protocol")
-_TRANSACTION_RETRIES = 20
 
 
 def frontend_path_for(domid: int, vbd: str | int) -> str:
@@ -109,27 +109,23 @@ def write_ring_info(xs, frontend_path: str, info: FrontendRingInfo) -> None:
     """Write `info` in one transaction, removing transport keys of an earlier connection
     (a stale multi-queue-num-queues would point the backend at stale queue-K dirs)."""
     keys = info.to_keys()
-    for _ in range(_TRANSACTION_RETRIES):
-        tx = xs.transaction_start()
-        try:
-            present = xs.directory(frontend_path, tx)
-            for name in present:
-                stale = name in _RING_KEYS or name.startswith("queue-") or (
-                    name.startswith("ring-ref") and name[8:].isdigit()
-                )
-                if stale and name not in keys:
-                    xs.rm(f"{frontend_path}/{name}", tx)
-            for key, value in keys.items():
-                xs.write(f"{frontend_path}/{key}", value, tx)
-        except BaseException:
-            try:
-                xs.transaction_end(tx, commit=False)
-            except XenstoreError:
-                pass
+
+    def work(tx: int) -> None:
+        for name in xs.directory(frontend_path, tx):
+            stale = name in _RING_KEYS or name.startswith("queue-") or (
+                name.startswith("ring-ref") and name[8:].isdigit()
+            )
+            if stale and name not in keys:
+                xs.rm(f"{frontend_path}/{name}", tx)
+        for key, value in keys.items():
+            xs.write(f"{frontend_path}/{key}", value, tx)
+
+    try:
+        run_transaction(xs, work, what=f"writing {frontend_path}")
+    except XenstoreError as err:
+        if err.errno_name != "EAGAIN":
             raise
-        if xs.transaction_end(tx, commit=True):
-            return
-    raise BlkfrontError("xenstore.transaction", f"writing {frontend_path} kept conflicting (EAGAIN)")
+        raise BlkfrontError("xenstore.transaction", f"writing {frontend_path} kept conflicting (EAGAIN)") from None
 
 
 class BackendStateWatch:

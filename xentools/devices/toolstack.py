@@ -16,8 +16,8 @@ readable by the backend domain. Every node is given its permissions explicitly, 
 result does not depend on the xenstored's inheritance rule; so is the frontend's
 device/<kind>/ directory of a domU when this call makes it ("n0 r<domU>", as libxl gives
 device/): a frontend in a domU must be able to list its devices.
-A commit that fails with EAGAIN (another writer touched what we read) is repeated, up to
-TRANSACTION_ATTEMPTS times.
+A commit that fails with EAGAIN (another writer touched what we read) is repeated by the
+platform's run_transaction.
 Why a backend kind: the backend directory is /local/domain/<be>/backend/<kind>/<fe>/<devid>,
 and Linux's xen-blkback, when loaded in the backend domain, claims EVERY node under
 backend/vbd/ (it writes InitWait and its features there and binds the frontend's event
@@ -37,13 +37,13 @@ from xentools.core.errors import FeatureError, XentoolsError
 from xentools.core.features import BackendToolstackKeys, FrontendToolstackKeys
 from xentools.core.xenbus import XenbusState
 from xentools.platform.interface import XenstoreError
+from xentools.platform.xenstore import run_transaction
 
 __all__ = [
-    "BLKBACK_KIND", "TRANSACTION_ATTEMPTS", "ToolstackError", "USERSPACE_BACKEND_KIND", "VbdPaths",
+    "BLKBACK_KIND", "ToolstackError", "USERSPACE_BACKEND_KIND", "VbdPaths",
     "backend_path", "create_vbd", "destroy_vbd", "frontend_path", "require_domain",
 ]
 
-TRANSACTION_ATTEMPTS = 20
 BLKBACK_KIND = "vbd"  # blkif's own kind: Linux xen-blkback serves every node of it
 USERSPACE_BACKEND_KIND = "xtvbd"  # ours, where no kernel driver looks
 # A word; short, as Linux names the backend's bus device "<kind>-<fe>-<devid>" in 20 bytes.
@@ -58,9 +58,7 @@ class ToolstackError(XentoolsError):
     another vbd, or the frontend domain does not exist. `rule` is "vbd.<what>"."""
 
     def __init__(self, rule: str, detail: str, *, path: str | None = None) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule
-        self.detail = detail
+        super().__init__(rule, detail)
         self.path = path
 
 
@@ -83,22 +81,6 @@ def backend_path(backend_domid: int, frontend_domid: int, devid: int, kind: str 
 def frontend_path(frontend_domid: int, devid: int) -> str:
     """blkif's frontend directory: /local/domain/<frontend>/device/vbd/<devid>."""
     return f"/local/domain/{frontend_domid}/device/vbd/{devid}"
-
-
-def _retry_transaction(xs, work, what: str) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(TRANSACTION_ATTEMPTS):
-        tx = xs.transaction_start()
-        try:
-            work(tx)
-        except BaseException:
-            try:
-                xs.transaction_end(tx, commit=False)
-            except XenstoreError:
-                pass
-            raise
-        if xs.transaction_end(tx, commit=True):
-            return
-    raise XenstoreError(f"toolstack: {what}: the transaction conflicted {TRANSACTION_ATTEMPTS} times", errno_name="EAGAIN")
 
 
 def create_vbd(
@@ -179,7 +161,7 @@ def create_vbd(
 
     if existing not in ("overwrite", "refuse", "replace"):
         raise ValueError(f"existing={existing!r}")
-    _retry_transaction(xs, work, f"creating {paths.backend} and {paths.frontend}")
+    run_transaction(xs, work, what=f"creating {paths.backend} and {paths.frontend}")
     return paths
 
 
@@ -265,4 +247,4 @@ def destroy_vbd(xs, paths: VbdPaths) -> None:  # type: ignore[no-untyped-def]
                 if err.errno_name != "ENOENT":
                     raise
 
-    _retry_transaction(xs, work, f"removing {paths.backend} and {paths.frontend}")
+    run_transaction(xs, work, what=f"removing {paths.backend} and {paths.frontend}")

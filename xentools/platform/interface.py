@@ -49,30 +49,27 @@ class XenstoreTimeout(XenstoreError):
     """The xenstore server did not answer in time (or a watched condition never came)."""
 
 
-class SharedPages(abc.ABC):
+class GrantedPages(abc.ABC):
+    """Granted pages as this process sees them: the other domain `domid`, one grant ref per
+    page, and the pages contiguous in `buf`."""
+
+    domid: int
+    refs: tuple[int, ...]
+    writable: bool
+
+    @property
+    @abc.abstractmethod
+    def buf(self) -> memoryview:
+        """View of all pages, len == PAGE_SIZE * len(refs) (read-only when not `writable`).
+        Invalid once the pages are unshared or unmapped."""
+
+
+class SharedPages(GrantedPages):
     """Pages this domain shares with `domid`: contiguous writable memory and one ref per page."""
 
-    domid: int
-    refs: tuple[int, ...]
-    writable: bool
 
-    @property
-    @abc.abstractmethod
-    def buf(self) -> memoryview:
-        """Writable view of all pages, len == PAGE_SIZE * len(refs). Invalid after unshare."""
-
-
-class MappedPages(abc.ABC):
+class MappedPages(GrantedPages):
     """Pages of domain `domid` mapped into this process, contiguous in `buf`."""
-
-    domid: int
-    refs: tuple[int, ...]
-    writable: bool
-
-    @property
-    @abc.abstractmethod
-    def buf(self) -> memoryview:
-        """View of the mapped pages (read-only view when mapped read-only). Invalid after unmap."""
 
 
 class GrantSharer(abc.ABC):

@@ -3,9 +3,13 @@
 Owns: one connection to a xenstored (the dom0 unix socket, the software xenstored's sockets,
 or a domU's /dev/xen/xenbus character device: same framing, opened O_RDWR), request/reply
 matching by req_id, the queue of watch events, and the translation of every failure into
-XenstoreError (server errors carry `errno_name`) or XenstoreTimeout.
-Must not: retry on its own, interpret node contents, or ever block without a timeout on a
-reply: a dropped connection fails every waiting request at once (pyxs 0.4.1 hangs there).
+XenstoreError (server errors carry `errno_name`) or XenstoreTimeout; and `run_transaction`,
+the one place in xentools where a whole transaction is repeated after a conflicting commit
+(EAGAIN), for every caller (toolstack, blkback, blkfront). Both repeats (that one and a
+DIRECTORY_PART listing restarted when the directory changes) go through tenacity.
+Must not: retry a single request on its own, interpret node contents, or ever block without
+a timeout on a reply: a dropped connection fails every waiting request at once (pyxs 0.4.1
+hangs there).
 
 Threads: a reader thread owns the file descriptor's input side; it hands each reply to the
 request waiting for its req_id and queues watch events (also those arriving while a request
@@ -26,7 +30,9 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import tenacity
 
 from xentools.core.errors import XsWireError
 from xentools.core.xs_wire import (
@@ -49,12 +55,17 @@ from xentools.core.xs_wire import (
 )
 from xentools.platform.interface import XenstoreError, XenstoreTimeout
 
-__all__ = ["DEFAULT_SOCKET", "XENBUS_DEVICE", "XENBUS_PROC", "XenstoreClient", "default_path"]
+__all__ = [
+    "DEFAULT_SOCKET", "TRANSACTION_ATTEMPTS", "XENBUS_DEVICE", "XENBUS_PROC", "XenstoreClient", "default_path",
+    "run_transaction",
+]
 
 DEFAULT_SOCKET = "/run/xenstored/socket"
 XENBUS_DEVICE = "/dev/xen/xenbus"
 XENBUS_PROC = "/proc/xen/xenbus"  # the same device, from xenfs (older Linux, no devtmpfs)
 _DIRECTORY_PART_RETRIES = 16
+# libxl repeats a conflicting transaction without a bound; we stop, and say so, after this many.
+TRANSACTION_ATTEMPTS = 20
 # A domU meets EACCES where the toolstack did not give it a node (e.g. a vbd whose frontend
 # directory it does not own): the fix is in dom0.
 EACCES_FIX = ("this domain has no permission on that node: the toolstack in dom0 must grant it "
@@ -364,7 +375,7 @@ class XenstoreClient:
         return self._parse(f"DIRECTORY {path}", split_strings, payload)
 
     def _directory_part(self, path: str, tx: int) -> list[str]:
-        for _ in range(_DIRECTORY_PART_RETRIES):
+        def once() -> list[str]:
             collected = b""
             first_gen: str | None = None
             while True:
@@ -372,12 +383,14 @@ class XenstoreClient:
                 gen, chunk, last = self._parse(f"DIRECTORY_PART {path}", parse_directory_part_reply, payload)
                 if first_gen is None:
                     first_gen = gen
-                elif gen != first_gen:
-                    break  # changed between parts: start again
+                elif gen != first_gen:  # changed between parts: start again
+                    raise XenstoreError(f"xenstore: DIRECTORY_PART {path}: changed while listed", errno_name="EAGAIN")
                 collected += chunk
                 if last:
                     return self._parse(f"DIRECTORY_PART {path}", split_strings, collected)
-        raise XenstoreError(f"xenstore: DIRECTORY_PART {path}: kept changing while listed", errno_name="EAGAIN")
+
+        return _repeat_on_eagain(once, _DIRECTORY_PART_RETRIES,
+                                 f"xenstore: DIRECTORY_PART {path}: kept changing while listed")
 
     def get_perms(self, path: str, tx: int = 0) -> list[str]:
         """Permission strings, owner first: e.g. ["b0", "r3"]."""
@@ -443,19 +456,11 @@ class XenstoreClient:
             raise
         return True
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[int]:
+    def transaction(self) -> contextlib.AbstractContextManager[int]:
         """`with client.transaction() as tx:` commits on success, aborts on an exception.
-        A conflicting commit raises XenstoreError with errno_name "EAGAIN"."""
-        tx = self.transaction_start()
-        try:
-            yield tx
-        except BaseException:
-            with contextlib.suppress(XenstoreError):
-                self.transaction_end(tx, commit=False)
-            raise
-        if not self.transaction_end(tx, commit=True):
-            raise XenstoreError(f"xenstore: transaction {tx} conflicted", errno_name="EAGAIN")
+        A conflicting commit raises XenstoreError with errno_name "EAGAIN" (run_transaction
+        repeats it)."""
+        return _transaction(self, "transaction")
 
     # -- domains ---------------------------------------------------------------------------
 
@@ -475,3 +480,56 @@ class XenstoreClient:
         if answer not in ("T", "F"):
             raise XenstoreError(f"xenstore: IS_DOMAIN_INTRODUCED {domid}: bad reply {answer!r}")
         return answer == "T"
+
+
+@contextlib.contextmanager
+def _transaction(xs: Any, what: str) -> Iterator[int]:
+    """One transaction of `xs`: committed when the body returns, aborted when it raises;
+    XenstoreError "EAGAIN" when the commit conflicts."""
+    tx = xs.transaction_start()
+    try:
+        yield tx
+    except BaseException:
+        with contextlib.suppress(XenstoreError):
+            xs.transaction_end(tx, commit=False)
+        raise
+    if not xs.transaction_end(tx, commit=True):
+        raise XenstoreError(f"xenstore: {what}: transaction {tx} conflicted", errno_name="EAGAIN")
+
+
+def _conflicted(err: BaseException) -> bool:
+    return isinstance(err, XenstoreError) and err.errno_name == "EAGAIN"
+
+
+def run_transaction(xs: Any, work: Callable[[int], _T], *, what: str,
+                    attempts: int = TRANSACTION_ATTEMPTS) -> _T:
+    """Run work(tx) in one transaction of `xs` (a XenstoreClient, or anything with its
+    transaction_start/transaction_end) and commit it; return what work returned.
+
+    A conflict (EAGAIN: another writer changed what the transaction read, reported by the
+    commit or by a request inside it) runs the whole of work again in a fresh transaction,
+    as xenstore(7) asks, up to `attempts` times; then XenstoreError "EAGAIN" naming `what`.
+    Any other exception from work aborts the transaction and goes to the caller unchanged.
+    """
+
+    def once() -> _T:
+        with _transaction(xs, what) as tx:
+            return work(tx)
+
+    return _repeat_on_eagain(once, attempts, f"xenstore: {what}: the transaction conflicted {attempts} times")
+
+
+def _repeat_on_eagain(once: Callable[[], _T], attempts: int, exhausted: str) -> _T:
+    """once(), called again while it raises XenstoreError "EAGAIN", at most `attempts` times
+    in all; then XenstoreError "EAGAIN" with the message `exhausted`."""
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        retry=tenacity.retry_if_exception(_conflicted),
+        reraise=True,
+    )
+    try:
+        return retrying(once)
+    except XenstoreError as err:
+        if _conflicted(err):
+            raise XenstoreError(exhausted, errno_name="EAGAIN") from None
+        raise

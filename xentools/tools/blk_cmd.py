@@ -301,7 +301,3 @@ def verify_cmd(sector: int, count: int | None, against: str | None, pattern: int
 
 class VerifyMismatch(XentoolsError):
     """`blk verify` found sectors that differ (exit status 1)."""
-
-    def __init__(self, rule: str, detail: str) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule

@@ -3,7 +3,8 @@
 Owns: `LocalRig` (a software Xen, a RAW image in a temporary directory, blkback serving it
 from its own process, and the vbd between them; bench.py uses it too) and the `demo`
 command: attach the userspace blkfront, print what was negotiated, run a verified mixed
-workload (direct and indirect requests, flush, discard, several queues), print throughput,
+workload (`mixed_workload`, which the end-to-end tests run too: direct and indirect
+requests, flush, discard, several queues), print throughput,
 check blkback's conformance report, clean up, and end with one line starting `demo: OK`.
 Must not: implement a device or a platform; it only wires them together as a user would.
 """
@@ -19,26 +20,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from xentools.core.errors import XentoolsError
+from xentools.core.vbd import encode_vbd
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError
 from xentools.devices.toolstack import create_vbd
 
 MIB = 1 << 20
 FRONTEND_DOMID = 1
 BACKEND_DOMID = 0
-DEVID = 51712  # xvda
+DEVID = encode_vbd("xvda")
 
 
 class DemoError(XentoolsError):
     """The demo or bench could not run, or found wrong data. One line, with the rule."""
-
-    def __init__(self, rule: str, detail: str) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule
 
 
 class LocalRig:
@@ -166,24 +165,26 @@ def _check(got: bytes, want: bytes | bytearray, what: str) -> None:
         raise DemoError("demo.mismatch", f"{what}: data differs (first at byte {first})")
 
 
-def _mixed(dev: BlkFront, shadow: bytearray, rng: random.Random, total: int) -> tuple[int, float]:
-    """Random reads and writes of 512 B .. 1 MiB, 32 in flight, none overlapping another in
-    flight; reads verified against `shadow`. Returns (bytes moved, seconds)."""
-    sectors = len(shadow) // 512
-    sizes = [1, 8, 16, 88, 256, 512, 2048]  # direct ones, then indirect ones
+def mixed_workload(dev: BlkFront, shadow: bytearray, rng: random.Random, total: int, *,
+                   choose: Callable[[random.Random], int], depth: int) -> int:
+    """Random reads and writes of choose(rng) sectors each, `total` bytes in all, up to
+    `depth` in flight with no two in flight overlapping; every read is compared with
+    `shadow`, kept up to date by the writes (DemoError "demo.mismatch" on a difference).
+    Returns the bytes moved. The demo and the end-to-end tests both run it."""
+    ss = dev.sector_size
+    sectors = len(shadow) // ss
     moved = 0
-    started = time.monotonic()
     while moved < total:
         batch = []
         busy: list[tuple[int, int]] = []
         with dev.batch():
-            for _ in range(32):
-                nr = rng.choice(sizes)
+            for _ in range(depth):
+                nr = max(1, min(choose(rng), sectors))
                 sector = rng.randrange(sectors - nr + 1)
                 if any(sector < end and start < sector + nr for start, end in busy):
                     continue
                 busy.append((sector, sector + nr))
-                lo, hi = sector * 512, (sector + nr) * 512
+                lo, hi = sector * ss, (sector + nr) * ss
                 if rng.random() < 0.5:
                     data = rng.randbytes(hi - lo)
                     shadow[lo:hi] = data
@@ -195,6 +196,14 @@ def _mixed(dev: BlkFront, shadow: bytearray, rng: random.Random, total: int) -> 
             result = fut.result(60)
             if span is not None:
                 _check(result, shadow[span[0] : span[1]], f"read of bytes {span[0]}..{span[1]}")
+    return moved
+
+
+def _mixed(dev: BlkFront, shadow: bytearray, rng: random.Random, total: int) -> tuple[int, float]:
+    """Random reads and writes of 512 B .. 1 MiB, 32 in flight; returns (bytes moved, seconds)."""
+    sizes = [1, 8, 16, 88, 256, 512, 2048]  # direct ones, then indirect ones
+    started = time.monotonic()
+    moved = mixed_workload(dev, shadow, rng, total, choose=lambda r: r.choice(sizes), depth=32)
     return moved, time.monotonic() - started
 
 

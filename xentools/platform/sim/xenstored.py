@@ -408,12 +408,16 @@ class Xenstored:
 
     # -- watches ---------------------------------------------------------------------------
 
-    def _op_watch(self, conn: _Connection, tree: Tree, msg: Message) -> bytes:
+    def _watch_args(self, conn: _Connection, msg: Message, op: str) -> tuple[str, str, str]:
+        """(path as given, token, absolute path) of a WATCH or UNWATCH."""
         args = split_strings(msg.payload)
         if len(args) != 2:
-            raise XsdError("EINVAL", "WATCH takes <path>|<token>|")
+            raise XsdError("EINVAL", f"{op} takes <path>|<token>|")
         raw, token = args
-        path = self._path(conn, self.store, raw, special_ok=True)
+        return raw, token, self._path(conn, self.store, raw, special_ok=True)
+
+    def _op_watch(self, conn: _Connection, tree: Tree, msg: Message) -> bytes:
+        raw, token, path = self._watch_args(conn, msg, "WATCH")
         if any(w.path == path and w.token == token for w in conn.watches):
             raise XsdError("EEXIST", f"watch {raw} {token}")
         if not conn.privileged and len(conn.watches) >= self.store.quotas.watches_per_connection:
@@ -426,11 +430,7 @@ class Xenstored:
         return _OK
 
     def _op_unwatch(self, conn: _Connection, tree: Tree, msg: Message) -> bytes:
-        args = split_strings(msg.payload)
-        if len(args) != 2:
-            raise XsdError("EINVAL", "UNWATCH takes <path>|<token>|")
-        raw, token = args
-        path = self._path(conn, self.store, raw, special_ok=True)
+        raw, token, path = self._watch_args(conn, msg, "UNWATCH")
         for i, watch in enumerate(conn.watches):
             if watch.path == path and watch.token == token:
                 del conn.watches[i]

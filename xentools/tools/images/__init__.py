@@ -25,7 +25,7 @@ from xentools.tools.images.errors import (
     BootTestError,
     CatalogError,
     ChecksumError,
-    ImageError,
+    GuestImageError,
     ImageFormatError,
     MirrorError,
     StorageError,
@@ -36,7 +36,7 @@ from xentools.tools.images.verdict import Decision, Outcome, Rules, Verdict, Ver
 
 __all__ = [
     "BootResult", "BootTest", "BootTestError", "Catalog", "CatalogError", "ChecksumError", "Decision",
-    "DiskServer", "FetchResult", "GuestConfig", "HostDisk", "ImageError", "ImageFormatError", "ImageInfo",
+    "DiskServer", "FetchResult", "GuestConfig", "GuestImageError", "HostDisk", "ImageFormatError", "ImageInfo",
     "Mirror", "MirrorError", "Outcome", "Profile", "Rules", "Runner", "StorageError", "SubprocessRunner",
     "Verdict", "VerdictEngine", "XentoolsDisk", "fetch_image", "inspect_image", "load_catalog",
     "parse_checksum_file", "preflight", "render_xl_cfg", "require_raw",

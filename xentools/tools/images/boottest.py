@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import tenacity
+
 from xentools.core.errors import XentoolsError
 from xentools.tools.images.diskformat import ImageInfo, inspect_image, require_raw
 from xentools.tools.images.errors import BootTestError, ImageFormatError
@@ -824,12 +826,14 @@ class BootTest:
     # -- xl
 
     def _run_xl(self, args: Sequence[str], timeout: float = XL_TIMEOUT) -> Completed:
-        done = self.runner.run([self.xl, *args], timeout)
         # An xl killed by a signal (negative return code: it crashed) gave no answer at all;
-        # every command here but `create` may simply be asked again.
-        if done.returncode < 0 and args[0] != "create":
-            done = self.runner.run([self.xl, *args], timeout)
-        return done
+        # every command here but `create` may simply be asked again, once.
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(1 if args[0] == "create" else 2),
+            retry=tenacity.retry_if_result(lambda done: done.returncode < 0),
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+        )
+        return retrying(self.runner.run, [self.xl, *args], timeout)
 
     def _xl(self, *args: str, timeout: float = XL_TIMEOUT) -> Completed:
         done = self._run_xl(args, timeout)

@@ -10,36 +10,32 @@ from __future__ import annotations
 from xentools.core.errors import XentoolsError
 
 
-class ImageError(XentoolsError):
-    """Base class: a step of the image tools failed for a reason the user can act on."""
-
-    def __init__(self, rule: str, detail: str) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule
-        self.detail = detail
+class GuestImageError(XentoolsError):
+    """Base class: a step of the guest image tools failed for a reason the user can act on.
+    (Not devices.blkback_image.ImageError, which is about a disk file a backend serves.)"""
 
 
-class CatalogError(ImageError):
+class CatalogError(GuestImageError):
     """The catalog file is malformed, or names no image for the request (unknown release,
     architecture or file system; no matching name in the release's checksum file)."""
 
 
-class MirrorError(ImageError):
+class MirrorError(GuestImageError):
     """The mirror could not be read: unreachable, file missing, or a download stopped early
     (the partial file is kept for resume)."""
 
 
-class ChecksumError(ImageError):
+class ChecksumError(GuestImageError):
     """A checksum file is malformed, or a downloaded file does not match its digest."""
 
 
-class StorageError(ImageError):
+class StorageError(GuestImageError):
     """A file could not be written locally (disk full, permission, another fetch holds it)."""
 
 
-class ImageFormatError(ImageError):
+class ImageFormatError(GuestImageError):
     """An image is not in the format a step needs (not RAW, truncated, bad xz stream)."""
 
 
-class BootTestError(ImageError):
+class BootTestError(GuestImageError):
     """The boot test could not run the guest: xl missing, not root, xl failed, bad option."""

@@ -21,7 +21,6 @@ import json
 import lzma
 import os
 import re
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,11 +29,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+import tenacity
+
+from xentools.core.errors import XentoolsError
 from xentools.tools.images.catalog import ChecksumEntry, ImageRef, parse_checksum_file
 from xentools.tools.images.errors import (
     CatalogError,
     ChecksumError,
-    ImageError,
+    GuestImageError,
     ImageFormatError,
     MirrorError,
     StorageError,
@@ -214,7 +216,10 @@ class Mirror:
 
 # ----------------------------------------------------------------------------- download
 
-class _Interrupted(Exception):
+class _Interrupted(XentoolsError):
+    """A download stopped early (the connection dropped or closed): resumed, or MirrorError
+    "mirror.interrupted" once the retries are spent."""
+
     def __init__(self, why: str, have: int, total: int | None) -> None:
         super().__init__(why)
         self.why, self.have, self.total = why, have, total
@@ -270,22 +275,32 @@ def _download_once(mirror: Mirror, rel: str, part: Path, progress: Progress, not
 
 def _download(mirror: Mirror, rel: str, part: Path, *, retries: int, backoff: float,
               progress: Progress, notice: Callable[[str], None]) -> None:
-    attempt = 0
-    while True:
-        try:
-            _download_once(mirror, rel, part, progress, notice)
-            return
-        except _Interrupted as intr:
-            of = f" of {intr.total}" if intr.total is not None else ""
-            if attempt >= retries:
-                raise MirrorError(
-                    "mirror.interrupted",
-                    f"download of {mirror.url(rel)} stopped at {intr.have}{of} bytes ({intr.why}); "
-                    f"kept {part} for resume: run the same command again",
-                ) from None
-            attempt += 1
-            notice(f"download stopped at {intr.have}{of} bytes ({intr.why}); resuming, attempt {attempt} of {retries}")
-            time.sleep(backoff * attempt)
+    """Download into `part`, resuming an interrupted download up to `retries` times, the
+    n-th time after n * `backoff` seconds."""
+
+    def stopped(state: tenacity.RetryCallState) -> str:
+        intr = state.outcome.exception() if state.outcome else None
+        assert isinstance(intr, _Interrupted)
+        of = f" of {intr.total}" if intr.total is not None else ""
+        return f"stopped at {intr.have}{of} bytes ({intr.why})"
+
+    def resuming(state: tenacity.RetryCallState) -> None:
+        notice(f"download {stopped(state)}; resuming, attempt {state.attempt_number} of {retries}")
+
+    def give_up(state: tenacity.RetryCallState) -> None:
+        raise MirrorError(
+            "mirror.interrupted",
+            f"download of {mirror.url(rel)} {stopped(state)}; kept {part} for resume: run the same command again",
+        )
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(retries + 1),
+        wait=tenacity.wait_incrementing(start=backoff, increment=backoff),
+        retry=tenacity.retry_if_exception_type(_Interrupted),
+        before_sleep=resuming,
+        retry_error_callback=give_up,
+    )
+    retrying(_download_once, mirror, rel, part, progress, notice)
 
 
 def file_digest(path: Path, algorithm: str, progress: Progress = _no_progress) -> str:
@@ -378,7 +393,7 @@ def decompress_xz(src: Path, dst: Path, progress: Progress = _no_progress) -> in
             os.fsync(fd)
         except lzma.LZMAError as err:
             raise ImageFormatError("xz.corrupt", f"{src} is not a valid xz file: {err}") from None
-        except ImageError:
+        except GuestImageError:
             raise
         except OSError as err:
             raise _storage_error(err, dst, "decompressing to") from None

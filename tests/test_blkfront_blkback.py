@@ -23,11 +23,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from xentools.devices.blkfront import BlkFront, BlkfrontConfig  # noqa: E402
-from xentools.devices.toolstack import create_vbd  # noqa: E402
-from xentools.platform.sim.launcher import SoftwareXen  # noqa: E402
+from xentools.devices.blkfront import BlkFront, BlkfrontConfig
+from xentools.devices.toolstack import create_vbd
+from xentools.tools.demo import mixed_workload
 
 MIB = 1 << 20
 DIMENSIONS = {
@@ -96,12 +94,6 @@ class Backend:
 
 
 @pytest.fixture(scope="module")
-def xen():
-    with SoftwareXen(domains=(0, 1)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def backends(xen):
     """A backend per advertised indirect maximum, each with its own small disk."""
     xs0 = xen.platform(0).open_xenstore()
@@ -133,32 +125,9 @@ def _config(combo: dict) -> BlkfrontConfig:
 def verified_workload(dev: BlkFront, shadow: bytearray, rng: random.Random, total: int, max_bytes: int) -> None:
     """Random reads and writes, `total` bytes in all, up to 16 in flight with no two in
     flight overlapping; every read is compared with `shadow` (kept up to date)."""
-    ss = dev.sector_size
-    sectors = len(shadow) // ss
-    moved = 0
-    while moved < total:
-        batch = []
-        busy: list[tuple[int, int]] = []
-        with dev.batch():
-            for _ in range(16):
-                nr = rng.choice([1, 7, 8, 64, 88, 256, 1000, max_bytes // ss, rng.randrange(1, max_bytes // ss + 1)])
-                nr = max(1, min(nr, sectors))
-                sector = rng.randrange(sectors - nr + 1)
-                if any(sector < end and start < sector + nr for start, end in busy):
-                    continue
-                busy.append((sector, sector + nr))
-                lo, hi = sector * ss, (sector + nr) * ss
-                if rng.random() < 0.5:
-                    data = rng.randbytes(hi - lo)
-                    shadow[lo:hi] = data
-                    batch.append((dev.submit_write(sector, data), None))
-                else:
-                    batch.append((dev.submit_read(sector, nr), (lo, hi)))
-                moved += hi - lo
-        for fut, span in batch:
-            result = fut.result(60)
-            if span is not None:
-                assert result == shadow[span[0] : span[1]], f"read {span} differs"
+    most = max_bytes // dev.sector_size
+    mixed_workload(dev, shadow, rng, total, depth=16,
+                   choose=lambda r: r.choice([1, 7, 8, 64, 88, 256, 1000, most, r.randrange(1, most + 1)]))
 
 
 def _session(xen, backend: Backend, combo: dict, total: int, *, max_bytes: int | None = None) -> None:

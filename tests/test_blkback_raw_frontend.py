@@ -5,7 +5,6 @@ the conformance report, ring overflow, frontend death, detach and SIGTERM."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -32,6 +31,7 @@ from xentools.platform.sim.launcher import SoftwareXen
 
 MiB = 1 << 20
 FRONTEND = 1
+XEN_DOMAINS = (0, FRONTEND)  # the software Xen of the fresh_xen fixture (tests/conftest.py)
 
 
 class Vbd:
@@ -80,13 +80,12 @@ class Vbd:
 
 
 @pytest.fixture
-def vbd():
-    with SoftwareXen(domains=(0, FRONTEND)) as xen:
-        v = Vbd(xen)
-        try:
-            yield v
-        finally:
-            v.close()
+def vbd(fresh_xen):
+    v = Vbd(fresh_xen)
+    try:
+        yield v
+    finally:
+        v.close()
 
 
 def finish(vbd: Vbd, fe: RawFrontend) -> dict:
@@ -227,13 +226,12 @@ def test_toolstack_mode_r_is_read_only(vbd) -> None:
 
 
 @pytest.fixture
-def vbd4k():
-    with SoftwareXen(domains=(0, FRONTEND)) as xen:
-        v = Vbd(xen, size=4 * MiB)
-        try:
-            yield v
-        finally:
-            v.close()
+def vbd4k(fresh_xen):
+    v = Vbd(fresh_xen, size=4 * MiB)
+    try:
+        yield v
+    finally:
+        v.close()
 
 
 def test_large_sector_size(vbd4k) -> None:

@@ -1,0 +1,111 @@
+"""Helpers the host tests share, importable (`import support`) by test modules and conftest.py.
+
+Owns: `start_grantd` (a grantd of its own in a short directory, checked to leave nothing
+behind), `short_tmpdir` (unix socket paths hold 107 bytes: tmp_path is too long), and `Peer`
+(a domain in another process: a small script driven by one JSON object per line on
+stdin/stdout, so that memory and event channels really cross process boundaries).
+Must not: define pytest fixtures (tests/conftest.py does, on these helpers) or import
+anything from a test module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+GRANTD_SOCKET = "grantd.sock"
+
+
+@contextlib.contextmanager
+def short_tmpdir(prefix: str) -> Iterator[str]:
+    """A fresh directory under /tmp with a short name, removed afterwards."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def start_grantd() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A running grantd whose socket is GRANTD_SOCKET in a fresh short directory: yields
+    (directory, process). On exit it must stop on SIGTERM with status 0, remove its socket,
+    and leave the directory empty (os.rmdir fails on anything left behind)."""
+    d = tempfile.mkdtemp(prefix="xt-gnt-", dir="/tmp")
+    sock = os.path.join(d, GRANTD_SOCKET)
+    ready_r, ready_w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xentools.platform.sim.grantd", "--socket", sock,
+         "--ready-fd", str(ready_w)],
+        pass_fds=(ready_w,),
+    )
+    os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as ready:
+        assert ready.readline() == b"READY\n"
+    try:
+        yield d, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert not os.path.exists(sock)
+        os.rmdir(d)
+
+
+class Peer:
+    """Another domain in another process: `python -c script *args`, which prints
+    {"ready": true} and then answers each JSON command line with one JSON line
+    ({"error": ..., "message": ...} when the command raised)."""
+
+    def __init__(self, script: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert self._line() == {"ready": True}
+
+    def _line(self) -> dict:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 20)
+        assert ready, "peer did not answer"
+        line = self.proc.stdout.readline()
+        assert line, f"peer exited with {self.proc.wait()}"
+        return json.loads(line)
+
+    def send(self, **cmd: object) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def call(self, **cmd: object) -> dict:
+        self.send(**cmd)
+        out = self._line()
+        if "error" in out:
+            raise AssertionError(f"peer failed: {out}")
+        return out
+
+    def call_error(self, **cmd: object) -> dict:
+        self.send(**cmd)
+        out = self._line()
+        assert "error" in out, out
+        return out
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.proc.wait(timeout=20)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None and not f.closed:
+                f.close()
