@@ -16,7 +16,6 @@ libxengnttab or libxenevtchn (or a control connection that only asks STATE).
 
 from __future__ import annotations
 
-import argparse
 import array
 import json
 import logging
@@ -47,7 +46,7 @@ from xentools.platform.sim.grantd_wire import (
     query_state,
     write_memfd,
 )
-from xentools.platform.sim.service import serve
+from xentools.platform.sim.service import daemon_main, serve
 
 __all__ = ["GrantService", "Message", "Op", "main", "query_state", "run_grantd"]
 
@@ -417,20 +416,12 @@ def run_grantd(socket_path: str, *, ready_fd: int | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m xentools.platform.sim.grantd",
-        description="Software Xen grant tables and event channels for every simulated domain.",
+    return daemon_main(
+        "xentools.platform.sim.grantd",
+        "Software Xen grant tables and event channels for every simulated domain.",
+        lambda args: run_grantd(args.socket, ready_fd=args.ready_fd),
+        argv,
     )
-    parser.add_argument("--socket", required=True, help="unix socket path to listen on")
-    parser.add_argument("--ready-fd", type=int, default=None, help="write READY to this fd once listening")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
-    try:
-        run_grantd(args.socket, ready_fd=args.ready_fd)
-    except PlatformError as err:
-        print(f"grantd: error: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

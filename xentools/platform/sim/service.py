@@ -1,18 +1,21 @@
 """One software Xen service process (grantd or xenstored), from both ends of its readiness pipe.
 
-Owns: what both daemons do alike around their own loop (serve(): SIGTERM and SIGINT stop the
-server, "READY\\n" goes to the ready descriptor once it accepts, it serves until stopped, then
-it is closed and the signal handlers restored), and starting one as a child process
-(Service, start_service(): `python -m MODULE --socket PATH --ready-fd N [ARGS]`, waiting for
-the READY line, stopping with SIGTERM and then SIGKILL), its output to a log file or to the
-parent's own stderr.
+Owns: what both daemons do alike around their own loop: their command line (daemon_main():
+`--socket PATH [--ready-fd N]`, an error as one line and exit status 1) and serve() (SIGTERM
+and SIGINT stop the server, "READY\\n" goes to the ready descriptor once it accepts, it serves
+until stopped, then it is closed and the signal handlers restored); and starting one as a
+child process (Service, start_service(): `python -m MODULE --socket PATH --ready-fd N
+[ARGS]`, waiting for the READY line, stopping with SIGTERM and then SIGKILL), its output to a
+log file or to the parent's own stderr.
 Must not: implement either service's protocol, choose where the services of a software Xen
 live or which ones run (launcher.py does), or need root.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import logging
 import os
 import select
 import signal
@@ -20,12 +23,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from xentools.core.errors import XentoolsError
 from xentools.platform.interface import PlatformError
 
-__all__ = ["READY", "Server", "Service", "serve", "start_service"]
+__all__ = ["READY", "Server", "Service", "daemon_main", "serve", "start_service"]
 
 READY = b"READY\n"
 
@@ -62,6 +66,33 @@ def serve(server: Server, ready_fd: int | None = None) -> None:
         server.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
+
+
+def daemon_main(
+    module: str,
+    description: str,
+    run: Callable[[argparse.Namespace], None],
+    argv: Sequence[str] | None = None,
+    *,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """`python -m MODULE --socket PATH [--ready-fd N] [what add_arguments adds]`: run(args)
+    serves (typically through serve()); an error it raises (ours, or the system's) is one
+    line on stderr and exit status 1. Returns the exit status."""
+    name = module.rpartition(".")[2]
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument("--socket", required=True, help="unix socket path to listen on")
+    parser.add_argument("--ready-fd", type=int, default=None, help="write READY to this fd once listening")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    try:
+        run(args)
+    except (XentoolsError, OSError) as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 class Service:

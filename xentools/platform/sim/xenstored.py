@@ -80,7 +80,7 @@ from xentools.platform.sim.xenstore_store import (
     perm_for,
     reply_fits,
 )
-from xentools.platform.sim.service import serve, start_service
+from xentools.platform.sim.service import daemon_main, serve, start_service
 
 __all__ = ["OUTPUT_LIMIT", "Quotas", "Xenstored", "domain_socket_path", "main", "run_xenstored", "spawn_xenstored"]
 
@@ -596,19 +596,18 @@ def _parse_quota(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xentools.platform.sim.xenstored", description="software xenstored")
-    parser.add_argument("--socket", required=True, help="unix socket to serve (dom0 side)")
-    parser.add_argument("--ready-fd", type=int, default=None, help="write READY to this fd once listening")
-    parser.add_argument(
-        "--quota", type=_parse_quota, action="append", default=[], metavar="NAME=N", help="override a Quotas field"
+    def quota_argument(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--quota", type=_parse_quota, action="append", default=[], metavar="NAME=N", help="override a Quotas field"
+        )
+
+    return daemon_main(
+        "xentools.platform.sim.xenstored",
+        "software xenstored",
+        lambda args: run_xenstored(args.socket, ready_fd=args.ready_fd, quotas=Quotas(**dict(args.quota))),
+        argv,
+        add_arguments=quota_argument,
     )
-    args = parser.parse_args(argv)
-    try:
-        run_xenstored(args.socket, ready_fd=args.ready_fd, quotas=Quotas(**dict(args.quota)))
-    except OSError as err:
-        print(f"xenstored: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def spawn_xenstored(
