@@ -15,13 +15,14 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 
-GRANTD_SOCKET = "grantd.sock"
+from xentools.platform.sim.launcher import GRANTD_MODULE
+from xentools.platform.sim.platform import GRANTD_SOCKET
+from xentools.platform.sim.service import start_service
 
 
 @contextlib.contextmanager
@@ -41,20 +42,12 @@ def start_grantd() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     and leave the directory empty (os.rmdir fails on anything left behind)."""
     d = tempfile.mkdtemp(prefix="xt-gnt-", dir="/tmp")
     sock = os.path.join(d, GRANTD_SOCKET)
-    ready_r, ready_w = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xentools.platform.sim.grantd", "--socket", sock,
-         "--ready-fd", str(ready_w)],
-        pass_fds=(ready_w,),
-    )
-    os.close(ready_w)
-    with os.fdopen(ready_r, "rb") as ready:
-        assert ready.readline() == b"READY\n"
+    grantd = start_service("grantd", GRANTD_MODULE, sock)
     try:
-        yield d, proc
+        yield d, grantd.proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        grantd.stop(timeout=10)
+        assert grantd.proc.returncode == 0
         assert not os.path.exists(sock)
         os.rmdir(d)
 

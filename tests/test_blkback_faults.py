@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from test_blkback_cli import ENTRY_POINTS, Server, image, new_vbd, one_line, run, xs  # noqa: E402,F401 - shared fixtures
 

@@ -1,9 +1,10 @@
 """grantd: the software Xen's grant tables and event channels, one service for every domain.
 
-Owns: the daemon (`python -m xentools.platform.sim.grantd --socket PATH`, run_grantd()): the
-listening socket, one connection per handle, HELLO, dispatch of each request to the grant
-service (grantd_grants.py) or the event service (grantd_events.py), STATE, and releasing
-everything a handle held when it says BYE, breaks the protocol or dies.
+Owns: the daemon (`python -m xentools.platform.sim.grantd --socket PATH`, run_grantd(), run
+through service.serve() as xenstored is): the listening socket, one connection per handle,
+HELLO, dispatch of each request to the grant service (grantd_grants.py) or the event service
+(grantd_events.py), STATE, and releasing everything a handle held when it says BYE, breaks
+the protocol or dies.
 Must not: hold or touch granted memory except for grant copy, be on the path of an event
 notification (those go directly between the two processes: evtchn_channel.py), know
 anything about blkif, or let one client's bad message hurt another client (a malformed
@@ -15,17 +16,14 @@ libxengnttab or libxenevtchn (or a control connection that only asks STATE).
 
 from __future__ import annotations
 
-import argparse
 import array
 import json
 import logging
 import os
 import resource
 import selectors
-import signal
 import socket
 import sys
-import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -48,6 +46,7 @@ from xentools.platform.sim.grantd_wire import (
     query_state,
     write_memfd,
 )
+from xentools.platform.sim.service import daemon_main, serve
 
 __all__ = ["GrantService", "Message", "Op", "main", "query_state", "run_grantd"]
 
@@ -291,20 +290,8 @@ class GrantService:
     def _send(self, client: _Client, data: bytes, fds: Sequence[int] = ()) -> None:
         if client.closed:
             return
-        if not client.outbox:
-            try:
-                if fds:
-                    client.sock.sendmsg(
-                        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    )
-                else:
-                    client.sock.send(data)
-                return
-            except BlockingIOError:
-                pass
-            except OSError:
-                self._drop(client)
-                return
+        if not client.outbox and self._try_send(client, data, fds) is not False:
+            return  # sent, or the client is gone
         # Queued: the descriptors may be closed before the queue drains (the granter may go
         # away), so the queue holds its own duplicates.
         client.outbox.append((data, [os.dup(fd) for fd in fds]))
@@ -316,20 +303,27 @@ class GrantService:
         if len(client.outbox) == 1:
             self._sel.modify(client.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
 
+    def _try_send(self, client: _Client, data: bytes, fds: Sequence[int]) -> bool | None:
+        """One message with its descriptors, without blocking: True once the kernel took it,
+        False when the socket is full, None when the client is gone (it has been dropped)."""
+        try:
+            if fds:
+                client.sock.sendmsg(
+                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                )
+            else:
+                client.sock.send(data)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._drop(client)
+            return None
+        return True
+
     def _flush(self, client: _Client) -> None:
         while client.outbox:
             data, fds = client.outbox[0]
-            try:
-                if fds:
-                    client.sock.sendmsg(
-                        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    )
-                else:
-                    client.sock.send(data)
-            except BlockingIOError:
-                return
-            except OSError:
-                self._drop(client)
+            if not self._try_send(client, data, fds):
                 return
             client.outbox.popleft()
             client.outbox_bytes -= len(data)
@@ -418,40 +412,16 @@ def run_grantd(socket_path: str, *, ready_fd: int | None = None) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             log.warning("grantd: could not raise the open file limit from %d", soft)
-    service = GrantService(socket_path)
-    previous = {}
-    in_main = threading.current_thread() is threading.main_thread()
-    if in_main:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda *_: service.stop())
-    try:
-        if ready_fd is not None:
-            try:
-                os.write(ready_fd, b"READY\n")
-            finally:
-                os.close(ready_fd)
-        service.serve_forever()
-    finally:
-        service.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    serve(GrantService(socket_path), ready_fd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m xentools.platform.sim.grantd",
-        description="Software Xen grant tables and event channels for every simulated domain.",
+    return daemon_main(
+        "xentools.platform.sim.grantd",
+        "Software Xen grant tables and event channels for every simulated domain.",
+        lambda args: run_grantd(args.socket, ready_fd=args.ready_fd),
+        argv,
     )
-    parser.add_argument("--socket", required=True, help="unix socket path to listen on")
-    parser.add_argument("--ready-fd", type=int, default=None, help="write READY to this fd once listening")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
-    try:
-        run_grantd(args.socket, ready_fd=args.ready_fd)
-    except PlatformError as err:
-        print(f"grantd: error: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Owns: SoftwareXen (a context manager that runs both services under a root directory,
 introduces the domUs to xenstored and hands out SoftwarePlatform objects) and
 run_software_xen() (the same in the foreground until SIGTERM, for `xentools sim start`).
-Must not: implement either service, or need root: everything lives in one directory of
-unix sockets (and the services' logs).
+Must not: implement either service or how one is started and waited for (service.py does),
+or need root: everything lives in one directory of unix sockets (and the services' logs).
 
 Layout of the root directory: grantd.sock, xenstored.sock, xenstored.sock.d<N> per domU
 (created by xenstored on INTRODUCE), grantd.log and xenstored.log (the services' stderr).
@@ -13,11 +13,8 @@ Layout of the root directory: grantd.sock, xenstored.sock, xenstored.sock.d<N> p
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,87 +27,12 @@ from xentools.platform.sim.platform import (
     SoftwarePlatform,
     xenstored_socket_path,
 )
+from xentools.platform.sim.service import Service
 
 GRANTD_MODULE = "xentools.platform.sim.grantd"
 XENSTORED_MODULE = "xentools.platform.sim.xenstored"
 # sockaddr_un.sun_path holds 108 bytes; keep the root short enough for xenstored.sock.d32751.
 _MAX_ROOT_LEN = 80
-
-
-class _Service:
-    """One child process serving a unix socket, started with a --ready-fd pipe."""
-
-    def __init__(self, name: str, module: str, socket_path: str, log_path: str) -> None:
-        self.name = name
-        self.socket_path = socket_path
-        self.log_path = log_path
-        ready_r, ready_w = os.pipe()
-        try:
-            with open(log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", module, "--socket", socket_path,
-                     "--ready-fd", str(ready_w)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    pass_fds=(ready_w,),
-                    close_fds=True,
-                )
-        except BaseException:
-            os.close(ready_r)
-            raise
-        finally:
-            os.close(ready_w)
-        self._ready_r = ready_r
-        self.ready = False
-
-    def wait_ready(self, deadline: float) -> None:
-        """Wait for the READY line; raise PlatformError (with the log's tail) otherwise."""
-        got = b""
-        try:
-            while b"\n" not in got:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PlatformError(
-                        f"sim.timeout: {self.name} not ready after waiting{self._log_tail()}"
-                    )
-                readable, _, _ = select.select([self._ready_r], [], [], left)
-                if not readable:
-                    continue
-                chunk = os.read(self._ready_r, 64)
-                if not chunk:
-                    self.proc.wait(timeout=5)
-                    raise PlatformError(
-                        f"sim.service_died: {self.name} exited with status "
-                        f"{self.proc.returncode} before it was ready{self._log_tail()}"
-                    )
-                got += chunk
-        finally:
-            os.close(self._ready_r)
-        if not got.startswith(b"READY"):
-            raise PlatformError(f"sim.bad_ready: {self.name} said {got!r}")
-        self.ready = True
-
-    def _log_tail(self) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                text = f.read()[-2000:].decode(errors="replace").strip()
-        except OSError:
-            return ""
-        return f"; its log says: {text}" if text else ""
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float) -> None:
-        """SIGTERM, then SIGKILL if it is still running after `timeout` seconds."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class SoftwareXen:
@@ -135,7 +57,7 @@ class SoftwareXen:
         self._wanted = list(domains)
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
-        self._services: list[_Service] = []
+        self._services: list[Service] = []
         self._own_root = False
         self._lock = threading.Lock()
 
@@ -185,7 +107,7 @@ class SoftwareXen:
                 ("grantd", GRANTD_MODULE, self.grantd_path),
             ):
                 log = os.path.join(self.root_dir, f"{name}.log")
-                self._services.append(_Service(name, module, sock, log))
+                self._services.append(Service(name, module, sock, log_path=log))
             for service in self._services:
                 service.wait_ready(deadline)
             for domid in self._wanted:
@@ -241,7 +163,7 @@ class SoftwareXen:
         self.domains.clear()
         self._cleanup_root([s for s in services if s.ready])
 
-    def _cleanup_root(self, served: list[_Service]) -> None:
+    def _cleanup_root(self, served: list[Service]) -> None:
         if not self.root_dir:
             return
         if self._own_root:

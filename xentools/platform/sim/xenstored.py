@@ -2,7 +2,8 @@
 
 Owns: the listening sockets, the client connections (framing, output queues, watches,
 transactions), the dispatch of every xsd_sockmsg_type, delivery of watch events, domain
-introduction and release, and clean shutdown on SIGTERM/SIGINT.
+introduction and release, and clean shutdown on SIGTERM/SIGINT (run through service.serve(),
+as grantd is).
 Must not: implement node semantics (xenstore_store.py does), block on one client, or let one
 client's bad input disturb another.
 
@@ -39,14 +40,11 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import select
 import selectors
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +80,7 @@ from xentools.platform.sim.xenstore_store import (
     perm_for,
     reply_fits,
 )
+from xentools.platform.sim.service import daemon_main, serve, start_service
 
 __all__ = ["OUTPUT_LIMIT", "Quotas", "Xenstored", "domain_socket_path", "main", "run_xenstored", "spawn_xenstored"]
 
@@ -585,25 +584,7 @@ def run_xenstored(socket_path: str, *, ready_fd: int | None = None, quotas: Quot
     Signal handlers are installed only when called from the main thread."""
     server = Xenstored(socket_path, quotas)
     server.start()
-    previous: dict[int, object] = {}
-    try:
-        if _in_main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                previous[signum] = signal.signal(signum, lambda _s, _f: server.stop())
-        if ready_fd is not None:
-            try:
-                os.write(ready_fd, b"READY\n")
-            finally:
-                os.close(ready_fd)
-        server.serve_forever()
-    finally:
-        server.close()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+    serve(server, ready_fd)
 
 
 def _parse_quota(text: str) -> tuple[str, int]:
@@ -615,44 +596,29 @@ def _parse_quota(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xentools.platform.sim.xenstored", description="software xenstored")
-    parser.add_argument("--socket", required=True, help="unix socket to serve (dom0 side)")
-    parser.add_argument("--ready-fd", type=int, default=None, help="write READY to this fd once listening")
-    parser.add_argument(
-        "--quota", type=_parse_quota, action="append", default=[], metavar="NAME=N", help="override a Quotas field"
+    def quota_argument(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--quota", type=_parse_quota, action="append", default=[], metavar="NAME=N", help="override a Quotas field"
+        )
+
+    return daemon_main(
+        "xentools.platform.sim.xenstored",
+        "software xenstored",
+        lambda args: run_xenstored(args.socket, ready_fd=args.ready_fd, quotas=Quotas(**dict(args.quota))),
+        argv,
+        add_arguments=quota_argument,
     )
-    args = parser.parse_args(argv)
-    try:
-        run_xenstored(args.socket, ready_fd=args.ready_fd, quotas=Quotas(**dict(args.quota)))
-    except OSError as err:
-        print(f"xenstored: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def spawn_xenstored(
     socket_path: str, *, quotas: Quotas | None = None, timeout: float = 10.0
 ) -> subprocess.Popen[bytes]:
     """Start `python -m xentools.platform.sim.xenstored` and return once it accepts
-    connections. Stop it with terminate() (SIGTERM): it removes its sockets and exits 0."""
-    read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "xentools.platform.sim.xenstored", "--socket", socket_path, "--ready-fd", str(write_fd)]
-    for name, value in dataclasses.asdict(quotas or Quotas()).items():
-        cmd += ["--quota", f"{name}={value}"]
-    try:
-        proc = subprocess.Popen(cmd, pass_fds=(write_fd,))
-    finally:
-        os.close(write_fd)
-    try:
-        ready, _, _ = select.select([read_fd], [], [], timeout)
-        line = os.read(read_fd, 64) if ready else b""
-    finally:
-        os.close(read_fd)
-    if line != b"READY\n":
-        proc.kill()
-        proc.wait()
-        raise OSError(f"xenstored: did not start on {socket_path} within {timeout:g} s (exit {proc.returncode})")
-    return proc
+    connections (PlatformError if it does not within `timeout` seconds); its output goes to
+    this process's stderr. Stop it with terminate() (SIGTERM): it removes its sockets and
+    exits 0."""
+    args = [f"--quota={name}={value}" for name, value in dataclasses.asdict(quotas or Quotas()).items()]
+    return start_service("xenstored", "xentools.platform.sim.xenstored", socket_path, timeout=timeout, args=args).proc
 
 
 if __name__ == "__main__":
