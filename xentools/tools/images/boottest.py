@@ -5,13 +5,15 @@ controller and extra --xl-cfg lines; PV/PVH with kernel=, ramdisk=, extra=), the
 before a run (image is RAW unless forced, xl found, root, an HVM guest's device model and
 firmware installed), the guest's size from `xl info`, the disk servers (the host's usual
 backend or qdisk through the cfg's `disk=` line, or OUR blkback: xenstore nodes written by
-xentools.devices.toolstack plus a `python -m xentools.devices.blkback` process; an HVM
+xentools.devices.toolstack plus a `python -m xentools blkback serve` process, with the
+options of a configuration row or --fault specs when asked; an HVM
 guest's firmware then gets the image through QEMU's emulated disk, device_model_args_hvm),
 the console (xenconsoled's `guest-<name>.log`, `xl console` on a pty, or for HVM the
 emulated UART, `xl console -t serial`), Xen's log of the domain (`xl dmesg`: firmware lines,
 a triple fault), the boot milestones, and the run itself: `xl create -p`, attach the
 console, `xl unpause`, feed the verdict engine, and ALWAYS `xl destroy` at the end. Writes
-the cfg, the console log, the JSON report, the JUnit XML.
+the cfg, the console log, the JSON report, the JUnit XML (with --fault, their fault section:
+the reaction read by matrix.classify_reaction).
 Must not: decide a verdict from console text itself (verdict.py does; here only Xen's own
 log turns a verdict into `error`), or run a process other than through its Runner (so tests
 drive it with a fake `xl`).
@@ -51,6 +53,7 @@ from typing import IO, Any
 from xentools.core.errors import XentoolsError
 from xentools.tools.images.diskformat import ImageInfo, inspect_image, require_raw
 from xentools.tools.images.errors import BootTestError, ImageFormatError
+from xentools.tools.images.matrix import classify_reaction, fault_section
 from xentools.tools.images.report import BootResult, write_reports
 from xentools.tools.images.verdict import Decision, Rules, Verdict, VerdictEngine
 
@@ -535,12 +538,14 @@ def emulated_disk_args(image: str, emulated_disk: str, *, read_only: bool) -> li
     return ["-drive", drive, "-device", "ide-hd,bus=ide.0,unit=0,drive=xtdisk0"]
 
 
-def default_blkback_argv(backend_path: str, image: str, report: str, *, read_only: bool = False) -> list[str]:
-    """How our blkback process is started for one vbd (its command line is owned by
-    xentools.devices.blkback; this is the one place that spells it here)."""
-    argv = [sys.executable, "-m", "xentools.devices.blkback", "--backend-path", backend_path,
+def default_blkback_argv(backend_path: str, image: str, report: str, *, read_only: bool = False,
+                         options: Sequence[str] = ()) -> list[str]:
+    """How our blkback process is started for one vbd: `xentools blkback serve` (its options
+    are owned by xentools.tools.blkback_cmd; this is the one place that spells them here),
+    plus `options` (a configuration row's knobs, --fault specs)."""
+    argv = [sys.executable, "-m", "xentools", "blkback", "serve", "--backend-path", backend_path,
             "--image", image, "--report", report]
-    return argv + ["--read-only"] if read_only else argv
+    return argv + (["--read-only"] if read_only else []) + list(options)
 
 
 class XentoolsDisk(DiskServer):
@@ -560,8 +565,9 @@ class XentoolsDisk(DiskServer):
                  create_vbd: Callable[..., Any] | None = None, destroy_vbd: Callable[..., Any] | None = None,
                  blkback_argv: Callable[..., list[str]] = default_blkback_argv,
                  stop_timeout: float = 10.0, exit_grace: float = 30.0, ready_timeout: float = 120.0,
-                 backend_kind: str | None = None, poll: float = 0.1) -> None:
+                 backend_kind: str | None = None, poll: float = 0.1, blkback_options: Sequence[str] = ()) -> None:
         self.image = os.path.abspath(image)
+        self.blkback_options = tuple(blkback_options)
         self.report_path = report_path
         self.log_path = report_path + ".log"
         self.vdev = vdev
@@ -609,7 +615,8 @@ class XentoolsDisk(DiskServer):
             self._xs, backend_domid=self.backend_domid, frontend_domid=domid, devid=encode_vbd(self.vdev),
             params=self.image, mode="w" if self.writable else "r", backend_kind=self.backend_kind,
         )
-        argv = self._blkback_argv(self._paths.backend, self.image, self.report_path, read_only=not self.writable)
+        argv = self._blkback_argv(self._paths.backend, self.image, self.report_path, read_only=not self.writable,
+                                  options=self.blkback_options)
         # A crash in native code (libxengnttab through cffi) then leaves a traceback in the log.
         env = dict(os.environ, PYTHONFAULTHANDLER="1")
         began = time.monotonic()
@@ -715,6 +722,13 @@ class XentoolsDisk(DiskServer):
         return report
 
 
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 # ------------------------------------------------------------------------------ Xen log
 
 XEN_LOG_KEEP = 400
@@ -791,8 +805,9 @@ class BootTest:
                  out_dir: str | os.PathLike[str], profile: str = "default", xl: str = "xl",
                  runner: Runner | None = None, log_dir: str | None = None,
                  clock: Callable[[], float] = time.monotonic, liveness_interval: float = 1.0,
-                 xen_log_interval: float = 3.0) -> None:
+                 xen_log_interval: float = 3.0, faults: Sequence[str] = ()) -> None:
         self.image = image
+        self.faults = tuple(faults)  # --fault specs our blkback was given: the report's fault section
         self.image_format = image_format
         self.guest = guest
         self.rules = rules
@@ -942,8 +957,13 @@ class BootTest:
                 line.startswith(f"(d{domid})") for line in self._xen_log):
             notes.append("Xen's log shows no firmware output for the guest: boot Xen with guest_loglvl=all "
                          "to see hvmloader's and SeaBIOS's lines")
+        fault = None
+        if self.faults:
+            conformance = disk_report.get("conformance") if disk_report else None
+            reaction = classify_reaction(_read_text(self.files["console_log"]), decision)
+            fault = fault_section(self.faults, conformance, reaction, decision)  # type: ignore[arg-type]
         result = BootResult(
-            name=self.guest.name, image=self.image, image_format=self.image_format, profile=self.profile,
+            fault=fault, name=self.guest.name, image=self.image, image_format=self.image_format, profile=self.profile,
             guest_type=self.guest.guest_type, backend=self.disk.kind,
             console_mode=self._console_mode(), decision=decision, started_at=started_at,
             duration=self.clock() - t0, files=dict(self.files), domid=domid, destroyed=destroyed,
