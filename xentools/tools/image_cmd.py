@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 
 from xentools.core.errors import XentoolsError
-from xentools.devices.blkback_faults import KINDS, FaultSpecError, parse_faults
+from xentools.devices.blkback_faults import GRANT_KINDS, KINDS, FaultSpecError, parse_faults
 from xentools.tools.images.boottest import (
     BootTest,
     DiskServer,
@@ -219,8 +219,8 @@ def _results_dir(out_dir: str | None, results_dir: str | None, name: str) -> tup
                    "the guest's reaction read from its console (crash, device-broken, io-error, hang, nothing) "
                    "and a verdict (fail: crash or hang).")
 @click.option("--fault-matrix", is_flag=True,
-              help="--backend xentools: one boot per fault kind, one table (matrix.json, matrix-junit.xml: one "
-                   "test case per fault) in --out/--results-dir.")
+              help="--backend xentools: one boot per fault kind (with --fault: per SPEC given), one table "
+                   "(matrix.json, matrix-junit.xml: one test case per fault) in --out/--results-dir.")
 @click.option("--config-matrix", "config_matrix", is_flag=False, flag_value="", default=None, metavar="[FILE]",
               help="--backend xentools: one boot per backend configuration (default: a pairwise covering of ring "
                    "order 0/max, indirect 0/32/256/4096, persistent on/off, 1/4 queues, 512/4096-byte sectors, "
@@ -309,7 +309,7 @@ def boot_test_cmd(ctx: click.Context, image_path: str, profile_name: str | None,
 
         if fault_matrix or config_matrix is not None:
             matrix = "fault-matrix" if fault_matrix else "config-matrix"
-            rows = _run_matrix(matrix, boot, out, dom, read_only, rules.idle_timeout, configs)
+            rows = _run_matrix(matrix, boot, out, dom, read_only, rules.idle_timeout, configs, fault_specs)
             files = write_matrix(out, matrix, profile.name, os.path.abspath(image_path), rows)
         else:
             result = boot(out, dom, with_faults=fault_specs)
@@ -355,8 +355,8 @@ def _check_kit_options(ctx: click.Context, backend: str, faults: tuple[str, ...]
                                     ("--config-matrix", config_matrix is not None)) if given]
     if kit and backend != "xentools":
         problem = f"{kit[0]} needs --backend xentools (our blkback is the one that misbehaves or is configured)"
-    elif len(kit) > 1:
-        problem = f"give one of --fault, --fault-matrix, --config-matrix, not {' and '.join(kit)}"
+    elif config_matrix is not None and len(kit) > 1:
+        problem = f"--config-matrix boots an honest backend: drop {' and '.join(k for k in kit if k != '--config-matrix')}"
     else:
         try:
             parse_faults(faults)
@@ -371,18 +371,22 @@ def _check_kit_options(ctx: click.Context, backend: str, faults: tuple[str, ...]
 
 
 def _run_matrix(matrix: str, boot: Callable[..., BootResult], out: Path, dom: str, read_only: bool,
-                idle_timeout: float, configs: list[ConfigRow]) -> list[MatrixRow]:
+                idle_timeout: float, configs: list[ConfigRow], specs: tuple[str, ...]) -> list[MatrixRow]:
     """One boot per row, one after the other, each in out/<NN>-<row>/ as domain <dom>-<NN>;
-    a row's progress line goes to stderr."""
+    a row's progress line goes to stderr. Fault rows: `specs`, else one per kind; a
+    keep-mapped row's backend offers no persistent grants (its fault needs per-request
+    mappings)."""
     rows: list[MatrixRow] = []
     if matrix == "fault-matrix":
         delay = min(MATRIX_LATE_DELAY, idle_timeout / 2) if idle_timeout else MATRIX_LATE_DELAY
-        for index, spec in enumerate(matrix_faults(KINDS, late_delay=delay), 1):
+        specs = specs or tuple(matrix_faults(KINDS, late_delay=delay))
+        for index, spec in enumerate(specs, 1):
             kind = spec.partition(":")[0]
-            result = boot(out / f"{index:02d}-{kind}", f"{dom}-{index:02d}", with_faults=(spec,))
+            options = ("--no-persistent",) if kind in GRANT_KINDS else ()
+            result = boot(out / f"{index:02d}-{kind}", f"{dom}-{index:02d}", options=options, with_faults=(spec,))
             assert result.fault is not None
             rows.append(fault_row(result.fault, result))
-            _notice(f"fault {index}/{len(KINDS)} {spec}: {rows[-1].verdict}, reaction {rows[-1].columns['reaction']}")
+            _notice(f"fault {index}/{len(specs)} {spec}: {rows[-1].verdict}, reaction {rows[-1].columns['reaction']}")
         return rows
     for index, row in enumerate(configs, 1):
         result = boot(out / f"{index:02d}-{row.name}", f"{dom}-{index:02d}",
