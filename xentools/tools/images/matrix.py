@@ -301,7 +301,7 @@ def fault_row(section: Mapping[str, Any], result: Any) -> MatrixRow:
     }
     return MatrixRow(name=", ".join(section["specs"]), verdict=section["verdict"], reason=section["reason"],
                      columns=columns, seconds=result.duration, out_dir=os.path.dirname(result.files["report"]),
-                     details={"evidence": section["evidence"]})
+                     details={"evidence": section["evidence"], **_timing(result)})
 
 
 def config_row(row: ConfigRow, result: Any) -> MatrixRow:
@@ -327,7 +327,13 @@ def config_row(row: ConfigRow, result: Any) -> MatrixRow:
     columns = {"offered": dict(row.values), "negotiated": negotiated, "requests": _requests(frontend),
                "violations": violations, "boot_verdict": decision.verdict.value}
     return MatrixRow(name=row.name, verdict=verdict, reason=reason, columns=columns, seconds=result.duration,
-                     out_dir=os.path.dirname(result.files["report"]))
+                     out_dir=os.path.dirname(result.files["report"]), details=_timing(result))
+
+
+def _timing(result: Any) -> dict[str, Any]:
+    """Where a boot's time went: our blkback's start (spawn to InitWait) and the guest's run."""
+    return {"blkback_ready_s": (result.disk_report or {}).get("ready_after_s"),
+            "guest_s": result.phases.get("guest")}
 
 
 # ------------------------------------------------------------------------------ table
