@@ -116,7 +116,7 @@ def fault_section(specs: Sequence[str], conformance: Mapping[str, Any] | None, r
     elif reaction.kind == "hang":
         verdict, reason = "fail", f"the guest hung: {reaction.first_line()}"
     elif reaction.kind == "nothing":
-        verdict, reason = "pass", f"the guest booted ({decision.verdict.value}) and noticed nothing"
+        verdict, reason = "pass", f"the guest showed nothing of the fault (boot verdict {decision.verdict.value})"
     else:
         verdict, reason = "pass", f"the guest survived; {reaction.kind}: {reaction.first_line()}"
     return {
