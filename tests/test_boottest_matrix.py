@@ -302,3 +302,13 @@ def test_the_configuration_matrix_shows_what_was_negotiated(kit, tmp_path) -> No
     assert argv[argv.index("--sector-size") + 1] == "4096" and argv[argv.index("--max-indirect-segments") + 1] == "4096"
     suite = ET.parse(kit.out / "matrix-junit.xml").getroot().find("testsuite")
     assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("2", "0", "0")
+
+
+def test_a_fault_boot_ends_soon_after_the_frontend_gave_its_disk_up(kit, monkeypatch) -> None:
+    monkeypatch.setattr(boottest_module, "FAULT_SETTLE", 0.3)
+    kit.fake.configure(transcript=[[0.02, f"Linux version 6.1\n{LINUX_BAD_ID}\n{LINUX_DISABLED}\n"]])  # then quiet
+    r = cli(kit, "--kernel", str(kit.image), "--type", "pv", "--fault", "unknown-id", "--idle-timeout", "60")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads((kit.out / "report.json").read_text())
+    assert report["verdict"] == "ended" and "gave its disk up 0.3 s before" in report["reason"]
+    assert report["elapsed_s"] < 10 and report["fault"]["reactions"] == ["device-broken"]

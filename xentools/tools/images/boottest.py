@@ -13,7 +13,8 @@ emulated UART, `xl console -t serial`), Xen's log of the domain (`xl dmesg`: fir
 a triple fault), the boot milestones, and the run itself: `xl create -p`, attach the
 console, `xl unpause`, feed the verdict engine, and ALWAYS `xl destroy` at the end. Writes
 the cfg, the console log, the JSON report, the JUnit XML (with --fault, their fault section:
-the reaction read by matrix.classify_reaction).
+the reaction read by matrix.classify_reaction; such a boot ends FAULT_SETTLE s after the
+frontend marked its disk broken, nothing more can happen to that disk).
 Must not: decide a verdict from console text itself (verdict.py does; here only Xen's own
 log turns a verdict into `error`), or run a process other than through its Runner (so tests
 drive it with a fake `xl`).
@@ -53,7 +54,7 @@ from typing import IO, Any
 from xentools.core.errors import XentoolsError
 from xentools.tools.images.diskformat import ImageInfo, inspect_image, require_raw
 from xentools.tools.images.errors import BootTestError, ImageFormatError
-from xentools.tools.images.matrix import classify_reaction, fault_section
+from xentools.tools.images.matrix import classify_reaction, disk_given_up, fault_section
 from xentools.tools.images.report import BootResult, write_reports
 from xentools.tools.images.verdict import Decision, Rules, Verdict, VerdictEngine
 
@@ -64,6 +65,9 @@ __all__ = [
 ]
 
 XL_TIMEOUT = 120.0
+# Seconds a --fault boot goes on after the guest's frontend marked its disk broken (a crash
+# that follows is still seen); then it ends without waiting for the idle timeout.
+FAULT_SETTLE = 5.0
 READ_SLICE = 0.2
 _NAME_OK = re.compile(r"[^A-Za-z0-9_.-]+")
 # xl.cfg strings are quoted; these characters would need escapes libxlu may not read back.
@@ -1034,6 +1038,7 @@ class BootTest:
         next_check = self.clock() + self.liveness_interval
         next_xen_log = self.clock() + min(1.0, self.xen_log_interval)
         self._recent = ""
+        gave_up: float | None = None  # when the frontend marked its disk broken (--fault)
         while True:
             now = self.clock()
             if engine.tick(now) is not None:
@@ -1056,6 +1061,12 @@ class BootTest:
             self._milestones_from(engine, data, now)
             if engine.feed(data, now) is not None:
                 return
+            if self.faults:
+                if gave_up is None and data and disk_given_up(self._recent):
+                    gave_up = now
+                if gave_up is not None and now - gave_up >= FAULT_SETTLE:
+                    engine.finish(now, f"the frontend gave its disk up {FAULT_SETTLE:g} s before")
+                    return
             if domid is not None and self.read_xen_log and now >= next_xen_log:
                 next_xen_log = now + self.xen_log_interval
                 self._poll_xen_log(domid)

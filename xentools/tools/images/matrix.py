@@ -44,7 +44,7 @@ from xentools.tools.images.verdict import Decision, Verdict
 
 __all__ = [
     "CONFIG_KNOBS", "REACTIONS", "ConfigRow", "MatrixRow", "Reaction", "classify_reaction", "config_row",
-    "config_rows", "fault_row", "fault_section", "matrix_faults", "matrix_lines", "pairwise", "write_matrix",
+    "config_rows", "disk_given_up", "fault_row", "fault_section", "matrix_faults", "matrix_lines", "pairwise", "write_matrix",
 ]
 
 REACTIONS = ("crash", "device-broken", "io-error", "hang", "nothing")
@@ -58,6 +58,12 @@ _REACTION_LINES: tuple[tuple[str, re.Pattern[str]], ...] = (
                             r"\bxbd\d+: .*error")),
 )
 EVIDENCE_KEEP = 5  # lines quoted per reaction
+
+
+def disk_given_up(console_tail: str) -> bool:
+    """Whether the console shows the frontend marking its disk broken (device-broken): after
+    that nothing more happens to the disk, so a fault boot need not wait for its timeouts."""
+    return _REACTION_LINES[1][1].search(console_tail) is not None
 
 
 @dataclass(frozen=True)
