@@ -103,6 +103,14 @@ bench-xen: $(STAMP) debs-xen
 	@$(PY) -m compileall -q -j 2 xentools tests >/dev/null
 	@$(PY) tests/nested/run.py -- $(PY) tests/xen/bench_blk.py --seconds $(BENCH_SECONDS)
 
+# ---- fault-matrix: tests/xen/test_fault_matrix.py with every fault kind and the default
+# pairwise configuration matrix (one nested boot; `make test` runs a fixed subset of both).
+.PHONY: fault-matrix
+fault-matrix: $(STAMP) debs-xen
+	@$(PY) -m compileall -q -j 2 xentools tests >/dev/null
+	@NESTED_TIMEOUT=$${NESTED_TIMEOUT:-3000} $(PY) tests/nested/run.py -- \
+	    env XENTOOLS_FAULT_MATRIX=full $(PY) -m pytest -q -s tests/xen/test_fault_matrix.py
+
 # ---- hvm-stress: nested HVM reliability (not part of `make test`): one nested boot in which
 # tests/xen/hvm_stress.py boots the HVM test guest (SeaBIOS, AHCI, our blkback) HVM_BOOTS times
 # in a row and prints how many passed. ~1-2 min per boot on an idle 2-core host.

@@ -342,7 +342,7 @@ class BackendProcess:
         self._out = open(self.out_path, "w")
         self._err = open(self.err_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xentools.devices.blkback", "--sim-dir", root,
+            [sys.executable, "-m", "xentools", "blkback", "serve", "--sim-dir", root,
              "--backend-path", backend_path, "--image", image, "--report", self.report, *args],
             stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL,
         )

@@ -1,4 +1,4 @@
-"""`xentools blkback serve` and `python -m xentools.devices.blkback`: bad input gives one
+"""`xentools blkback serve` (the one blkback entry point): bad input gives one
 clear line and a non-zero exit, never a traceback; an image that cannot be served reaches
 the frontend (error node, state Closing); one blkback per vbd and one writer per image; the
 vbd's params decide what is served; a good run serves, stops on SIGTERM and writes the
@@ -25,7 +25,6 @@ from xentools.devices.toolstack import create_vbd, destroy_vbd
 BACKEND_PATH = "/local/domain/0/backend/vbd/1/51712"
 ENTRY_POINTS = {
     "cli": [sys.executable, "-m", "xentools", "blkback", "serve"],
-    "module": [sys.executable, "-m", "xentools.devices.blkback"],
 }
 _DEVIDS = itertools.count(51712, 16)  # xvda, xvdb, ...: a fresh vbd for each test
 
@@ -77,7 +76,7 @@ class Server:
     """A blkback serving a vbd in the background, until stop()."""
 
     def __init__(self, xen, backend: str, *args: str, report: str | None = None) -> None:  # type: ignore[no-untyped-def]
-        argv = [*ENTRY_POINTS["module"], "--sim-dir", xen.root_dir, "--backend-path", backend, *args]
+        argv = [*ENTRY_POINTS["cli"], "--sim-dir", xen.root_dir, "--backend-path", backend, *args]
         if report:
             argv += ["--report", report]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -184,7 +183,7 @@ def test_blkfront_fails_at_once_with_the_backends_reason(tmp_path, xen, xs) -> N
 
     paths = new_vbd(xs, str(tmp_path / "absent.img"))
     try:
-        result = run("module", "--sim-dir", xen.root_dir, "--backend-path", paths.backend)
+        result = run("cli", "--sim-dir", xen.root_dir, "--backend-path", paths.backend)
         one_line(result, "image.missing")
         started = time.monotonic()
         with pytest.raises(BlkfrontError) as err:
@@ -272,7 +271,7 @@ def test_blkback_serves_what_params_says(tmp_path, xen, xs) -> None:
     other = image(tmp_path, "other.img", 1 << 20, data=b"\x22" * 4096)
     paths = new_vbd(xs, served)
     try:
-        line = one_line(run("module", "--sim-dir", xen.root_dir, "--backend-path", paths.backend, "--image", other),
+        line = one_line(run("cli", "--sim-dir", xen.root_dir, "--backend-path", paths.backend, "--image", other),
                         "backend.params")
         assert served in line and other in line
         assert read(xs, f"{paths.backend}/state") == b"1"  # untouched

@@ -75,7 +75,7 @@ class Backend:
         self.size = size
         paths = create_vbd(xs0, backend_domid=0, frontend_domid=1, devid=devid, params=self.image)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xentools.devices.blkback", "--sim-dir", xen.root_dir,
+            [sys.executable, "-m", "xentools", "blkback", "serve", "--sim-dir", xen.root_dir,
              "--backend-path", paths.backend, "--image", self.image,
              "--max-indirect-segments", str(indirect)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,

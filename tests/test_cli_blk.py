@@ -51,7 +51,7 @@ def served(tmp_path_factory, xen):
     create_vbd(xs, backend_domid=0, frontend_domid=1, devid=51728, params=str(image))
     xs.close()
     backend = subprocess.Popen(
-        [sys.executable, "-m", "xentools.devices.blkback", "--sim-dir", xen.root_dir,
+        [sys.executable, "-m", "xentools", "blkback", "serve", "--sim-dir", xen.root_dir,
          "--backend-path", paths.backend, "--image", str(image), "--report", "-"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )

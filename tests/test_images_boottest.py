@@ -306,7 +306,7 @@ def test_xentools_backend_writes_the_vbd_runs_blkback_and_collects_its_report(tm
     report = tmp_path / "out" / "blkback-report.json"
     disk = XentoolsDisk(str(image), report_path=str(report), connect=Xs, create_vbd=create_vbd,
                         destroy_vbd=destroy_vbd, exit_grace=0.2,  # this fake ignores its vbd's removal
-                        blkback_argv=lambda backend, img, rep, read_only: [
+                        blkback_argv=lambda backend, img, rep, read_only, options: [
                             sys.executable, str(script), "--backend-path", backend, "--image", img, "--report", rep,
                             *(["--read-only"] if read_only else [])])
     fake.configure(transcript=[[0.3, "[    0.5] blkfront: xvda: flush diskcache: enabled\nlogin: \n"]])
@@ -373,9 +373,11 @@ def test_a_blkback_that_crashes_while_the_guest_runs_is_an_error(tmp_path, fake,
 
 def test_default_blkback_command_line():
     argv = default_blkback_argv("/local/domain/0/backend/vbd/7/51712", "/i.raw", "/o/r.json", read_only=True)
-    assert argv[1:] == ["-m", "xentools.devices.blkback", "--backend-path", "/local/domain/0/backend/vbd/7/51712",
+    assert argv[1:] == ["-m", "xentools", "blkback", "serve", "--backend-path", "/local/domain/0/backend/vbd/7/51712",
                         "--image", "/i.raw", "--report", "/o/r.json", "--read-only"]
     assert "--read-only" not in default_blkback_argv("/b", "/i", "/r")
+    assert default_blkback_argv("/b", "/i", "/r", options=["--fault", "silent", "--no-discard"])[-3:] == [
+        "--fault", "silent", "--no-discard"]
 
 
 def test_xentools_backend_gives_an_hvm_guests_firmware_the_image_through_qemu(tmp_path, image):

@@ -63,8 +63,8 @@ def test_using_it_runs_as_written():
 def _command(tokens: list[str]) -> tuple[click.Command, list[str]]:
     command: click.Command = cli
     rest = tokens[1:]
-    while isinstance(command, click.Group) and rest and rest[0] in command.commands:
-        command = command.commands[rest[0]]
+    while isinstance(command, click.Group) and rest and command.get_command(None, rest[0]) is not None:
+        command = command.get_command(None, rest[0])
         rest = rest[1:]
     return command, rest
 

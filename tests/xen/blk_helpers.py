@@ -251,7 +251,7 @@ class OurBlkback:
         self.stdout_path = self.report_path.with_suffix(".out")
         self.stderr_path = self.report_path.with_suffix(".err")
         self.argv = [
-            sys.executable, "-m", "xentools.devices.blkback", "--backend-path", backend_path,
+            sys.executable, "-m", "xentools", "blkback", "serve", "--backend-path", backend_path,
             "--image", str(image), "--report", str(self.report_path), *extra,
         ]
         self.proc: subprocess.Popen[bytes] | None = None

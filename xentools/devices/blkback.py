@@ -4,9 +4,9 @@ Owns: `BackendConfig` (what this backend offers), `BlkBackend` (one vbd: the xen
 as the backend, driven by xenbus.Handshake; the queues while connected; the conformance
 report), `serve()` (the order of the checks before serving: the vbd lock, the toolstack's
 keys, the image named by `params`, its format, size and lock), `write_device_error` (the
-error node of Linux's xenbus_dev_error) and `main()` (`python -m xentools.devices.blkback
---sim-dir DIR --backend-path P [--image FILE] [options]`; `xentools blkback serve` is the
-same). With --fault, blkback_faults misbehaves on purpose at the lines marked FAULT HOOK.
+error node of Linux's xenbus_dev_error). Its one command line is `xentools blkback serve`
+(xentools/tools/blkback_cmd.py), which calls serve(). With --fault, blkback_faults
+misbehaves on purpose at the lines marked FAULT HOOK.
 Must not: implement ring, request or key formats (core does), image formats
 (core.diskformat), locks (blkback_lock), know whether the platform is real Xen or the
 software Xen, or trust anything the frontend wrote.
@@ -53,7 +53,6 @@ FILE, or stdout for "-", on SIGUSR1 and at exit, before the signal handlers are 
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
@@ -77,7 +76,7 @@ from xentools.core.features import (
 )
 from xentools.core.xenbus import Action, Handshake, Milestone, Step, XenbusState, parse_state
 from xentools.devices.blkback_conformance import STATE_RULES, ConformanceReport, FrontendLog
-from xentools.devices.blkback_faults import FaultSet, FaultSpec, FaultSpecError, parse_faults
+from xentools.devices.blkback_faults import FaultSet, FaultSpec
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
 from xentools.devices.blkback_image import ImageError, ImageFile, open_image
 from xentools.devices.blkback_lock import LockError, lock_dir, lock_image, lock_vbd
@@ -87,7 +86,7 @@ from xentools.platform.interface import Platform, PlatformError, XenstoreError
 from xentools.platform.xenstore import run_transaction
 
 __all__ = [
-    "BackendConfig", "BackendError", "BlkBackend", "LockError", "main", "serve", "write_device_error",
+    "BackendConfig", "BackendError", "BlkBackend", "LockError", "serve", "write_device_error",
     "write_report",
 ]
 
@@ -118,6 +117,7 @@ class BackendConfig:
     report_path: str | None = None  # "-": stdout
     shared_writable: bool = False  # xl's w!: the image may be served writable elsewhere too
     faults: tuple[FaultSpec, ...] = ()  # --fault: misbehave on purpose (blkback_faults)
+    discard: bool = True  # offer feature-discard where the image can punch holes (--no-discard)
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_ring_page_order <= RING_PAGE_ORDER_LIMIT:
@@ -185,7 +185,7 @@ class BlkBackend:
         self.frontend_path = ""
         self.frontend_id = -1
         self.read_only = config.read_only or image.read_only
-        self.discard = not self.read_only and image.can_punch_holes()
+        self.discard = config.discard and not self.read_only and image.can_punch_holes()
         self._log: FrontendLog | None = None
         self._xs = None
         self._stop = threading.Event()
@@ -852,64 +852,3 @@ def _serve_locked(platform: Platform, backend_path: str, image_path: str | None,
         return report
     finally:
         image.close()
-
-
-def _argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m xentools.devices.blkback", description=__doc__.split("\n")[0])
-    parser.add_argument("--sim-dir", default=None, help="software Xen root (default: $XENTOOLS_SIM_DIR, else real Xen)")
-    parser.add_argument("--backend-path", required=True)
-    parser.add_argument("--image", default=None, help="the image; must be the vbd's params (default: params)")
-    parser.add_argument("--read-only", action="store_true")
-    parser.add_argument("--shared-writable", action="store_true",
-                        help="serve writable even if another server writes the image (xl's w!)")
-    parser.add_argument("--max-ring-page-order", type=int, default=RING_PAGE_ORDER_LIMIT)
-    parser.add_argument("--max-queues", type=int, default=4)
-    parser.add_argument("--max-indirect-segments", type=int, default=256)
-    parser.add_argument("--no-persistent", action="store_true")
-    parser.add_argument("--sector-size", type=int, default=512)
-    parser.add_argument("--max-persistent-grants", type=int, default=DEFAULT_MAX_PERSISTENT_GRANTS)
-    parser.add_argument("--report", default=None,
-                        help="write the conformance report (JSON) to this file, or - for stdout, on exit and SIGUSR1")
-    parser.add_argument("--fault", action="append", default=[], metavar="SPEC",
-                        help="misbehave on purpose: KIND[:TRIGGER,...] (see `xentools blkback serve --help`)")
-    parser.add_argument("--verbose", "-v", action="store_true")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _argument_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="blkback: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        faults = parse_faults(args.fault)
-    except FaultSpecError as err:
-        print(f"blkback: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        config = BackendConfig(
-            read_only=args.read_only,
-            max_ring_page_order=args.max_ring_page_order,
-            max_queues=args.max_queues,
-            max_indirect_segments=args.max_indirect_segments,
-            persistent=not args.no_persistent,
-            sector_size=args.sector_size,
-            max_persistent_grants=args.max_persistent_grants,
-            report_path=args.report,
-            shared_writable=args.shared_writable,
-            faults=faults,
-        )
-        serve(sim_dir=args.sim_dir, backend_path=args.backend_path, image_path=args.image, config=config)
-    except XentoolsError as err:
-        print(f"blkback: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        print(f"blkback: error: {err.strerror or err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

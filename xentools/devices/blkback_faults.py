@@ -61,7 +61,7 @@ __all__ = ["CONNECT_KINDS", "DATA_KINDS", "GRANT_KINDS", "KINDS", "RESPONSE_KIND
 # kind -> what the guest is told (the --help text lists these).
 RESPONSE_KINDS: dict[str, str] = {
     "unknown-id": "the response carries an id no request has",
-    "duplicate": "the previous response of the ring is sent again, in place of this one",
+    "duplicate": "an earlier response of the ring (another id) is sent again, in place of this one",
     "unsolicited": "after this response, one more in a slot the frontend never filled (rsp_prod passes req_prod)",
     "wrong-op": "the response names another operation than the request's",
     "bad-status": "the response's status is 2, not OKAY/ERROR/EOPNOTSUPP",
@@ -96,6 +96,7 @@ _BAD_STATUS = 2
 _UNKNOWN_ID_BIT = 1 << 63
 LINGER = 1.0  # seconds keep-mapped holds a mapping (until the next grant operation after that)
 DEFAULT_DELAY = 10.0
+_HISTORY = 16  # answers remembered per ring (duplicate)
 
 
 class FaultSpecError(XentoolsError):
@@ -361,6 +362,8 @@ class FaultSet:
         self._connect = [f for f in self.faults if f.spec.kind in CONNECT_KINDS]
         self._grant = [f for f in self.faults if f.spec.kind in GRANT_KINDS]
         self._previous: dict[int, tuple[int, int, int]] = {}  # ring id -> last answer written
+        # ring id -> the last answers written, newest last (duplicate picks one of them)
+        self._history: dict[int, list[tuple[int, int, int]]] = {}
         self._pending_duplicate: set[int] = set()
         self._after: dict[int, list[str]] = {}  # ring id -> faults to apply after publishing
         self._pending_unsolicited: set[int] = set()
@@ -385,7 +388,7 @@ class FaultSet:
             kinds = {fault.spec.kind for fault in self._response if fault.fires(op)}
             if not kinds and ring not in self._pending_duplicate:
                 out.append(answer)
-                self._previous[ring] = answer
+                self._remember(ring, answer)
                 continue
             if "silent" in kinds:
                 continue
@@ -402,7 +405,10 @@ class FaultSet:
                 req_id ^= _UNKNOWN_ID_BIT
             answer = (req_id, op, status)
             if "duplicate" in kinds or ring in self._pending_duplicate:
-                previous = self._previous.get(ring)
+                # An earlier answer whose id is not this request's: a frontend that reuses
+                # ids at once (Linux's free list) would take one with the same id for the
+                # real answer.
+                previous = next((old for old in reversed(self._history.get(ring, ())) if old[0] != req_id), None)
                 if previous is None:
                     self._pending_duplicate.add(ring)  # nothing sent yet: on the next answer
                 else:
@@ -416,8 +422,14 @@ class FaultSet:
                 if kind in kinds:
                     self._after.setdefault(ring, []).append(kind)
             out.append(answer)
-            self._previous[ring] = answer
+            self._remember(ring, answer)
         return out
+
+    def _remember(self, ring: int, answer: tuple[int, int, int]) -> None:
+        self._previous[ring] = answer
+        history = self._history.setdefault(ring, [])
+        history.append(answer)
+        del history[:-_HISTORY]
 
     def _spec(self, kind: str) -> str:
         return next(f.spec.text for f in self.faults if f.spec.kind == kind)

@@ -127,6 +127,9 @@ _POLL_MS_NO_BARRIER = 10  # without a full barrier the ring is re-checked this o
 _STORM_STREAK = 64  # spurious events in a row before unmasking is delayed (XSA-391)
 _STORM_DELAY = 0.002
 _MAX_EXTENT_PAGES = 1024  # pages per share() call (platforms bound one call)
+# The largest disk, in bytes, a backend may announce: every byte needs a signed 64-bit file
+# offset (Linux's MAX_LFS_FILESIZE); 2^64 - 1 sectors is a backend's lie, not a disk.
+MAX_DISK_BYTES = (1 << 63) - 1
 
 
 class _Op:
@@ -366,6 +369,12 @@ class BlkFront:
             raise BlkfrontError(
                 "backend.sector-size.unsupported",
                 f"sector-size {disk.sector_size} is larger than a page; segments cannot hold a sector",
+            )
+        if disk.sectors * disk.sector_size > MAX_DISK_BYTES:
+            raise BlkfrontError(
+                "backend.sectors.range",
+                f"sectors {disk.sectors} of {disk.sector_size} bytes is more than a disk can hold (its last byte "
+                f"must have a file offset, at most 2^63 - 1): the backend published an absurd size",
             )
         if self._disk is not None:
             if disk.sector_size != self._disk.sector_size:

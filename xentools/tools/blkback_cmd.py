@@ -1,7 +1,8 @@
 """`xentools blkback serve`: run the userspace blkback for one vbd in the foreground.
 
-Owns: the click group `blkback` and its `serve` command (options mirror
-`python -m xentools.devices.blkback`). Must not: implement the backend (devices/blkback.py
+Owns: the click group `blkback` and its `serve` command, the one command line of our blkback
+(boot-test, the demo and the tests start it as `python -m xentools blkback serve`), and its
+options' mapping onto BackendConfig. Must not: implement the backend (devices/blkback.py
 does) or print tracebacks: every expected failure is a XentoolsError, printed by the CLI as
 one line with a non-zero exit.
 
@@ -47,6 +48,8 @@ def blkback() -> None:
 @click.option("--max-indirect-segments", type=click.IntRange(0, 4096), default=256, show_default=True,
               help="feature-max-indirect-segments; 0 disables indirect requests.")
 @click.option("--no-persistent", is_flag=True, help="Do not offer feature-persistent.")
+@click.option("--no-discard", is_flag=True, help="Do not offer feature-discard (offered by default when the "
+                                                 "image is writable and its file system can punch holes).")
 @click.option("--sector-size", type=click.Choice(["512", "1024", "2048", "4096"]), default="512",
               show_default=True, help="Logical sector size of the image.")
 @click.option("--max-persistent-grants", type=click.IntRange(0, None),
@@ -59,7 +62,7 @@ def blkback() -> None:
 def serve_cmd(
     ctx: click.Context,
     sim_dir: str | None, backend_path: str, image_path: str | None, read_only: bool, shared_writable: bool,
-    max_ring_page_order: int, max_queues: int, max_indirect_segments: int, no_persistent: bool,
+    max_ring_page_order: int, max_queues: int, max_indirect_segments: int, no_persistent: bool, no_discard: bool,
     sector_size: str, max_persistent_grants: int, report_path: str | None, faults: tuple[str, ...],
     verbose: bool,
 ) -> None:
@@ -89,5 +92,6 @@ def serve_cmd(
         report_path=report_path,
         shared_writable=shared_writable,
         faults=fault_specs,
+        discard=not no_discard,
     )
     serve(sim_dir=sim_dir, backend_path=backend_path, image_path=image_path, config=config)

@@ -3,6 +3,10 @@
 Owns: the top-level click group, the error policy (one line on stderr, non-zero exit, no
 traceback) and the list of subcommand modules. Must not: implement subcommands here; each
 lives in its own module under xentools.tools and is listed in SUBCOMMANDS.
+
+A subcommand's module is imported when that command is asked for (or for --help), so that
+`python -m xentools blkback serve`, started once per boot by boot-test, loads the backend
+and not the image tools or blkfront (~0.3 s on the host, ~18x that in a nested dom0).
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import click
 
 from xentools.core.errors import XentoolsError
 
-# (module, attribute) of each click command or group; a module that is not written yet is
-# simply not listed.
+# (module, attribute) of each click command or group, the attribute named as the command; a
+# module that is not written yet is simply not listed.
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("xentools.tools.sim_cmd", "sim"),
     ("xentools.tools.doctor", "doctor"),
@@ -32,7 +36,18 @@ EXIT_ERROR = 1
 
 
 class XentoolsGroup(click.Group):
-    """Turns every expected failure into one line on stderr and a non-zero exit."""
+    """Turns every expected failure into one line on stderr and a non-zero exit; imports a
+    subcommand's module when the command is first asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *(attr for _, attr in SUBCOMMANDS)})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            for module, attr in SUBCOMMANDS:
+                if attr == cmd_name:
+                    self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -56,9 +71,6 @@ class XentoolsGroup(click.Group):
 def cli() -> None:
     """Xen paravirtual block tools: userspace blkfront/blkback, a software Xen, boot tests."""
 
-
-for _module, _attr in SUBCOMMANDS:
-    cli.add_command(getattr(importlib.import_module(_module), _attr))
 
 
 def main() -> None:

@@ -82,7 +82,7 @@ class LocalRig:
             self.backend_log = os.path.join(self.workdir, "blkback.log")
             with open(self.backend_log, "wb") as log:
                 self.backend = subprocess.Popen(
-                    [sys.executable, "-m", "xentools.devices.blkback", "--sim-dir", self.xen.root_dir,
+                    [sys.executable, "-m", "xentools", "blkback", "serve", "--sim-dir", self.xen.root_dir,
                      "--backend-path", paths.backend, "--image", self.image, "--report", "-", *self.backend_args],
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                 )

@@ -2,7 +2,10 @@
 
 Owns: the click group `image` and its commands `fetch`, `inspect`, `boot-test`: options,
 the progress bar on stderr, what goes to stdout (a path, a verdict line, or JSON), and the
-boot test's exit codes (xtf-runner's: 0 pass, 4 error, 5 fail, 6 timeout).
+boot test's exit codes (xtf-runner's: 0 pass, 4 error, 5 fail, 6 timeout), and the matrices'
+loop (--fault-matrix, --config-matrix: one boot per row, each in its own directory, one
+table; exit 4 if a row is an error, else 5 if one failed, else 0). A bad --fault spec or a
+matrix option with another backend is one line and exit 2, before anything runs.
 Must not: implement fetching, parsing or the boot test (xentools.tools.images does).
 
 `fetch` and `inspect` leave errors to the CLI's policy (one line, exit 1); `boot-test`
@@ -18,12 +21,13 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
 
 from xentools.core.errors import XentoolsError
+from xentools.devices.blkback_faults import GRANT_KINDS, KINDS, FaultSpecError, parse_faults
 from xentools.tools.images.boottest import (
     BootTest,
     DiskServer,
@@ -38,7 +42,18 @@ from xentools.tools.images.boottest import (
 from xentools.tools.images.catalog import Catalog, Profile, load_catalog
 from xentools.tools.images.diskformat import inspect_image
 from xentools.tools.images.errors import BootTestError
+from xentools.tools.images.matrix import (
+    ConfigRow,
+    MatrixRow,
+    config_row,
+    config_rows,
+    fault_row,
+    matrix_faults,
+    matrix_lines,
+    write_matrix,
+)
 from xentools.tools.images.fetch import Mirror, fetch_image, read_fetch_record
+from xentools.tools.images.report import BootResult
 from xentools.tools.images.verdict import Outcome, Rules
 
 
@@ -198,6 +213,19 @@ def _results_dir(out_dir: str | None, results_dir: str | None, name: str) -> tup
               help="Quiet seconds after an unterminated prompt before it counts.")
 @click.option("--xl", default="xl", show_default=True, help="The xl command.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the verdict line.")
+@click.option("--fault", "faults", multiple=True, metavar="SPEC",
+              help="--backend xentools: our blkback misbehaves (repeatable; KIND[:TRIGGER,...], the grammar and "
+                   "kinds of `xentools blkback serve --help`); the report gains a fault section: when it fired, "
+                   "the guest's reaction read from its console (crash, device-broken, io-error, hang, nothing) "
+                   "and a verdict (fail: crash or hang).")
+@click.option("--fault-matrix", is_flag=True,
+              help="--backend xentools: one boot per fault kind (with --fault: per SPEC given), one table "
+                   "(matrix.json, matrix-junit.xml: one test case per fault) in --out/--results-dir.")
+@click.option("--config-matrix", "config_matrix", is_flag=False, flag_value="", default=None, metavar="[FILE]",
+              help="--backend xentools: one boot per backend configuration (default: a pairwise covering of ring "
+                   "order 0/max, indirect 0/32/256/4096, persistent on/off, 1/4 queues, 512/4096-byte sectors, "
+                   "discard on/off, read-only; FILE: a JSON list of objects with those knobs), one table of "
+                   "negotiated values, requests, violations and verdicts.")
 @click.pass_context
 def boot_test_cmd(ctx: click.Context, image_path: str, profile_name: str | None, catalog: str | None,
                   guest_type: str | None, kernel: str | None, ramdisk: str | None, extra: str | None,
@@ -205,15 +233,18 @@ def boot_test_cmd(ctx: click.Context, image_path: str, profile_name: str | None,
                   backend: str, force_format: str | None, vdev: str, read_only: bool, log_dir: str | None,
                   out_dir: str | None, results_dir: str | None, name: str | None, memory: int | None,
                   vcpus: int | None, first_output_timeout: float | None, idle_timeout: float | None,
-                  boot_timeout: float | None, prompt_grace: float | None, xl: str, as_json: bool) -> None:
+                  boot_timeout: float | None, prompt_grace: float | None, xl: str, as_json: bool,
+                  faults: tuple[str, ...], fault_matrix: bool, config_matrix: str | None) -> None:
     """Boot IMAGE under xl and decide: pass (login prompt), fail (panic, mountroot, guest
     gone), timeout (no verdict, or no output at all), error (the test could not run, or Xen
     killed the guest).
 
     The guest is created paused, its console attached (an HVM guest's serial port, `xl
     console -t serial`), then unpaused; it is always destroyed at the end. Exit codes: 0
-    pass, 4 error, 5 fail, 6 timeout.
+    pass, 4 error, 5 fail, 6 timeout. With --fault the fault's verdict decides; a matrix exits
+    4 if a row is an error, else 5 if one failed, else 0.
     """
+    fault_specs, configs = _check_kit_options(ctx, backend, faults, fault_matrix, config_matrix)
     try:
         cat = load_catalog(catalog)
         profile = _choose_profile(cat, profile_name, image_path)
@@ -250,13 +281,6 @@ def boot_test_cmd(ctx: click.Context, image_path: str, profile_name: str | None,
         out, temporary = _results_dir(out_dir, results_dir, dom)
         if temporary:
             _notice(f"results go to {out} (name a directory with --results-dir or --out)")
-        disk: DiskServer
-        if backend == "xentools":
-            disk = XentoolsDisk(image_path, report_path=str(out / "blkback-report.json"), vdev=vdev,
-                                writable=not read_only)
-        else:
-            disk = HostDisk(image_path, vdev=vdev, writable=not read_only,
-                            backendtype="qdisk" if backend == "qdisk" else None)
         guest = GuestConfig(
             name=dom, guest_type=kind, memory_mb=memory_mb, vcpus=nr_vcpus,
             kernel=os.path.abspath(kernel) if kernel else None,
@@ -264,19 +288,48 @@ def boot_test_cmd(ctx: click.Context, image_path: str, profile_name: str | None,
             extra=extra if extra is not None else (profile.extra if kernel and not bootloader else None),
             firmware=firmware, extra_cfg=tuple(xl_cfg), kernel_is_bootloader=bootloader is not None,
         )
-        dm_args = tuple(disk.device_model_args(emulated_disk or "ide")) if kind == "hvm" else ()
-        guest = dataclasses.replace(guest, disks=tuple(disk.xl_disks()), device_model_args=dm_args,
-                                    emulated_disk=emulated_disk if not dm_args else None)
-        test = BootTest(image=os.path.abspath(image_path), image_format=info.format, guest=guest, rules=rules,
-                        disk=disk, out_dir=out, profile=profile.name, xl=xl_path, log_dir=log_dir)
-        result = test.run()
+
+        def boot(run_out: Path, run_name: str, *, ro: bool = read_only, options: tuple[str, ...] = (),
+                 with_faults: tuple[str, ...] = ()) -> BootResult:
+            disk: DiskServer
+            if backend == "xentools":
+                fault_options = tuple(arg for spec in with_faults for arg in ("--fault", spec))
+                disk = XentoolsDisk(image_path, report_path=str(run_out / "blkback-report.json"), vdev=vdev,
+                                    writable=not ro, blkback_options=options + fault_options)
+            else:
+                disk = HostDisk(image_path, vdev=vdev, writable=not ro,
+                                backendtype="qdisk" if backend == "qdisk" else None)
+            dm_args = tuple(disk.device_model_args(emulated_disk or "ide")) if kind == "hvm" else ()
+            cfg = dataclasses.replace(guest, name=run_name, disks=tuple(disk.xl_disks()), device_model_args=dm_args,
+                                      emulated_disk=emulated_disk if not dm_args else None)
+            test = BootTest(image=os.path.abspath(image_path), image_format=info.format, guest=cfg, rules=rules,
+                            disk=disk, out_dir=run_out, profile=profile.name, xl=xl_path, log_dir=log_dir,
+                            faults=with_faults)
+            return test.run()
+
+        if fault_matrix or config_matrix is not None:
+            matrix = "fault-matrix" if fault_matrix else "config-matrix"
+            rows = _run_matrix(matrix, boot, out, dom, read_only, rules.idle_timeout, configs, fault_specs)
+            files = write_matrix(out, matrix, profile.name, os.path.abspath(image_path), rows)
+        else:
+            result = boot(out, dom, with_faults=fault_specs)
     except XentoolsError as err:
         click.echo(f"xentools: error: {err}", err=True)
         ctx.exit(Outcome.ERROR.exit_code)
+    if fault_matrix or config_matrix is not None:
+        if as_json:
+            click.echo(Path(files["json"]).read_text(encoding="utf-8").rstrip())
+        else:
+            for line in matrix_lines(matrix, rows):
+                click.echo(line)
+        click.echo(f"xentools: matrix {files['json']}, junit {files['junit']}", err=True)
+        verdicts = {row.verdict for row in rows}
+        ctx.exit(Outcome.ERROR.exit_code if "error" in verdicts else
+                 Outcome.FAIL.exit_code if "fail" in verdicts else Outcome.PASS.exit_code)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
-        summary = result.decision.summary()
+        summary = result.summary()
         # summary() starts with the verdict; say the outcome once ("error: xl create ...",
         # "fail: panic: ...", never "error: error: ...").
         line = summary if summary.startswith(f"{result.outcome.label}:") else f"{result.outcome.label}: {summary}"
@@ -286,3 +339,58 @@ def boot_test_cmd(ctx: click.Context, image_path: str, profile_name: str | None,
         click.echo(f"xentools: console log {result.files['console_log']}, report {result.files['report']}, "
                    f"junit {result.files['junit']}", err=True)
     ctx.exit(result.exit_code)
+
+
+# Seconds a `late` fault holds its answer in the fault matrix when no idle timeout bounds it.
+MATRIX_LATE_DELAY = 10.0
+
+
+def _check_kit_options(ctx: click.Context, backend: str, faults: tuple[str, ...], fault_matrix: bool,
+                       config_matrix: str | None) -> tuple[tuple[str, ...], list[ConfigRow]]:
+    """The --fault specs and the configuration rows, checked before anything runs; a bad
+    one, or a test-kit option that cannot be used as given, is one line and exit 2."""
+    configs: list[ConfigRow] = []
+    problem = None
+    kit = [name for name, given in (("--fault", bool(faults)), ("--fault-matrix", fault_matrix),
+                                    ("--config-matrix", config_matrix is not None)) if given]
+    if kit and backend != "xentools":
+        problem = f"{kit[0]} needs --backend xentools (our blkback is the one that misbehaves or is configured)"
+    elif config_matrix is not None and len(kit) > 1:
+        problem = f"--config-matrix boots an honest backend: drop {' and '.join(k for k in kit if k != '--config-matrix')}"
+    else:
+        try:
+            parse_faults(faults)
+            if config_matrix is not None:
+                configs = config_rows(config_matrix or None)
+        except (FaultSpecError, BootTestError) as err:
+            problem = str(err)
+    if problem is not None:
+        click.echo(f"xentools: error: {problem}", err=True)
+        ctx.exit(2)
+    return tuple(spec.strip() for spec in faults), configs
+
+
+def _run_matrix(matrix: str, boot: Callable[..., BootResult], out: Path, dom: str, read_only: bool,
+                idle_timeout: float, configs: list[ConfigRow], specs: tuple[str, ...]) -> list[MatrixRow]:
+    """One boot per row, one after the other, each in out/<NN>-<row>/ as domain <dom>-<NN>;
+    a row's progress line goes to stderr. Fault rows: `specs`, else one per kind; a
+    keep-mapped row's backend offers no persistent grants (its fault needs per-request
+    mappings)."""
+    rows: list[MatrixRow] = []
+    if matrix == "fault-matrix":
+        delay = min(MATRIX_LATE_DELAY, idle_timeout / 2) if idle_timeout else MATRIX_LATE_DELAY
+        specs = specs or tuple(matrix_faults(KINDS, late_delay=delay))
+        for index, spec in enumerate(specs, 1):
+            kind = spec.partition(":")[0]
+            options = ("--no-persistent",) if kind in GRANT_KINDS else ()
+            result = boot(out / f"{index:02d}-{kind}", f"{dom}-{index:02d}", options=options, with_faults=(spec,))
+            assert result.fault is not None
+            rows.append(fault_row(result.fault, result))
+            _notice(f"fault {index}/{len(specs)} {spec}: {rows[-1].verdict}, reaction {rows[-1].columns['reaction']}")
+        return rows
+    for index, row in enumerate(configs, 1):
+        result = boot(out / f"{index:02d}-{row.name}", f"{dom}-{index:02d}",
+                      ro=read_only or bool(row.values["read_only"]), options=tuple(row.blkback_options()))
+        rows.append(config_row(row, result))
+        _notice(f"configuration {index}/{len(configs)} {row.name}: {rows[-1].verdict}")
+    return rows

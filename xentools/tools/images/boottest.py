@@ -5,13 +5,16 @@ controller and extra --xl-cfg lines; PV/PVH with kernel=, ramdisk=, extra=), the
 before a run (image is RAW unless forced, xl found, root, an HVM guest's device model and
 firmware installed), the guest's size from `xl info`, the disk servers (the host's usual
 backend or qdisk through the cfg's `disk=` line, or OUR blkback: xenstore nodes written by
-xentools.devices.toolstack plus a `python -m xentools.devices.blkback` process; an HVM
+xentools.devices.toolstack plus a `python -m xentools blkback serve` process, with the
+options of a configuration row or --fault specs when asked; an HVM
 guest's firmware then gets the image through QEMU's emulated disk, device_model_args_hvm),
 the console (xenconsoled's `guest-<name>.log`, `xl console` on a pty, or for HVM the
 emulated UART, `xl console -t serial`), Xen's log of the domain (`xl dmesg`: firmware lines,
 a triple fault), the boot milestones, and the run itself: `xl create -p`, attach the
 console, `xl unpause`, feed the verdict engine, and ALWAYS `xl destroy` at the end. Writes
-the cfg, the console log, the JSON report, the JUnit XML.
+the cfg, the console log, the JSON report, the JUnit XML (with --fault, their fault section:
+the reaction read by matrix.classify_reaction; such a boot ends FAULT_SETTLE s after the
+frontend marked its disk broken, nothing more can happen to that disk).
 Must not: decide a verdict from console text itself (verdict.py does; here only Xen's own
 log turns a verdict into `error`), or run a process other than through its Runner (so tests
 drive it with a fake `xl`).
@@ -53,6 +56,7 @@ import tenacity
 from xentools.core.errors import XentoolsError
 from xentools.tools.images.diskformat import ImageInfo, inspect_image, require_raw
 from xentools.tools.images.errors import BootTestError, ImageFormatError
+from xentools.tools.images.matrix import classify_reaction, disk_given_up, fault_section
 from xentools.tools.images.report import BootResult, write_reports
 from xentools.tools.images.verdict import Decision, Rules, Verdict, VerdictEngine
 
@@ -63,6 +67,9 @@ __all__ = [
 ]
 
 XL_TIMEOUT = 120.0
+# Seconds a --fault boot goes on after the guest's frontend marked its disk broken (a crash
+# that follows is still seen); then it ends without waiting for the idle timeout.
+FAULT_SETTLE = 5.0
 READ_SLICE = 0.2
 _NAME_OK = re.compile(r"[^A-Za-z0-9_.-]+")
 # xl.cfg strings are quoted; these characters would need escapes libxlu may not read back.
@@ -537,12 +544,14 @@ def emulated_disk_args(image: str, emulated_disk: str, *, read_only: bool) -> li
     return ["-drive", drive, "-device", "ide-hd,bus=ide.0,unit=0,drive=xtdisk0"]
 
 
-def default_blkback_argv(backend_path: str, image: str, report: str, *, read_only: bool = False) -> list[str]:
-    """How our blkback process is started for one vbd (its command line is owned by
-    xentools.devices.blkback; this is the one place that spells it here)."""
-    argv = [sys.executable, "-m", "xentools.devices.blkback", "--backend-path", backend_path,
+def default_blkback_argv(backend_path: str, image: str, report: str, *, read_only: bool = False,
+                         options: Sequence[str] = ()) -> list[str]:
+    """How our blkback process is started for one vbd: `xentools blkback serve` (its options
+    are owned by xentools.tools.blkback_cmd; this is the one place that spells them here),
+    plus `options` (a configuration row's knobs, --fault specs)."""
+    argv = [sys.executable, "-m", "xentools", "blkback", "serve", "--backend-path", backend_path,
             "--image", image, "--report", report]
-    return argv + ["--read-only"] if read_only else argv
+    return argv + (["--read-only"] if read_only else []) + list(options)
 
 
 class XentoolsDisk(DiskServer):
@@ -562,8 +571,9 @@ class XentoolsDisk(DiskServer):
                  create_vbd: Callable[..., Any] | None = None, destroy_vbd: Callable[..., Any] | None = None,
                  blkback_argv: Callable[..., list[str]] = default_blkback_argv,
                  stop_timeout: float = 10.0, exit_grace: float = 30.0, ready_timeout: float = 120.0,
-                 backend_kind: str | None = None, poll: float = 0.1) -> None:
+                 backend_kind: str | None = None, poll: float = 0.1, blkback_options: Sequence[str] = ()) -> None:
         self.image = os.path.abspath(image)
+        self.blkback_options = tuple(blkback_options)
         self.report_path = report_path
         self.log_path = report_path + ".log"
         self.vdev = vdev
@@ -611,7 +621,8 @@ class XentoolsDisk(DiskServer):
             self._xs, backend_domid=self.backend_domid, frontend_domid=domid, devid=encode_vbd(self.vdev),
             params=self.image, mode="w" if self.writable else "r", backend_kind=self.backend_kind,
         )
-        argv = self._blkback_argv(self._paths.backend, self.image, self.report_path, read_only=not self.writable)
+        argv = self._blkback_argv(self._paths.backend, self.image, self.report_path, read_only=not self.writable,
+                                  options=self.blkback_options)
         # A crash in native code (libxengnttab through cffi) then leaves a traceback in the log.
         env = dict(os.environ, PYTHONFAULTHANDLER="1")
         began = time.monotonic()
@@ -717,6 +728,13 @@ class XentoolsDisk(DiskServer):
         return report
 
 
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 # ------------------------------------------------------------------------------ Xen log
 
 XEN_LOG_KEEP = 400
@@ -793,8 +811,9 @@ class BootTest:
                  out_dir: str | os.PathLike[str], profile: str = "default", xl: str = "xl",
                  runner: Runner | None = None, log_dir: str | None = None,
                  clock: Callable[[], float] = time.monotonic, liveness_interval: float = 1.0,
-                 xen_log_interval: float = 3.0) -> None:
+                 xen_log_interval: float = 3.0, faults: Sequence[str] = ()) -> None:
         self.image = image
+        self.faults = tuple(faults)  # --fault specs our blkback was given: the report's fault section
         self.image_format = image_format
         self.guest = guest
         self.rules = rules
@@ -946,8 +965,13 @@ class BootTest:
                 line.startswith(f"(d{domid})") for line in self._xen_log):
             notes.append("Xen's log shows no firmware output for the guest: boot Xen with guest_loglvl=all "
                          "to see hvmloader's and SeaBIOS's lines")
+        fault = None
+        if self.faults:
+            conformance = disk_report.get("conformance") if disk_report else None
+            reaction = classify_reaction(_read_text(self.files["console_log"]), decision)
+            fault = fault_section(self.faults, conformance, reaction, decision)  # type: ignore[arg-type]
         result = BootResult(
-            name=self.guest.name, image=self.image, image_format=self.image_format, profile=self.profile,
+            fault=fault, name=self.guest.name, image=self.image, image_format=self.image_format, profile=self.profile,
             guest_type=self.guest.guest_type, backend=self.disk.kind,
             console_mode=self._console_mode(), decision=decision, started_at=started_at,
             duration=self.clock() - t0, files=dict(self.files), domid=domid, destroyed=destroyed,
@@ -1018,6 +1042,7 @@ class BootTest:
         next_check = self.clock() + self.liveness_interval
         next_xen_log = self.clock() + min(1.0, self.xen_log_interval)
         self._recent = ""
+        gave_up: float | None = None  # when the frontend marked its disk broken (--fault)
         while True:
             now = self.clock()
             if engine.tick(now) is not None:
@@ -1040,6 +1065,12 @@ class BootTest:
             self._milestones_from(engine, data, now)
             if engine.feed(data, now) is not None:
                 return
+            if self.faults:
+                if gave_up is None and data and disk_given_up(self._recent):
+                    gave_up = now
+                if gave_up is not None and now - gave_up >= FAULT_SETTLE:
+                    engine.finish(now, f"the frontend gave its disk up {FAULT_SETTLE:g} s before")
+                    return
             if domid is not None and self.read_xen_log and now >= next_xen_log:
                 next_xen_log = now + self.xen_log_interval
                 self._poll_xen_log(domid)

@@ -2,6 +2,8 @@
 
 Owns: the report's fields and their JSON form (schema 1), and the JUnit XML document
 (one testsuite, one testcase; a failure or error element when the verdict is not pass).
+A boot against a faulty backend (--fault) carries a `fault` section (matrix.fault_section):
+its verdict is then the outcome, and the JUnit case names the fault and the reaction.
 Must not: run anything or decide a verdict; it writes what boottest decided.
 """
 
@@ -55,9 +57,13 @@ class BootResult:
     milestones: Mapping[str, float] = field(default_factory=dict)
     # Xen's log lines about the domain (HVM/PVH): firmware output, Xen's crash reports.
     xen_log: tuple[str, ...] = ()
+    # --fault: the faults, the guest's reaction and the verdict (matrix.fault_section).
+    fault: Mapping[str, object] | None = None
 
     @property
     def outcome(self) -> Outcome:
+        if self.fault is not None:
+            return _FAULT_OUTCOMES[str(self.fault["verdict"])]
         if self.cleanup_errors and self.decision.verdict is Verdict.PASS:
             return Outcome.ERROR
         return self.decision.outcome
@@ -99,7 +105,18 @@ class BootResult:
             "files": dict(self.files),
             "notes": list(self.notes),
             "xen_log": list(self.xen_log),
+            "fault": dict(self.fault) if self.fault is not None else None,
         }
+
+    def summary(self) -> str:
+        """The decision in one line; with --fault, the fault's verdict and reason."""
+        if self.fault is not None:
+            return (f"fault {', '.join(map(str, self.fault['specs']))}: {self.fault['reason']} "  # type: ignore[call-overload]
+                    f"(boot verdict {self.decision.verdict.value})")
+        return self.decision.summary()
+
+
+_FAULT_OUTCOMES = {"pass": Outcome.PASS, "fail": Outcome.FAIL, "error": Outcome.ERROR}
 
 
 def _xml_text(text: str) -> str:
@@ -122,7 +139,9 @@ def junit_xml(result: BootResult, console_tail: str = "") -> bytes:
     props = ET.SubElement(suite, "properties")
     for key, value in (("verdict", d.verdict.value), ("outcome", outcome.label), ("image", result.image),
                        ("profile", result.profile), ("guest_type", result.guest_type),
-                       ("backend", result.backend), ("domain", result.name)):
+                       ("backend", result.backend), ("domain", result.name),
+                       *((("fault", ", ".join(map(str, result.fault["specs"]))),  # type: ignore[call-overload]
+                          ("reaction", str(result.fault["reaction"]))) if result.fault is not None else ())):
         ET.SubElement(props, "property", {"name": key, "value": _xml_text(value)})
     case = ET.SubElement(suite, "testcase", {
         "classname": f"boot-test.{result.profile}",
@@ -131,10 +150,11 @@ def junit_xml(result: BootResult, console_tail: str = "") -> bytes:
     })
     if outcome is not Outcome.PASS:
         tag = "error" if outcome is Outcome.ERROR else "failure"
-        message = d.summary()
+        message = result.summary()
         if result.cleanup_errors:
             message += "; " + "; ".join(result.cleanup_errors)
-        elem = ET.SubElement(case, tag, {"type": d.verdict.value, "message": _xml_text(message)})
+        kind = str(result.fault["reaction"]) if result.fault is not None else d.verdict.value
+        elem = ET.SubElement(case, tag, {"type": kind, "message": _xml_text(message)})
         elem.text = _xml_text(message)
     if console_tail:
         ET.SubElement(case, "system-out").text = _xml_text(console_tail)
