@@ -29,16 +29,20 @@ struct xt_layout {
     uint32_t req_operation, req_nr_segments, req_id, req_sector_number, req_seg;
     uint32_t segment_size, seg_gref, seg_first_sect, seg_last_sect;
     uint32_t rsp_id, rsp_operation, rsp_status;
+    uint32_t indirect_indirect_op, indirect_nr_segments, indirect_id, indirect_sector_number, indirect_grefs;
 };
 struct xt_policy {
     uint64_t disk_bytes;
     uint32_t unit;
     uint32_t units_per_page;
     int readonly;
+    uint32_t max_indirect_segments;
 };
 struct xt_stats {
     uint64_t reads, read_segments, read_bytes;
     uint64_t writes, write_segments, write_bytes;
+    uint64_t indirect_reads, indirect_read_segments, indirect_read_bytes;
+    uint64_t indirect_writes, indirect_write_segments, indirect_write_bytes;
 };
 struct xt_table;
 struct xt_table *xt_table_new(uint32_t entries);

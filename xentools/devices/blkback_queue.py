@@ -31,8 +31,8 @@ The ring thread (ring.h's consumer loop, one notification per batch):
   mapped when its response is published (XSA-396): a batch mapping shared by several
   requests (no persistent grants) holds their responses back until it is unmapped;
 - with the compiled ring loop (blkback_ringloop, built at install; persistent grants, no
-  --fault), hands the batch to it first: it serves the plainly valid direct READ/WRITE
-  requests whose refs are all cached (checks, preadv/pwritev into the cached pages, the
+  --fault), hands the batch to it first: it serves the plainly valid READ/WRITE requests
+  (direct or indirect) whose refs are all cached (checks, preadv/pwritev into the cached pages, the
   response) and stops at the first other one, which this thread judges and answers as
   above (`_serve_fast`); what it served is counted in the report as accepted;
 - publishes responses and notifies if the frontend asked (RING_PUSH_RESPONSES_AND_CHECK_
@@ -64,7 +64,6 @@ from xentools.core.blkif import (
     BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_INDIRECT,
     BLKIF_OP_READ,
-    BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_ERROR,
@@ -258,6 +257,7 @@ class QueueWorker:
                 self.mapper.table = table
                 self._fast = CompiledRing(
                     module, abi, disk_bytes=policy.disk_bytes, unit=policy.unit, readonly=policy.readonly,
+                    max_indirect_segments=policy.max_indirect_segments,
                     table=table, ring_buf=self._ring_pages.buf, nr_ents=nr_ents, fd=self.image.fd,
                     inline_bytes=self.inline_bytes,
                 )
@@ -454,11 +454,8 @@ class QueueWorker:
             self._serve_batch([ring.get_request()])
             self.served += 1
             available -= 1
-        (reads, writes) = fast.take_stats()
-        if reads[0]:
-            self.report.accepted(BLKIF_OP_READ, BLKIF_OP_READ, reads[1], reads[2], count=reads[0])
-        if writes[0]:
-            self.report.accepted(BLKIF_OP_WRITE, BLKIF_OP_WRITE, writes[1], writes[2], count=writes[0])
+        for wire_op, op, count, segments, nbytes in fast.take_stats():
+            self.report.accepted(wire_op, op, segments, nbytes, count=count)
 
     def _write_answers(self) -> None:
         answers, self._answers = self._answers, []

@@ -1,7 +1,8 @@
 /* blkback's compiled ring loop (built by bindings/build_ringloop.py through cffi's API mode).
  *
- * Owns: serving the plainly valid direct READ/WRITE requests of one ring whose every grant
- * ref is in the persistent-grant cache: copy each slot once (XSA-155), check it, find each
+ * Owns: serving the plainly valid READ/WRITE requests, direct or INDIRECT, of one ring whose
+ * every grant ref (indirect pages included) is in the persistent-grant cache: copy each slot
+ * and each indirect segment list once (XSA-155), check them, find each
  * ref's mapped page in a hash table the Python SegmentMapper keeps in step with its cache,
  * merge the segments into an iovec, preadv/pwritev straight into the granted pages, and
  * write the response (the slot zeroed first, XSA-216). Stops at the first request that is
@@ -27,15 +28,19 @@
 #define XT_PAGE 4096u
 #define XT_HEADER 64u           /* struct sring header before the entries (ring.h) */
 #define XT_MAX_SEGS 11u         /* BLKIF_MAX_SEGMENTS_PER_REQUEST */
+#define XT_MAX_INDIRECT 4096u   /* BLKIF_MAX_INDIRECT_SEGMENTS */
+#define XT_IOV_MAX 1024         /* Linux's UIO_MAXIOV: more segments go to the Python path */
 #define XT_SLOT_MAX 128u        /* larger than any blkif entry (112 / 108 bytes) */
 #define XT_OP_READ 0u
 #define XT_OP_WRITE 1u
+#define XT_OP_INDIRECT 6u
 
 struct xt_layout {
     uint32_t entry_size, request_size, response_size;
     uint32_t req_operation, req_nr_segments, req_id, req_sector_number, req_seg;
     uint32_t segment_size, seg_gref, seg_first_sect, seg_last_sect;
     uint32_t rsp_id, rsp_operation, rsp_status;
+    uint32_t indirect_indirect_op, indirect_nr_segments, indirect_id, indirect_sector_number, indirect_grefs;
 };
 
 struct xt_policy {
@@ -43,11 +48,14 @@ struct xt_policy {
     uint32_t unit;            /* bytes per wire sector: 512 .. 4096 */
     uint32_t units_per_page;  /* 4096 / unit */
     int readonly;
+    uint32_t max_indirect_segments; /* 0: INDIRECT not advertised */
 };
 
 struct xt_stats {
     uint64_t reads, read_segments, read_bytes;
     uint64_t writes, write_segments, write_bytes;
+    uint64_t indirect_reads, indirect_read_segments, indirect_read_bytes;
+    uint64_t indirect_writes, indirect_write_segments, indirect_write_bytes;
 };
 
 /* Open addressing, linear probing, backward-shift deletion; capacity a power of two kept
@@ -152,6 +160,7 @@ void xt_table_clear(struct xt_table *t)
 
 uint32_t xt_table_count(const struct xt_table *t) { return t->count; }
 
+static uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
@@ -209,11 +218,12 @@ uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const st
                   uint32_t available, int fd, uint64_t inline_bytes, struct xt_stats *stats, int *stop)
 {
     uint8_t slot[XT_SLOT_MAX];
-    struct iovec iov[XT_MAX_SEGS];
+    static __thread uint8_t indirect[XT_MAX_INDIRECT * 8]; /* one ring thread per queue */
+    static __thread struct iovec iov[XT_IOV_MAX];
     uint32_t served = 0;
     uint32_t cons = *req_cons, prod = *rsp_prod_pvt;
     *stop = 0;
-    if (L->request_size > XT_SLOT_MAX || L->response_size > L->entry_size) {
+    if (L->request_size > XT_SLOT_MAX || L->response_size > L->entry_size || L->segment_size != 8) {
         *stop = 1;
         return 0;
     }
@@ -221,19 +231,63 @@ uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const st
         uint8_t *entry = sring + XT_HEADER + (size_t)(cons & (nr_ents - 1)) * L->entry_size;
         memcpy(slot, entry, L->request_size); /* the one private copy (XSA-155) */
         __atomic_signal_fence(__ATOMIC_SEQ_CST); /* read the copy only, never the ring again */
-        uint32_t op = slot[L->req_operation];
-        uint32_t nseg = slot[L->req_nr_segments];
-        if ((op != XT_OP_READ && op != XT_OP_WRITE) || nseg < 1 || nseg > XT_MAX_SEGS ||
-            (op == XT_OP_WRITE && P->readonly)) {
+        uint32_t wire = slot[L->req_operation], op, nseg;
+        const uint8_t *segs;
+        uint64_t sector, id;
+        if (wire == XT_OP_READ || wire == XT_OP_WRITE) {
+            op = wire;
+            nseg = slot[L->req_nr_segments];
+            if (nseg < 1 || nseg > XT_MAX_SEGS) {
+                *stop = 1;
+                break;
+            }
+            segs = slot + L->req_seg;
+            sector = rd64(slot + L->req_sector_number);
+            id = rd64(slot + L->req_id);
+        } else if (wire == XT_OP_INDIRECT) {
+            op = slot[L->indirect_indirect_op];
+            nseg = rd16(slot + L->indirect_nr_segments);
+            if ((op != XT_OP_READ && op != XT_OP_WRITE) || nseg < 1 || nseg > P->max_indirect_segments ||
+                nseg > XT_MAX_INDIRECT || nseg > XT_IOV_MAX) {
+                *stop = 1;
+                break;
+            }
+            /* Copy the segment lists out of the indirect pages once (XSA-155). */
+            uint32_t per_page = XT_PAGE / L->segment_size, left = nseg, page_no = 0;
+            int missing = 0;
+            while (left) {
+                uint32_t take = left < per_page ? left : per_page;
+                uintptr_t page = xt_table_get(T, rd32(slot + L->indirect_grefs + 4 * page_no));
+                if (!page) {
+                    missing = 1;
+                    break;
+                }
+                memcpy(indirect + (size_t)(nseg - left) * L->segment_size, (const void *)page,
+                       (size_t)take * L->segment_size);
+                left -= take;
+                page_no++;
+            }
+            if (missing) {
+                *stop = 1;
+                break;
+            }
+            __atomic_signal_fence(__ATOMIC_SEQ_CST);
+            segs = indirect;
+            sector = rd64(slot + L->indirect_sector_number);
+            id = rd64(slot + L->indirect_id);
+        } else {
             *stop = 1;
             break;
         }
-        uint64_t sector = rd64(slot + L->req_sector_number);
+        if (op == XT_OP_WRITE && P->readonly) {
+            *stop = 1;
+            break;
+        }
         uint64_t units = 0;
         int n = 0, bad = 0;
         uint8_t *end = NULL;
         for (uint32_t s = 0; s < nseg; s++) {
-            const uint8_t *seg = slot + L->req_seg + s * L->segment_size;
+            const uint8_t *seg = segs + (size_t)s * L->segment_size;
             uint32_t first = seg[L->seg_first_sect], last = seg[L->seg_last_sect];
             if (last >= P->units_per_page || first > last) {
                 bad = 1;
@@ -276,7 +330,6 @@ uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const st
         }
         uint8_t *rsp = sring + XT_HEADER + (size_t)(prod & (nr_ents - 1)) * L->entry_size;
         uint8_t out[XT_SLOT_MAX];
-        uint64_t id = rd64(slot + L->req_id);
         int16_t status = 0; /* BLKIF_RSP_OKAY */
         memset(out, 0, L->response_size); /* nothing of ours leaks through padding (XSA-216) */
         memcpy(out + L->rsp_id, &id, 8);
@@ -286,15 +339,11 @@ uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const st
         prod++;
         cons++;
         served++;
-        if (op == XT_OP_READ) {
-            stats->reads++;
-            stats->read_segments += nseg;
-            stats->read_bytes += nbytes;
-        } else {
-            stats->writes++;
-            stats->write_segments += nseg;
-            stats->write_bytes += nbytes;
-        }
+        uint64_t *count = wire == XT_OP_INDIRECT ? (op == XT_OP_READ ? &stats->indirect_reads : &stats->indirect_writes)
+                                                 : (op == XT_OP_READ ? &stats->reads : &stats->writes);
+        count[0]++;
+        count[1] += nseg;
+        count[2] += nbytes;
     }
     __atomic_thread_fence(__ATOMIC_RELEASE); /* responses written before rsp_prod moves */
     *req_cons = cons;

@@ -9,8 +9,9 @@ its persistent-grant cache) and `CompiledRing` (one ring's call into the loop).
 Must not: judge a request, count a rule or answer anything the C loop left: the queue's
 Python path does (blkback_queue.QueueWorker._serve_fast), and stays the authority.
 
-What the loop serves (blkback_ringloop.c): direct READ/WRITE requests that pass every check
-of blkback_validate.parse_request and whose refs are all cached; it stops at the first
+What the loop serves (blkback_ringloop.c): READ/WRITE requests, direct or INDIRECT (up to
+1024 segments), that pass every check of blkback_validate (parse_request,
+parse_indirect_segments) and whose refs, indirect pages included, are all cached; it stops at the first
 other request and leaves it unconsumed. tests/test_blkback_ringloop.py feeds the same random
 and hostile rings to both paths and requires the same responses, data and report.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from xentools.core.blkif import Abi
+from xentools.core.blkif import BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE, Abi
 
 __all__ = ["STOP_ERROR", "STOP_PYTHON", "STOP_WAIT", "CompiledRing", "GrefTable", "compiled", "layout_of"]
 
@@ -33,6 +34,15 @@ _LAYOUT_FIELDS = (
     "req_operation", "req_nr_segments", "req_id", "req_sector_number", "req_seg",
     "segment_size", "seg_gref", "seg_first_sect", "seg_last_sect",
     "rsp_id", "rsp_operation", "rsp_status",
+    "indirect_indirect_op", "indirect_nr_segments", "indirect_id", "indirect_sector_number", "indirect_grefs",
+)
+
+# (wire operation, operation, struct xt_stats prefix)
+_KINDS = (
+    (BLKIF_OP_READ, BLKIF_OP_READ, "read"),
+    (BLKIF_OP_WRITE, BLKIF_OP_WRITE, "write"),
+    (BLKIF_OP_INDIRECT, BLKIF_OP_READ, "indirect_read"),
+    (BLKIF_OP_INDIRECT, BLKIF_OP_WRITE, "indirect_write"),
 )
 
 _loaded: Any = None
@@ -97,7 +107,7 @@ class CompiledRing:
     once; serve() runs it from the BackRing's req_cons / rsp_prod_pvt and writes both
     back. The ring's mapping must outlive this object's use (QueueWorker drops it first)."""
 
-    def __init__(self, module: Any, abi: Abi, *, disk_bytes: int, unit: int, readonly: bool,
+    def __init__(self, module: Any, abi: Abi, *, disk_bytes: int, unit: int, readonly: bool, max_indirect_segments: int,
                  table: GrefTable, ring_buf: memoryview, nr_ents: int, fd: int, inline_bytes: int) -> None:
         ffi, self._lib = module.ffi, module.lib
         self._layout = layout_of(module, abi)
@@ -106,6 +116,7 @@ class CompiledRing:
         policy.unit = unit
         policy.units_per_page = 4096 // unit
         policy.readonly = 1 if readonly else 0
+        policy.max_indirect_segments = max_indirect_segments
         self._policy = policy
         self._table = table
         # The address only: holding a buffer export would stop the ring from being unmapped.
@@ -117,6 +128,7 @@ class CompiledRing:
         self._prod = ffi.new("uint32_t *")
         self._stop = ffi.new("int *")
         self.stats = ffi.new("struct xt_stats *")
+        self.totals: dict[tuple[int, int], int] = {}  # (wire op, op) -> requests served, ever
 
     def serve(self, ring: Any, available: int) -> tuple[int, int]:
         """Serve up to `available` requests of BackRing `ring`; returns (served, stop)."""
@@ -131,9 +143,17 @@ class CompiledRing:
             ring.rsp_prod_pvt = self._prod[0]
         return served, self._stop[0]
 
-    def take_stats(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        """(reads, segments, bytes), (writes, segments, bytes) served since the last call."""
+    def take_stats(self) -> list[tuple[int, int, int, int, int]]:
+        """(wire operation, operation, requests, segments, bytes) of each kind of request
+        served since the last call (kinds with no request left out)."""
         s = self.stats
-        out = ((s.reads, s.read_segments, s.read_bytes), (s.writes, s.write_segments, s.write_bytes))
-        s.reads = s.read_segments = s.read_bytes = s.writes = s.write_segments = s.write_bytes = 0
+        out = []
+        for wire, op, prefix in _KINDS:
+            count = getattr(s, prefix + "s")
+            if count:
+                out.append((wire, op, count, getattr(s, prefix + "_segments"), getattr(s, prefix + "_bytes")))
+                self.totals[wire, op] = self.totals.get((wire, op), 0) + count
+                setattr(s, prefix + "s", 0)
+                setattr(s, prefix + "_segments", 0)
+                setattr(s, prefix + "_bytes", 0)
         return out
