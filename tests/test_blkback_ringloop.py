@@ -26,6 +26,9 @@ from __future__ import annotations
 import os
 import random
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +47,7 @@ from xentools.core.ring import FrontRing, SharedRing, ring_entries
 from xentools.devices.blkback_conformance import ConformanceReport
 from xentools.devices.blkback_image import open_image
 from xentools.devices.blkback_queue import DeviceGate, QueueWorker
-from xentools.devices.blkback_ringloop import compiled
+from xentools.devices.blkback_ringloop import compiled, layout_of
 from xentools.devices.blkback_validate import RequestPolicy
 from xentools.platform.sim.launcher import SoftwareXen
 
@@ -308,3 +311,36 @@ def test_compiled_loop_answers_as_the_python_path(abi, readonly, cache, tmp_path
             pool_sharer.close()
     with open(paths[0], "rb") as a, open(paths[1], "rb") as b:
         assert a.read() == b.read(), "the images differ"
+
+
+@pytest.mark.parametrize("abi", [blkif.X86_64, blkif.X86_32], ids=["x86_64", "x86_32"])
+def test_the_loop_takes_every_offset_from_the_one_codec(abi) -> None:
+    """struct xt_layout is filled from core/blkif.py's Abi, field by field: the C code holds no
+    layout of its own (its only numbers are the ring header and page size of ring.h)."""
+    module = compiled()
+    assert module is not None, "the compiled ring loop is not built: run `make venv`"
+    layout = layout_of(module, abi)
+    fields = [name for name, _ in module.ffi.typeof("struct xt_layout").fields]
+    assert fields and all(getattr(layout, name) == getattr(abi, name) for name in fields)
+    source = (Path(__file__).resolve().parent.parent / "xentools" / "devices" / "blkback_ringloop.c").read_text()
+    assert "struct blkif" not in source and "#include <xen" not in source
+
+
+def test_the_package_works_where_the_loop_is_not_built(tmp_path) -> None:
+    """Without the extension module (not built: no compiler), blkback imports and compiled()
+    is None, so every queue takes its pure-Python path (the path the differential test
+    checks the loop against); XENTOOLS_RINGLOOP=python asks for the same."""
+    script = (
+        "import sys; sys.modules['xentools.devices._blkback_ringloop'] = None\n"
+        "from xentools.devices import blkback, blkback_ringloop\n"
+        "assert blkback_ringloop.compiled() is None\n"
+        "print('pure')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "pure", result.stderr
+    env = dict(os.environ, XENTOOLS_RINGLOOP="python")
+    result = subprocess.run(
+        [sys.executable, "-c", "from xentools.devices.blkback_ringloop import compiled; print(compiled())"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "None", result.stderr
