@@ -1,7 +1,8 @@
 """Build blkback's compiled ring loop: xentools/devices/_blkback_ringloop*.so (cffi API mode).
 
-Owns: the C declarations of xentools/devices/blkback_ringloop.c (CDEF, the one list the
-Python side calls through) and compiling that file into an extension module next to it.
+Owns: compiling xentools/devices/blkback_ringloop.c into an extension module next to it,
+with the declarations of blkback_ringloop.h (the one list the C file includes and the
+Python side calls through, handed to cffi's cdef as it is).
 Must not: describe a blkif struct: the C code gets every offset at run time from
 xentools.core.blkif's Abi (struct xt_layout is filled by blkback_ringloop.layout_of).
 
@@ -23,38 +24,7 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE.parent / "xentools" / "devices" / "blkback_ringloop.c"
 MODULE_NAME = "xentools.devices._blkback_ringloop"
 
-CDEF = """
-struct xt_layout {
-    uint32_t entry_size, request_size, response_size;
-    uint32_t req_operation, req_nr_segments, req_id, req_sector_number, req_seg;
-    uint32_t segment_size, seg_gref, seg_first_sect, seg_last_sect;
-    uint32_t rsp_id, rsp_operation, rsp_status;
-    uint32_t indirect_indirect_op, indirect_nr_segments, indirect_id, indirect_sector_number, indirect_grefs;
-};
-struct xt_policy {
-    uint64_t disk_bytes;
-    uint32_t unit;
-    uint32_t units_per_page;
-    int readonly;
-    uint32_t max_indirect_segments;
-};
-struct xt_stats {
-    uint64_t reads, read_segments, read_bytes;
-    uint64_t writes, write_segments, write_bytes;
-    uint64_t indirect_reads, indirect_read_segments, indirect_read_bytes;
-    uint64_t indirect_writes, indirect_write_segments, indirect_write_bytes;
-};
-struct xt_table;
-struct xt_table *xt_table_new(uint32_t entries);
-void xt_table_free(struct xt_table *t);
-int xt_table_put(struct xt_table *t, uint32_t ref, uintptr_t page);
-void xt_table_del(struct xt_table *t, uint32_t ref);
-void xt_table_clear(struct xt_table *t);
-uint32_t xt_table_count(const struct xt_table *t);
-uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
-                  uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
-                  uint32_t available, int fd, uint64_t inline_bytes, struct xt_stats *stats, int *stop);
-"""
+HEADER = SOURCE.with_suffix(".h")  # the declarations: cdef and the C file share them
 
 
 def build(target_dir: Path) -> Path:
@@ -62,9 +32,9 @@ def build(target_dir: Path) -> Path:
     import cffi
 
     ffi = cffi.FFI()
-    ffi.cdef(CDEF)
+    ffi.cdef(HEADER.read_text())
     ffi.set_source(
-        MODULE_NAME, SOURCE.read_text(),
+        MODULE_NAME, SOURCE.read_text(), include_dirs=[str(SOURCE.parent)],
         extra_compile_args=["-O2", "-Wall", "-Werror", "-std=gnu11"],
     )
     with tempfile.TemporaryDirectory() as tmp:

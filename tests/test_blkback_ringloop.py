@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import struct
 import subprocess
 import sys
@@ -43,7 +44,7 @@ from xentools.core.blkif import (
     PAGE_SIZE,
     codec_for,
 )
-from xentools.core.ring import FrontRing, SharedRing, ring_entries
+from xentools.core.ring import RING_HEADER_SIZE, FrontRing, SharedRing, ring_entries
 from xentools.devices.blkback_conformance import ConformanceReport
 from xentools.devices.blkback_image import open_image
 from xentools.devices.blkback_queue import DeviceGate, QueueWorker
@@ -322,8 +323,17 @@ def test_the_loop_takes_every_offset_from_the_one_codec(abi) -> None:
     layout = layout_of(module, abi)
     fields = [name for name, _ in module.ffi.typeof("struct xt_layout").fields]
     assert fields and all(getattr(layout, name) == getattr(abi, name) for name in fields)
-    source = (Path(__file__).resolve().parent.parent / "xentools" / "devices" / "blkback_ringloop.c").read_text()
+    devices = Path(__file__).resolve().parent.parent / "xentools" / "devices"
+    source = (devices / "blkback_ringloop.c").read_text() + (devices / "blkback_ringloop.h").read_text()
     assert "struct blkif" not in source and "#include <xen" not in source
+    # Its few constants are blkif.h's and ring.h's, as the core spells them.
+    defines = {name: int(value) for name, value in re.findall(r"#define XT_(\w+) (\d+)u?\b", source)}
+    assert defines == {
+        "PAGE": PAGE_SIZE, "HEADER": RING_HEADER_SIZE, "MAX_SEGS": blkif.BLKIF_MAX_SEGMENTS_PER_REQUEST,
+        "MAX_INDIRECT": blkif.BLKIF_MAX_INDIRECT_SEGMENTS, "IOV_MAX": 1024, "SLOT_MAX": 128,
+        "OP_READ": BLKIF_OP_READ, "OP_WRITE": BLKIF_OP_WRITE, "OP_INDIRECT": BLKIF_OP_INDIRECT,
+    }, defines
+    assert defines["SLOT_MAX"] >= max(blkif.X86_64.entry_size, blkif.X86_32.entry_size)
 
 
 def test_the_package_works_where_the_loop_is_not_built(tmp_path) -> None:

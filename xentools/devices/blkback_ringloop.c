@@ -25,6 +25,8 @@
 #include <string.h>
 #include <sys/uio.h>
 
+#include "blkback_ringloop.h"
+
 #define XT_PAGE 4096u
 #define XT_HEADER 64u           /* struct sring header before the entries (ring.h) */
 #define XT_MAX_SEGS 11u         /* BLKIF_MAX_SEGMENTS_PER_REQUEST */
@@ -34,29 +36,6 @@
 #define XT_OP_READ 0u
 #define XT_OP_WRITE 1u
 #define XT_OP_INDIRECT 6u
-
-struct xt_layout {
-    uint32_t entry_size, request_size, response_size;
-    uint32_t req_operation, req_nr_segments, req_id, req_sector_number, req_seg;
-    uint32_t segment_size, seg_gref, seg_first_sect, seg_last_sect;
-    uint32_t rsp_id, rsp_operation, rsp_status;
-    uint32_t indirect_indirect_op, indirect_nr_segments, indirect_id, indirect_sector_number, indirect_grefs;
-};
-
-struct xt_policy {
-    uint64_t disk_bytes;
-    uint32_t unit;            /* bytes per wire sector: 512 .. 4096 */
-    uint32_t units_per_page;  /* 4096 / unit */
-    int readonly;
-    uint32_t max_indirect_segments; /* 0: INDIRECT not advertised */
-};
-
-struct xt_stats {
-    uint64_t reads, read_segments, read_bytes;
-    uint64_t writes, write_segments, write_bytes;
-    uint64_t indirect_reads, indirect_read_segments, indirect_read_bytes;
-    uint64_t indirect_writes, indirect_write_segments, indirect_write_bytes;
-};
 
 /* Open addressing, linear probing, backward-shift deletion; capacity a power of two kept
  * at least twice the entries, so a probe always ends at an empty cell. */
