@@ -251,7 +251,10 @@ class QueueWorker:
             )
             if self.faults is not None:  # FAULT HOOK: grants kept mapped after the response
                 self.mapper = self.faults.mapper(self.mapper)
-            module = compiled() if ringloop and persistent and self.faults is None else None
+            # The loop moves data with the image's descriptor itself: only for a plain
+            # ImageFile (a subclass may change how data moves, as the tests' slow image does).
+            plain = type(self.image) is ImageFile
+            module = compiled() if ringloop and persistent and plain and self.faults is None else None
             if module is not None:
                 table = GrefTable(module, max_persistent)
                 self.mapper.table = table
