@@ -104,9 +104,9 @@ test-xen: $(STAMP) debs-xen $(RINGLOOP)
 	@NESTED_TIMEOUT=$${NESTED_TIMEOUT:-1500} $(PY) tests/nested/run.py -- $(PY) -m pytest -q tests/xen; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests in dom0" >&2; exit 1; fi; exit $$rc
 
-# ---- bench-xen: tests/xen/bench_blk.py in dom0 (one nested boot): our blkfront and blkback
-# against Linux's xen-blkfront/xen-blkback (fio), 1 MiB sequential and 4 KiB QD32 random
-# reads; prints one JSON line with the figures and ratios (also build/nested/run-*/results/
+# ---- bench-xen: tests/xen/bench_blk.py in dom0 (one nested boot): Linux's xen-blkfront (fio)
+# on Linux's xen-blkback, on QEMU's qdisk and on our blkback, and our blkfront on xen-blkback,
+# 1 MiB sequential and 4 KiB QD32 random reads; prints one JSON line with the figures and ratios (also build/nested/run-*/results/
 # bench-blk.json). Ratios are reported, not asserted. BENCH_SECONDS: per measurement.
 BENCH_SECONDS ?= 3
 .PHONY: bench-xen
