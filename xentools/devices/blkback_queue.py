@@ -299,6 +299,9 @@ class QueueWorker:
             self._jobs.put(None)
         for worker in io:
             worker.join(timeout)
+        if self.served:
+            log.info("queue %d: %d requests served, %d of them by the compiled ring loop%s", self.index,
+                     self.served, self.compiled_served, "" if self._fast is not None else " (not used)")
         self._release()
 
     @property
