@@ -32,6 +32,7 @@ import json
 import mmap
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,7 @@ from blk_helpers import (  # noqa: E402
 )
 from guests import self_attach_kernel_vbd  # noqa: E402
 
+from xentools.devices.blkback_ringloop import compiled  # noqa: E402
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkFuture  # noqa: E402
 from xentools.core.vbd import decode_vbd  # noqa: E402
 from xentools.devices.toolstack import create_vbd, destroy_vbd  # noqa: E402
@@ -234,6 +236,16 @@ def qdisk_vbd(xs, image: Path, devid: int):  # type: ignore[no-untyped-def]
     )
 
 
+_SERVED = re.compile(r"queue \d+: (\d+) requests served, (\d+) of them by the compiled ring loop")
+
+
+def ring_loop_counts(stderr: str) -> tuple[int, int]:
+    """(requests served, of them by the compiled ring loop), summed over the queues, from the
+    line each blkback queue logs when it stops."""
+    counts = [(int(a), int(b)) for a, b in _SERVED.findall(stderr)]
+    return sum(a for a, _ in counts), sum(b for _, b in counts)
+
+
 def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -> dict:
     """Measure A, B, C and D; returns the result dict (figures, ratios, targets, timings)."""
     size = size_mib * MiB
@@ -273,7 +285,7 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -
         t = time.monotonic()
         paths = our_vbd(xs, image, frontend_domid=DOM0, devid=DEVID_KERNEL_OURS)
         try:
-            with OurBlkback(paths.backend, image, workdir) as backend:
+            with OurBlkback(paths.backend, image, workdir, "--verbose") as backend:  # logs what it served
                 backend.wait_state(xs, {INIT_WAIT, 4})
                 disk = kernel_disk(DEVID_KERNEL_OURS, size)
                 kernel_ours = kernel_front(disk, size, seconds, image)
@@ -282,6 +294,7 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -
                 backend.wait_exit()
                 backend.exited_cleanly()
                 report = backend.report()
+                served = ring_loop_counts(backend.stderr())
         finally:
             destroy_vbd(xs, paths)
         timings["kernel_front_on_ours_back_s"] = round(time.monotonic() - t, 1)
@@ -332,6 +345,10 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -
         },
         "targets": TARGETS,
         "our_blkback_violations": report.get("total"),
+        # Requests of the kernel frontend our blkback served, and how many of them its compiled
+        # ring loop served (the rest went through its Python path).
+        "our_blkback_requests": {"served": served[0], "by_compiled_loop": served[1],
+                                 "ring_loop": "compiled" if compiled() is not None else "pure Python"},
         "config": {
             "image_mib": size_mib,
             "seconds_per_measurement": seconds,
