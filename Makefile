@@ -8,10 +8,12 @@ STAMP  := $(VENV)/.installed
 APT_STAMP := $(VENV)/.apt-installed
 
 # Debian packages the host-side tests need: the authoritative headers (struct layout checks),
-# a 32-bit compiler for the x86_32 ABI probe, and Xen's C xenstore tools as a test peer.
-HOST_DEBS := libxen-dev gcc-multilib xenstore-utils
+# a 32-bit compiler for the x86_32 ABI probe, and Xen's C xenstore tools as a test peer;
+# gcc and Python's headers build blkback's compiled ring loop (bindings/build_ringloop.py).
+HOST_DEBS := libxen-dev gcc-multilib xenstore-utils gcc python3-dev
+RINGLOOP := $(VENV)/.ringloop-built
 
-.PHONY: all venv debs test test-host demo bench clean
+.PHONY: all venv debs ringloop test test-host demo bench clean
 
 all: test
 
@@ -22,6 +24,15 @@ $(STAMP): pyproject.toml
 	touch $@
 
 venv: $(STAMP)
+	@$(MAKE) --no-print-directory $(RINGLOOP)
+
+# blkback's compiled ring loop (xentools/devices/_blkback_ringloop*.so, cffi API mode). Without
+# a compiler the package still works: blkback then serves rings with its pure-Python path.
+$(RINGLOOP): xentools/devices/blkback_ringloop.c xentools/devices/blkback_ringloop.h bindings/build_ringloop.py | $(STAMP)
+	@if $(PY) bindings/build_ringloop.py; then touch $@; \
+	else echo "make: blkback's compiled ring loop was not built: blkback serves rings with its pure-Python path"; fi
+
+ringloop: $(RINGLOOP)
 
 # Installs Debian packages when running as root; otherwise says what is missing.
 $(APT_STAMP): | $(STAMP)
@@ -39,7 +50,7 @@ $(APT_STAMP): | $(STAMP)
 debs: $(APT_STAMP)
 
 # pytest's exit code 5 (no tests collected) is a failure, not silence.
-test-host: $(STAMP) $(APT_STAMP)
+test-host: $(STAMP) $(APT_STAMP) $(RINGLOOP)
 	@$(PY) -m pytest -q tests --ignore=tests/xen; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
@@ -48,11 +59,11 @@ test: test-host test-xen
 demo: $(STAMP)
 	$(VENV)/bin/xentools demo
 
-bench: $(STAMP)
+bench: $(STAMP) $(RINGLOOP)
 	$(VENV)/bin/xentools bench --json
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis xentools/devices/_blkback_ringloop*.so
 
 # ---- test-xen: the in-dom0 suite (tests/xen) on real Xen 4.17, nested in QEMU (TCG) ----
 # tests/nested/run.py (host side) boots Xen + a Debian dom0 and runs the command after "--"
@@ -88,18 +99,18 @@ debs-xen:
 # pytest's exit code 5 (no tests collected) is a failure here too.
 # Bytecode is compiled on the host first: dom0's Python runs ~18x slower, and with
 # PYTHONDONTWRITEBYTECODE (set on these machines) it would compile every module each start.
-test-xen: $(STAMP) debs-xen
+test-xen: $(STAMP) debs-xen $(RINGLOOP)
 	@$(PY) -m compileall -q -j 2 xentools tests >/dev/null
 	@NESTED_TIMEOUT=$${NESTED_TIMEOUT:-1500} $(PY) tests/nested/run.py -- $(PY) -m pytest -q tests/xen; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests in dom0" >&2; exit 1; fi; exit $$rc
 
-# ---- bench-xen: tests/xen/bench_blk.py in dom0 (one nested boot): our blkfront and blkback
-# against Linux's xen-blkfront/xen-blkback (fio), 1 MiB sequential and 4 KiB QD32 random
-# reads; prints one JSON line with the figures and ratios (also build/nested/run-*/results/
+# ---- bench-xen: tests/xen/bench_blk.py in dom0 (one nested boot): Linux's xen-blkfront (fio)
+# on Linux's xen-blkback, on QEMU's qdisk and on our blkback, and our blkfront on xen-blkback,
+# 1 MiB sequential and 4 KiB QD32 random reads; prints one JSON line with the figures and ratios (also build/nested/run-*/results/
 # bench-blk.json). Ratios are reported, not asserted. BENCH_SECONDS: per measurement.
 BENCH_SECONDS ?= 3
 .PHONY: bench-xen
-bench-xen: $(STAMP) debs-xen
+bench-xen: $(STAMP) debs-xen $(RINGLOOP)
 	@$(PY) -m compileall -q -j 2 xentools tests >/dev/null
 	@$(PY) tests/nested/run.py -- $(PY) tests/xen/bench_blk.py --seconds $(BENCH_SECONDS)
 

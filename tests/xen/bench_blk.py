@@ -5,16 +5,20 @@ their ratios, printed as ONE JSON line (and written to $NESTED_RESULTS/bench-blk
 the nested harness set it):
   A. Linux blkfront (dom0's xen-blkfront, /dev/xvdX) on Linux blkback (loop device);
   B. our blkfront (BlkFront in this process) on Linux blkback (loop device, same image);
-  C. Linux blkfront on our blkback (`python -m xentools.devices.blkback`, its own process).
+  C. Linux blkfront on our blkback (`python -m xentools.devices.blkback`, its own process);
+  D. Linux blkfront on QEMU's qdisk backend (Debian's qemu-system-xen, the xen-block device
+     of a `-M xenpv` QEMU attached to dom0, as Debian's xen-qemu-dom0-disk-backend service
+     starts it; the vbd under backend/qdisk/ with the keys libxl writes for backendtype=qdisk).
 Each does a 1 MiB sequential read at queue depth 1 (what `dd iflag=direct bs=1M` does) and a
 4 KiB random read at queue depth 32. The kernel frontend is driven by fio (O_DIRECT; psync
 for the sequential read, libaio for the random one), ours by BlkFront (readinto at depth 1;
 32 reads kept in flight by completion callbacks).
-Ratios: B/A (targets: seq >= 1.0, rand >= 0.5) and C/A (target >= 0.7). They are reported,
-never asserted: this is a measurement. Only a wrong answer fails (a read whose data differs
+Ratios: B/A (targets: seq >= 1.0, rand >= 0.8), C/A (target >= 0.9) and C/D (target >= 1.0:
+ours at least as fast as qdisk); D/A is printed beside them. They are reported, never asserted: this is a measurement. Only a wrong answer fails (a read whose data differs
 from the image, a frontend that leaks grants), with a non-zero exit.
 Must not: run under pytest by itself (tests/xen/test_blk_bench.py calls run()), or leave a
-vbd, loop device, backend process or the xen-blkfront module (if it loaded it) behind.
+vbd, loop device, backend process (ours or QEMU) or the xen-blkfront module (if it loaded it)
+behind.
 
 Usage in dom0:  python tests/xen/bench_blk.py [--seconds S] [--size-mib N]
 From the host:  make bench-xen   (or tests/nested/run.py -- .venv/bin/python tests/xen/bench_blk.py)
@@ -28,6 +32,7 @@ import json
 import mmap
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -55,18 +60,27 @@ from blk_helpers import (  # noqa: E402
 )
 from guests import self_attach_kernel_vbd  # noqa: E402
 
+from xentools.devices.blkback_ringloop import compiled  # noqa: E402
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkFuture  # noqa: E402
-from xentools.devices.toolstack import destroy_vbd  # noqa: E402
+from xentools.core.vbd import decode_vbd  # noqa: E402
+from xentools.devices.toolstack import create_vbd, destroy_vbd  # noqa: E402
 from xentools.platform.xen.platform import XenPlatform  # noqa: E402
 
 TARGETS = {
     "ours_vs_kernel_front_seq_1m": 1.0,
-    "ours_vs_kernel_front_rand_4k_qd32": 0.5,
-    "kernel_front_on_ours_vs_kernel_back_seq_1m": 0.7,
-    "kernel_front_on_ours_vs_kernel_back_rand_4k_qd32": 0.7,
+    "ours_vs_kernel_front_rand_4k_qd32": 0.8,
+    "kernel_front_on_ours_vs_kernel_back_seq_1m": 0.9,
+    "kernel_front_on_ours_vs_kernel_back_rand_4k_qd32": 0.9,
+    "kernel_front_on_ours_vs_qdisk_seq_1m": 1.0,
+    "kernel_front_on_ours_vs_qdisk_rand_4k_qd32": 1.0,
 }
-# xvdg, xvdh, xvdi: not used by the tests, so a left-over of theirs cannot collide.
-DEVID_KERNEL_KERNEL, DEVID_OURS_KERNEL, DEVID_KERNEL_OURS = 51808, 51824, 51840
+# xvdg, xvdh, xvdi, xvdj: not used by the tests, so a left-over of theirs cannot collide.
+DEVID_KERNEL_KERNEL, DEVID_OURS_KERNEL, DEVID_KERNEL_OURS, DEVID_KERNEL_QDISK = 51808, 51824, 51840, 51856
+# Debian's qemu-system-xen: the device model libxl starts, and the dom0 disk backend
+# (xen-qemu-dom0-disk-backend.service runs it with these arguments, less -daemonize/-pidfile).
+QEMU_XEN = Path("/usr/libexec/xen-qemu-system-i386")
+QEMU_DOM0_ARGS = ["-xen-domid", "0", "-xen-attach", "-name", "dom0", "-nographic", "-M", "xenpv",
+                  "-monitor", "none", "-serial", "none", "-parallel", "none", "-nodefaults", "-no-user-config"]
 RAND_DEPTH = 32
 FRONTEND = BlkfrontConfig(ring_page_order=4, num_queues=2, max_indirect_segments=256, persistent=True)
 
@@ -175,8 +189,65 @@ def ours_rand(dev: BlkFront, size: int, seconds: float, image: Path) -> float:
     return state["done"] / elapsed
 
 
+class QemuDom0Backend:
+    """QEMU's qdisk backend for dom0's own frontends: a `-M xenpv` QEMU attached to dom0
+    (its xen-bus watches /local/domain/0/backend/qdisk/ and serves what the toolstack
+    writes there), stopped with SIGTERM on exit. Its stderr goes to `log`."""
+
+    def __init__(self, log: Path) -> None:
+        if not QEMU_XEN.exists():
+            raise BenchError(f"{QEMU_XEN} is missing: install Debian's qemu-system-xen (make debs-xen)")
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> QemuDom0Backend:
+        with open(self.log, "wb") as err:
+            self.proc = subprocess.Popen([str(QEMU_XEN), *QEMU_DOM0_ARGS], stdin=subprocess.DEVNULL,
+                                         stdout=err, stderr=err)
+        return self
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(f"QEMU (qdisk) exited {self.proc.returncode}: {self.log.read_text(errors='replace')[-500:]}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self.proc = None
+
+
+def qdisk_vbd(xs, image: Path, devid: int):  # type: ignore[no-untyped-def]
+    """The vbd libxl writes for `backendtype=qdisk` (raw image), for dom0's kernel frontend:
+    backend/qdisk/0/<devid> with params "aio:<image>" (raw), type qdisk, and the `dev` and
+    `device-type` keys QEMU's xen-block device needs. Writable, as the other setups are
+    (Debian's QEMU 7.2 refuses a read-only xen-disk: "Block node is read-only"); the bench
+    only reads."""
+    return create_vbd(
+        xs, backend_domid=DOM0, frontend_domid=DOM0, devid=devid, params=f"aio:{image}", mode="w",
+        type="qdisk", backend_kind="qdisk",
+        extra_backend={"dev": decode_vbd(devid), "device-type": "disk"},
+    )
+
+
+_SERVED = re.compile(r"queue \d+: (\d+) requests served, (\d+) of them by the compiled ring loop")
+
+
+def ring_loop_counts(stderr: str) -> tuple[int, int]:
+    """(requests served, of them by the compiled ring loop), summed over the queues, from the
+    line each blkback queue logs when it stops."""
+    counts = [(int(a), int(b)) for a, b in _SERVED.findall(stderr)]
+    return sum(a for a, _ in counts), sum(b for _, b in counts)
+
+
 def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -> dict:
-    """Measure A, B and C; returns the result dict (figures, ratios, targets, timings)."""
+    """Measure A, B, C and D; returns the result dict (figures, ratios, targets, timings)."""
     size = size_mib * MiB
     own_dir = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="bench-blk-")) if own_dir else workdir
@@ -214,7 +285,7 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -
         t = time.monotonic()
         paths = our_vbd(xs, image, frontend_domid=DOM0, devid=DEVID_KERNEL_OURS)
         try:
-            with OurBlkback(paths.backend, image, workdir) as backend:
+            with OurBlkback(paths.backend, image, workdir, "--verbose") as backend:  # logs what it served
                 backend.wait_state(xs, {INIT_WAIT, 4})
                 disk = kernel_disk(DEVID_KERNEL_OURS, size)
                 kernel_ours = kernel_front(disk, size, seconds, image)
@@ -223,9 +294,26 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -
                 backend.wait_exit()
                 backend.exited_cleanly()
                 report = backend.report()
+                served = ring_loop_counts(backend.stderr())
         finally:
             destroy_vbd(xs, paths)
         timings["kernel_front_on_ours_back_s"] = round(time.monotonic() - t, 1)
+
+        t = time.monotonic()
+        with QemuDom0Backend(workdir / "qemu-qdisk.log") as qemu:
+            paths = qdisk_vbd(xs, image, DEVID_KERNEL_QDISK)
+            try:
+                try:
+                    disk = kernel_disk(DEVID_KERNEL_QDISK, size)
+                except Exception as err:
+                    qemu.check_alive()
+                    raise BenchError(f"qdisk: {err}; QEMU said: {qemu.log.read_text(errors='replace')[-500:]}") from err
+                kernel_qdisk = kernel_front(disk, size, seconds, image)
+                close_vbd(xs, paths)
+            finally:
+                destroy_vbd(xs, paths)
+            qemu.check_alive()
+        timings["kernel_front_on_qdisk_s"] = round(time.monotonic() - t, 1)
     finally:
         if loaded:
             unload_kernel_blkfront()
@@ -241,20 +329,32 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -
         "kernel_front_on_kernel_back": kernel_kernel,
         "ours_front_on_kernel_back": ours_kernel,
         "kernel_front_on_ours_back": kernel_ours,
+        "kernel_front_on_qdisk": kernel_qdisk,
         "ratios": {
             "ours_vs_kernel_front_seq_1m": ratio(ours_kernel["seq_1m_mbps"], kernel_kernel["seq_1m_mbps"]),
             "ours_vs_kernel_front_rand_4k_qd32": ratio(ours_kernel["rand_4k_qd32_iops"], kernel_kernel["rand_4k_qd32_iops"]),
             "kernel_front_on_ours_vs_kernel_back_seq_1m": ratio(kernel_ours["seq_1m_mbps"], kernel_kernel["seq_1m_mbps"]),
             "kernel_front_on_ours_vs_kernel_back_rand_4k_qd32": ratio(
                 kernel_ours["rand_4k_qd32_iops"], kernel_kernel["rand_4k_qd32_iops"]),
+            "kernel_front_on_ours_vs_qdisk_seq_1m": ratio(kernel_ours["seq_1m_mbps"], kernel_qdisk["seq_1m_mbps"]),
+            "kernel_front_on_ours_vs_qdisk_rand_4k_qd32": ratio(
+                kernel_ours["rand_4k_qd32_iops"], kernel_qdisk["rand_4k_qd32_iops"]),
+            "kernel_front_on_qdisk_vs_kernel_back_seq_1m": ratio(kernel_qdisk["seq_1m_mbps"], kernel_kernel["seq_1m_mbps"]),
+            "kernel_front_on_qdisk_vs_kernel_back_rand_4k_qd32": ratio(
+                kernel_qdisk["rand_4k_qd32_iops"], kernel_kernel["rand_4k_qd32_iops"]),
         },
         "targets": TARGETS,
         "our_blkback_violations": report.get("total"),
+        # Requests of the kernel frontend our blkback served, and how many of them its compiled
+        # ring loop served (the rest went through its Python path).
+        "our_blkback_requests": {"served": served[0], "by_compiled_loop": served[1],
+                                 "ring_loop": "compiled" if compiled() is not None else "pure Python"},
         "config": {
             "image_mib": size_mib,
             "seconds_per_measurement": seconds,
             "seq": "1 MiB reads, depth 1 (fio psync O_DIRECT; BlkFront.readinto)",
             "rand": f"4 KiB random reads, depth {RAND_DEPTH} (fio libaio O_DIRECT; BlkFront callbacks)",
+            "qdisk": f"{QEMU_XEN} {' '.join(QEMU_DOM0_ARGS)}; params aio:<image>, mode w",
             "our_frontend": {
                 "ring_page_order": info.ring_page_order, "num_queues": info.num_queues,
                 "segments_per_request": info.segments_per_request, "persistent": info.persistent,

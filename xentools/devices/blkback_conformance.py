@@ -174,17 +174,19 @@ class FrontendLog:
         """Count one violation of `rule`; `message` is kept if it is the rule's first."""
         self._report.record(self.frontend, rule, message)
 
-    def accepted(self, wire_op: int, op: int, segments: int, nbytes: int) -> None:
+    def accepted(self, wire_op: int, op: int, segments: int, nbytes: int, count: int = 1) -> None:
         """A request passed every check before its I/O: `wire_op` as on the ring (INDIRECT
         for an indirect one), `op` what it does, its data `segments` and `nbytes` (the
-        extent it reads, writes or discards). Called once per request: kept cheap."""
+        extent it reads, writes or discards). Called once per request: kept cheap. `count`
+        > 1: that many requests of one kind, with their segments and bytes summed (the
+        compiled ring loop reports a batch at once)."""
         key = (OPERATIONS.get(op) or _op_name(op), wire_op == BLKIF_OP_INDIRECT, segments > 0)
         with self._lock:
             counts = self._accepted.get(key)
             if counts is None:
-                self._accepted[key] = [1, segments, nbytes]
+                self._accepted[key] = [count, segments, nbytes]
             else:
-                counts[0] += 1
+                counts[0] += count
                 counts[1] += segments
                 counts[2] += nbytes
 

@@ -80,6 +80,9 @@ class SegmentMapper:
         self._cache: OrderedDict[int, tuple[_Mapping, memoryview]] = OrderedDict()
         self._mappings: set[_Mapping] = set()
         self._in_use: set[PageSet] = set()  # handed out by map(), not yet released
+        # The compiled ring loop's copy of the cache (blkback_ringloop.GrefTable): every ref
+        # put into or taken out of the cache is put into or taken out of it too.
+        self.table = None
         self.maps = 0  # platform map calls made (for tests and the profile)
         self.overflows = 0  # requests whose new refs did not fit, since the last purge
         self._closed = False
@@ -138,8 +141,11 @@ class SegmentMapper:
         if self._make_room(len(new)):
             mapping = _Mapping(mapped, len(new))
             self._mappings.add(mapping)
+            table = self.table
             for ref, view in fresh.items():
                 cache[ref] = (mapping, view)
+                if table is not None:
+                    table.put(ref, view)
         else:
             pages.temporary.append(mapped)
         for i, ref in enumerate(grefs):
@@ -199,6 +205,8 @@ class SegmentMapper:
 
     def _evict(self, ref: int) -> None:
         mapping, _ = self._cache.pop(ref)
+        if self.table is not None:
+            self.table.remove(ref)  # before its page can be unmapped
         mapping.live -= 1
         if mapping.live == 0:
             self._mappings.discard(mapping)
@@ -219,6 +227,8 @@ class SegmentMapper:
             return
         self._closed = True
         mappings, self._mappings = self._mappings, set()
+        if self.table is not None:
+            self.table.clear()
         self._cache.clear()
         self._in_use.clear()
         first_error: BaseException | None = None

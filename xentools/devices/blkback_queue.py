@@ -30,6 +30,11 @@ The ring thread (ring.h's consumer loop, one notification per batch):
   completion order, which blkif allows (the id names the request). A grant is never still
   mapped when its response is published (XSA-396): a batch mapping shared by several
   requests (no persistent grants) holds their responses back until it is unmapped;
+- with the compiled ring loop (blkback_ringloop, built at install; persistent grants, no
+  --fault), hands the batch to it first: it serves the plainly valid READ/WRITE requests
+  (direct or indirect) whose refs are all cached (checks, preadv/pwritev into the cached pages, the
+  response) and stops at the first other one, which this thread judges and answers as
+  above (`_serve_fast`); what it served is counted in the report as accepted;
 - publishes responses and notifies if the frontend asked (RING_PUSH_RESPONSES_AND_CHECK_
   NOTIFY), then RING_FINAL_CHECK_FOR_REQUESTS before sleeping.
 The ring never holds more requests in flight than it has slots (BackRing counts consumed
@@ -73,6 +78,7 @@ from xentools.devices.blkback_conformance import FrontendLog
 from xentools.devices.blkback_faults import FaultSet
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS, PageSet, SegmentMapper
 from xentools.devices.blkback_image import ImageFile
+from xentools.devices.blkback_ringloop import STOP_PYTHON, CompiledRing, GrefTable, compiled
 from xentools.devices.blkback_validate import (
     Plan,
     RequestPolicy,
@@ -183,6 +189,7 @@ class QueueWorker:
         io_threads: int = DEFAULT_IO_THREADS,
         inline_bytes: int = DEFAULT_INLINE_BYTES,
         faults: FaultSet | None = None,
+        ringloop: bool = True,
     ) -> None:
         self.index = index
         self.frontend_id = frontend_id
@@ -196,6 +203,7 @@ class QueueWorker:
         self.codec = codec_for(abi)
         self.fatal: str | None = None
         self.served = 0
+        self.compiled_served = 0  # of them, served by the compiled ring loop
         self.max_in_flight = 0  # most requests of this ring in flight at once (for tests)
         self.io_threads = io_threads
         self.inline_bytes = inline_bytes if io_threads else 1 << 62
@@ -213,6 +221,8 @@ class QueueWorker:
         self._gnttab = platform.open_gnttab()
         self._evtchn = None
         self._ring_pages: MappedPages | None = None
+        self._fast: CompiledRing | None = None  # the compiled ring loop, when used
+        self._unpublished = False  # responses written by the compiled loop, not yet pushed
         self.port: int | None = None
         try:
             order = len(ring_refs).bit_length() - 1
@@ -241,6 +251,19 @@ class QueueWorker:
             )
             if self.faults is not None:  # FAULT HOOK: grants kept mapped after the response
                 self.mapper = self.faults.mapper(self.mapper)
+            # The loop moves data with the image's descriptor itself: only for a plain
+            # ImageFile (a subclass may change how data moves, as the tests' slow image does).
+            plain = type(self.image) is ImageFile
+            module = compiled() if ringloop and persistent and plain and self.faults is None else None
+            if module is not None:
+                table = GrefTable(module, max_persistent)
+                self.mapper.table = table
+                self._fast = CompiledRing(
+                    module, abi, disk_bytes=policy.disk_bytes, unit=policy.unit, readonly=policy.readonly,
+                    max_indirect_segments=policy.max_indirect_segments,
+                    table=table, ring_buf=self._ring_pages.buf, nr_ents=nr_ents, fd=self.image.fd,
+                    inline_bytes=self.inline_bytes,
+                )
         except BaseException:
             self._release()
             raise
@@ -276,9 +299,18 @@ class QueueWorker:
             self._jobs.put(None)
         for worker in io:
             worker.join(timeout)
+        if self.served:
+            log.info("queue %d: %d requests served, %d of them by the compiled ring loop%s", self.index,
+                     self.served, self.compiled_served, "" if self._fast is not None else " (not used)")
         self._release()
 
+    @property
+    def compiled(self) -> bool:
+        """True when this ring is served through the compiled ring loop."""
+        return self._fast is not None
+
     def _release(self) -> None:
+        self._fast = None  # never called again: the ring is unmapped below
         mapper = getattr(self, "mapper", None)
         if mapper is not None:
             try:
@@ -389,25 +421,67 @@ class QueueWorker:
                 self._reap()
             available = ring.unconsumed_requests()  # RingError on overflow: fatal
             if available:
-                slots = [get() for _ in range(available)]  # one private copy each (XSA-155)
-                self._serve_batch(slots)
-                self.served += available
-            if self._answers:
+                if self._fast is not None:
+                    self._serve_fast(available)
+                else:
+                    slots = [get() for _ in range(available)]  # one private copy each (XSA-155)
+                    self._serve_batch(slots)
+                    self.served += available
+            if self._answers or self._unpublished:
                 self._publish()
             if not available:
                 if self._done or ring.final_check_for_requests():
                     continue
                 return
 
-    def _publish(self) -> None:
-        """Write the answers gathered so far, publish them, notify if the frontend asked."""
+    def _serve_fast(self, available: int) -> None:
+        """`available` requests (and any the frontend adds meanwhile) through the compiled
+        loop; each request it leaves goes through the Python path (_serve_batch), one at a
+        time, before the loop takes over again. Responses keep the order of the requests."""
+        fast, ring = self._fast, self.ring
+        assert fast is not None
+        while available:
+            if self._answers:
+                self._write_answers()  # earlier answers first, so the order is the Python path's
+            self._begin()
+            try:
+                served, stop = fast.serve(ring, available)
+            finally:
+                self._end()
+            if served:
+                self.served += served
+                self.compiled_served += served
+                self._unpublished = True
+                available = ring.unconsumed_requests()  # RingError on overflow: fatal
+            if not available or not stop:
+                continue
+            # STOP_PYTHON: judged and answered here; STOP_WAIT: mapped here and handed to an
+            # I/O thread; STOP_ERROR: redone here, which logs and answers the error.
+            self._serve_batch([ring.get_request()])
+            self.served += 1
+            available -= 1
+        for wire_op, op, count, segments, nbytes in fast.take_stats():
+            self.report.accepted(wire_op, op, segments, nbytes, count=count)
+
+    def _write_answers(self) -> None:
         answers, self._answers = self._answers, []
-        if self.faults is not None:  # FAULT HOOK: the responses the guest is told
-            answers = self.faults.responses(self.index, answers, self._stop)
         put = self.ring.put_response
         pack = self.codec.response.pack
         for req_id, rsp_op, status in answers:
             put(pack(req_id, rsp_op, status))
+
+    def _publish(self) -> None:
+        """Write the answers gathered so far, publish them, notify if the frontend asked."""
+        self._unpublished = False
+        if self.faults is None:
+            self._write_answers()
+        else:  # FAULT HOOK: the responses the guest is told
+            answers, self._answers = self._answers, []
+            answers = self.faults.responses(self.index, answers, self._stop)
+            put = self.ring.put_response
+            pack = self.codec.response.pack
+            for req_id, rsp_op, status in answers:
+                put(pack(req_id, rsp_op, status))
         if self.faults is not None:  # FAULT HOOK: publishes, and may misbehave around that
             self.faults.push(self.index, self.ring, pack, self._notify)
         elif self.ring.push_responses_and_check_notify():

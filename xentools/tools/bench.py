@@ -7,7 +7,8 @@ process of the rig (frontend, backend, grantd, xenstored) spent per request in e
 those two measurements, from /proc/<pid>/stat; and an event channel round trip A->B->A
 between two processes of the software Xen, against a socketpair ping-pong between the same
 two processes in the same run. The image is read once first, so both sides read from the
-page cache. With `--json`, one JSON object on stdout with the figures, the ratios and the
+page cache. The configuration says whether blkback served the rings through its compiled
+ring loop or its pure-Python path (XENTOOLS_RINGLOOP=python asks for the latter). With `--json`, one JSON object on stdout with the figures, the ratios and the
 configuration used.
 Must not: be a test: nothing here asserts a target; it measures and reports.
 """
@@ -30,6 +31,7 @@ import click
 
 from xentools.core.blkif import BLKIF_MAX_SEGMENTS_PER_REQUEST, indirect_pages_for
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
+from xentools.devices.blkback_ringloop import compiled
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkFuture
 from xentools.platform.interface import EventChannels
 from xentools.tools.demo import BACKEND_DOMID, FRONTEND_DOMID, MIB, DemoError, LocalRig
@@ -322,6 +324,8 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
         "config": {
             "platform": "software Xen (xentools.platform.sim)",
             "backend": "python -m xentools.devices.blkback (defaults)",
+            # The backend process inherits this environment: the same module, the same choice.
+            "backend_ring_loop": "compiled (cffi)" if compiled() is not None else "pure Python",
             "image_mib": size_mib,
             "seconds_per_measurement": seconds,
             "seq_depth": seq_depth,

@@ -1,0 +1,39 @@
+/* blkback's compiled ring loop: its declarations, the one list both sides use.
+ * xentools/devices/blkback_ringloop.c includes it; bindings/build_ringloop.py hands it to
+ * cffi's cdef as it is (so: declarations only, no preprocessor lines).
+ * Every offset in struct xt_layout is filled from xentools.core.blkif's Abi (the one codec),
+ * never written here. */
+
+struct xt_layout {
+    uint32_t entry_size, request_size, response_size;
+    uint32_t req_operation, req_nr_segments, req_id, req_sector_number, req_seg;
+    uint32_t segment_size, seg_gref, seg_first_sect, seg_last_sect;
+    uint32_t rsp_id, rsp_operation, rsp_status;
+    uint32_t indirect_indirect_op, indirect_nr_segments, indirect_id, indirect_sector_number, indirect_grefs;
+};
+
+struct xt_policy {
+    uint64_t disk_bytes;
+    uint32_t unit;            /* bytes per wire sector: 512 .. 4096 */
+    uint32_t units_per_page;  /* 4096 / unit */
+    int readonly;
+    uint32_t max_indirect_segments; /* 0: INDIRECT not advertised */
+};
+
+struct xt_stats {
+    uint64_t reads, read_segments, read_bytes;
+    uint64_t writes, write_segments, write_bytes;
+    uint64_t indirect_reads, indirect_read_segments, indirect_read_bytes;
+    uint64_t indirect_writes, indirect_write_segments, indirect_write_bytes;
+};
+
+struct xt_table;
+struct xt_table *xt_table_new(uint32_t entries);
+void xt_table_free(struct xt_table *t);
+int xt_table_put(struct xt_table *t, uint32_t ref, uintptr_t page);
+void xt_table_del(struct xt_table *t, uint32_t ref);
+void xt_table_clear(struct xt_table *t);
+uint32_t xt_table_count(const struct xt_table *t);
+uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                  uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                  uint32_t available, int fd, uint64_t inline_bytes, struct xt_stats *stats, int *stop);

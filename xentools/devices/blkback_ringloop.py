@@ -1,0 +1,159 @@
+"""blkback's compiled ring loop, seen from Python: load it if it was built, and drive it.
+
+Owns: `compiled()` (the cffi extension xentools.devices._blkback_ringloop built by
+bindings/build_ringloop.py from blkback_ringloop.c, or None where it was not built or
+XENTOOLS_RINGLOOP=python asks for the pure-Python path), `layout_of` (struct xt_layout
+filled from xentools.core.blkif's Abi: the C code has no layout of its own), `GrefTable`
+(the C hash table ref -> mapped page that blkback_grants.SegmentMapper keeps in step with
+its persistent-grant cache) and `CompiledRing` (one ring's call into the loop).
+Must not: judge a request, count a rule or answer anything the C loop left: the queue's
+Python path does (blkback_queue.QueueWorker._serve_fast), and stays the authority.
+
+What the loop serves (blkback_ringloop.c): READ/WRITE requests, direct or INDIRECT (up to
+1024 segments), that pass every check of blkback_validate (parse_request,
+parse_indirect_segments) and whose refs, indirect pages included, are all cached; it stops at the first
+other request and leaves it unconsumed. tests/test_blkback_ringloop.py feeds the same random
+and hostile rings to both paths and requires the same responses, data and report.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from xentools.core.blkif import BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE, Abi
+
+__all__ = ["STOP_ERROR", "STOP_PYTHON", "STOP_WAIT", "CompiledRing", "GrefTable", "compiled", "layout_of"]
+
+STOP_PYTHON = 1  # a request for the Python path (another operation, a broken rule, a ref not cached)
+STOP_WAIT = 2  # its data is not in the page cache: an I/O thread's job
+STOP_ERROR = 3  # the image failed: the Python path redoes it and answers the error
+
+_LAYOUT_FIELDS = (
+    "entry_size", "request_size", "response_size",
+    "req_operation", "req_nr_segments", "req_id", "req_sector_number", "req_seg",
+    "segment_size", "seg_gref", "seg_first_sect", "seg_last_sect",
+    "rsp_id", "rsp_operation", "rsp_status",
+    "indirect_indirect_op", "indirect_nr_segments", "indirect_id", "indirect_sector_number", "indirect_grefs",
+)
+
+# (wire operation, operation, struct xt_stats prefix)
+_KINDS = (
+    (BLKIF_OP_READ, BLKIF_OP_READ, "read"),
+    (BLKIF_OP_WRITE, BLKIF_OP_WRITE, "write"),
+    (BLKIF_OP_INDIRECT, BLKIF_OP_READ, "indirect_read"),
+    (BLKIF_OP_INDIRECT, BLKIF_OP_WRITE, "indirect_write"),
+)
+
+_loaded: Any = None
+_tried = False
+
+
+def compiled() -> Any:
+    """The extension module (`.ffi`, `.lib`), or None: not built here, or the environment
+    says XENTOOLS_RINGLOOP=python."""
+    global _loaded, _tried
+    if os.environ.get("XENTOOLS_RINGLOOP", "") == "python":
+        return None
+    if not _tried:
+        _tried = True
+        try:
+            from xentools.devices import _blkback_ringloop  # type: ignore[attr-defined]
+        except ImportError:
+            _loaded = None
+        else:
+            _loaded = _blkback_ringloop
+    return _loaded
+
+
+def layout_of(module: Any, abi: Abi) -> Any:
+    """A struct xt_layout with the offsets of `abi` (the one codec's numbers)."""
+    layout = module.ffi.new("struct xt_layout *")
+    for name in _LAYOUT_FIELDS:
+        setattr(layout, name, getattr(abi, name))
+    return layout
+
+
+class GrefTable:
+    """ref -> address of its mapped 4 KiB page, for the C loop. Holds addresses only (no
+    buffer export, so the mapping can be unmapped); the owner removes a ref before it
+    unmaps its page."""
+
+    def __init__(self, module: Any, entries: int) -> None:
+        self._ffi = module.ffi
+        self._lib = module.lib
+        self._table = module.ffi.gc(module.lib.xt_table_new(max(1, entries)), module.lib.xt_table_free)
+        if self._table == module.ffi.NULL:
+            raise MemoryError("xt_table_new")
+        self.ptr = self._table
+
+    def put(self, ref: int, page: memoryview) -> None:
+        address = int(self._ffi.cast("uintptr_t", self._ffi.from_buffer(page)))
+        if self._lib.xt_table_put(self._table, ref, address) != 0:
+            raise RuntimeError("the gref table is full (it is sized for the whole cache)")
+
+    def remove(self, ref: int) -> None:
+        self._lib.xt_table_del(self._table, ref)
+
+    def clear(self) -> None:
+        self._lib.xt_table_clear(self._table)
+
+    def __len__(self) -> int:
+        return int(self._lib.xt_table_count(self._table))
+
+
+class CompiledRing:
+    """One ring's call into the C loop: the layout, policy, table and ring address are set
+    once; serve() runs it from the BackRing's req_cons / rsp_prod_pvt and writes both
+    back. The ring's mapping must outlive this object's use (QueueWorker drops it first)."""
+
+    def __init__(self, module: Any, abi: Abi, *, disk_bytes: int, unit: int, readonly: bool, max_indirect_segments: int,
+                 table: GrefTable, ring_buf: memoryview, nr_ents: int, fd: int, inline_bytes: int) -> None:
+        ffi, self._lib = module.ffi, module.lib
+        self._layout = layout_of(module, abi)
+        policy = ffi.new("struct xt_policy *")
+        policy.disk_bytes = disk_bytes
+        policy.unit = unit
+        policy.units_per_page = 4096 // unit
+        policy.readonly = 1 if readonly else 0
+        policy.max_indirect_segments = max_indirect_segments
+        self._policy = policy
+        self._table = table
+        # The address only: holding a buffer export would stop the ring from being unmapped.
+        self._sring = ffi.cast("uint8_t *", int(ffi.cast("uintptr_t", ffi.from_buffer(ring_buf))))
+        self._nr_ents = nr_ents
+        self._fd = fd
+        self._inline = min(inline_bytes, (1 << 64) - 1)
+        self._cons = ffi.new("uint32_t *")
+        self._prod = ffi.new("uint32_t *")
+        self._stop = ffi.new("int *")
+        self.stats = ffi.new("struct xt_stats *")
+        self.totals: dict[tuple[int, int], int] = {}  # (wire op, op) -> requests served, ever
+
+    def serve(self, ring: Any, available: int) -> tuple[int, int]:
+        """Serve up to `available` requests of BackRing `ring`; returns (served, stop)."""
+        self._cons[0] = ring.req_cons
+        self._prod[0] = ring.rsp_prod_pvt
+        served = self._lib.xt_serve(
+            self._layout, self._policy, self._table.ptr, self._sring, self._nr_ents, self._cons,
+            self._prod, available, self._fd, self._inline, self.stats, self._stop,
+        )
+        if served:
+            ring.req_cons = self._cons[0]
+            ring.rsp_prod_pvt = self._prod[0]
+        return served, self._stop[0]
+
+    def take_stats(self) -> list[tuple[int, int, int, int, int]]:
+        """(wire operation, operation, requests, segments, bytes) of each kind of request
+        served since the last call (kinds with no request left out)."""
+        s = self.stats
+        out = []
+        for wire, op, prefix in _KINDS:
+            count = getattr(s, prefix + "s")
+            if count:
+                out.append((wire, op, count, getattr(s, prefix + "_segments"), getattr(s, prefix + "_bytes")))
+                self.totals[wire, op] = self.totals.get((wire, op), 0) + count
+                setattr(s, prefix + "s", 0)
+                setattr(s, prefix + "_segments", 0)
+                setattr(s, prefix + "_bytes", 0)
+        return out
