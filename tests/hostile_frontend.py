@@ -330,7 +330,7 @@ class RawFrontend:
 
 
 class BackendProcess:
-    """`python -m xentools.devices.blkback` in its own process; stdout and stderr go to files
+    """`python -m xentools blkback serve` in its own process; stdout and stderr go to files
     (a pipe nobody reads could block the backend)."""
 
     def __init__(self, root: str, backend_path: str, image: str, *args: str, report: str | None = None) -> None:

@@ -1,4 +1,4 @@
-"""End to end: blkfront (this process) against blkback (`python -m xentools.devices.blkback`,
+"""End to end: blkfront (this process) against blkback (`python -m xentools blkback serve`,
 its own process) over one software Xen, with RAW image files.
 
 - The default configuration moves a 64 MiB random workload (reads verified as they complete,

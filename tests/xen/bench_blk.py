@@ -5,7 +5,7 @@ their ratios, printed as ONE JSON line (and written to $NESTED_RESULTS/bench-blk
 the nested harness set it):
   A. Linux blkfront (dom0's xen-blkfront, /dev/xvdX) on Linux blkback (loop device);
   B. our blkfront (BlkFront in this process) on Linux blkback (loop device, same image);
-  C. Linux blkfront on our blkback (`python -m xentools.devices.blkback`, its own process);
+  C. Linux blkfront on our blkback (`python -m xentools blkback serve`, its own process);
   D. Linux blkfront on QEMU's qdisk backend (Debian's qemu-system-xen, the xen-block device
      of a `-M xenpv` QEMU attached to dom0, as Debian's xen-qemu-dom0-disk-backend service
      starts it; the vbd under backend/qdisk/ with the keys libxl writes for backendtype=qdisk).

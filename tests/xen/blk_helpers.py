@@ -6,7 +6,7 @@ Owns:
   still shared when the frontend closed them (XenGrantSharer.close would silently unshare
   them, hiding a leak), and `frontend_released`, the checks that a closed BlkFront left no
   grant behind;
-- `OurBlkback`: our userspace blkback (`python -m xentools.devices.blkback`) in its own
+- `OurBlkback`: our userspace blkback (`python -m xentools blkback serve`) in its own
   process, with its conformance report, its exit, and the grant mappings it holds as the
   kernel sees them (/dev/xen/gntdev lines of /proc/PID/maps; `GrantMapSampler` samples them
   while a guest runs);
@@ -241,7 +241,7 @@ def exercise(dev: BlkFront, disk: Disk, seed: int) -> dict[str, int]:
 # ---------------------------------------------------------------------------- our blkback
 
 class OurBlkback:
-    """`python -m xentools.devices.blkback` serving `image` at `backend_path`, in its own
+    """`python -m xentools blkback serve` serving `image` at `backend_path`, in its own
     process; stdout (the report it prints at exit) and stderr go to files in `workdir`.
     Always stopped on exit from the with-block (SIGTERM, then SIGKILL)."""
 

@@ -1,7 +1,7 @@
 """Linux's xen-blkfront, in a PV domU booted with `xl create`, on our blkback.
 
 Owns: proof that a frontend nobody here wrote, the guest kernel's blkfront, reads and
-writes a disk served by OUR blkback process (`python -m xentools.devices.blkback`, with its
+writes a disk served by OUR blkback process (`python -m xentools blkback serve`, with its
 conformance report), over real grants and event channels:
 - the vbd's two directories are written in one transaction (toolstack.create_vbd), the
   backend one under backend/xtvbd/ where dom0's xen-blkback does not claim it;

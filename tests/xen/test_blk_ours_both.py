@@ -1,7 +1,7 @@
 """Our blkfront against our blkback over real Xen grants and event channels, in dom0.
 
 Owns: proof that the two halves we wrote talk through Xen itself, not the software Xen: the
-backend runs in its own process (`python -m xentools.devices.blkback`) and maps, through
+backend runs in its own process (`python -m xentools blkback serve`) and maps, through
 gntdev, the pages this process shares through gntalloc; events cross real event channels.
 One backend process serves two sessions in turn on the same vbd: the full transport
 (multi-page ring, two queues, indirect, persistent grants) and then, after a clean close,

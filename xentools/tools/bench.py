@@ -323,7 +323,7 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
         "targets": TARGETS,
         "config": {
             "platform": "software Xen (xentools.platform.sim)",
-            "backend": "python -m xentools.devices.blkback (defaults)",
+            "backend": "python -m xentools blkback serve (defaults)",
             # The backend process inherits this environment: the same module, the same choice.
             "backend_ring_loop": "compiled (cffi)" if compiled() is not None else "pure Python",
             "image_mib": size_mib,

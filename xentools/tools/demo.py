@@ -42,7 +42,7 @@ class DemoError(XentoolsError):
 
 class LocalRig:
     """A software Xen with dom0 (backend) and dom1 (frontend), a RAW image of `size` bytes
-    of seeded random data, and `python -m xentools.devices.blkback` serving it as xvda.
+    of seeded random data, and `python -m xentools blkback serve` serving it as xvda.
 
     Use as a context manager; everything (processes, sockets, the image) is gone after.
     `backend_args` are extra blkback options. `shadow` holds the image's content.
