@@ -101,7 +101,7 @@ debs-xen:
 # PYTHONDONTWRITEBYTECODE (set on these machines) it would compile every module each start.
 test-xen: $(STAMP) debs-xen $(RINGLOOP)
 	@$(PY) -m compileall -q -j 2 xentools tests >/dev/null
-	@NESTED_TIMEOUT=$${NESTED_TIMEOUT:-1500} $(PY) tests/nested/run.py -- $(PY) -m pytest -q tests/xen; rc=$$?; \
+	@NESTED_TIMEOUT=$${NESTED_TIMEOUT:-2400} $(PY) tests/nested/run.py -- $(PY) -m pytest -q --durations=30 tests/xen; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests in dom0" >&2; exit 1; fi; exit $$rc
 
 # ---- bench-xen: tests/xen/bench_blk.py in dom0 (one nested boot): Linux's xen-blkfront (fio)
