@@ -33,6 +33,7 @@ with "GUEST: " (guests.guest_lines reads them):
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -132,7 +133,9 @@ def workload(dev, seed: int) -> None:  # type: ignore[no-untyped-def]
         raise AssertionError(f"disk has {size} bytes, the workload expects {DISK_SIZE}")
     model = bytearray(initial_content(seed, size))
     for offset, length in ((0, MiB), (3 * MiB + 8 * KiB, 44 * KiB), (5 * 4096, 4096), (7 * SECTOR, SECTOR)):
-        if dev.read(offset // SECTOR, length // SECTOR) != model[offset : offset + length]:
+        got = dev.read(offset // SECTOR, length // SECTOR)
+        if got != model[offset : offset + length]:
+            diagnose(dev, model, offset, got, seed)
             raise AssertionError(f"read of {length} bytes at {offset} differs from the image")
     writes = plan_writes(seed, size)
     for offset, data in writes[:3]:
@@ -146,6 +149,29 @@ def workload(dev, seed: int) -> None:  # type: ignore[no-untyped-def]
         if dev.read(offset // SECTOR, len(data) // SECTOR) != data:
             raise AssertionError(f"read back of {len(data)} bytes at {offset} differs from what was written")
     dev.flush()
+
+
+def diagnose(dev, model: bytearray, offset: int, got: bytes, seed: int) -> None:  # type: ignore[no-untyped-def]
+    """After a read that differed from the model: where and how (for the reader of the
+    console). The same range is read again, and the model rebuilt: a second read equal to the
+    first and a rebuilt model equal to the image point at this process's own memory, not at
+    the transport (the 2026-11-27 case: the emulator lost vCPU register state)."""
+    want = bytes(model[offset : offset + len(got)])
+    runs: list[tuple[int, int]] = []
+    at = None
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b and at is None:
+            at = i
+        elif a == b and at is not None:
+            runs.append((at, i - at))
+            at = None
+    if at is not None:
+        runs.append((at, len(got) - at))
+    again = dev.read(offset // SECTOR, len(got) // SECTOR)
+    rebuilt = initial_content(seed, len(model))[offset : offset + len(got)]
+    say(f"note read at {offset} of {len(got)} bytes: {len(runs)} differing runs {runs[:12]}; "
+        f"read again: {'same bytes' if again == got else 'other bytes'}; "
+        f"model rebuilt: {'equal to the read' if rebuilt == got else 'equal to the model' if rebuilt == want else 'a third value'}")
 
 
 def wait_ack(xs, devid: int) -> None:  # type: ignore[no-untyped-def]
@@ -171,8 +197,8 @@ def gntalloc_maps() -> int:
 def task_blkfront(params: dict[str, str]) -> None:
     from xentools.devices.blkfront import BlkFront, BlkfrontConfig
 
-    seed = int(params["seed"])
-    for devid in (int(v) for v in params["vbds"].split("+")):
+    for index, devid in enumerate(int(v) for v in params["vbds"].split("+")):
+        seed = int(params["seed"]) + index  # each vbd's image has its own content
         platform = recording_platform()
         dev = BlkFront.attach(platform, devid, config=BlkfrontConfig(**FRONT_CONFIG, connect_timeout=60.0))
         try:
@@ -232,6 +258,9 @@ def task_bad_input(params: dict[str, str]) -> None:
 
 
 def main() -> int:
+    begun = os.environ.get("XT_BEGUN")
+    if begun:  # guest_init/python.sh: from here on, a crash is ours (never run again)
+        Path(begun).touch()
     params = cmdline()
     started = time.monotonic()
     try:

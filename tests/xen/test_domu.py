@@ -4,22 +4,21 @@ and what a domU is told when a piece it needs is missing.
 Owns: proof that a userspace frontend in an unprivileged domain works on real Xen: the domU
 (tests/xen/domu.py: the repository's .venv Python in its initramfs) runs BlkFront on
 the real platform — grants from gntalloc as a domU, an event channel bound to dom0's
-backend, xenstore through /dev/xen/xenbus with a domU's permissions — on a vbd that dom0
+backend, xenstore through /dev/xen/xenbus with a domU's permissions — on vbds that dom0
 wrote at the standard places (frontend directory /local/domain/<domU>/device/vbd/<devid>,
 owned by the domU, readable by dom0; backend directory owned by dom0, readable by the domU;
-one transaction, toolstack.create_vbd); the domU's kernel blkfront is never loaded:
-vbd 51712, served by Linux's blkback from a loop device (backend/vbd/). Not yet here: the
-same against our blkback in dom0 (backend/xtvbd/): in the one nested run that tried it, the
-domU's xenstore READ of our backend's feature-persistent over /dev/xen/xenbus got no reply
-within 60 s, after the Linux-blkback vbd had closed; cause not found (issue 13 stays open).
-The domU reads (1 MiB: indirect; 44 KiB: the largest direct request; 4 KiB,
-512 B) and checks the data against the seed's content, writes (256 KiB at an odd sector,
-4 KiB, 512 B, eight pages at once), reads them back and flushes, with the multi-page ring,
-two queues, indirect segments and persistent grants both backends offer. After its close,
-and while the domU waits alive, dom0 checks from Xen's own tables that none of the grant refs
-the domU shared is still mapped by anyone and that none of its ports is still bound, the
-backend reached Closed, and the image file
-holds exactly the seed's content with the planned writes.
+one transaction, toolstack.create_vbd); the domU's kernel blkfront is never loaded.
+One domU boot serves two vbds in turn: xvda from Linux's blkback (a loop device,
+backend/vbd/), then xvdb from our blkback process (backend/xtvbd/). On each the domU reads
+(1 MiB: indirect; 44 KiB: the largest direct request; 4 KiB, 512 B) and checks the data
+against the seed's content, writes (256 KiB at an odd sector, 4 KiB, 512 B, eight pages at
+once), reads them back and flushes, with the multi-page ring (order 4), two queues (Linux
+blkback is asked for two whatever dom0's CPU count), indirect segments and persistent grants.
+After each close, and while the domU waits alive, dom0 checks from Xen's own tables that none
+of the grant refs the domU shared is still mapped by anyone and that none of its ports is
+still bound, and that the backend reached Closed (our blkback: no grant mapping left in its
+process); at the end each image file holds exactly the seed's content with the planned
+writes, and our blkback's conformance report shows no violation.
 
 Bad input, in a second domU (task "bad-input" of domu_guest.py): `xentools blk info` and
 `xentools doctor` say in one line what is missing and how to get it, and exit 1, never with
@@ -31,6 +30,10 @@ a traceback, when
 and that doctor, in a domU with everything, lists the xenbus device and a vbd it may use.
 The vbd the frontend tries is served by Linux's blkback (waiting in InitWait), so the
 frontend gets as far as it can before it needs the missing piece.
+
+Xen must run with spec-ctrl=eager-fpu (tests/nested/run.py): with lazy FPU switching the
+nested Xen lost vCPU register state between this domU and dom0 (wrong bytes computed in the
+domU, SIGSEGV, dom0's xl reading garbage); the `kernel` fixture checks Xen's command line.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -45,16 +49,20 @@ from blk_helpers import (
     CLOSED,
     INIT_WAIT,
     Disk,
+    OurBlkback,
     no_vbd_left,  # noqa: F401 - fixture
+    our_vbd,
     xs_fixture,  # noqa: F401 - fixture "xs"
 )
 from domu import XenTables, acknowledge, domu_config, domu_initramfs
 from domu_guest import DISK_SIZE, FRONT_CONFIG, plan_writes
+from test_blk_ours_vs_kernel import blkback_two_queues  # noqa: F401 - fixture
 from guests import XVDA, Guest, guest_kernel, guest_lines, unique_name, xl_domains
 
 from xentools.devices.toolstack import create_vbd, destroy_vbd
 
-KERNEL_DEVID, DENIED_DEVID = XVDA, XVDA + 32  # xvda, xvdc
+LINUX_DEVID, OURS_DEVID, DENIED_DEVID = XVDA, XVDA + 16, XVDA + 32  # xvda, xvdb, xvdc
+KERNEL_DEVID = LINUX_DEVID
 # Boot (~6 s), Python in the domU (~18x slower than the host), the workload; x3 on a busy host.
 TIMEOUT = 300.0
 SEED = 13
@@ -63,7 +71,24 @@ _CLI = re.compile(r"^cli (\S+) rc=(-?\d+) stdout=(\".*\") stderr=(\".*\")$")
 
 @pytest.fixture(scope="module")
 def kernel():
+    # Without eager FPU switching (tests/nested/run.py XEN_ARGS), the nested Xen on QEMU TCG
+    # lost vCPU register state between the domU and dom0: wrong bytes, SIGSEGV, in both.
+    info = subprocess.run(["xl", "info"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    line = next((x for x in info.stdout.splitlines() if x.startswith("xen_commandline")), "")
+    assert "eager-fpu" in line, f"Xen runs without spec-ctrl=eager-fpu (add it to Xen's command line): {line!r}"
     return guest_kernel()
+
+
+@pytest.fixture
+def xen_console():
+    """After the test: Xen's console ring (`xl dmesg`: grant and event channel errors) in
+    the harness's results share, for the reader of a failure."""
+    yield
+    results = os.environ.get("NESTED_RESULTS")
+    if results:
+        out = subprocess.run(["xl", "dmesg"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        (Path(results) / "domu").mkdir(parents=True, exist_ok=True)
+        (Path(results) / "domu" / f"xl-dmesg-{unique_name('after')}.log").write_text(out.stdout + out.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -96,47 +121,13 @@ def frontend_reports(lines: list[str], devid: int) -> tuple[dict, dict, dict]:
     return one("attached"), one("workload"), one("released")
 
 
-@pytest.mark.usefixtures("no_vbd_left")
-def test_our_blkfront_in_a_domu_on_linux_blkback(tmp_path, kernel, initramfs, xs, capsys):
-    kernel_disk = Disk(tmp_path / "kernel-blkback.raw", DISK_SIZE, seed=SEED)
-    cfg = domu_config(unique_name("xt-domu"), kernel, initramfs, task="blkfront", vbds=f"{KERNEL_DEVID}", seed=SEED)
-    results = os.environ.get("NESTED_RESULTS")
-    xen = XenTables(Path(results) / "domu" if results else None)
-
-    with Guest(cfg, tmp_path) as guest:
-        domid = guest.domid
-        kvbd = guest.attach_kernel_vbd(xs, kernel_disk.path, devid=KERNEL_DEVID)
-        assert kvbd.paths.frontend == f"/local/domain/{domid}/device/vbd/{KERNEL_DEVID}"
-        kvbd.wait_backend_state({INIT_WAIT})
-        guest.unpause()
-
-        found = guest.wait_for(re.compile(rf"GUEST: released {KERNEL_DEVID} (.*)"), timeout=TIMEOUT)
-        released = json.loads(found.group(1))
-        # Linux blkback unmapped the rings and grants before it wrote Closed.
-        assert kvbd.wait_backend_state({CLOSED}, timeout=30) == CLOSED
-        checked = released_checked_from_dom0(xen, domid, released)
-        acknowledge(xs, domid, KERNEL_DEVID)
-
-        guest.wait_for("GUEST: python exited 0", timeout=TIMEOUT)
-        lines = guest_lines(guest.console())
-        guest.destroy()
-        assert domid not in [d for _, d in xl_domains()]
-    assert xl_domains() == [("Domain-0", 0)]
-
-    info, stats, released = frontend_reports(lines, KERNEL_DEVID)
-    with capsys.disabled():
-        print(f"\ndomU {cfg.name}: {guest.timings}")
-        print(f"domU blkfront on Linux blkback: ring order {info['ring_page_order']}, {info['num_queues']} queues, "
-              f"{info['segments_per_request']} segments, persistent {info['persistent']}; "
-              f"{stats['direct_requests']} direct + {stats['indirect_requests']} indirect requests; "
-              f"{len(released['refs'])} refs and {len(released['ports'])} ports released; "
-              f"Xen after close: {checked}")
-    notes = [line for line in lines if line.startswith("note ")]
-    if notes:
-        print(f"domU notes (re-runs after a signal): {notes}")
-
+def check_frontend(lines: list[str], devid: int, queues: int) -> tuple[dict, dict, dict]:
+    """The domU's own account of vbd `devid`: the transport negotiated (multi-page ring,
+    `queues` queues, indirect segments, persistent grants), direct and indirect requests
+    without error, and everything given back at the close."""
+    info, stats, released = frontend_reports(lines, devid)
     assert info["ring_page_order"] == FRONT_CONFIG["ring_page_order"], info
-    assert info["num_queues"] == FRONT_CONFIG["num_queues"], info
+    assert info["num_queues"] == queues, info
     assert info["segments_per_request"] == FRONT_CONFIG["max_indirect_segments"], info
     assert info["persistent"] is True, info
     assert stats["direct_requests"] > 0 and stats["indirect_requests"] > 0, stats
@@ -146,10 +137,83 @@ def test_our_blkfront_in_a_domu_on_linux_blkback(tmp_path, kernel, initramfs, xs
     assert closed.get("still_mapped") == 0, closed
     assert released["left_at_close"] and set(released["left_at_close"]) == {0}, released
     assert released["gntalloc_maps"] == 0, released
+    return info, stats, released
 
-    for offset, data in plan_writes(SEED, DISK_SIZE):
-        kernel_disk.model[offset : offset + len(data)] = data
-    kernel_disk.assert_file_matches()
+
+@pytest.mark.usefixtures("no_vbd_left", "blkback_two_queues", "xen_console")
+def test_our_blkfront_in_a_domu_on_linux_blkback_and_on_our_blkback(tmp_path, kernel, initramfs, xs, capsys):
+    """One domU boot, two vbds in turn: Linux blkback's (xvda), then our blkback's (xvdb)."""
+    linux_disk = Disk(tmp_path / "linux-blkback.raw", DISK_SIZE, seed=SEED)
+    our_disk = Disk(tmp_path / "our-blkback.raw", DISK_SIZE, seed=SEED + 1)
+    cfg = domu_config(unique_name("xt-domu"), kernel, initramfs, task="blkfront",
+                      vbds=f"{LINUX_DEVID}+{OURS_DEVID}", seed=SEED)
+    results = os.environ.get("NESTED_RESULTS")
+    xen = XenTables(Path(results) / "domu" if results else None)
+    checked = {}
+
+    with Guest(cfg, tmp_path) as guest:
+        domid = guest.domid
+        kvbd = guest.attach_kernel_vbd(xs, linux_disk.path, devid=LINUX_DEVID)
+        assert kvbd.paths.frontend == f"/local/domain/{domid}/device/vbd/{LINUX_DEVID}"
+        paths = our_vbd(xs, our_disk.path, frontend_domid=domid, devid=OURS_DEVID)
+        guest.after_destroy(lambda: destroy_vbd(xs, paths))
+        assert paths.frontend == f"/local/domain/{domid}/device/vbd/{OURS_DEVID}"
+        with OurBlkback(paths.backend, our_disk.path, tmp_path) as backend:
+            kvbd.wait_backend_state({INIT_WAIT})
+            backend.wait_state(xs, {INIT_WAIT})  # up before the domU runs (see test_blk_kernel_front_on_ours)
+            guest.unpause()
+
+            found = guest.wait_for(re.compile(rf"GUEST: released {LINUX_DEVID} (.*)"), timeout=TIMEOUT)
+            # Linux blkback unmapped the rings and grants before it wrote Closed.
+            assert kvbd.wait_backend_state({CLOSED}, timeout=30) == CLOSED
+            checked["Linux blkback"] = released_checked_from_dom0(xen, domid, json.loads(found.group(1)))
+            acknowledge(xs, domid, LINUX_DEVID)
+
+            with backend.sample_grant_maps() as sampler:
+                found = guest.wait_for(re.compile(rf"GUEST: released {OURS_DEVID} (.*)"), timeout=TIMEOUT)
+            assert backend.wait_state(xs, {CLOSED}, timeout=30) == CLOSED
+            assert sampler.peak > 0, "our blkback never mapped the domU's grants"
+            assert backend.grant_maps() == 0, "our blkback still maps grants after Closed"
+            checked["our blkback"] = released_checked_from_dom0(xen, domid, json.loads(found.group(1)))
+            acknowledge(xs, domid, OURS_DEVID)
+
+            guest.wait_for("GUEST: python exited 0", timeout=TIMEOUT)
+            lines = guest_lines(guest.console())
+            guest.destroy()
+            assert domid not in [d for _, d in xl_domains()]
+            destroy_vbd(xs, paths)  # our blkback tears the device down and exits
+            backend.wait_exit()
+            backend.exited_cleanly()
+            report = backend.report()
+    assert xl_domains() == [("Domain-0", 0)]
+
+    shown = {}
+    for name, devid in (("Linux blkback", LINUX_DEVID), ("our blkback", OURS_DEVID)):
+        info, stats, released = check_frontend(lines, devid, queues=2)
+        shown[name] = (f"ring order {info['ring_page_order']}, {info['num_queues']} queues, "
+                       f"{info['segments_per_request']} segments, persistent {info['persistent']}; "
+                       f"{stats['direct_requests']} direct + {stats['indirect_requests']} indirect requests; "
+                       f"{len(released['refs'])} refs and {len(released['ports'])} ports released; "
+                       f"Xen after close: {checked[name]}")
+    with capsys.disabled():
+        print(f"\ndomU {cfg.name}: {guest.timings}")
+        for name, text in shown.items():
+            print(f"domU blkfront on {name}: {text}")
+        ours = report["frontends"].get(paths.frontend, {})
+        print(f"our blkback's report for the domU's blkfront: violations {ours.get('violations')}, "
+              f"requests {json.dumps(ours.get('requests', {}).get('by_operation'), sort_keys=True)}")
+
+    for disk, seed in ((linux_disk, SEED), (our_disk, SEED + 1)):
+        for offset, data in plan_writes(seed, DISK_SIZE):
+            disk.model[offset : offset + len(data)] = data
+        disk.assert_file_matches()
+    # Our backend judged our frontend from another domain: every request passed every check.
+    ours = report["frontends"][paths.frontend]
+    assert report["total"] == 0 and ours["violations"] == {} and ours["requests"]["rejected"] == 0, report
+    assert ours["connects"] == 1 and ours["disconnects"] == 1, ours
+    ops = ours["requests"]["by_operation"]
+    assert ops["read"]["indirect"] > 0 and ops["write"]["direct"] > 0, ops
+    assert ours["features"]["persistent"] is True and ours["features"]["queues"] == 2, ours
 
 
 def one_error_line(stderr: str) -> str:

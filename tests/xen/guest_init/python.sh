@@ -26,6 +26,19 @@ esac
 cd "${XT_cwd:-/}" || fail "no directory ${XT_cwd:-/}"
 read -r _up _ < /proc/uptime
 say "python started at $_up s"
-run env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 "$XT_python" "$XT_script" > /dev/console 2>&1
-say "python exited $?"
+# A process the emulator kills at its start (a signal before the program's first line, see
+# /init's `run`) is run again, noted; once the program has begun (it creates $_begun), a
+# signal is the program's own failure and ends the scenario: never run our code twice.
+_begun=/tmp/.python-begun
+_try=1
+while :; do
+    env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 \
+        PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 XT_BEGUN=$_begun "$XT_python" "$XT_script" > /dev/console 2>&1
+    _rc=$?
+    [ "$_rc" -gt 128 ] || break
+    dmesg | grep -E "segfault|general protection|traps:|gntalloc|xen" | tail -n 10 > /dev/console
+    if [ -e "$_begun" ] || [ "$_try" -ge 3 ]; then break; fi
+    say "note python killed by signal $((_rc - 128)), running it again"
+    _try=$((_try + 1))
+done
+say "python exited $_rc"
