@@ -20,13 +20,14 @@ grant and event channel tables), or import pytest (Python here is ~18x slower th
 host: keep the imports and the workload small).
 
 Parameters come from the kernel command line (xentools.KEY=VALUE, tests/xen/guests.py
-guest_extra): task, vbds (devids joined by "+"), seed; good, denied (task_bad_input). Output lines start
-with "GUEST: " (guests.guest_lines reads them):
+guest_extra): task, vbds (devids joined by "+"), seed (the i-th vbd's image has seed + i);
+good, denied (task_bad_input). Output lines start with "GUEST: " (guests.guest_lines reads them):
   GUEST: attached DEVID {info json}
   GUEST: workload DEVID {stats json}
   GUEST: released DEVID {"refs": [...], "ports": [...], "close_report": {...}, "gntalloc_maps": N}
   GUEST: checked DEVID                  dom0 answered; the next vbd follows
   GUEST: cli LABEL rc=RC stdout=JSON stderr=JSON   (task bad-input)
+  GUEST: note read at ...               a read that differed from the model: how (diagnose)
   GUEST: FAIL reason
 """
 
