@@ -1,7 +1,7 @@
 """What a userspace frontend in a domU is told when a piece is missing, on the host: the fix
 hints of the real platform (gntalloc/evtchn/gntdev device nodes, the xenbus device), the
 EACCES hint of our xenstore client, and doctor's vbd permission checks, run as a domU against
-the software xenstored. (The nested domU test is on branch `domu`, not in the suite yet: issue 13.)"""
+the software xenstored. (The same paths on real Xen: tests/xen/test_domu.py.)"""
 
 from __future__ import annotations
 

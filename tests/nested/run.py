@@ -61,8 +61,14 @@ QEMU = "qemu-system-x86_64"
 # (-no-reboot) instead of hanging until our timeout. guest_loglvl=all: HVM guests' firmware
 # (hvmloader, SeaBIOS) prints only to Xen's console, and Xen's report of a domain it killed
 # (triple fault) is a guest-level message; boot-test reads both from `xl dmesg`, whose ring
-# conring_size makes big enough for a few HVM boots.
-XEN_ARGS = "console=com1 dom0_mem=1024M,max:1024M smap=0 smep=0 guest_loglvl=all conring_size=1m"
+# conring_size makes big enough for a few HVM boots. spec-ctrl=eager-fpu: QEMU's -cpu max
+# looks like an AMD CPU, for which Xen 4.17 switches PV vCPUs' FPU/SSE state lazily (CR0.TS
+# and #NM); under TCG that lost register state between vCPUs: a domU's Python computed wrong
+# bytes (random.randbytes) or died of SIGSEGV, and dom0's xl at the same time read its
+# config as garbage (tests/xen/test_domu.py, 2026-11-27). Eager switching saves and restores
+# every vCPU's state at each switch.
+XEN_ARGS = ("console=com1 dom0_mem=1024M,max:1024M smap=0 smep=0 guest_loglvl=all conring_size=1m "
+            "spec-ctrl=eager-fpu")
 DOM0_ARGS = "console=hvc0 rdinit=/init quiet"
 # Modules stage 1 needs before the host's / is visible; modprobe --show-depends orders them.
 INITRAMFS_MODULES = ("9p", "9pnet_virtio", "virtio_pci", "overlay")
