@@ -432,8 +432,8 @@ def boot(args: argparse.Namespace) -> int:
 
     dmesg = results / "dom0-dmesg.log"
     if dmesg.exists():
-        # Under nested TCG a PV process now and then dies at birth of a corrupt FS base;
-        # counted so that such a flake is told from a bug.
+        # User-space crashes in dom0 (under lazy FPU switching, before eager-fpu, PV processes
+        # died at birth; tests/nested/README.md): counted so that none goes unnoticed.
         crashes = [line for line in dmesg.read_text(errors="replace").splitlines()
                    if "segfault at" in line or "general protection fault" in line]
         if crashes:

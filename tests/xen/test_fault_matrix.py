@@ -45,18 +45,16 @@ from xentools.devices.blkback_faults import KINDS
 
 REPO = Path(__file__).resolve().parents[2]
 FULL = os.environ.get("XENTOOLS_FAULT_MATRIX") == "full"
-# A representative third of the kinds for `make test` (~20 s a boot in dom0): the four Linux
-# 6.1 reacts to with a documented message, a status outside blkif's, corrupted data. The rest
-# run in `make fault-matrix` (a backend that never answers costs the idle timeout, an absurd
-# size the guest's wait for its disk).
-FAULTS_CI = ("unknown-id", "duplicate", "wrong-op", "rsp-overrun", "bad-status", "corrupt-read")
-# Three configurations covering the extremes of each knob (the default matrix is pairwise).
+# A representative quarter of the kinds for `make test` (~20 s a boot in dom0): the four Linux
+# 6.1 reacts to with a documented message, and a status outside blkif's. The rest run in
+# `make fault-matrix` (a backend that never answers costs the idle timeout, an absurd size the
+# guest's wait for its disk); five rows, not more, keep `make test` under 20 minutes.
+FAULTS_CI = ("unknown-id", "duplicate", "wrong-op", "rsp-overrun", "bad-status")
+# Two configurations at the opposite extremes of each knob (the default matrix is pairwise).
 CONFIGS_CI = [
     {"ring_order": 0, "indirect": 0, "persistent": False, "queues": 1, "sector_size": 512, "discard": False,
      "read_only": True},
     {"ring_order": 4, "indirect": 4096, "persistent": True, "queues": 4, "sector_size": 4096, "discard": True,
-     "read_only": False},
-    {"ring_order": 0, "indirect": 32, "persistent": True, "queues": 4, "sector_size": 512, "discard": True,
      "read_only": False},
 ]
 # Linux 6.1 xen-blkfront's messages for a response it refuses (then "<disk> disabled for
@@ -217,7 +215,7 @@ def test_config_matrix_linux_blkfront(matrices, capsys):
     rows = run["table"]["rows"]
     with capsys.disabled():
         _print_table(run, f"configuration matrix, Linux {matrices['kernel'].version} xen-blkfront")
-    assert len(rows) == (len(CONFIGS_CI) if not FULL else len(rows)) and len(rows) >= 3
+    assert len(rows) == (len(CONFIGS_CI) if not FULL else len(rows)) and len(rows) >= 2
     for row in rows:
         assert row["verdict"] == "pass" and run["returncode"] == 0, row
         negotiated, offered = row["negotiated"], row["offered"]

@@ -79,7 +79,7 @@ set -o pipefail
 bash "$R/command" 2>&1 | tee "$R/output"
 rc=$?
 say "command exited $rc at $(uptime_s) s"
-# The host counts user-space crashes in it: under nested TCG a PV process now and then
-# dies at once of a corrupt FS base (tests/xen/guest_init/init), a flake and not a bug.
+# The host counts user-space crashes in it (the lazy-FPU flake, tests/nested/README.md, is
+# gone with eager-fpu; any crash left is worth a look).
 dmesg > "$R/dom0-dmesg.log" 2>&1
 finish "$rc"
