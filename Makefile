@@ -13,7 +13,7 @@ APT_STAMP := $(VENV)/.apt-installed
 HOST_DEBS := libxen-dev gcc-multilib xenstore-utils gcc python3-dev
 RINGLOOP := $(VENV)/.ringloop-built
 
-.PHONY: all venv debs ringloop test test-host demo bench clean
+.PHONY: all venv debs ringloop test test-host test-host-pure demo bench clean
 
 all: test
 
@@ -54,7 +54,26 @@ test-host: $(STAMP) $(APT_STAMP) $(RINGLOOP)
 	@$(PY) -m pytest -q tests --ignore=tests/xen; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-test: test-host test-xen
+# The pure-Python data path (no compiled ring loop): the same host suite with
+# XENTOOLS_RINGLOOP=python, except the differential test (it runs both paths itself).
+test-host-pure: $(STAMP) $(APT_STAMP) $(RINGLOOP)
+	@XENTOOLS_RINGLOOP=python $(PY) -m pytest -q tests --ignore=tests/xen \
+	    --ignore=tests/test_blkback_ringloop.py; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The nested QEMU runs on one core (tests/nested/run.py: -smp 1), so the host suite, on both
+# data paths, runs beside it on the other; its output goes to build/test-host.log and is
+# printed when both are done. Exit status: non-zero if either failed.
+test: $(STAMP) $(APT_STAMP) $(RINGLOOP) debs-xen
+	@mkdir -p build; \
+	echo "make test: the host suite (compiled, then pure-Python data path) runs beside the nested suite; its log: build/test-host.log"; \
+	( export PYTEST_ADDOPTS="-p no:cacheprovider"; $(MAKE) --no-print-directory test-host; a=$$?; \
+	  $(MAKE) --no-print-directory test-host-pure; b=$$?; [ $$a -eq 0 ] && [ $$b -eq 0 ] ) >build/test-host.log 2>&1 & host=$$!; \
+	$(MAKE) --no-print-directory test-xen; xen=$$?; \
+	wait $$host; hostrc=$$?; \
+	echo "==== host suite (build/test-host.log) ===="; cat build/test-host.log; \
+	echo "make test: host suite exit $$hostrc, nested suite exit $$xen"; \
+	[ $$hostrc -eq 0 ] && [ $$xen -eq 0 ]
 
 demo: $(STAMP)
 	$(VENV)/bin/xentools demo

@@ -128,7 +128,7 @@ def test_panic_from_the_xenconsoled_log_is_quoted_in_every_report(tmp_path, fake
 
 def test_timeout_quotes_the_last_line_and_destroys(tmp_path, fake, image):
     fake.configure(transcript=[[0.02, "Booting...\nwaiting for something that never comes\n"]])
-    res = boot(tmp_path, fake, image, r=rules(boot_timeout=0.6))
+    res = boot(tmp_path, fake, image, r=rules(boot_timeout=3.0))  # output first, even on a loaded machine
     assert res.decision.verdict is Verdict.TIMEOUT and res.exit_code == 6
     assert res.decision.line == "waiting for something that never comes"
     assert fake.live_domains() == [] and commands(fake)[-1] == "destroy"
@@ -443,7 +443,7 @@ def test_hvm_console_is_the_serial_port_and_a_failed_attach_is_an_error(tmp_path
 
 
 def test_a_triple_fault_in_xens_log_is_an_error_quoting_xen(tmp_path, fake, image):
-    fake.configure(transcript=[[0.05, "SYSLINUX 6.04\r\nLoading vmlinuz... ok\r\n"]], dmesg=(
+    fake.configure(transcript=[[0.05, "SYSLINUX 6.04\r\nLoading vmlinuz... ok\r\n"]], dmesg_after=1.0, dmesg=(
         "(XEN) d6v0 Triple fault - invoking HVM shutdown action 1\n"
         "(d7) SeaBIOS (version 1.16.2-debian-1.16.2-1)\n"
         "(XEN) d7v0 Triple fault - invoking HVM shutdown action 1\n(XEN) *** Dumping Dom7 vcpu#0 state: ***\n"

@@ -219,6 +219,8 @@ def play(out, name):
         time.sleep(delay)
         out.write(text.encode())
         out.flush()
+    with open(os.path.join(state, "played"), "w") as f:
+        f.write(repr(time.time()))
     if behaviour.get("hold", True):
         deadline = time.time() + 60
         while os.path.exists(dom(name)) and time.time() < deadline:
@@ -280,7 +282,12 @@ elif cmd == "info":
     print("nr_cpus                : %d" % behaviour.get("nr_cpus", 2))
     print("free_memory            : %d" % behaviour.get("free_memory", 4096))
 elif cmd == "dmesg":
-    sys.stdout.write(behaviour.get("dmesg", ""))
+    # dmesg_after: Xen's lines appear only that many seconds after the console transcript
+    # was played (an ordering a loaded machine cannot reverse).
+    after = behaviour.get("dmesg_after")
+    played = os.path.join(state, "played")
+    if after is None or (os.path.exists(played) and time.time() - float(open(played).read()) >= after):
+        sys.stdout.write(behaviour.get("dmesg", ""))
 else:
     sys.stderr.write("fake xl: unknown command %r\n" % argv)
     sys.exit(2)
