@@ -166,7 +166,7 @@ def test_small_grant_budget_backlogs_and_defers(rig):
             assert fut.result(10) == known_data(SEED, index * 64 * 512, 64 * 512)
         counter = "backlogged" if persistent else "deferred_loads"
         assert dev.stats[counter] > 0, dev.stats
-        assert dev._allocator.shared_pages <= 63
+        assert dev._grants.allocator.shared_pages <= 63
         _close(rig, dev)
 
 
@@ -267,7 +267,7 @@ def test_page_still_mapped_after_response_fails_the_device(rig):
     assert err.value.rule == "grant.still_mapped"
     with pytest.raises(DeviceFailed):
         dev.read(8, 8)
-    assert dev._tag.quarantined  # the ref is held, its page never reused (XSA-396)
+    assert dev._grants.tag.quarantined  # the ref is held, its page never reused (XSA-396)
     _close(rig, dev)
 
 
@@ -348,7 +348,7 @@ def test_persistent_pages_never_exceed_the_backends_cache(rig):
     futures = [dev.submit_read(s * 256, 256) for s in range(30)]  # 30 x 128 KiB at once
     for index, fut in enumerate(futures):
         assert fut.result(10) == known_data(SEED, index * 256 * 512, 256 * 512)
-    assert dev._allocator.shared_pages <= 200
+    assert dev._grants.allocator.shared_pages <= 200
     _close(rig, dev)
     dev = rig.attach(BlkfrontConfig(max_grants=300, persistent=False, ring_page_order=0, num_queues=1))
     assert not dev.info.persistent and dev.info.data_pages == 299
