@@ -275,7 +275,7 @@ class BlkFront:
                 state = watch.read()
             except FeatureError as err:
                 raise feature_error(err, f"backend {backend}") from None
-            self._feed(self._hs_step(lambda: handshake.peer_changed(state)))
+            self._feed(self._handshake_step(lambda: handshake.peer_changed(state)))
             if handshake.state == XenbusState.Connected:
                 break
             if handshake.state in (XenbusState.Closing, XenbusState.Closed):
@@ -289,7 +289,7 @@ class BlkFront:
                 raise timeout_error(what, watch, cfg.connect_timeout)
         self._start_io()
 
-    def _hs_step(self, fn) -> Step:
+    def _handshake_step(self, fn) -> Step:
         try:
             return fn()
         except XenbusError as err:
@@ -300,15 +300,15 @@ class BlkFront:
         reached are fed afterwards, one at a time (xenbus.py's rule)."""
         milestones: list[Milestone] = []
         for action in step.actions:
-            milestone = self._do(action)
+            milestone = self._perform(action)
             if milestone is not None:
                 milestones.append(milestone)
         if step.new_state is not None:
             write_state(self._xenstore, self.frontend_path, step.new_state)
         for milestone in milestones:
-            self._feed(self._hs_step(lambda m=milestone: self._handshake.milestone(m)))
+            self._feed(self._handshake_step(lambda m=milestone: self._handshake.milestone(m)))
 
-    def _do(self, action: Action) -> Milestone | None:
+    def _perform(self, action: Action) -> Milestone | None:
         if action is Action.read_backend_features_and_connect:
             self._grant_rings()
             return Milestone.rings_granted

@@ -56,7 +56,7 @@ class GrantStaging:
         self.leaked_pages = 0
         self.staging: StagingArea | None = None
         self.tag: DmaTag | None = None
-        self._loaded: set[DmaMap] = set()  # per-request maps loaded (or waiting for refs)
+        self._request_maps: set[DmaMap] = set()  # per-request maps loaded (or waiting for refs)
         if persistent:
             buffer_pages = min(data_pages, max(max_request_pages, 64))
             # One share() per extent; a buffer larger than an extent spans several (and is
@@ -93,7 +93,7 @@ class GrantStaging:
         refs are bound (at once, or later from a free()). True if the load was deferred."""
         dma_map = self.tag.create_map()
         entry.dma_map = dma_map
-        self._loaded.add(dma_map)
+        self._request_maps.add(dma_map)
         direction = DmaDirection.DEVICE_WRITES if entry.op == BLKIF_OP_READ else DmaDirection.DEVICE_READS
         # The request's own nominal address: unique per (queue, slot) (see blkfront_pool).
         base = ((queue_index << 9) | entry.slot) * _NOMINAL_STRIDE_PAGES * PAGE_SIZE
@@ -154,7 +154,7 @@ class GrantStaging:
             return True
         dma_map = entry.dma_map
         entry.dma_map = None
-        self._loaded.discard(dma_map)
+        self._request_maps.discard(dma_map)
         try:
             still = dma_map.unload()
         except (GrantDmaError, PlatformError):
@@ -168,7 +168,7 @@ class GrantStaging:
         dma_map = entry.dma_map
         if dma_map is None:
             return
-        self._loaded.discard(dma_map)
+        self._request_maps.discard(dma_map)
         if dma_map.pending:
             dma_map.unload()
             dma_map.destroy()
@@ -183,7 +183,7 @@ class GrantStaging:
             pass  # the maps' pages stay allocated; closing the pool accounts for them
 
     def _unload_requests(self) -> None:
-        loaded, self._loaded = self._loaded, set()
+        loaded, self._request_maps = self._request_maps, set()
         for dma_map in loaded:
             try:
                 self.still_mapped += len(dma_map.unload())
