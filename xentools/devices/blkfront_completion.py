@@ -26,7 +26,7 @@ class CompletionThread:
         self.stopping = False
         self._thread: threading.Thread | None = None
         self._ident: int | None = None
-        self.wake_fd, self._wake_w = os.pipe()
+        self.wake_fd, self._wake_write_fd = os.pipe()
         os.set_blocking(self.wake_fd, False)
 
     def start(self, loop: Callable[[], None]) -> None:
@@ -45,6 +45,11 @@ class CompletionThread:
         with contextlib.suppress(BlockingIOError):
             os.read(self.wake_fd, 4096)
 
+    def wake(self) -> None:
+        """Wake the loop's poll() now (a stop, or work the loop should look at)."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_write_fd, b"x")
+
     def stop(self, timeout: float) -> None:
         """Ask the loop to return and wait up to `timeout` seconds for it (not when called
         from the thread itself, e.g. by a callback that closes the device)."""
@@ -52,16 +57,15 @@ class CompletionThread:
         if thread is None:
             return
         self.stopping = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        self.wake()
         if thread is not threading.current_thread():
             thread.join(timeout)
         self._thread = None
 
     def close(self) -> None:
         """Close the wake pipe (after `stop`)."""
-        fds = (self.wake_fd, self._wake_w)
-        self.wake_fd = self._wake_w = -1
+        fds = (self.wake_fd, self._wake_write_fd)
+        self.wake_fd = self._wake_write_fd = -1
         errors: list[OSError] = []
         for fd in fds:
             if fd >= 0:
