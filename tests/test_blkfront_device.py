@@ -24,6 +24,7 @@ from xentools.devices.blkfront import (
     DeviceFailed,
     RequestFailed,
 )
+from xentools.platform.interface import PlatformError
 
 SEED = 11
 _devids = itertools.count(0)
@@ -166,7 +167,7 @@ def test_small_grant_budget_backlogs_and_defers(rig):
             assert fut.result(10) == known_data(SEED, index * 64 * 512, 64 * 512)
         counter = "backlogged" if persistent else "deferred_loads"
         assert dev.stats[counter] > 0, dev.stats
-        assert dev._allocator.shared_pages <= 63
+        assert dev._grants.allocator.shared_pages <= 63
         _close(rig, dev)
 
 
@@ -267,7 +268,7 @@ def test_page_still_mapped_after_response_fails_the_device(rig):
     assert err.value.rule == "grant.still_mapped"
     with pytest.raises(DeviceFailed):
         dev.read(8, 8)
-    assert dev._tag.quarantined  # the ref is held, its page never reused (XSA-396)
+    assert dev._grants.tag.quarantined  # the ref is held, its page never reused (XSA-396)
     _close(rig, dev)
 
 
@@ -348,7 +349,7 @@ def test_persistent_pages_never_exceed_the_backends_cache(rig):
     futures = [dev.submit_read(s * 256, 256) for s in range(30)]  # 30 x 128 KiB at once
     for index, fut in enumerate(futures):
         assert fut.result(10) == known_data(SEED, index * 256 * 512, 256 * 512)
-    assert dev._allocator.shared_pages <= 200
+    assert dev._grants.allocator.shared_pages <= 200
     _close(rig, dev)
     dev = rig.attach(BlkfrontConfig(max_grants=300, persistent=False, ring_page_order=0, num_queues=1))
     assert not dev.info.persistent and dev.info.data_pages == 299
@@ -383,3 +384,53 @@ def test_batch_submit_and_reap_into_caller_buffers(rig):
     assert len(dev.reap(futures, min_done=2, timeout=10)) == 2
     assert dev.read(0, 16) == b"\1" * 512 + known_data(SEED, 512, 7 * 512) + b"\2" * 4096
     _close(rig, dev)
+
+
+def test_a_release_that_fails_is_reported_and_every_other_release_runs(rig):
+    """One teardown path: a release that raises (here every event channel unbind) is one
+    line of close_report["teardown_errors"]; the rings and data pages are still unshared,
+    the grant and event channel handles and the xenstore connection still closed."""
+    platform = rig.xen.platform(1)
+    released: list[str] = []
+    open_evtchn, open_gntshr, open_xenstore = platform.open_evtchn, platform.open_gntshr, platform.open_xenstore
+
+    def refusing_evtchn():
+        channels = open_evtchn()
+
+        def unbind(port):
+            raise PlatformError(f"test: unbind of port {port} refused")
+
+        channels.unbind = unbind
+        close = channels.close
+        channels.close = lambda: (released.append("evtchn"), close())[1]
+        return channels
+
+    def counting_gntshr():
+        sharer = open_gntshr()
+        share, unshare, close = sharer.share, sharer.unshare, sharer.close
+        shared: list = []
+        sharer.share = lambda *a, **k: shared.append(share(*a, **k)) or shared[-1]
+        sharer.unshare = lambda pages: (shared.remove(pages), unshare(pages))[1]
+        sharer.close = lambda: (released.append(f"gntshr, {len(shared)} left shared"), close())[1]
+        return sharer
+
+    def counting_xenstore(**kwargs):
+        xs = open_xenstore(**kwargs)
+        close = xs.close
+        xs.close = lambda: (released.append("xenstore"), close())[1]
+        return xs
+
+    platform.open_evtchn, platform.open_gntshr = refusing_evtchn, counting_gntshr
+    platform.open_xenstore = counting_xenstore
+    devid, rig.be, rig.fe = rig.vbd()
+    dev = rig.dev = BlkFront.attach(platform, devid, config=BlkfrontConfig(num_queues=2, persistent=False))
+    assert dev.read(0, 64) == known_data(SEED, 0, 64 * 512)
+    _close(rig, dev)
+    errors = dev.close_report["teardown_errors"]
+    assert [line.split(":")[0] for line in errors] == ["ring 1 event channel", "ring 0 event channel"], errors
+    assert all("unbind of port" in line for line in errors), errors
+    assert released == ["evtchn", "gntshr, 0 left shared", "xenstore"], released
+    assert dev.close_report["leaked_pages"] == 0 and dev.close_report["still_mapped"] == 0
+    assert dev.status == "closed"
+    dev.close()  # idempotent: nothing runs twice
+    assert released == ["evtchn", "gntshr, 0 left shared", "xenstore"]

@@ -1,12 +1,15 @@
 """blkfront: a userspace blkif frontend with a block-device API.
 
-Owns: `BlkFront`, one virtual block device seen from the frontend domain: the xenbus
-handshake (driven by xentools.core.xenbus.Handshake), the rings and their event channels,
-the grant pool (blkfront_pool), request building and batching, response checking
-(blkfront_queue), the completion thread, failure and close. Re-exports the public types of
-blkfront_types (BlkfrontConfig, BlkFuture, DeviceInfo and the errors).
+Owns: `BlkFront`, one virtual block device seen from the frontend domain: driving the xenbus
+handshake (xentools.core.xenbus.Handshake: its table is the device's lifecycle), turning
+user operations into requests and completions into results, failure and close. Its parts:
+the rings (blkfront_rings.RingSet), the data grants (blkfront_grants.GrantStaging), the
+request builder (blkfront_requests.RequestBuilder), the completion thread
+(blkfront_completion), and one teardown path (blkfront_teardown.Teardown). Re-exports the
+public types of blkfront_types (BlkfrontConfig, BlkFuture, DeviceInfo and the errors).
 Must not: know whether the platform is real Xen or the software Xen (it uses only
-xentools.platform.interface), or trust anything the backend writes (XSA-376).
+xentools.platform.interface), trust anything the backend writes (XSA-376), or release a
+resource anywhere but through its Teardown.
 
 API (sectors are units of the disk's sector-size, 512 unless feature-large-sector-size):
     dev = BlkFront.attach(platform, "xvda", config=BlkfrontConfig(...))
@@ -18,7 +21,12 @@ API (sectors are units of the disk's sector-size, 512 unless feature-large-secto
           (checked first, then one push: at most one notification per queue per batch)
     done = dev.reap(futs, min_done=8, timeout=...)  # reap completions in batches
     with dev.batch(): ...   # one push (and at most one notification per queue) at the end
-    dev.info (DeviceInfo), dev.stats, dev.close()
+    dev.info (DeviceInfo), dev.stats, dev.status, dev.close()
+
+Lifecycle: our xenbus state is the Handshake's; beside it the device keeps only facts, no
+second state machine: whether I/O started (the request builder exists once Connected and
+set up), the failure (rule, detail) if any, and whether the teardown ran. `status` names
+the result: new, connecting, connected, failed or closed.
 
 Batching: requests are written to ring slots as they are submitted and published with one
 RING_PUSH_REQUESTS_AND_CHECK_NOTIFY per queue at the end of the submitting call, of a
@@ -27,12 +35,12 @@ the backend is notified only when that push crosses its req_event (ring.h). (Pub
 every few requests inside a pass, to overlap with the backend, measured no faster here.)
 
 Buffers: a userspace frontend copies through pages it shares with the backend (XSA-403;
-blkfront_pool). Persistent grants: runs of long-lived DmaMaps, the same refs again and
-again. Otherwise a grant-DMA DmaMap per request, loaded when refs are free (deferred
-otherwise) and unloaded on the response, asking the platform whether the backend still maps
-a page before it is reused (XSA-396). Everything stays within `max_grants` (ring pages +
-indirect pages + data pages), and with persistent grants the data and indirect pages stay
-within `max_persistent_grants` (the backend's persistent-grant cache per ring, 1056 in
+blkfront_pool, blkfront_grants). Persistent grants: runs of long-lived DmaMaps, the same refs
+again and again. Otherwise a grant-DMA DmaMap per request, loaded when refs are free
+(deferred otherwise) and unloaded on the response, asking the platform whether the backend
+still maps a page before it is reused (XSA-396). Everything stays within `max_grants` (ring
+pages + indirect pages + data pages), and with persistent grants the data and indirect pages
+stay within `max_persistent_grants` (the backend's persistent-grant cache per ring, 1056 in
 Linux blkback: a frontend cycling through more pages makes the backend map and unmap on
 every request); a request never needs more than half the pool, and requests that wait for
 pages nothing in flight will free fail ("grants.exhausted") instead of hanging.
@@ -44,6 +52,12 @@ in flight and every later one fails with DeviceFailed, nothing is returned as su
 the xenbus state goes to Closing. Pages of requests that were in flight are never reused.
 An event with no response behind it is spurious and only counted (XSA-391); a storm of them
 is throttled, not fatal.
+
+Close (Linux's blkif_free is one path; so is this): finish or fail what is in flight, stop
+the completion thread, close the handshake (the backend unmaps before it writes Closed),
+then the Teardown releases every resource in the reverse order of acquisition, each once,
+every release attempted even if one fails; failures are listed in
+`close_report["teardown_errors"]`.
 """
 
 from __future__ import annotations
@@ -51,7 +65,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 import select
 import threading
 import time
@@ -63,28 +76,28 @@ from xentools.core.blkif import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
-    BLKIF_OP_INDIRECT,
     BLKIF_OP_READ,
     BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_EOPNOTSUPP,
     BLKIF_RSP_OKAY,
-    SEGMENT_SIZE,
     codec_for,
-    indirect_pages_for,
 )
-from xentools.core.errors import FeatureError, GrantDmaError, XenbusError
+from xentools.core.errors import FeatureError, XenbusError
 from xentools.core.features import (
     DiskInfo,
     FrontendPreferences,
+    FrontendToolstackKeys,
     Negotiated,
-    QueueRing,
     negotiate,
 )
-from xentools.core.grant_dma import DmaDirection, DmaFlags, DmaTag, LinearBuffer, LoadStatus
 from xentools.core.xenbus import Action, Handshake, Milestone, Step, XenbusState
-from xentools.devices.blkfront_pool import PoolGrantAllocator, StagingArea
+from xentools.devices.blkfront_completion import CompletionThread
+from xentools.devices.blkfront_grants import GrantStaging
 from xentools.devices.blkfront_queue import BlkfrontQueue, InFlight
+from xentools.devices.blkfront_requests import RequestBuilder
+from xentools.devices.blkfront_rings import RingSet
+from xentools.devices.blkfront_teardown import Teardown
 from xentools.devices.blkfront_types import (
     BlkFuture,
     BlkfrontConfig,
@@ -120,13 +133,11 @@ __all__ = [
     "frontend_path_for",
 ]
 
-_NOMINAL_STRIDE_PAGES = 1 << 13  # nominal address space per request slot (> 4096 + 8 pages)
 _DEADLINE_CHECK = 0.25  # seconds between scans for requests past their deadline
 _POLL_MS = 250
 _POLL_MS_NO_BARRIER = 10  # without a full barrier the ring is re-checked this often
 _STORM_STREAK = 64  # spurious events in a row before unmasking is delayed (XSA-391)
 _STORM_DELAY = 0.002
-_MAX_EXTENT_PAGES = 1024  # pages per share() call (platforms bound one call)
 # The largest disk, in bytes, a backend may announce: every byte needs a signed 64-bit file
 # offset (Linux's MAX_LFS_FILESIZE); 2^64 - 1 sectors is a backend's lie, not a disk.
 MAX_DISK_BYTES = (1 << 63) - 1
@@ -135,12 +146,12 @@ MAX_DISK_BYTES = (1 << 63) - 1
 class _Op:
     """One user-level operation: one future, one or more blkif requests (chunks)."""
 
-    __slots__ = ("future", "remaining", "dest", "result", "error", "kind", "src", "whole")
+    __slots__ = ("future", "chunks_left", "dest", "result", "error", "kind", "src", "whole")
 
-    def __init__(self, future: BlkFuture, kind: int, remaining: int) -> None:
+    def __init__(self, future: BlkFuture, kind: int, chunks: int) -> None:
         self.future = future
         self.kind = kind
-        self.remaining = remaining
+        self.chunks_left = chunks  # requests of this operation without a response yet
         self.dest: memoryview | None = None  # where read data goes (None: build bytes)
         self.src: memoryview | None = None  # write data
         self.result: Any = None
@@ -160,45 +171,32 @@ class BlkFront:
         self.frontend_path = frontend_path
         self.config = config if config is not None else BlkfrontConfig()
         self._lock = threading.RLock()
-        self._tls = threading.local()
-        self._status = "new"  # new, connecting, connected, failed, closed
+        # .depth: how deep this thread is in submitting calls, batch() blocks and completion
+        # passes; the outermost one pushes the rings.
+        self._submitting = threading.local()
+        # The lifecycle: the handshake (None until connect()), the failure, the teardown.
+        self._handshake: Handshake | None = None
         self._failure: tuple[str, str] | None = None
-        self._xs = None
-        self._gntshr = None
-        self._evtchn = None
-        self._watch: BackendStateWatch | None = None
-        self._hs: Handshake | None = None
-        self._rings_granted = False
-        self._backend_path = ""
-        self._backend_id = 0
-        self._virtual_device = 0
-        self._handle = 0
-        self._queues: list[BlkfrontQueue] = []
-        self._by_port: dict[int, BlkfrontQueue] = {}
-        self._neg0: Negotiated | None = None
-        self._neg: Negotiated | None = None
+        self._teardown = Teardown()
+        # Platform handles, each registered with the teardown when opened.
+        self._xenstore: Any = None
+        self._backend_watch: BackendStateWatch | None = None
+        self._gntshr: Any = None
+        self._evtchn: Any = None
+        # What the handshake learnt: the toolstack's keys, the transport negotiated when the
+        # rings were granted, the I/O features negotiated at Connected, the disk.
+        self._toolstack: FrontendToolstackKeys | None = None
+        self._transport: Negotiated | None = None
+        self._features: Negotiated | None = None
         self._disk: DiskInfo | None = None
-        self._allocator: PoolGrantAllocator | None = None
-        self._staging: StagingArea | None = None
-        self._tag: DmaTag | None = None
-        self._persistent = False
-        self._pool_pages = 0
-        self._segs = BLKIF_MAX_SEGMENTS_PER_REQUEST
-        self._indirect = False
-        self._ss = 512
-        self._spp = 8
-        self._flush_op: int | None = None
-        self._discard = False
-        self._discard_secure = False
-        self._rr = 0
-        self._thread: threading.Thread | None = None
-        self._thread_ident: int | None = None
-        self._stopping = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self._storm = 0
-        self._next_deadline_check = 0.0
-        self._request_timeout = self.config.request_timeout
+        # The parts; the request builder and the grants exist once I/O started.
+        self._rings = RingSet()
+        self._grants: GrantStaging | None = None
+        self._requests: RequestBuilder | None = None
+        self._completion = CompletionThread(f"blkfront {frontend_path}")
+        self._teardown.on_close("completion wake pipe", self._completion.close)
+        self._spurious_streak = 0  # events in a row with no response behind them (XSA-391)
+        self._next_deadline_scan = 0.0
         self.info: DeviceInfo | None = None
         self.close_report: dict[str, Any] = {}
         self.stats: dict[str, int] = dict.fromkeys(
@@ -209,6 +207,26 @@ class BlkFront:
             ),
             0,
         )
+
+    # ------------------------------------------------------------------------------------
+    # Lifecycle
+    # ------------------------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """new, connecting, connected, failed or closed (see the module docstring)."""
+        if self._teardown.closed:
+            return "closed"
+        if self._failure is not None:
+            return "failed"
+        if self._requests is not None:
+            return "connected"
+        return "new" if self._handshake is None else "connecting"
+
+    @property
+    def _connected(self) -> bool:
+        """I/O started, nothing failed, not closed: requests may be submitted."""
+        return self._requests is not None and self._failure is None and not self._teardown.closed
 
     # ------------------------------------------------------------------------------------
     # Attaching and the handshake
@@ -237,44 +255,41 @@ class BlkFront:
 
     def connect(self) -> None:
         """Run the handshake until Connected (blkif.h "STATE DIAGRAMS"), then start I/O."""
-        if self._status != "new":
-            raise BlkfrontError("device.state", f"connect() on a device that is {self._status}")
-        self._status = "connecting"
+        if self.status != "new":
+            raise BlkfrontError("device.state", f"connect() on a device that is {self.status}")
+        self._handshake = handshake = Handshake("frontend")
         cfg = self.config
-        self._xs = xs = self.platform.open_xenstore(timeout=cfg.connect_timeout)
+        self._xenstore = xs = self.platform.open_xenstore(timeout=cfg.connect_timeout)
+        self._teardown.on_close("xenstore connection", xs.close)
         try:
-            tool = read_toolstack(xs, self.frontend_path)
+            self._toolstack = tool = read_toolstack(xs, self.frontend_path)
         except FeatureError as err:
             raise feature_error(err, f"frontend directory {self.frontend_path}") from None
-        self._backend_path = tool.backend
-        self._backend_id = tool.backend_id
-        self._virtual_device = tool.virtual_device
-        # blkif_vdev_t is u16; Linux puts the device number there, truncated.
-        self._handle = tool.virtual_device & 0xFFFF
-        self._hs = Handshake("frontend")
+        backend = tool.backend
         write_state(xs, self.frontend_path, XenbusState.Initialising)
-        self._watch = watch = BackendStateWatch(xs, self._backend_path, f"blkfront:{self.frontend_path}")
+        self._backend_watch = watch = BackendStateWatch(xs, backend, f"blkfront:{self.frontend_path}")
+        self._teardown.on_close("backend state watch", watch.close)
         deadline = time.monotonic() + cfg.connect_timeout
         while True:
             try:
                 state = watch.read()
             except FeatureError as err:
-                raise feature_error(err, f"backend {self._backend_path}") from None
-            self._feed(self._hs_step(lambda: self._hs.peer_changed(state)))
-            if self._hs.state == XenbusState.Connected:
+                raise feature_error(err, f"backend {backend}") from None
+            self._feed(self._handshake_step(lambda: handshake.peer_changed(state)))
+            if handshake.state == XenbusState.Connected:
                 break
-            if self._hs.state in (XenbusState.Closing, XenbusState.Closed):
+            if handshake.state in (XenbusState.Closing, XenbusState.Closed):
                 raise BlkfrontError(
                     "connect.backend_closed",
-                    f"backend {self._backend_path} went to {state.name} during the handshake"
-                    + backend_error(xs, self._backend_path),
+                    f"backend {backend} went to {state.name} during the handshake"
+                    + backend_error(xs, backend),
                 )
             if not watch.wait_event(deadline):
-                what = "Connected" if self._rings_granted else "InitWait"
+                what = "Connected" if self._rings.published else "InitWait"
                 raise timeout_error(what, watch, cfg.connect_timeout)
         self._start_io()
 
-    def _hs_step(self, fn) -> Step:
+    def _handshake_step(self, fn) -> Step:
         try:
             return fn()
         except XenbusError as err:
@@ -285,15 +300,15 @@ class BlkFront:
         reached are fed afterwards, one at a time (xenbus.py's rule)."""
         milestones: list[Milestone] = []
         for action in step.actions:
-            milestone = self._do(action)
+            milestone = self._perform(action)
             if milestone is not None:
                 milestones.append(milestone)
         if step.new_state is not None:
-            write_state(self._xs, self.frontend_path, step.new_state)
+            write_state(self._xenstore, self.frontend_path, step.new_state)
         for milestone in milestones:
-            self._feed(self._hs_step(lambda m=milestone: self._hs.milestone(m)))
+            self._feed(self._handshake_step(lambda m=milestone: self._handshake.milestone(m)))
 
-    def _do(self, action: Action) -> Milestone | None:
+    def _perform(self, action: Action) -> Milestone | None:
         if action is Action.read_backend_features_and_connect:
             self._grant_rings()
             return Milestone.rings_granted
@@ -301,8 +316,8 @@ class BlkFront:
             self._read_disk()
             return Milestone.disk_info_read
         if action in (Action.disconnect, Action.teardown):
-            if self._status == "connected":
-                self._fail("backend.closed", f"backend {self._backend_path} left Connected")
+            if self._connected:
+                self._fail("backend.closed", f"backend {self._toolstack.backend} left Connected")
             return None
         raise BlkfrontError("xenbus.action", f"no frontend action {action}")  # pragma: no cover
 
@@ -319,52 +334,47 @@ class BlkFront:
     def _grant_rings(self) -> None:
         """read_backend_features_and_connect: negotiate the transport, grant the rings, bind
         the event channels and write FrontendRingInfo in one transaction."""
-        if self._queues:
+        if self._rings.queues:
             raise BlkfrontError("connect.rings", "the backend asked for rings twice")
+        tool = self._toolstack
         try:
-            features = read_backend_features(self._xs, self._backend_path)
+            features = read_backend_features(self._xenstore, tool.backend)
         except FeatureError as err:
-            raise feature_error(err, f"backend {self._backend_path}") from None
-        neg = negotiate(features, self._preferences())
-        ring_grants = neg.num_queues * neg.ring_pages
+            raise feature_error(err, f"backend {tool.backend}") from None
+        transport = negotiate(features, self._preferences())
+        ring_grants = transport.num_queues * transport.ring_pages
         if self.config.max_grants - ring_grants < 4 * BLKIF_MAX_SEGMENTS_PER_REQUEST:
             raise BlkfrontError(
                 "grants.budget",
-                f"{neg.num_queues} rings of {neg.ring_pages} pages leave too few of the "
+                f"{transport.num_queues} rings of {transport.ring_pages} pages leave too few of the "
                 f"{self.config.max_grants} grants for data",
             )
         codec = codec_for(ABIS[self.config.protocol])
-        self._gntshr = self.platform.open_gntshr()
-        self._evtchn = self.platform.open_evtchn()
-        for index in range(neg.num_queues):
-            pages = self._gntshr.share(self._backend_id, neg.ring_pages, writable=True)
-            try:
-                port = self._evtchn.bind_unbound(self._backend_id)
-            except BaseException:
-                self._gntshr.unshare(pages)
-                raise
-            queue = BlkfrontQueue(index, codec, pages, neg.ring_page_order, self.platform.full_barrier, port)
-            self._queues.append(queue)
-            self._by_port[port] = queue
-        info = neg.ring_info([QueueRing(q.pages.refs, q.port) for q in self._queues], self.config.protocol)
+        self._gntshr = gntshr = self.platform.open_gntshr()
+        self._teardown.on_close("grant sharer", gntshr.close)
+        self._evtchn = evtchn = self.platform.open_evtchn()
+        self._teardown.on_close("event channels", evtchn.close)
+        self._rings.grant(gntshr, evtchn, tool.backend_id, transport, codec, self.platform.full_barrier, self._teardown)
+        info = self._rings.ring_info(transport, self.config.protocol)
         # feature-persistent is the frontend's own wish (blkif.h), written whatever the
         # backend showed so far: Linux blkback advertises it only when it connects, and
         # uses persistent grants only if the frontend's key said so before. Whether we
         # reuse grants is decided at Connected (both sides said 1: _read_disk's negotiate).
         info = dataclasses.replace(info, feature_persistent=self.config.persistent)
-        write_ring_info(self._xs, self.frontend_path, info)
-        self._rings_granted = True
-        self._neg0 = neg
+        write_ring_info(self._xenstore, self.frontend_path, info)
+        self._rings.published = True
+        self._transport = transport
 
     def _read_disk(self) -> None:
         """read_disk_info: the disk (and, as Linux blkback publishes them only now, the I/O
         features). Again while connected: the backend announces a resize."""
+        backend = self._toolstack.backend
         try:
-            disk = read_disk_info(self._xs, self._backend_path)
+            disk = read_disk_info(self._xenstore, backend)
             disk.validate(feature_large_sector_size=self.config.large_sector_size)
-            features = read_backend_features(self._xs, self._backend_path)
+            features = read_backend_features(self._xenstore, backend)
         except FeatureError as err:
-            raise feature_error(err, f"backend {self._backend_path}") from None
+            raise feature_error(err, f"backend {backend}") from None
         if disk.sector_size > PAGE_SIZE:
             raise BlkfrontError(
                 "backend.sector-size.unsupported",
@@ -384,72 +394,49 @@ class BlkFront:
                 self.info = self._describe()
             return
         self._disk = disk
-        self._neg = negotiate(features, self._preferences())
+        self._features = negotiate(features, self._preferences())
 
     # ------------------------------------------------------------------------------------
     # I/O setup
     # ------------------------------------------------------------------------------------
 
     def _start_io(self) -> None:
-        neg0, neg, disk = self._neg0, self._neg, self._disk
-        assert neg0 is not None and neg is not None and disk is not None
-        self._ss = disk.sector_size
-        self._spp = PAGE_SIZE // self._ss
-        pool_pages = self.config.max_grants - neg0.num_queues * neg0.ring_pages
-        self._persistent = neg.persistent
-        if self._persistent:
+        transport, features, disk, tool = self._transport, self._features, self._disk, self._toolstack
+        assert transport is not None and features is not None and disk is not None and tool is not None
+        data_pages = self.config.max_grants - transport.num_queues * transport.ring_pages
+        if features.persistent:
             # Never more pages than the backend's persistent-grant cache holds (per ring; the
             # pool is shared by the rings, so no ring sees more): beyond it, the backend
             # would map and unmap for every request.
-            pool_pages = min(pool_pages, self.config.max_persistent_grants)
-        self._pool_pages = pool_pages
-        # Requests never need more than half the pool, so two always fit (and a deferred
-        # load can always complete once others finish).
-        cap = pool_pages // 2
-        self._indirect = False
-        self._segs = BLKIF_MAX_SEGMENTS_PER_REQUEST
-        if neg0.max_indirect_segments:
-            segs = min(neg0.max_indirect_segments, cap - indirect_pages_for(cap))
-            if segs > BLKIF_MAX_SEGMENTS_PER_REQUEST:
-                self._indirect = True
-                self._segs = segs
-        max_pages = self._segs + (indirect_pages_for(self._segs) if self._indirect else 0)
-        if self._persistent:
-            buffer_pages = min(pool_pages, max(max_pages, 64))
-            # One share() per extent; a buffer larger than an extent spans several (and is
-            # then copied page by page). 1 MiB requests stay in one contiguous extent.
-            self._allocator = PoolGrantAllocator(
-                self._gntshr, self._backend_id, max_pages=pool_pages,
-                extent_pages=min(buffer_pages, _MAX_EXTENT_PAGES), check_mapped=False,
-            )
-            self._staging = StagingArea(
-                self._allocator, self._backend_id, buffer_pages=buffer_pages, sectors_per_page=self._spp
-            )
-        else:
-            # One page per share() so that is_mapped() answers for exactly one page.
-            self._allocator = PoolGrantAllocator(
-                self._gntshr, self._backend_id, max_pages=pool_pages, extent_pages=1, check_mapped=True
-            )
-            self._tag = DmaTag(self._allocator, domid=self._backend_id, max_segments=max_pages, alignment=512)
-        if neg.flush_cache:
-            self._flush_op = BLKIF_OP_FLUSH_DISKCACHE
-        elif neg.barrier:
-            self._flush_op = BLKIF_OP_WRITE_BARRIER
-        self._discard = neg.discard
-        self._discard_secure = neg.discard_secure
+            data_pages = min(data_pages, self.config.max_persistent_grants)
+        requests = RequestBuilder(
+            # blkif_vdev_t is u16; Linux puts the device number there, truncated.
+            handle=tool.virtual_device & 0xFFFF,
+            sector_size=disk.sector_size,
+            max_indirect_segments=transport.max_indirect_segments,
+            data_pages=data_pages,
+            features=features,
+            stats=self.stats,
+        )
+        self._grants = GrantStaging(
+            self._gntshr, tool.backend_id, persistent=features.persistent, data_pages=data_pages,
+            max_request_pages=requests.max_request_pages, sectors_per_page=requests.sectors_per_page,
+            teardown=self._teardown,
+        )
+        self._requests = requests  # from here on the device is connected
         self.info = self._describe()
-        self._status = "connected"
-        self._thread = threading.Thread(target=self._run, name=f"blkfront {self.frontend_path}", daemon=True)
-        self._thread.start()
+        self._completion.start(self._run)
 
     def _describe(self) -> DeviceInfo:
-        neg0, neg, disk = self._neg0, self._neg, self._disk
-        assert neg0 is not None and neg is not None and disk is not None
+        transport, features, disk = self._transport, self._features, self._disk
+        requests, grants, tool = self._requests, self._grants, self._toolstack
+        assert transport is not None and features is not None and disk is not None
+        assert requests is not None and grants is not None and tool is not None
         return DeviceInfo(
             frontend_path=self.frontend_path,
-            backend_path=self._backend_path,
-            backend_id=self._backend_id,
-            virtual_device=self._virtual_device,
+            backend_path=tool.backend,
+            backend_id=tool.backend_id,
+            virtual_device=tool.virtual_device,
             protocol=self.config.protocol,
             sectors=disk.sectors,
             sector_size=disk.sector_size,
@@ -457,21 +444,20 @@ class BlkFront:
             readonly=disk.readonly,
             cdrom=disk.cdrom,
             removable=disk.removable,
-            ring_page_order=neg0.ring_page_order,
-            ring_entries=self._queues[0].size,
-            num_queues=neg0.num_queues,
-            max_indirect_segments=neg0.max_indirect_segments,
-            segments_per_request=self._segs,
-            persistent=self._persistent,
-            large_sector_size=neg.large_sector_size,
-            flush_cache=self._flush_op == BLKIF_OP_FLUSH_DISKCACHE,
-            barrier=self._flush_op == BLKIF_OP_WRITE_BARRIER,
-            discard=self._discard,
-            discard_secure=self._discard_secure,
+            ring_page_order=transport.ring_page_order,
+            ring_entries=self._rings.queues[0].size,
+            num_queues=transport.num_queues,
+            max_indirect_segments=transport.max_indirect_segments,
+            segments_per_request=requests.segments_per_request,
+            persistent=grants.persistent,
+            large_sector_size=features.large_sector_size,
+            flush_cache=requests.flush_op == BLKIF_OP_FLUSH_DISKCACHE,
+            barrier=requests.flush_op == BLKIF_OP_WRITE_BARRIER,
+            discard=requests.discard,
+            discard_secure=requests.discard_secure,
             max_grants=self.config.max_grants,
-            data_pages=self._pool_pages,
+            data_pages=grants.data_pages,
         )
-
     # ------------------------------------------------------------------------------------
     # Public I/O API
     # ------------------------------------------------------------------------------------
@@ -485,7 +471,7 @@ class BlkFront:
     @property
     def sector_size(self) -> int:
         self._require_info()
-        return self._ss
+        return self._requests.sector_size
 
     @property
     def failed(self) -> tuple[str, str] | None:
@@ -542,14 +528,15 @@ class BlkFront:
             fut = BlkFuture(self._lock, self)
             if callback is not None:
                 fut.add_done_callback(callback)
-            if self._flush_op is None:
+            flush_op = self._requests.flush_op
+            if flush_op is None:
                 fut._finish(None, None)
                 return fut
-            op = _Op(fut, self._flush_op, 1)
+            op = _Op(fut, flush_op, 1)
             entry = InFlight()
-            entry.op = entry.rsp_op = self._flush_op
+            entry.op = entry.rsp_op = flush_op
             entry.parent = op
-            self._dispatch(self._next_queue(), entry)
+            self._dispatch(self._rings.next_queue(), entry)
             self._maybe_push()
             return fut
 
@@ -559,9 +546,9 @@ class BlkFront:
         with self._lock:
             self._check_usable()
             self._check_range(sector, nr_sectors)
-            if not self._discard:
+            if not self._requests.discard:
                 raise BlkfrontError("discard.unsupported", "the backend does not offer feature-discard")
-            if secure and not self._discard_secure:
+            if secure and not self._requests.discard_secure:
                 raise BlkfrontError("discard.unsupported", "the backend does not offer discard-secure")
             if self.info is not None and self.info.readonly:
                 raise BlkfrontError("request.readonly", "the disk is read-only")
@@ -575,7 +562,7 @@ class BlkFront:
             entry.sector = sector
             entry.nr_sectors = nr_sectors
             entry.secure = secure
-            self._dispatch(self._next_queue(), entry)
+            self._dispatch(self._rings.next_queue(), entry)
             self._maybe_push()
             return fut
 
@@ -602,15 +589,16 @@ class BlkFront:
                 raise BlkfrontError("request.readonly", "the disk is read-only")
             for sector, view in views:
                 self._check_range(sector, self._whole_sectors(view.nbytes))
-            depth = getattr(self._tls, "depth", 0)
-            self._tls.depth = depth + 1
+            sector_size = self._requests.sector_size
+            depth = getattr(self._submitting, "depth", 0)
+            self._submitting.depth = depth + 1
             try:
                 return [
-                    self._submit_rw(kind, sector, view.nbytes // self._ss, view, None)
+                    self._submit_rw(kind, sector, view.nbytes // sector_size, view, None)
                     for sector, view in views
                 ]
             finally:
-                self._tls.depth = depth
+                self._submitting.depth = depth
                 if depth == 0:
                     self._push_all()
 
@@ -646,12 +634,12 @@ class BlkFront:
     @contextlib.contextmanager
     def batch(self) -> Iterator[BlkFront]:
         """Submit many requests, publish them once: `with dev.batch(): dev.submit_read(...)`."""
-        depth = getattr(self._tls, "depth", 0)
-        self._tls.depth = depth + 1
+        depth = getattr(self._submitting, "depth", 0)
+        self._submitting.depth = depth + 1
         try:
             yield self
         finally:
-            self._tls.depth = depth
+            self._submitting.depth = depth
             if depth == 0:
                 with self._lock:
                     self._push_all()
@@ -662,7 +650,7 @@ class BlkFront:
         deadline = time.monotonic() + limit
         while True:
             with self._lock:
-                if self._status != "connected" or not self._busy():
+                if not self._connected or not self._rings.busy():
                     return
                 if self._on_completion_thread():
                     raise BlkfrontError("future.wait_in_callback", "a completion callback cannot drain")
@@ -670,25 +658,24 @@ class BlkFront:
                 raise BlkfrontError("drain.timeout", f"requests still in flight after {limit:g} s")
             time.sleep(0.001)
 
-    def _busy(self) -> bool:
-        return any(q.in_flight or q.backlog for q in self._queues)
-
     # ------------------------------------------------------------------------------------
     # Building requests
     # ------------------------------------------------------------------------------------
 
     def _whole_sectors(self, nbytes: int) -> int:
         self._require_info()
-        if nbytes == 0 or nbytes % self._ss:
-            raise BlkfrontError("request.length", f"{nbytes} bytes is not a whole number of {self._ss}-byte sectors")
-        return nbytes // self._ss
+        sector_size = self._requests.sector_size
+        if nbytes == 0 or nbytes % sector_size:
+            raise BlkfrontError("request.length", f"{nbytes} bytes is not a whole number of {sector_size}-byte sectors")
+        return nbytes // sector_size
 
     def _check_usable(self) -> None:
-        if self._status == "failed":
+        status = self.status
+        if status == "failed":
             assert self._failure is not None
             raise DeviceFailed(*self._failure)
-        if self._status != "connected":
-            raise BlkfrontError("device.not_connected", f"the device is {self._status}")
+        if status != "connected":
+            raise BlkfrontError("device.not_connected", f"the device is {status}")
 
     def _check_range(self, sector: int, nr_sectors: int) -> None:
         for name, value in (("sector", sector), ("nr_sectors", nr_sectors)):
@@ -701,14 +688,9 @@ class BlkFront:
                 f"sectors {sector}..{sector + nr_sectors - 1} are outside the disk (0..{self._disk.sectors - 1})",
             )
 
-    def _next_queue(self) -> BlkfrontQueue:
-        queue = self._queues[self._rr]
-        self._rr = (self._rr + 1) % len(self._queues)
-        return queue
-
     def _submit_rw(self, kind: int, sector: int, nr_sectors: int, view: memoryview | None, callback) -> BlkFuture:
         with self._lock:
-            if self._status != "connected":
+            if not self._connected:
                 self._check_usable()
             disk_sectors = self._disk.sectors
             if (
@@ -718,8 +700,10 @@ class BlkFront:
                 self._check_range(sector, nr_sectors)
             if kind == BLKIF_OP_WRITE and self.info.readonly:
                 raise BlkfrontError("request.readonly", "the disk is read-only")
-            nbytes = nr_sectors * self._ss
-            chunk = self._segs * PAGE_SIZE
+            requests = self._requests
+            next_queue = self._rings.next_queue
+            nbytes = nr_sectors * requests.sector_size
+            chunk = requests.chunk_bytes
             fut = BlkFuture(self._lock, self)
             if callback is not None:
                 fut._callbacks = [callback]  # not done yet, and we hold the lock
@@ -736,12 +720,9 @@ class BlkFront:
                 entry.parent = op
                 entry.sector = sector
                 entry.nbytes = nbytes
-                pages = -(-nbytes // PAGE_SIZE)
-                if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST:
-                    pages += indirect_pages_for(pages)
-                entry.npages = pages
-                self._dispatch(self._next_queue(), entry)
-                if getattr(self._tls, "depth", 0) == 0:
+                entry.npages = requests.pages_for(nbytes)
+                self._dispatch(next_queue(), entry)
+                if getattr(self._submitting, "depth", 0) == 0:
                     self._push_all()
                 return fut
             nchunks = -(-nbytes // chunk)
@@ -756,7 +737,7 @@ class BlkFront:
                 op.dest = memoryview(buf)
                 op.result = buf
                 op.whole = True
-            chunk_sectors = chunk // self._ss
+            chunk_sectors = chunk // requests.sector_size
             offset = 0
             for index in range(nchunks):
                 entry = InFlight()
@@ -766,12 +747,9 @@ class BlkFront:
                 entry.sector = sector + index * chunk_sectors
                 size = min(chunk, nbytes - offset)
                 entry.nbytes = size
-                pages = -(-size // PAGE_SIZE)
-                if pages > BLKIF_MAX_SEGMENTS_PER_REQUEST:
-                    pages += indirect_pages_for(pages)
-                entry.npages = pages
+                entry.npages = requests.pages_for(size)
                 offset += size
-                self._dispatch(self._next_queue(), entry)
+                self._dispatch(next_queue(), entry)
             self._maybe_push()
             return fut
 
@@ -789,7 +767,7 @@ class BlkFront:
         any ring, no response will come, and waiting would be forever (the platform refused
         to share more pages). Fail instead of hanging."""
         waiting = False
-        for queue in self._queues:
+        for queue in self._rings.queues:
             if queue.backlog:
                 waiting = True
             for entry in queue.shadow:
@@ -808,130 +786,45 @@ class BlkFront:
         if queue.in_flight > self.stats["max_in_flight"]:
             self.stats["max_in_flight"] = queue.in_flight
         if entry.npages == 0:
-            self._issue_bare(queue, entry)
+            self._put(queue, entry, self._requests.bare(queue.codec, entry))
             return True
-        if self._persistent:
-            assert self._staging is not None
-            got = self._staging.take(entry.npages)
-            if got is None:
+        grants = self._grants
+        if grants.persistent:
+            if not grants.take_run(entry):
                 queue.release_slot(entry)
                 return False
-            entry.staging, entry.start = got
-            self._issue_persistent(queue, entry)
+            if entry.op == BLKIF_OP_WRITE:
+                grants.copy_in_run(entry, entry.parent.src[entry.offset : entry.offset + entry.nbytes])
+            self._put(queue, entry, self._requests.from_run(queue.codec, entry, entry.staging, entry.start))
             return True
-        assert self._tag is not None
-        dma_map = self._tag.create_map()
-        entry.dma_map = dma_map
-        direction = DmaDirection.DEVICE_WRITES if entry.op == BLKIF_OP_READ else DmaDirection.DEVICE_READS
-        base = ((queue.index << 9) | entry.slot) * _NOMINAL_STRIDE_PAGES * PAGE_SIZE
-        status = dma_map.load(
-            LinearBuffer(base, entry.npages * PAGE_SIZE),
-            direction,
-            functools.partial(self._loaded, queue, entry),
-            DmaFlags.WAITOK,
-        )
-        if status is LoadStatus.EINPROGRESS:
+        if grants.load(entry, queue.index, functools.partial(self._loaded, queue, entry)):
             # Holds its slot; the grant-DMA layer calls back when refs are freed.
             self.stats["deferred_loads"] += 1
         return True
 
     def _put(self, queue: BlkfrontQueue, entry: InFlight, request: bytes | bytearray) -> None:
-        entry.deadline = time.monotonic() + self._request_timeout
+        entry.deadline = time.monotonic() + self.config.request_timeout
         queue.put(request)
         self.stats["requests"] += 1
-
-    def _issue_bare(self, queue: BlkfrontQueue, entry: InFlight) -> None:
-        codec = queue.codec
-        if entry.op == BLKIF_OP_DISCARD:
-            request = codec.discard_request(self._handle, entry.id, entry.sector, entry.nr_sectors, entry.secure)
-        else:  # flush or barrier without data (blkif.h allows 0 segments for both)
-            request = codec.rw_request(entry.op, self._handle, entry.id, 0, b"", 0)
-        self._put(queue, entry, request)
-
-    def _segments_request(self, queue: BlkfrontQueue, entry: InFlight, segs: bytes | bytearray, ndata: int, indirect_pages) -> bytes | bytearray:
-        """The request for `ndata` data segments (packed in `segs`): direct when they fit,
-        else INDIRECT with the segments copied into `indirect_pages` [(ref, page view)]."""
-        codec = queue.codec
-        if ndata <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            self.stats["direct_requests"] += 1
-            return codec.rw_request(entry.op, self._handle, entry.id, entry.sector, segs, ndata)
-        self.stats["indirect_requests"] += 1
-        refs = []
-        for index, (ref, page) in enumerate(indirect_pages):
-            part = segs[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
-            page[: len(part)] = part
-            refs.append(ref)
-        entry.op = BLKIF_OP_INDIRECT
-        return codec.indirect_request(entry.rsp_op, self._handle, entry.id, entry.sector, ndata, refs)
-
-    def _last_sect(self, entry: InFlight, ndata: int) -> int:
-        tail = entry.nbytes - (ndata - 1) * PAGE_SIZE
-        return tail // self._ss - 1
-
-    def _issue_persistent(self, queue: BlkfrontQueue, entry: InFlight) -> None:
-        buf = entry.staging
-        start = entry.start
-        nbytes = entry.nbytes
-        ndata = -(-nbytes // PAGE_SIZE)
-        if entry.op == BLKIF_OP_WRITE:
-            src = entry.parent.src
-            self._copy_in(buf, start, src[entry.offset : entry.offset + nbytes])
-        segs = buf.segments[SEGMENT_SIZE * start : SEGMENT_SIZE * (start + ndata)]
-        last = (nbytes - (ndata - 1) * PAGE_SIZE) // self._ss - 1
-        if last != self._spp - 1:
-            codec = queue.codec
-            segs = bytearray(segs)
-            segs[codec.segment_size * (ndata - 1) + codec.last_sect_at] = last
-        entry.deadline = time.monotonic() + self._request_timeout
-        if ndata <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            self.stats["direct_requests"] += 1
-            request = queue.codec.rw_request(entry.op, self._handle, entry.id, entry.sector, segs, ndata)
-        else:
-            first_ind = start + ndata
-            indirect = [(buf.refs[i], buf.pages[i]) for i in range(first_ind, start + entry.npages)]
-            request = self._segments_request(queue, entry, segs, ndata, indirect)
-        queue.put(request)
-        self.stats["requests"] += 1
-
-    @staticmethod
-    def _copy_in(buf, start: int, data: memoryview) -> None:
-        if buf.view is not None:
-            base = start * PAGE_SIZE
-            buf.view[base : base + data.nbytes] = data
-            return
-        for index in range(0, data.nbytes, PAGE_SIZE):
-            part = data[index : index + PAGE_SIZE]
-            buf.pages[start + index // PAGE_SIZE][: part.nbytes] = part
 
     def _loaded(self, queue: BlkfrontQueue, entry: InFlight, segments) -> None:
         """Grant-DMA load callback (per-request grants): the refs are bound; build and put
         the request. May run later, from a free() during a completion pass."""
-        if self._status != "connected" or queue.shadow[entry.slot] is not entry:
+        if not self._connected or queue.shadow[entry.slot] is not entry:
             return  # the device failed meanwhile; the map is dealt with at close
-        allocator = self._allocator
-        assert allocator is not None
-        nbytes = entry.nbytes
-        ndata = -(-nbytes // PAGE_SIZE)
+        grants = self._grants
+        grefs = [seg.gref for seg in segments]
         if entry.op == BLKIF_OP_WRITE:
-            src = entry.parent.src
-            for index in range(ndata):
-                part = src[entry.offset + index * PAGE_SIZE : entry.offset + min(nbytes, (index + 1) * PAGE_SIZE)]
-                allocator.page(segments[index].gref)[: part.nbytes] = part
-        last = self._last_sect(entry, ndata)
-        full = self._spp - 1
-        segs = queue.codec.pack_segments(
-            [(seg.gref, 0, full if index < ndata - 1 else last) for index, seg in enumerate(segments[:ndata])]
-        )
-        indirect = [(seg.gref, allocator.page(seg.gref)) for seg in segments[ndata:]]
-        self._put(queue, entry, self._segments_request(queue, entry, segs, ndata, indirect))
+            grants.copy_in_grants(grefs, entry.parent.src[entry.offset : entry.offset + entry.nbytes])
+        self._put(queue, entry, self._requests.from_grants(queue.codec, entry, grefs, grants.allocator.page))
         queue.unpushed = True
 
     def _maybe_push(self) -> None:
-        if getattr(self._tls, "depth", 0) == 0:
+        if getattr(self._submitting, "depth", 0) == 0:
             self._push_all()
 
     def _push_all(self) -> None:
-        for queue in self._queues:
+        for queue in self._rings.queues:
             if queue.unpushed:
                 if queue.push():
                     try:
@@ -949,28 +842,28 @@ class BlkFront:
         self.stats["callback_errors"] += 1
 
     def _on_completion_thread(self) -> bool:
-        return self._thread_ident is not None and threading.get_ident() == self._thread_ident
+        return self._completion.running_here()
 
     def _run(self) -> None:
-        self._thread_ident = threading.get_ident()
+        completion = self._completion
         poller = select.poll()
         evtchn_fd = self._evtchn.fileno()
-        xs_fd = self._xs.fileno()
-        for fd in (evtchn_fd, xs_fd, self._wake_r):
+        xs_fd = self._xenstore.fileno()
+        wake_fd = completion.wake_fd
+        for fd in (evtchn_fd, xs_fd, wake_fd):
             poller.register(fd, select.POLLIN)
         interval = _POLL_MS if self.platform.full_barrier is not None else _POLL_MS_NO_BARRIER
         try:
-            while not self._stopping:
+            while not completion.stopping:
                 ready = {fd for fd, _ in poller.poll(interval)}
-                if self._wake_r in ready:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 4096)
+                if wake_fd in ready:
+                    completion.take_wakeups()
                 # A quiet interval re-checks every ring: a notification lost on the way (or
                 # never sent by a backend that read a stale rsp_event) costs one interval.
                 ports = self._pass(xs_fd in ready, recheck=not ready)
                 if ports is None:
                     continue
-                if self._storm > _STORM_STREAK:
+                if self._spurious_streak > _STORM_STREAK:
                     time.sleep(_STORM_DELAY)  # XSA-391: throttle an event storm
                 for port in ports:
                     try:
@@ -985,9 +878,9 @@ class BlkFront:
         """One completion pass under the lock: events, responses, backlog, watch, deadlines.
         Returns the ports to unmask (None when stopping)."""
         with self._lock:
-            if self._stopping:
+            if self._completion.stopping:
                 return None
-            self._tls.depth = getattr(self._tls, "depth", 0) + 1
+            self._submitting.depth = getattr(self._submitting, "depth", 0) + 1
             ports: list[int] = []
             try:
                 while True:
@@ -997,34 +890,35 @@ class BlkFront:
                     ports.append(port)
                 self.stats["events"] += len(ports)
                 work = 0
-                if self._status == "connected":
-                    polled = self._queues if recheck or self.platform.full_barrier is None else (
-                        self._by_port[p] for p in ports if p in self._by_port
+                if self._connected:
+                    rings = self._rings
+                    polled = rings.queues if recheck or self.platform.full_barrier is None else (
+                        rings.by_port[p] for p in ports if p in rings.by_port
                     )
                     for queue in polled:
                         work += self._process(queue)
-                        if self._status != "connected":
+                        if not self._connected:
                             break
                 if ports and not work:
                     self.stats["spurious_events"] += len(ports)
-                    self._storm += len(ports)
+                    self._spurious_streak += len(ports)
                 elif work:
-                    self._storm = 0
-                if self._status == "connected":
+                    self._spurious_streak = 0
+                if self._connected:
                     self._run_backlogs()
-                    if any(q.backlog for q in self._queues):
+                    if any(q.backlog for q in self._rings.queues):
                         self._check_stalled()
                 if xs_ready:
                     self._watch_event()
                 now = time.monotonic()
-                if now >= self._next_deadline_check:
-                    self._next_deadline_check = now + _DEADLINE_CHECK
+                if now >= self._next_deadline_scan:
+                    self._next_deadline_scan = now + _DEADLINE_CHECK
                     self._check_deadlines(now)
             except PlatformError as err:
                 self._fail("platform", str(err))
             finally:
-                self._tls.depth -= 1
-                if self._status == "connected":
+                self._submitting.depth -= 1
+                if self._connected:
                     self._push_all()
             return ports
 
@@ -1039,99 +933,47 @@ class BlkFront:
 
     def _complete(self, entry: InFlight, status: int) -> None:
         op: _Op = entry.parent
+        grants = self._grants
         if status == BLKIF_RSP_OKAY and entry.staging is not None:
             # The common case, kept short: persistent grants, success.
-            buf = entry.staging
-            view = buf.view
-            if entry.rsp_op == BLKIF_OP_READ and view is not None:
-                base = entry.start * PAGE_SIZE
-                source = view[base : base + entry.nbytes]
-                if op.dest is None:
-                    op.result = bytes(source)
-                else:
-                    op.dest[entry.offset : entry.offset + entry.nbytes] = source
-            elif entry.rsp_op == BLKIF_OP_READ:
-                data = self._copy_out(entry, op)
+            if entry.rsp_op == BLKIF_OP_READ:
+                data = grants.copy_out(entry, op.dest)
                 if data is not None:
                     op.result = data
-            buf.give(entry.start, entry.npages)
-            op.remaining -= 1
-            if op.remaining == 0:
+            entry.staging.give(entry.start, entry.npages)
+            op.chunks_left -= 1
+            if op.chunks_left == 0:
                 self._finish(op)
             return
         error: BaseException | None = None
         data = None
         if status == BLKIF_RSP_OKAY:
             if entry.rsp_op == BLKIF_OP_READ:
-                data = self._copy_out(entry, op)
+                data = grants.copy_out(entry, op.dest)
         else:
             self.stats["errors"] += 1
             if status == BLKIF_RSP_EOPNOTSUPP:
                 # Linux blkfront: the feature is advertised but not supported after all;
                 # stop sending it.
-                if entry.rsp_op in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER):
-                    self._flush_op = None
-                    self.info = self._describe()
-                elif entry.rsp_op == BLKIF_OP_DISCARD:
-                    self._discard = self._discard_secure = False
+                if self._requests.not_supported(entry.rsp_op):
                     self.info = self._describe()
                 error = RequestFailed("response.eopnotsupp", f"the backend does not support operation {entry.rsp_op}")
             else:
                 error = RequestFailed(
                     "response.error", f"the backend failed operation {entry.rsp_op} at sector {entry.sector}"
                 )
-        if not self._release(entry):
+        if not grants.release(entry):
             error = DeviceFailed("grant.still_mapped", "the backend still maps a page after its response (XSA-396)")
             data = None
         if error is not None and op.error is None:
             op.error = error
         if data is not None:
             op.result = data
-        op.remaining -= 1
-        if op.remaining == 0:
+        op.chunks_left -= 1
+        if op.chunks_left == 0:
             self._finish(op)
         if isinstance(error, DeviceFailed):
             self._fail(error.rule, error.detail)
-
-    def _copy_out(self, entry: InFlight, op: _Op) -> bytes | None:
-        nbytes = entry.nbytes
-        if self._persistent:
-            buf = entry.staging
-            base = entry.start * PAGE_SIZE
-            if buf.view is not None:
-                source = buf.view[base : base + nbytes]
-                if op.dest is None:
-                    return bytes(source)
-                op.dest[entry.offset : entry.offset + nbytes] = source
-                return None
-            pages = [buf.pages[entry.start + i] for i in range(-(-nbytes // PAGE_SIZE))]
-        else:
-            allocator = self._allocator
-            assert allocator is not None
-            pages = [allocator.page(seg.gref) for seg in entry.dma_map.segments]
-        out = bytearray(nbytes) if op.dest is None else None
-        dest = memoryview(out) if out is not None else op.dest[entry.offset : entry.offset + nbytes]
-        for index in range(0, nbytes, PAGE_SIZE):
-            size = min(PAGE_SIZE, nbytes - index)
-            dest[index : index + size] = pages[index // PAGE_SIZE][:size]
-        return bytes(out) if out is not None else None
-
-    def _release(self, entry: InFlight) -> bool:
-        """Give the request's pages back. False if a grant could not be revoked (XSA-396:
-        the page is quarantined by grant-DMA and never reused)."""
-        if entry.npages == 0:
-            return True
-        if self._persistent:
-            entry.staging.give(entry.start, entry.npages)
-            return True
-        dma_map = entry.dma_map
-        entry.dma_map = None
-        try:
-            still = dma_map.unload()
-        except (GrantDmaError, PlatformError):
-            return False
-        dma_map.destroy()
-        return not still
 
     def _finish(self, op: _Op) -> None:
         if op.error is not None:
@@ -1142,17 +984,17 @@ class BlkFront:
             op.future._finish(None, None)
 
     def _run_backlogs(self) -> None:
-        for queue in self._queues:
+        for queue in self._rings.queues:
             backlog = queue.backlog
-            while backlog and self._status == "connected":
+            while backlog and self._connected:
                 if not self._start(queue, backlog[0]):
                     break
                 backlog.popleft()
 
     def _check_deadlines(self, now: float) -> None:
-        if self._status != "connected":
+        if not self._connected:
             return
-        for queue in self._queues:
+        for queue in self._rings.queues:
             for entry in queue.shadow:
                 if entry is not None and entry.deadline and entry.deadline < now:
                     self._fail(
@@ -1164,12 +1006,12 @@ class BlkFront:
 
     def _watch_event(self) -> None:
         """The backend's state changed while we run: resize, or it is going away."""
-        watch = self._watch
+        watch = self._backend_watch
         if watch is None or not watch.drain():
             return
         try:
             state = watch.read()
-            step = self._hs.peer_changed(state)
+            step = self._handshake.peer_changed(state)
         except (FeatureError, XenbusError) as err:
             self._fail(getattr(err, "rule", "backend.state"), f"backend state: {err}")
             return
@@ -1186,18 +1028,15 @@ class BlkFront:
         """Enter the error state: fail everything in flight or waiting, tell the backend
         (Closing). Pages of requests in flight are left alone: the backend may still map
         them, and they are never handed out again (XSA-396)."""
-        if self._failure is not None or self._status in ("closed",):
+        if self._failure is not None or self._teardown.closed:
             return
+        was_connected = self._connected
         self._failure = (rule, detail)
-        was_connected = self._status == "connected"
-        self._status = "failed"
         ops: dict[int, _Op] = {}
-        for queue in self._queues:
+        for queue in self._rings.queues:
             for entry in queue.entries():
-                if entry.dma_map is not None and entry.dma_map.pending:
-                    entry.dma_map.unload()  # a deferred load holds no refs: cancel it
-                    entry.dma_map.destroy()
-                    entry.dma_map = None
+                if self._grants is not None:
+                    self._grants.abandon(entry)
                 ops[id(entry.parent)] = entry.parent
                 queue.shadow[entry.slot] = None
             for entry in queue.backlog:
@@ -1207,58 +1046,54 @@ class BlkFront:
         for op in ops.values():
             if not op.future.done():
                 op.future._finish(None, DeviceFailed(rule, detail))
-        if was_connected and self._hs is not None and self._hs.state != XenbusState.Closed:
+        handshake = self._handshake
+        if was_connected and handshake is not None and handshake.state != XenbusState.Closed:
             try:
-                step = self._hs.milestone(Milestone.error)
+                step = handshake.milestone(Milestone.error)
                 if step.new_state is not None:
-                    write_state(self._xs, self.frontend_path, step.new_state)
+                    write_state(self._xenstore, self.frontend_path, step.new_state)
             except (XenbusError, PlatformError):
                 pass
 
     def close(self) -> None:
-        """Finish (or fail) what is in flight, close the handshake, release every grant.
+        """Finish (or fail) what is in flight, close the handshake, release every resource.
 
         The rings and pages are unshared only after the backend reached Closed (it has
         unmapped them), or after close_timeout; a page it still maps is then left shared for
-        good rather than reused (XSA-396), counted in `close_report["leaked_pages"]`.
+        good rather than reused (XSA-396), counted in `close_report["leaked_pages"]`. A
+        release that failed is listed in `close_report["teardown_errors"]`.
         """
-        if self._status == "closed":
+        if self._teardown.closed:
             return
         cfg = self.config
-        if self._status == "connected" and not self._on_completion_thread():
+        if self._connected and not self._on_completion_thread():
             with contextlib.suppress(BlkfrontError):
                 self.drain(cfg.close_timeout)
-        self._stop_thread()
+        self._completion.stop(cfg.close_timeout)
         with self._lock:
-            if self._status == "connected" and self._busy():
+            if self._connected and self._rings.busy():
                 self._fail("device.closed", "closed with requests in flight")
-            self._close_handshake()
-            self._release_all()
-            self._status = "closed"
-
-    def _stop_thread(self) -> None:
-        thread = self._thread
-        if thread is None:
-            return
-        self._stopping = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-        if thread is not threading.current_thread():
-            thread.join(self.config.close_timeout)
-        self._thread = None
+            try:
+                self._close_handshake()
+            finally:
+                errors = self._teardown.close()
+                grants = self._grants
+                self.close_report["leaked_pages"] = self._rings.leaked_pages + (grants.leaked_pages if grants else 0)
+                self.close_report["still_mapped"] = grants.still_mapped if grants else 0
+                if errors:
+                    self.close_report["teardown_errors"] = list(errors)
 
     def _close_handshake(self) -> None:
-        hs, watch, xs = self._hs, self._watch, self._xs
-        if hs is None or watch is None or xs is None:
+        handshake, watch, xs = self._handshake, self._backend_watch, self._xenstore
+        if handshake is None or watch is None or xs is None:
             return
-        granted = self._rings_granted
         deadline = time.monotonic() + self.config.close_timeout
         try:
-            if hs.state not in (XenbusState.Closing, XenbusState.Closed):
-                step = hs.milestone(Milestone.close_requested)
+            if handshake.state not in (XenbusState.Closing, XenbusState.Closed):
+                step = handshake.milestone(Milestone.close_requested)
                 if step.new_state is not None:
                     write_state(xs, self.frontend_path, step.new_state)
-            if not granted:
+            if not self._rings.published:
                 # Nothing was ever granted to the backend: nothing to wait for.
                 write_state(xs, self.frontend_path, XenbusState.Closed)
                 return
@@ -1266,64 +1101,23 @@ class BlkFront:
             # writes Closed. Only then are our pages safe to release.
             while True:
                 state = watch.read()
-                if hs.state != XenbusState.Closed:
-                    step = hs.peer_changed(state)
+                if handshake.state != XenbusState.Closed:
+                    step = handshake.peer_changed(state)
                     if step.new_state is not None:
                         write_state(xs, self.frontend_path, step.new_state)
-                if hs.state == XenbusState.Closed and state in (XenbusState.Closed, XenbusState.Unknown):
+                if handshake.state == XenbusState.Closed and state in (XenbusState.Closed, XenbusState.Unknown):
                     self.close_report["backend_closed"] = True
                     return
                 if not watch.wait_event(deadline):
                     self.close_report["backend_closed"] = False
                     self.close_report["backend_state"] = state.name
-                    if hs.state != XenbusState.Closed:
+                    if handshake.state != XenbusState.Closed:
                         write_state(xs, self.frontend_path, XenbusState.Closed)
                     return
         except (XenbusError, FeatureError, PlatformError) as err:
             self.close_report["handshake_error"] = str(err)
             with contextlib.suppress(PlatformError):
                 write_state(xs, self.frontend_path, XenbusState.Closed)
-
-    def _release_all(self) -> None:
-        leaked = 0
-        still_mapped = 0
-        try:
-            if self._staging is not None:
-                with contextlib.suppress(GrantDmaError, PlatformError):
-                    still_mapped += self._staging.unload()
-            for queue in self._queues:
-                for entry in queue.shadow:  # only after a close with nothing failed
-                    if entry is not None and entry.dma_map is not None:
-                        with contextlib.suppress(GrantDmaError, PlatformError):
-                            still_mapped += len(entry.dma_map.unload())
-            if self._allocator is not None:
-                leaked += self._allocator.close()
-            for queue in self._queues:
-                queue.ring.shared.release()
-                try:
-                    self._gntshr.unshare(queue.pages)
-                except PlatformError:
-                    leaked += len(queue.pages.refs)
-                with contextlib.suppress(PlatformError):
-                    self._evtchn.unbind(queue.port)
-        finally:
-            self.close_report["leaked_pages"] = leaked
-            self.close_report["still_mapped"] = still_mapped
-            for handle in (self._evtchn, self._gntshr):
-                if handle is not None:
-                    with contextlib.suppress(PlatformError):
-                        handle.close()
-            if self._watch is not None:
-                self._watch.close()
-            if self._xs is not None:
-                with contextlib.suppress(PlatformError):
-                    self._xs.close()
-            self._evtchn = self._gntshr = self._xs = None
-            self._watch = None
-            for fd in (self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self._wake_r = self._wake_w = -1
 
     def __enter__(self) -> BlkFront:
         return self
@@ -1332,7 +1126,7 @@ class BlkFront:
         self.close()
 
     def __repr__(self) -> str:
-        return f"BlkFront({self.frontend_path!r}, {self._status})"
+        return f"BlkFront({self.frontend_path!r}, {self.status})"
 
 
 def _byte_view(data: Any, *, writable: bool) -> memoryview:

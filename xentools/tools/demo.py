@@ -258,7 +258,7 @@ def demo(size_mib: int, queues: int, seed: int) -> None:
             say(f"demo: flushed; discarded and rewrote 2 MiB at sector {start}")
             seconds = _sequential_read(dev, shadow)
             stats = dict(dev.stats)
-            per_queue = [queue.requests for queue in dev._queues]
+            per_queue = [queue.requests for queue in dev._rings.queues]
         finally:
             dev.close()
         if dev.failed is not None:
