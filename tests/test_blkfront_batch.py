@@ -95,6 +95,27 @@ def test_batches_move_the_right_bytes(rig, path, request_bytes, depth, monkeypat
         assert dev.read(0, 2048) == rig.shadow[: 2048 * 512]
 
 
+def test_batch_and_futures_share_a_queue(rig) -> None:
+    """Responses to a batch and to the future API interleave on one ring: the caller's reap
+    takes the batch's, the completion thread the others (it is woken when the caller finds
+    one it must not judge), and every read returns its own bytes."""
+    rng = random.Random(5)
+    with rig.attach(_config(num_queues=1)) as dev:
+        with dev.batch_io(depth=16, request_bytes=8192) as io:
+            for _ in range(30):
+                sectors = [rng.randrange(DISK // 512 - 16) for _ in range(8)]
+                futures = [dev.submit_read(sector, 16) for sector in sectors[:4]]
+                tags = io.submit_reads([(sector, 16) for sector in sectors[4:]])
+                by_tag = dict(zip(tags, sectors[4:]))
+                for tag, status in io.reap(len(tags), 30):
+                    assert status == 0
+                    sector = by_tag.pop(tag)
+                    assert bytes(io.view(tag)) == rig.shadow[sector * 512 : (sector + 16) * 512]
+                for fut, sector in zip(futures, sectors[:4]):
+                    assert fut.result(30) == rig.shadow[sector * 512 : (sector + 16) * 512]
+        assert dev.stats["responses"] == dev.stats["requests"]
+
+
 def test_lanes_stay_within_the_persistent_grant_pool(rig) -> None:
     with rig.attach(_config()) as dev:
         pool = dev.info.data_pages

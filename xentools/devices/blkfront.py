@@ -973,7 +973,7 @@ class BlkFront:
                         os.read(self._wake_r, 4096)
                 # A quiet interval re-checks every ring: a notification lost on the way (or
                 # never sent by a backend that read a stale rsp_event) costs one interval.
-                ports = self._pass(xs_fd in ready, recheck=not ready)
+                ports = self._pass(xs_fd in ready, recheck=not ready or self._wake_r in ready)
                 if ports is None:
                     continue
                 if self._storm > _STORM_STREAK:
@@ -1242,6 +1242,11 @@ class BlkFront:
             self._close_handshake()
             self._release_all()
             self._status = "closed"
+
+    def _wake(self) -> None:
+        """Make the completion thread re-check every ring now (blkfront_batch asks)."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
 
     def _stop_thread(self) -> None:
         thread = self._thread

@@ -258,7 +258,7 @@ def _batched(io: BatchIO, requests: list[tuple[int, int]], nbytes: int, into_poo
     lane busy: submit on every free lane, reap what completed (at least one), again. Reads
     go into the caller's buffers (one buffer per lane, copied into once) or, `into_pool`,
     stay in the lanes' granted pages. Returns the reads done; every one must succeed."""
-    buffers = [bytearray(nbytes) for _ in range(io.depth)]
+    buffers = [] if into_pool else [bytearray(nbytes) for _ in range(io.depth)]
     free = list(range(io.depth))  # buffers not given to a read in flight
     owner: dict[int, int] = {}  # tag -> buffer index
     total = len(requests)
