@@ -261,20 +261,24 @@ class BatchLanes:
         ffi = self._ffi
         n = len(used)
         self._c_lane_of[0:n] = used
-        self._c_sector[0:n] = [r[0] for r in requests]
-        self._c_nbytes[0:n] = [r[1] for r in requests]
+        sectors, sizes, buffers = zip(*requests)
+        self._c_sector[0:n] = sectors
+        self._c_nbytes[0:n] = sizes
         bufs = ffi.NULL
-        if any(r[2] is not None for r in requests):
-            pointers = [ffi.NULL if r[2] is None else ffi.from_buffer(r[2]) for r in requests]
+        if buffers.count(None) != n:
+            from_buffer = ffi.from_buffer
+            pointers = [ffi.NULL if b is None else from_buffer(b) for b in buffers]
             self._c_bufs[0:n] = pointers
             bufs = self._c_bufs
             if op == BLKIF_OP_READ:
                 held = self._pointers
-                for lane, pointer, request in zip(used, pointers, requests):
-                    if request[2] is not None:
+                pinned = 0
+                for lane, pointer, buffer in zip(used, pointers, buffers):
+                    if buffer is not None:
                         # The destination stays exported (pinned) until the response.
-                        held[lane] = (pointer, request[2])
-                        self._held += 1
+                        held[lane] = (pointer, buffer)
+                        pinned += 1
+                self._held += pinned
         ring = self.queue.ring
         self._index[0] = ring.req_prod_pvt
         written = self._lib.xt_front_fill(
@@ -342,10 +346,12 @@ class BatchLanes:
         self.completed.extend(zip(lanes, ffi.unpack(self._out_status, got)))
         if self._held:
             held = self._pointers
+            released = 0
             for lane in lanes:
                 if held[lane] is not None:
                     held[lane] = None
-                    self._held -= 1
+                    released += 1
+            self._held -= released
         self.queue.in_flight -= got
         self.busy -= got
         self.compiled_reaps += got
@@ -391,7 +397,7 @@ class BatchLanes:
     def take_completed(self) -> list[tuple[int, int]]:
         """The completions so far, (lane, status), in order; their lanes are free again."""
         done, self.completed = self.completed, []
-        self.free.extend(lane for lane, _ in done)
+        self.free.extend([lane for lane, _ in done])
         return done
 
     def nbytes(self, lane: int) -> int:
@@ -492,8 +498,11 @@ class BatchIO:
                 raise BlkfrontError("batch.closed", "the batch is closed")
             if op == BLKIF_OP_WRITE and dev.info.readonly:
                 raise BlkfrontError("request.readonly", "the disk is read-only")
+            unit, most, sectors = dev._ss, self.request_bytes, dev._disk.sectors
             for sector, nbytes, _ in requests:
-                self._check(sector, nbytes)
+                if (type(sector) is not int or sector < 0 or nbytes < 1 or nbytes > most or nbytes % unit
+                        or sector + nbytes // unit > sectors):
+                    self._check(sector, nbytes)  # says which, in one line
             used = self.lanes.fill(op, requests, time.monotonic() + dev._request_timeout)
             stats = dev.stats
             stats["requests"] += len(used)
@@ -516,8 +525,11 @@ class BatchIO:
         out: list[tuple[int, int, Any]] = []
         unit = self.dev._ss
         for sector, target in requests:
-            if type(target) is int:
+            kind = type(target)
+            if kind is int:
                 out.append((sector, target * unit, None))
+            elif kind is bytearray:  # writable and contiguous: the common buffer, kept short
+                out.append((sector, len(target), target))
             else:
                 view = memoryview(target)
                 if view.readonly or not view.c_contiguous:
