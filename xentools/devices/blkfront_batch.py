@@ -420,7 +420,13 @@ class BatchLanes:
 
 class BatchIO:
     """Batch I/O on one queue of a connected BlkFront with persistent grants (see the
-    module docstring). Created by `BlkFront.batch_io()`; close it before the device."""
+    module docstring). Created by `BlkFront.batch_io()`; close it before the device.
+
+    Its lanes hold `pages` pages of the persistent-grant pool and `depth` shadow slots of
+    the queue until close(); the future API of the same device shares what is left (a
+    request that can never get pages fails the device with "grants.exhausted", as it
+    does without a batch). One batch per queue. Completions are reaped by the caller's
+    thread (`reap`) where the compiled reap is built, else by the completion thread."""
 
     def __init__(self, dev: Any, depth: int, request_bytes: int, queue: int = 0) -> None:
         self.dev = dev
@@ -608,7 +614,7 @@ class BatchIO:
             with dev._lock:
                 self.closed = True
                 self.lanes.detach()
-                if dev._failure is None and not self.lanes.busy:
+                if dev._failure is None and dev._status == "connected" and not self.lanes.busy:
                     for buf, start in self._runs:
                         buf.give(start, self._run_pages)  # zeroed (XSA-403)
                 self._runs = []
