@@ -260,7 +260,7 @@ def _batched(io: BatchIO, requests: list[tuple[int, int]], nbytes: int, into_poo
     stay in the lanes' granted pages. Returns the reads done; every one must succeed."""
     buffers = [] if into_pool else [bytearray(nbytes) for _ in range(io.depth)]
     free = list(range(io.depth))  # buffers not given to a read in flight
-    owner: dict[int, int] = {}  # tag -> buffer index
+    owner = [0] * io.depth  # tag -> its buffer
     total = len(requests)
     submitted = done = 0
     while done < total:
@@ -274,13 +274,13 @@ def _batched(io: BatchIO, requests: list[tuple[int, int]], nbytes: int, into_poo
                 tags = io.submit_reads([(sector, buffers[b]) for (sector, _), b in zip(batch, picks)])
             for tag, b in zip(tags, picks):
                 owner[tag] = b
-            free.extend(picks[len(tags):])
+            free += picks[len(tags):]
             submitted += len(tags)
-        for tag, status in io.reap(1, 120):
-            if status != BLKIF_RSP_OKAY:
-                raise DemoError("bench.read_failed", f"a batched read failed with status {status}")
-            free.append(owner.pop(tag))
-            done += 1
+        completed = io.reap(1, 120)
+        if any(status != BLKIF_RSP_OKAY for _, status in completed):
+            raise DemoError("bench.read_failed", f"a batched read failed: {completed}")
+        free += [owner[tag] for tag, _ in completed]
+        done += len(completed)
     return done
 
 
