@@ -329,14 +329,15 @@ class BatchLanes:
 
     # -- completing -------------------------------------------------------------------------
 
-    def reap_compiled(self) -> int:
+    def reap_compiled(self, limit: int = 0) -> int:
         """The compiled reap (called by take_responses): complete every plain response to a
-        lane's request; stop at anything else and leave it for the Python path."""
+        lane's request (at most `limit`, if given); stop at anything else and leave it for
+        the Python path."""
         ring = self.queue.ring
         self._index[0] = ring.rsp_cons
         got = self._lib.xt_front_reap(
             self._layout, self._sring, self.queue.size, self._index, self._c_shadow, self._c_lanes,
-            len(self.lanes), self._out_lane, self._out_status, len(self.lanes), self._stop,
+            len(self.lanes), self._out_lane, self._out_status, limit or len(self.lanes), self._stop,
         )
         if not got:
             return 0
@@ -481,6 +482,7 @@ class BatchIO:
                                     on_settle=self.cond.notify_all)
             self.depth = depth
             self.polled = 0  # responses the caller's thread took (BatchIO.reap)
+            self._poll_bytes = 256 * 1024  # what one poll copies at most (unless more are asked)
             self.request_bytes = request_bytes
             self.pages = depth * (ndata + nind)
 
@@ -572,14 +574,14 @@ class BatchIO:
                 have = len(lanes.completed)
                 if have >= min_done or not lanes.busy:
                     return lanes.take_completed()
-                if lanes.compiled and dev._status == "connected" and self._poll():
+                if lanes.compiled and dev._status == "connected" and self._poll(min_done - have):
                     continue
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise BlkfrontError("future.timeout", f"fewer than {min_done} requests complete after {timeout} s")
                 self.cond.wait(left)
 
-    def _poll(self) -> bool:
+    def _poll(self, want: int) -> bool:
         """Take the responses the ring holds now without waiting for an event (under the
         device lock): the compiled reap takes what is plainly valid and answers a lane. Only
         before sleeping is rsp_event armed (ring.h's final check), so while the caller keeps
@@ -588,9 +590,12 @@ class BatchIO:
         re-check the ring. True if anything completed."""
         dev = self.dev
         lanes = self.lanes
-        got = lanes.reap_compiled()
+        # Large reads are taken a few at a time (each is copied here): the caller can hand
+        # their lanes back to the backend sooner, so copying overlaps the backend's reads.
+        limit = max(want, self._poll_bytes // self.request_bytes)
+        got = lanes.reap_compiled(limit)
         if not got and lanes.queue.ring.final_check_for_responses():
-            got = lanes.reap_compiled()  # they came meanwhile
+            got = lanes.reap_compiled(limit)  # they came meanwhile
             if not got:
                 dev._wake()  # the head is not a plain lane response: the Python path judges it
         dev.stats["responses"] += got
