@@ -17,6 +17,7 @@ API (sectors are units of the disk's sector-size, 512 unless feature-large-secto
     futs = dev.submit_reads([(sector, buf), ...]) / submit_writes([(sector, data), ...])
           (checked first, then one push: at most one notification per queue per batch)
     done = dev.reap(futs, min_done=8, timeout=...)  # reap completions in batches
+    io = dev.batch_io(depth=32, request_bytes=4096)  # lanes of persistent grants (blkfront_batch)
     with dev.batch(): ...   # one push (and at most one notification per queue) at the end
     dev.info (DeviceInfo), dev.stats, dev.close()
 
