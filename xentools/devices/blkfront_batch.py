@@ -529,7 +529,8 @@ class BatchIO:
         """Read many: (sector, buffer) copies the data once into the writable `buffer`
         (len(buffer) bytes); (sector, nr_sectors) leaves it in the lane's granted pages
         (`view(tag)`). Every request is checked first; one push for all. Returns the tags
-        (lanes) used, in order: fewer than given when every lane or ring slot is busy."""
+        (lanes) used, in order: fewer than given when every lane is busy. Leave a buffer
+        alone until its tag is reaped."""
         out: list[tuple[int, int, Any]] = []
         unit = self.dev._ss
         for sector, target in requests:
