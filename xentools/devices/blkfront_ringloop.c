@@ -1,0 +1,173 @@
+/* blkfront's compiled fill and reap (built with blkback's loop by bindings/build_ringloop.py,
+ * cffi API mode, into the same extension module).
+ *
+ * Owns: writing a batch of READ/WRITE requests, direct or INDIRECT, into ring slots from the
+ * prepared grant refs of their lanes (xentools/devices/blkfront_batch.py: fixed runs of
+ * persistent-grant pages), copying WRITE data in; and reaping the responses to those
+ * requests with every check blkfront_queue.BlkfrontQueue.take_responses makes: rsp_prod read
+ * once and rsp_prod - rsp_cons <= size, each response copied once (XSA-155) and read from
+ * the copy, id = the id waiting in its shadow slot, operation = the request's (INDIRECT:
+ * its inner op, or INDIRECT itself), status OKAY, ERROR or EOPNOTSUPP. A read's data is
+ * copied once into the caller's buffer and the lane's pages zeroed (XSA-403), or left in the
+ * lane's pages for the caller. It stops at the first response that is anything else (a
+ * broken rule, or a response to a request the Python path made) and leaves it unconsumed:
+ * the Python path judges it and fails the device with the rule (Violation), the authority.
+ * Must not: describe a blkif struct (every offset comes from xentools.core.blkif's Abi
+ * through struct xt_flayout), publish req_prod or arm rsp_event (the Python FrontRing does,
+ * with its barriers), notify, or grant anything.
+ */
+
+#include <stdint.h>
+#include <string.h>
+
+#include "blkback_ringloop.h"
+#include "blkfront_ringloop.h"
+
+#define XF_PAGE 4096u
+#define XF_HEADER 64u            /* struct sring header before the entries (ring.h) */
+#define XF_RSP_PROD 8u           /* offsetof(struct sring, rsp_prod) */
+#define XF_MAX_SEGS 11u          /* BLKIF_MAX_SEGMENTS_PER_REQUEST */
+#define XF_MAX_INDIRECT_PAGES 8u /* BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST */
+#define XF_SLOT_MAX 128u         /* larger than any blkif entry (112 / 108 bytes) */
+#define XF_OP_READ 0u
+#define XF_OP_WRITE 1u
+#define XF_OP_INDIRECT 6u
+
+static void xf_put16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static void xf_put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static void xf_put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* Fill n requests at *req_prod_pvt (advanced; not published). Returns how many were
+ * written: fewer than n only for a request the caller should not have made (bad lane,
+ * length, operation), which is then left for the caller to report. */
+uint32_t xt_front_fill(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_ents, uint32_t *req_prod_pvt,
+                       struct xt_shadow *shadow, struct xt_lane *lanes, uint32_t nlanes,
+                       const uint32_t *lane_of, const uint64_t *sector, const uint32_t *nbytes, uint8_t **bufs,
+                       uint32_t n, uint32_t op, uint64_t seq, double deadline, uint16_t handle, uint32_t unit)
+{
+    uint8_t slot[XF_SLOT_MAX];
+    uint32_t prod = *req_prod_pvt, done = 0;
+    if (L->request_size > XF_SLOT_MAX || L->request_size > L->entry_size || L->segment_size != 8 || !unit ||
+        XF_PAGE % unit || (op != XF_OP_READ && op != XF_OP_WRITE))
+        return 0;
+    for (; done < n; done++) {
+        uint32_t size = nbytes[done];
+        uint8_t *buf = bufs ? bufs[done] : NULL;
+        if (lane_of[done] >= nlanes || !size || size % unit || (op == XF_OP_WRITE && !buf))
+            break;
+        struct xt_lane *lane = &lanes[lane_of[done]];
+        uint32_t ndata = (size + XF_PAGE - 1) / XF_PAGE;
+        uint32_t pages = ndata > XF_MAX_SEGS ? (ndata * 8 + XF_PAGE - 1) / XF_PAGE : 0; /* indirect */
+        if (ndata > lane->pages || pages > lane->ind_pages || pages > XF_MAX_INDIRECT_PAGES || lane->slot >= nr_ents)
+            break;
+        struct xt_shadow *s = &shadow[lane->slot];
+        if (s->lane >= 0)
+            break; /* the lane's request is still in flight */
+        uint64_t id = (seq + done + 1) * nr_ents + lane->slot;
+        uint32_t tail = size - (ndata - 1) * XF_PAGE;
+        if (op == XF_OP_WRITE) {
+            memcpy(lane->data, buf, size);
+            if (lane->dirty >= ndata && tail < XF_PAGE) /* the backend sees nothing but this write's data */
+                memset(lane->data + size, 0, XF_PAGE - tail);
+            if (lane->dirty < ndata)
+                lane->dirty = ndata;
+        } else if (lane->dirty) {
+            /* A read the backend answers without writing gives zeros (XSA-403). */
+            memset(lane->data, 0, (size_t)lane->dirty * XF_PAGE);
+            lane->dirty = 0;
+        }
+        memset(slot, 0, L->request_size);
+        uint8_t wire;
+        if (ndata <= XF_MAX_SEGS) {
+            wire = (uint8_t)op;
+            slot[L->req_operation] = wire;
+            slot[L->req_nr_segments] = (uint8_t)ndata;
+            xf_put16(slot + L->req_handle, handle);
+            xf_put64(slot + L->req_id, id);
+            xf_put64(slot + L->req_sector_number, sector[done]);
+            memcpy(slot + L->req_seg, lane->segs, (size_t)ndata * 8);
+            slot[L->req_seg + (ndata - 1) * 8 + L->seg_last_sect] = (uint8_t)(tail / unit - 1);
+        } else {
+            memcpy(lane->ind, lane->segs, (size_t)ndata * 8);
+            lane->ind[(ndata - 1) * 8 + L->seg_last_sect] = (uint8_t)(tail / unit - 1);
+            wire = XF_OP_INDIRECT;
+            slot[L->indirect_operation] = wire;
+            slot[L->indirect_indirect_op] = (uint8_t)op;
+            xf_put16(slot + L->indirect_nr_segments, (uint16_t)ndata);
+            xf_put64(slot + L->indirect_id, id);
+            xf_put64(slot + L->indirect_sector_number, sector[done]);
+            xf_put16(slot + L->indirect_handle, handle);
+            for (uint32_t i = 0; i < pages; i++)
+                xf_put32(slot + L->indirect_grefs + 4 * i, lane->ind_grefs[i]);
+        }
+        memcpy(sring + XF_HEADER + (size_t)(prod & (nr_ents - 1)) * L->entry_size, slot, L->request_size);
+        s->id = id;
+        s->deadline = deadline;
+        s->lane = (int32_t)lane_of[done];
+        s->op = wire;
+        s->rsp_op = (uint8_t)op;
+        lane->op = op;
+        lane->nbytes = size;
+        lane->dest = op == XF_OP_READ ? buf : NULL;
+        prod++;
+    }
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* slots written before req_prod moves */
+    *req_prod_pvt = prod;
+    return done;
+}
+
+/* Reap up to max plain responses to batch requests from *rsp_cons (advanced). Returns how
+ * many: out_lane[i] / out_status[i] say which lane completed and how. *stop: 0 the ring
+ * holds no more, 1 the next response is the Python path's to judge, 2 out of room. */
+uint32_t xt_front_reap(const struct xt_flayout *L, const uint8_t *sring, uint32_t nr_ents, uint32_t *rsp_cons,
+                       struct xt_shadow *shadow, struct xt_lane *lanes, uint32_t nlanes,
+                       uint32_t *out_lane, int16_t *out_status, uint32_t max, int *stop)
+{
+    uint8_t rsp[XF_SLOT_MAX];
+    uint32_t cons = *rsp_cons, got = 0;
+    uint32_t prod = __atomic_load_n((const uint32_t *)(sring + XF_RSP_PROD), __ATOMIC_ACQUIRE); /* once */
+    *stop = 0;
+    if (L->response_size > XF_SLOT_MAX || L->response_size > L->entry_size || prod - cons > nr_ents) {
+        *stop = 1; /* ring.rsp_overflow: FrontRing says it */
+        return 0;
+    }
+    while (cons != prod) {
+        if (got == max) {
+            *stop = 2;
+            break;
+        }
+        memcpy(rsp, sring + XF_HEADER + (size_t)(cons & (nr_ents - 1)) * L->entry_size, L->response_size);
+        __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the copy only, never the ring again (XSA-155) */
+        uint64_t id;
+        int16_t status;
+        memcpy(&id, rsp + L->rsp_id, 8);
+        memcpy(&status, rsp + L->rsp_status, 2);
+        uint8_t op = rsp[L->rsp_operation];
+        struct xt_shadow *s = &shadow[id & (nr_ents - 1)];
+        if (s->lane < 0 || (uint32_t)s->lane >= nlanes || s->id != id ||
+            (op != s->rsp_op && !(s->op == XF_OP_INDIRECT && op == XF_OP_INDIRECT)) ||
+            (status != 0 && status != -1 && status != -2)) {
+            *stop = 1;
+            break;
+        }
+        struct xt_lane *lane = &lanes[s->lane];
+        if (lane->op == XF_OP_READ) {
+            uint32_t ndata = (lane->nbytes + XF_PAGE - 1) / XF_PAGE; /* zero before the read */
+            if (status == 0 && lane->dest) {
+                memcpy(lane->dest, lane->data, lane->nbytes); /* the one copy */
+                memset(lane->data, 0, (size_t)ndata * XF_PAGE);
+                lane->dirty = 0;
+            } else {
+                lane->dirty = ndata; /* the caller reads them, or a failed read wrote part */
+            }
+        }
+        lane->dest = NULL;
+        out_lane[got] = (uint32_t)s->lane;
+        out_status[got] = status;
+        s->lane = -1;
+        got++;
+        cons++;
+    }
+    *rsp_cons = cons;
+    return got;
+}
