@@ -6,7 +6,7 @@ Xen with the grant and event channel devices (no skips: a missing Xen is a failu
 and shared fixtures that check nothing leaks.
 Must not: start Xen services (tests/nested/dom0/boot.sh did that before pytest started).
 
-Run it with `make test-xen`, or: python3 tests/nested/run.py -- .venv/bin/python -m pytest -q tests/xen
+Run it with `make test-xen`, or: .venv/bin/python tests/nested/run.py -- .venv/bin/python -m pytest -q tests/xen
 """
 
 from __future__ import annotations
