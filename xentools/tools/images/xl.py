@@ -96,7 +96,7 @@ def render_xl_cfg(cfg: GuestConfig) -> str:
     if cfg.guest_type != "hvm" and not cfg.kernel:
         raise BootTestError("xlcfg.kernel", f"a {cfg.guest_type} guest needs --kernel (this tool does not run pygrub)")
     lines = [
-        "# Written by xentools image boot-test.",
+        "# Written by xentools (xentools.tools.images.xl).",
         f"name = {_q('name', cfg.name)}",
         f"type = '{cfg.guest_type}'",
         f"memory = {int(cfg.memory_mb)}",
