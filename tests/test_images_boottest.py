@@ -18,26 +18,21 @@ from test_images_support import FakeXl, freebsd_like_image, vhd_footer
 from xentools.tools.image_cmd import image as image_group
 from xentools.tools.images.boottest import (
     BootTest,
-    Completed,
-    Console,
     DiskServer,
-    GuestConfig,
     HostDisk,
     HostResources,
-    SubprocessRunner,
     XentoolsDisk,
     default_blkback_argv,
     domain_name,
     domain_xen_lines,
     fit_guest,
-    parse_cfg_line,
     parse_xl_info,
     preflight,
-    render_xl_cfg,
 )
 from xentools.tools.images.catalog import load_catalog
 from xentools.tools.images.errors import BootTestError, ImageFormatError
 from xentools.tools.images.verdict import Outcome, Rules, Verdict
+from xentools.tools.images.xl import Completed, Console, GuestConfig, SubprocessRunner, parse_cfg_line, render_xl_cfg
 
 CATALOG = load_catalog(Path(__file__).resolve().parents[1] / "vm-images" / "catalog.toml")
 NAME = "xtbt-test-1"

@@ -59,11 +59,9 @@ from xentools.tools.images.report import BootResult, write_reports
 from xentools.tools.images.verdict import Decision, Rules, Verdict, VerdictEngine
 from xentools.tools.images.xl import (
     XL_TIMEOUT,
-    Completed,
     Console,
     GuestConfig,
     LogConsole,
-    PtyConsole,
     Runner,
     SubprocessRunner,
     XlDomain,
@@ -73,9 +71,7 @@ from xentools.tools.images.xl import (
 )
 
 __all__ = [
-    "BootTest", "Completed", "Console", "DiskServer", "GuestConfig", "HostDisk", "LogConsole",
-    "PtyConsole", "Runner", "SubprocessRunner", "XentoolsDisk", "default_blkback_argv",
-    "domain_name", "preflight", "render_xl_cfg",
+    "BootTest", "DiskServer", "HostDisk", "XentoolsDisk", "default_blkback_argv", "domain_name", "preflight",
 ]
 
 # Seconds a --fault boot goes on after the guest's frontend marked its disk broken (a crash
