@@ -393,12 +393,10 @@ class Guest:
     _unpaused_at: float | None = field(default=None, init=False, repr=False)
     _create_tried: bool = field(default=False, init=False, repr=False)
     _cleanups: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False)
-    _console: LogConsole = field(init=False, repr=False)
     _console_bytes: bytearray = field(default_factory=bytearray, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.domain = domain(self.cfg.name)
-        self._console = LogConsole(self.console_log, 0)
 
     @property
     def domid(self) -> int | None:
@@ -456,8 +454,12 @@ class Guest:
 
     def console(self) -> str:
         """The console log so far (xenconsoled's copy), carriage returns removed."""
-        while data := self._console.read(0.0):
-            self._console_bytes += data
+        log = LogConsole(self.console_log, len(self._console_bytes))  # what came since the last look
+        try:
+            while data := log.read(0.0):
+                self._console_bytes += data
+        finally:
+            log.close()
         return self._console_bytes.decode("utf-8", "replace").replace("\r", "")
 
     def ended(self) -> str | None:
