@@ -319,7 +319,7 @@ def record_rerun(what: str) -> None:
 
 def xl_domains() -> list[tuple[str, int]]:
     """(name, domid) of every domain `xl list` shows, Domain-0 included."""
-    return domains()
+    return domains(on_rerun=record_rerun)
 
 
 def domain(name: str) -> XlDomain:

@@ -342,9 +342,10 @@ def _rows(listing: str) -> list[tuple[str, int, str]]:
     return rows
 
 
-def domains(*, xl: str = "xl", runner: Runner | None = None) -> list[tuple[str, int]]:
-    """(name, domid) of every domain `xl list` shows, Domain-0 included."""
-    return [(name, domid) for name, domid, _ in _rows(check_xl(["list"], xl=xl, runner=runner).stdout)]
+def domains(**how: object) -> list[tuple[str, int]]:
+    """(name, domid) of every domain `xl list` shows, Domain-0 included (`how`: run_xl's
+    keywords)."""
+    return [(name, domid) for name, domid, _ in _rows(check_xl(["list"], **how).stdout)]
 
 
 class XlDomain:
