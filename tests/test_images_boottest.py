@@ -185,6 +185,9 @@ def test_an_xl_that_crashes_is_asked_again_not_taken_for_a_gone_guest(tmp_path, 
     res = boot(tmp_path, fake, image, log_dir=str(logs), runner=runner)
     assert runner.crashes >= 2
     assert res.decision.verdict is Verdict.PASS, res.decision
+    # Each repeat is in the report's notes.
+    repeats = [n for n in res.notes if n.startswith("xl repeated: ")]
+    assert len(repeats) == runner.crashes and "`xl domid xtbt-test-1` was killed by signal 11" in repeats[0]
     assert res.destroyed and fake.live_domains() == []
 
 

@@ -32,7 +32,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from guests import CONSOLE_LOG_DIR, GuestError, Kernel, build_initramfs
+from guests import CONSOLE_LOG_DIR, GuestError, Kernel, build_initramfs, record_rerun
+
+from xentools.tools.images.boottest import XL_REPEAT_NOTE
 
 SECTOR = 512
 PART_START = 2048  # sectors: 1 MiB, where partitioning tools put the first partition
@@ -241,6 +243,16 @@ def boot_test(label: str, image: Path, out: Path, name: str, *options: str, time
     began = time.monotonic()
     proc = subprocess.run(boot_test_argv(image, out, name, *options), cwd=REPO, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=timeout)
+    # The CLI's xl commands asked again after a crash (its reports' notes, one report a boot;
+    # matrix rows have theirs below `out`): recorded like the tests' own re-runs.
+    for report in sorted(out.rglob("report.json")):
+        try:
+            notes = json.loads(report.read_text()).get("notes", [])
+        except (OSError, ValueError):
+            continue
+        for note in notes:
+            if note.startswith(XL_REPEAT_NOTE):
+                record_rerun(f"boot-test {label or name} ({report.parent.name}): {note}")
     return BootRun(name, out, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - began, label)
 
 

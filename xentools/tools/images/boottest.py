@@ -74,6 +74,8 @@ __all__ = [
     "BootTest", "DiskServer", "HostDisk", "XentoolsDisk", "default_blkback_argv", "domain_name", "preflight",
 ]
 
+# How the report's notes begin for an xl command asked again after it crashed.
+XL_REPEAT_NOTE = "xl repeated: "
 # Seconds a --fault boot goes on after the guest's frontend marked its disk broken (a crash
 # that follows is still seen); then it ends without waiting for the idle timeout.
 FAULT_SETTLE = 5.0
@@ -603,7 +605,10 @@ class BootTest:
         self.log_dir = log_dir
         self.clock = clock
         self.liveness_interval = liveness_interval
-        self.domain = XlDomain(guest.name, xl=xl, runner=self.runner)
+        # Every xl command asked again after a crash: in the report's notes (a repeat hides
+        # nothing only when it is shown).
+        self.xl_repeats: list[str] = []
+        self.domain = XlDomain(guest.name, xl=xl, runner=self.runner, on_rerun=self.xl_repeats.append)
         # Xen's own log (`xl dmesg`) is read for HVM and PVH guests: the firmware's lines
         # (hvmloader, SeaBIOS; with Xen's guest_loglvl=all) and Xen's report of a domain it
         # killed (a triple fault) are there, not on the guest's console.
@@ -695,7 +700,7 @@ class BootTest:
             decision = explain_with_xen_log(decision, self._xen_log, domid)
         if decision.verdict is not Verdict.ERROR or "verdict" not in self.milestones:
             self.milestones.setdefault("verdict", round(decision.elapsed, 3))
-        notes = []
+        notes = [f"{XL_REPEAT_NOTE}{what}" for what in self.xl_repeats]
         if self.read_xen_log and not self._xen_log_ok:
             notes.append("xl dmesg could not be read: no firmware lines, no crash report from Xen")
         elif self.read_xen_log and self.guest.guest_type == "hvm" and domid is not None and not any(
