@@ -289,7 +289,6 @@ class SubprocessRunner(Runner):
         return PtyConsole(proc, master)
 
 
-
 def console_log_path(log_dir: str | os.PathLike[str], name: str) -> Path:
     """Where `xenconsoled --log=guest --log-dir=LOG_DIR` writes the console of guest `name`."""
     return Path(log_dir) / f"guest-{name}.log"
