@@ -18,26 +18,21 @@ from test_images_support import FakeXl, freebsd_like_image, vhd_footer
 from xentools.tools.image_cmd import image as image_group
 from xentools.tools.images.boottest import (
     BootTest,
-    Completed,
-    Console,
     DiskServer,
-    GuestConfig,
     HostDisk,
     HostResources,
-    SubprocessRunner,
     XentoolsDisk,
     default_blkback_argv,
     domain_name,
     domain_xen_lines,
     fit_guest,
-    parse_cfg_line,
     parse_xl_info,
     preflight,
-    render_xl_cfg,
 )
 from xentools.tools.images.catalog import load_catalog
 from xentools.tools.images.errors import BootTestError, ImageFormatError
 from xentools.tools.images.verdict import Outcome, Rules, Verdict
+from xentools.tools.images.xl import Completed, Console, GuestConfig, SubprocessRunner, parse_cfg_line, render_xl_cfg
 
 CATALOG = load_catalog(Path(__file__).resolve().parents[1] / "vm-images" / "catalog.toml")
 NAME = "xtbt-test-1"
@@ -190,6 +185,9 @@ def test_an_xl_that_crashes_is_asked_again_not_taken_for_a_gone_guest(tmp_path, 
     res = boot(tmp_path, fake, image, log_dir=str(logs), runner=runner)
     assert runner.crashes >= 2
     assert res.decision.verdict is Verdict.PASS, res.decision
+    # Each repeat is in the report's notes.
+    repeats = [n for n in res.notes if n.startswith("xl repeated: ")]
+    assert len(repeats) == runner.crashes and "`xl domid xtbt-test-1` was killed by signal 11" in repeats[0]
     assert res.destroyed and fake.live_domains() == []
 
 

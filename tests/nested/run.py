@@ -3,16 +3,18 @@
 command in dom0, and exit with that command's exit code.
 
 Owns: finding the Debian-packaged pieces (Xen, the dom0 kernel and its modules, busybox,
-QEMU), building the initramfs (busybox + the 9p/overlay modules + dom0/init), the test
+QEMU), building the initramfs (busybox + the 9p/overlay modules + dom0/init, written by
+xentools.tools.images.initramfs.Cpio), the test
 guests' uncompressed kernel (guest_vmlinux, handed to dom0 as $NESTED_GUEST_KERNEL), booting
 QEMU with the host's / shared read-only into dom0, a global timeout, and reading the verdict.
 Must not: know what is being tested. What runs in dom0 lives in tests/nested/dom0/:
   dom0/init     stage 1, /init of the initramfs (busybox): overlay root, then stage 2
   dom0/boot.sh  stage 2, PID 1 in the host's userland: xenstored & co, the command, power off
 
-Usage (from anywhere; the command runs in the repository root unless --cwd is given):
-  python3 tests/nested/run.py -- .venv/bin/python -m pytest -q tests/xen
-  python3 tests/nested/run.py --console -- xl info
+Usage (from anywhere, with the repository's .venv; the command runs in the repository root
+unless --cwd is given):
+  .venv/bin/python tests/nested/run.py -- .venv/bin/python -m pytest -q tests/xen
+  .venv/bin/python tests/nested/run.py --console -- xl info
 In dom0 the command sees the host's whole file system (read-only below, writable overlay in
 RAM above), the Xen toolstack up (C xenstored, xenconsoled, xl), the xen-* driver modules
 loaded, $NESTED_RESULTS: a directory the host keeps (build/nested/run-*/results/) for
@@ -38,7 +40,6 @@ import lzma
 import os
 import shlex
 import shutil
-import stat
 import struct
 import subprocess
 import sys
@@ -48,6 +49,13 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    # The kernel finder and the cpio writer shared with the test guests (tests/xen/guests.py).
+    from xentools.tools.images.initramfs import Cpio, newest_kernel
+except ModuleNotFoundError as err:
+    sys.exit(f"nested: {err.name} is not importable: run this with the repository's virtual environment, "
+             ".venv/bin/python tests/nested/run.py (make venv creates it)")
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -115,14 +123,10 @@ def missing(what: str, detail: str) -> HarnessError:
 
 def find_kernel() -> Kernel:
     """The newest /boot/vmlinuz-* whose modules are installed (dom0 loads them via 9p)."""
-    found = []
-    for vmlinuz in Path("/boot").glob("vmlinuz-*"):
-        version = vmlinuz.name.removeprefix("vmlinuz-")
-        if (Path("/lib/modules") / version / "modules.dep").is_file():
-            found.append(Kernel(version, vmlinuz))
-    if not found:
+    found = newest_kernel()
+    if found is None:
         raise missing("kernel", "no /boot/vmlinuz-* with /lib/modules/<version>/modules.dep")
-    return max(found, key=lambda k: k.vmlinuz.stat().st_mtime)
+    return Kernel(*found)
 
 
 def is_static_elf(path: Path) -> bool:
@@ -221,36 +225,6 @@ def module_paths(kernel: Kernel) -> list[Path]:
                 if path not in paths:
                     paths.append(path)
     return paths
-
-
-class Cpio:
-    """Writer of the "newc" cpio format the kernel unpacks as initramfs (no cpio binary)."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.ino = 1
-
-    def _entry(self, name: str, mode: int, body: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
-        fields = [self.ino, mode, 0, 0, 1, 0, len(body), 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
-        self.ino += 1
-        header = b"070701" + b"".join(b"%08X" % f for f in fields)
-        self.data += header + name.encode() + b"\0"
-        self.data += b"\0" * (-len(self.data) % 4)
-        self.data += body
-        self.data += b"\0" * (-len(self.data) % 4)
-
-    def directory(self, name: str) -> None:
-        self._entry(name, stat.S_IFDIR | 0o755)
-
-    def file(self, name: str, body: bytes, executable: bool = False) -> None:
-        self._entry(name, stat.S_IFREG | (0o755 if executable else 0o644), body)
-
-    def chardev(self, name: str, major: int, minor: int) -> None:
-        self._entry(name, stat.S_IFCHR | 0o600, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        self._entry("TRAILER!!!", 0)
-        return bytes(self.data)
 
 
 def build_initramfs(cache: Path, kernel: Kernel) -> Path:

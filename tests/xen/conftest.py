@@ -6,7 +6,7 @@ Xen with the grant and event channel devices (no skips: a missing Xen is a failu
 and shared fixtures that check nothing leaks.
 Must not: start Xen services (tests/nested/dom0/boot.sh did that before pytest started).
 
-Run it with `make test-xen`, or: python3 tests/nested/run.py -- .venv/bin/python -m pytest -q tests/xen
+Run it with `make test-xen`, or: .venv/bin/python tests/nested/run.py -- .venv/bin/python -m pytest -q tests/xen
 """
 
 from __future__ import annotations
@@ -65,22 +65,23 @@ def platform():
     return XenPlatform()
 
 
+def _closed_without_leaks(handle, held: str, what: str):  # type: ignore[no-untyped-def]
+    """Yield `handle`; after the test close it and fail when its `held` collection is not
+    empty (the test left `what` behind)."""
+    yield handle
+    leaked = getattr(handle, held)
+    handle.close()
+    assert not leaked, f"test left {len(leaked)} {what} behind"
+
+
 @pytest.fixture
 def gntshr(platform):
-    sharer = platform.open_gntshr()
-    yield sharer
-    leaked = sharer.shared
-    sharer.close()
-    assert not leaked, f"test left {len(leaked)} grant shares behind"
+    yield from _closed_without_leaks(platform.open_gntshr(), "shared", "grant shares")
 
 
 @pytest.fixture
 def gnttab(platform):
-    mapper = platform.open_gnttab()
-    yield mapper
-    leaked = mapper.mapped
-    mapper.close()
-    assert not leaked, f"test left {len(leaked)} grant mappings behind"
+    yield from _closed_without_leaks(platform.open_gnttab(), "mapped", "grant mappings")
 
 
 @pytest.fixture

@@ -39,7 +39,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from guests import GuestConfig, GuestError, Kernel, build_initramfs, guest_extra
+from guests import GuestError, Kernel, build_initramfs, guest_extra, pv_guest, record_rerun
+
+from xentools.tools.images.xl import GuestConfig, check_xl
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -165,7 +167,7 @@ def domu_config(name: str, kernel: Kernel, initramfs: Path, **params: object) ->
     .venv) from its initramfs. `params` go to the kernel command line as xentools.KEY=VALUE
     (task, vbds, seed, good, denied, load, hide: see domu_guest.py and guest_init/python.sh)."""
     extra = guest_extra(SCENARIO, python=PYTHON, script=PROGRAM, cwd=REPO, **params)
-    return GuestConfig(name, kernel.image, initramfs, extra, memory=DOMU_MEMORY)
+    return pv_guest(name, kernel.image, initramfs, extra, memory=DOMU_MEMORY)
 
 
 def acknowledge(xs, domid: int, devid: int) -> None:  # type: ignore[no-untyped-def]
@@ -257,7 +259,4 @@ class XenTables:
 
 
 def _xl(*args: str) -> str:
-    result = subprocess.run(["xl", *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise GuestError(f"xl {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
-    return result.stdout
+    return check_xl(args, timeout=60, on_rerun=record_rerun).stdout

@@ -6,9 +6,11 @@ Owns:
   line that picks a scenario (`guest_extra`); the guest runs dom0's own Debian kernel;
 - what the "disk-io" guest writes (`write_pattern`) and a small RAW disk image with an MBR
   partition table and an ext2 file system of known content (`make_disk_image`), for "banner";
-- the guest's life: xl.cfg (`GuestConfig`, `render_xl_cfg`), `xl create -p`, vbds written
-  before `xl unpause`, waiting on the console log that xenconsoled writes, and ALWAYS
-  `xl destroy` at the end (`Guest`, a context manager);
+- the test guest's xl.cfg (`pv_guest`: a PV guest of the tools layer's GuestConfig, kept
+  after it ended) and its life in a test (`Guest`, a context manager, on the tools layer's
+  xl lifecycle, xentools.tools.images.xl.XlDomain): `xl create -p`, vbds written before
+  `xl unpause`, waiting on the console log that xenconsoled writes, and ALWAYS `xl destroy`
+  at the end, with every repeat of a crashed `xl` recorded (`record_rerun`);
 - a vbd served by the Linux kernel blkback from a loop device (`KernelVbd`): both xenstore
   directories written in one transaction by xentools.devices.toolstack.create_vbd, plus
   `physical-device` and `dev`, which libxl and its hotplug script would write (under nested
@@ -18,19 +20,17 @@ Owns:
 Must not: decide a test's verdict (tests assert on what these return), or start Xen services
 (tests/nested/dom0/boot.sh runs xenstored and `xenconsoled --log=guest`).
 
-Runs in dom0 (the tests) and on the host (build_initramfs, make_disk_image, render_xl_cfg
-need no Xen). Facts behind the choices: /work/shared/docs/xen-in-qemu.md.
+Runs in dom0 (the tests) and on the host (build_initramfs, make_disk_image, pv_guest need
+no Xen). Facts behind the choices: /work/shared/docs/xen-in-qemu.md.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -38,7 +38,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xentools.core.errors import XentoolsError
 from xentools.core.vbd import encode_vbd
+from xentools.tools.images.initramfs import Cpio, newest_kernel
+from xentools.tools.images.xl import (
+    GuestConfig,
+    LogConsole,
+    XlDomain,
+    console_log_path,
+    domains,
+    render_xl_cfg,
+)
 
 HERE = Path(__file__).resolve().parent
 GUEST_INIT = HERE / "guest_init"
@@ -48,7 +58,6 @@ SCENARIOS = ("disk-io", "banner", "panic")
 DEFAULT_MODULES = ("xen-blkfront", "ext4")
 # Where tests/nested/dom0/boot.sh tells xenconsoled (--log=guest) to write guest-<name>.log.
 CONSOLE_LOG_DIR = Path("/var/log/xen/console")
-XVDA = encode_vbd("xvda")
 # A dom0 self-attach for a USERSPACE frontend: not under device/vbd/, which the kernel's
 # xen-blkfront claims entirely once loaded (xen-in-qemu.md). blkback reads the frontend path
 # from its `frontend` key, so any path works.
@@ -63,7 +72,6 @@ POLL = 0.2
 _WORD = re.compile(r"[A-Za-z0-9_.+:/-]+")
 _KEY = re.compile(r"[a-z_]+")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
-_XL_STATE = re.compile(r"^[-rbpscd]{6}$")
 
 
 class GuestError(Exception):
@@ -93,7 +101,9 @@ def guest_kernel(version: str | None = None) -> Kernel:
     if version is None:
         version = os.uname().release
         if not Path(f"/boot/vmlinuz-{version}").is_file():
-            version = _load_harness().find_kernel().version
+            # On the host: the kernel the nested harness boots (tests/nested/run.py).
+            newest = newest_kernel()
+            version = newest[0] if newest else version
     vmlinuz = Path(f"/boot/vmlinuz-{version}")
     if not vmlinuz.is_file() or not (Path("/lib/modules") / version / "modules.dep").is_file():
         raise GuestError(f"no {vmlinuz} with /lib/modules/{version}/modules.dep (Debian package linux-image-amd64)")
@@ -102,19 +112,6 @@ def guest_kernel(version: str | None = None) -> Kernel:
     if prepared and Path(prepared).name == f"vmlinux-{version}" and Path(prepared).is_file():
         image = Path(prepared)
     return Kernel(version, vmlinuz, image)
-
-
-def _load_harness():  # type: ignore[no-untyped-def]
-    # The nested harness (a standalone script, tests/nested/run.py) holds this repository's
-    # one newc cpio writer and its kernel finder; loaded once, by path.
-    name = "xentools_nested_run"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE.parent / "nested" / "run.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file runs
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def module_chain(kernel: Kernel, name: str) -> list[Path]:
@@ -152,7 +149,7 @@ def build_initramfs(
     busybox = Path("/bin/busybox")
     if not busybox.is_file():
         raise GuestError("no /bin/busybox (Debian package busybox-static)")
-    cpio = _load_harness().Cpio()
+    cpio = Cpio()
     for directory in ("bin", "dev", "proc", "sys", "tmp", "mnt", "lib", "lib/modules", "scenarios"):
         cpio.directory(directory)
     # The kernel opens /dev/console for init before init can mount devtmpfs.
@@ -322,59 +319,41 @@ def record_rerun(what: str) -> None:
 
 def xl_domains() -> list[tuple[str, int]]:
     """(name, domid) of every domain `xl list` shows, Domain-0 included."""
-    rows = []
-    for line in _run(["xl", "list"]).stdout.splitlines()[1:]:
-        words = line.split()
-        if len(words) >= 2 and words[1].isdigit():
-            rows.append((words[0], int(words[1])))
-    return rows
+    return domains(on_rerun=record_rerun)
+
+
+def domain(name: str) -> XlDomain:
+    """The xl lifecycle of domain `name` as the tests use it: every repeat recorded."""
+    return XlDomain(name, on_rerun=record_rerun)
+
+
+def wait_for_domains(before: Iterable[tuple[str, int]], timeout: float = 30.0) -> set[tuple[str, int]]:
+    """Wait (bounded) until xl lists no domain that `before` did not; returns those left.
+    `xl destroy` returns before Xen frees a domain whose pages a backend still maps."""
+    before = set(before)
+    deadline = time.monotonic() + timeout
+    while (left := set(xl_domains()) - before) and time.monotonic() < deadline:
+        time.sleep(POLL)
+    return left
 
 
 # ---------------------------------------------------------------------------------- guest
 
-@dataclass(frozen=True)
-class GuestConfig:
-    """A PV guest booting `kernel` with `ramdisk`. on_* default to "preserve": a guest that
-    powered off or crashed stays until Guest.destroy, so xenconsoled can still read the end
-    of its console ring and the test can read its final state."""
-
-    name: str
-    kernel: Path
-    ramdisk: Path
-    extra: str
-    # MiB. dom0 keeps 1024 of QEMU's 2048 (xl info free_memory ~1000). 64 is too little:
-    # Debian's 6.1 kernel image alone is 0x3a00 pages, and xl refuses the build.
-    memory: int = 128
-    vcpus: int = 1
-    on_poweroff: str = "preserve"
-    on_reboot: str = "preserve"
-    on_crash: str = "preserve"
-
-    def __post_init__(self) -> None:
-        if not _NAME.fullmatch(self.name):
-            raise GuestError(f"guest name {self.name!r}: use [A-Za-z0-9_.-]")
-        for value in (str(self.kernel), str(self.ramdisk), self.extra):
-            if any(c in value for c in "\"\\\n"):
-                raise GuestError(f"xl.cfg value {value!r} holds a quote, backslash or newline")
-
-
-def render_xl_cfg(cfg: GuestConfig) -> str:
-    """The xl.cfg text: type="pv", no disk= (vbds are written by KernelVbd), no vif."""
-    return "".join(
-        f'{key} = {value}\n'
-        for key, value in (
-            ("name", f'"{cfg.name}"'),
-            ("type", '"pv"'),
-            ("kernel", f'"{cfg.kernel}"'),
-            ("ramdisk", f'"{cfg.ramdisk}"'),
-            ("extra", f'"{cfg.extra}"'),
-            ("memory", str(cfg.memory)),
-            ("vcpus", str(cfg.vcpus)),
-            ("on_poweroff", f'"{cfg.on_poweroff}"'),
-            ("on_reboot", f'"{cfg.on_reboot}"'),
-            ("on_crash", f'"{cfg.on_crash}"'),
-        )
-    )
+def pv_guest(name: str, kernel: Path, ramdisk: Path, extra: str, *, memory: int = 128, vcpus: int = 1) -> GuestConfig:
+    """A PV guest booting `kernel` with `ramdisk`, no disk= (vbds are written by KernelVbd), no
+    vif. on_* are "preserve": a guest that powered off or crashed stays until Guest.destroy,
+    so xenconsoled can still read the end of its console ring and the test can read its final
+    state. Memory in MiB: dom0 keeps 1024 of QEMU's 2048 (xl info free_memory ~1000); 64 is
+    too little (Debian's 6.1 kernel image alone is 0x3a00 pages, and xl refuses the build)."""
+    if not _NAME.fullmatch(name):
+        raise GuestError(f"guest name {name!r}: use [A-Za-z0-9_.-]")
+    cfg = GuestConfig(name, "pv", memory, vcpus, kernel=str(kernel), ramdisk=str(ramdisk), extra=extra,
+                      on_poweroff="preserve", on_reboot="preserve", on_crash="preserve")
+    try:
+        render_xl_cfg(cfg)  # a value xl would misread is refused now, not at create
+    except XentoolsError as err:
+        raise GuestError(f"xl.cfg: {err}") from None
+    return cfg
 
 
 def _results_dir(name: str) -> Path | None:
@@ -389,11 +368,12 @@ def unique_name(prefix: str) -> str:
 
 @dataclass
 class Guest:
-    """One PV guest's life. Use as a context manager: created paused on enter, destroyed on
-    exit whatever happened; kernel vbds attached through `attach_kernel_vbd` (and anything
-    registered with `after_destroy`) are cleaned up after `xl destroy`.
+    """One guest's life in a test (the tools layer's XlDomain, repeats recorded). Use as a
+    context manager: created paused on enter, destroyed on exit whatever happened; kernel
+    vbds attached through `attach_kernel_vbd` (and anything registered with `after_destroy`)
+    are cleaned up after `xl destroy`.
 
-        with Guest(cfg, workdir) as guest:
+        with Guest(pv_guest(name, kernel.image, initramfs, extra), workdir) as guest:
             guest.attach_kernel_vbd(xs, image)
             guest.unpause()
             guest.wait_for("GUEST: done disk-io", timeout=60)
@@ -405,17 +385,26 @@ class Guest:
     # Where destroy() leaves a copy of the console log: the harness's results share
     # ($NESTED_RESULTS/guests/, kept on the host after dom0 powers off) when there is one.
     keep_console_dir: Path | None = field(default_factory=lambda: _results_dir("guests"))
-    domid: int | None = None
     vbds: list[KernelVbd] = field(default_factory=list, init=False)
     # Seconds: "create" (xl create -p), "attach" (kernel vbds), "<pattern>" (first match,
     # counted from unpause), and destroy's steps, for reports on where the time goes.
     timings: dict[str, float] = field(default_factory=dict, init=False)
+    domain: XlDomain = field(init=False, repr=False)
     _unpaused_at: float | None = field(default=None, init=False, repr=False)
+    _create_tried: bool = field(default=False, init=False, repr=False)
     _cleanups: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False)
+    _console_bytes: bytearray = field(default_factory=bytearray, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.domain = domain(self.cfg.name)
+
+    @property
+    def domid(self) -> int | None:
+        return self.domain.domid
 
     @property
     def console_log(self) -> Path:
-        return self.console_dir / f"guest-{self.cfg.name}.log"
+        return console_log_path(self.console_dir, self.cfg.name)
 
     def __enter__(self) -> Guest:
         try:
@@ -433,19 +422,12 @@ class Guest:
         cfg_path = self.workdir / f"{self.cfg.name}.cfg"
         cfg_path.write_text(render_xl_cfg(self.cfg))
         began = time.monotonic()
-        try:
-            _run(["xl", "create", "-p", str(cfg_path)])
-        finally:
-            # Whatever xl said, a domain of that name may exist: learn its id so destroy finds it.
-            found = _run(["xl", "domid", self.cfg.name], check=False)
-            if found.returncode == 0 and found.stdout.strip().isdigit():
-                self.domid = int(found.stdout.strip())
+        self._create_tried = True
+        domid = self.domain.create(cfg_path)
         self.timings["create"] = time.monotonic() - began
-        if self.domid is None:
-            raise GuestError(f"xl create -p {cfg_path} made no domain named {self.cfg.name}")
-        return self.domid
+        return domid
 
-    def attach_kernel_vbd(self, xs, image: Path, *, devid: int = XVDA, mode: str = "w") -> KernelVbd:  # type: ignore[no-untyped-def]
+    def attach_kernel_vbd(self, xs, image: Path, *, devid: int = encode_vbd("xvda"), mode: str = "w") -> KernelVbd:  # type: ignore[no-untyped-def]
         """Serve `image` to this guest as vbd `devid` from Linux's blkback (call before
         unpause, so the guest's blkfront finds it at boot). Detached after destroy."""
         if self.domid is None:
@@ -467,56 +449,22 @@ class Guest:
         self._cleanups.append(cleanup)
 
     def unpause(self) -> None:
-        _run(["xl", "unpause", str(self._id())])
+        self.domain.unpause()
         self._unpaused_at = time.monotonic()
-
-    def _id(self) -> int:
-        if self.domid is None:
-            raise GuestError(f"guest {self.cfg.name} was not created")
-        return self.domid
 
     def console(self) -> str:
         """The console log so far (xenconsoled's copy), carriage returns removed."""
+        log = LogConsole(self.console_log, len(self._console_bytes))  # what came since the last look
         try:
-            return self.console_log.read_bytes().decode("utf-8", "replace").replace("\r", "")
-        except FileNotFoundError:
-            return ""
-
-    def state(self) -> str | None:
-        """xl's six state flags (r b p s c d, "-" where unset), or None when the domain is gone."""
-        result = _run(["xl", "list", str(self._id())], check=False)
-        if result.returncode != 0:
-            # `xl list ID` also fails when xl itself dies (the emulator's SIGSEGV in a new
-            # process; xl once read garbage from xl.conf over 9p): a guest is "gone" only when
-            # the domain list, read whole, lacks it. Each such re-run is recorded.
-            for attempt in range(1, 4):
-                listed = _run(["xl", "list"], check=False)
-                if listed.returncode == 0 and "Domain-0" in listed.stdout:
-                    for line in listed.stdout.splitlines()[1:]:
-                        words = line.split()
-                        if len(words) >= 5 and words[1] == str(self.domid) and _XL_STATE.match(words[4]):
-                            record_rerun(f"`xl list {self.domid}` exited {result.returncode} "
-                                         f"({(result.stderr or '').strip()[:160]!r}) though `xl list` shows the domain")
-                            return words[4]
-                    return None
-                time.sleep(attempt)
-            raise GuestError(f"xl list {self.domid} and xl list failed 4 times: {(result.stderr or '').strip()}")
-        for line in result.stdout.splitlines()[1:]:
-            words = line.split()
-            if len(words) >= 5 and words[1] == str(self.domid) and _XL_STATE.match(words[4]):
-                return words[4]
-        raise GuestError(f"cannot read the state of domain {self.domid} from: {result.stdout!r}")
+            while data := log.read(0.0):
+                self._console_bytes += data
+        finally:
+            log.close()
+        return self._console_bytes.decode("utf-8", "replace").replace("\r", "")
 
     def ended(self) -> str | None:
         """"shutdown", "crashed" or "gone" once the guest stopped running, else None."""
-        flags = self.state()
-        if flags is None:
-            return "gone"
-        if "c" in flags:
-            return "crashed"
-        if "s" in flags or "d" in flags:
-            return "shutdown"
-        return None
+        return self.domain.ended()
 
     def _tail(self, lines: int = 25) -> str:
         text = self.console().splitlines()[-lines:]
@@ -553,11 +501,9 @@ class Guest:
 
     def wait_end(self, timeout: float = 90.0) -> str:
         """Wait until the guest stopped running: "shutdown", "crashed" or "gone"."""
-        deadline = time.monotonic() + timeout
-        while (end := self.ended()) is None:
-            if time.monotonic() > deadline:
-                raise GuestError(f"guest {self.cfg.name} still running after {timeout:.0f} s; console:\n{self._tail()}")
-            time.sleep(0.5)
+        end = self.domain.wait_ended(timeout)
+        if end is None:
+            raise GuestError(f"guest {self.cfg.name} still running after {timeout:.0f} s; console:\n{self._tail()}")
         if self._unpaused_at is not None:
             self.timings.setdefault("ended", time.monotonic() - self._unpaused_at)
         return end
@@ -574,10 +520,13 @@ class Guest:
         # The guest's own re-runs (/init's `run`: a process killed by a signal, run again).
         for note in re.findall(r"GUEST: note (.+ killed by signal \d+), running it again", self.console()):
             record_rerun(f"in guest {self.cfg.name}: {note}")
-        if self.domid is not None and self.state() is not None:
-            result = _run(["xl", "destroy", str(self.domid)], check=False)
-            if result.returncode != 0 and self.state() is not None:
-                problems.append(f"xl destroy {self.domid}: {result.stderr.strip()}")
+        if self._create_tried:
+            try:
+                why = self.domain.destroy()
+            except XentoolsError as err:
+                why = str(err)
+            if why is not None:
+                problems.append(f"xl destroy {self.cfg.name}: {why}")
         self.timings["xl destroy"] = time.monotonic() - began
         while self._cleanups:
             cleanup = self._cleanups.pop()
@@ -586,12 +535,8 @@ class Guest:
             except (GuestError, OSError) as err:
                 problems.append(str(err))
         self.timings["backends gone"] = time.monotonic() - began
-        if self.domid is not None:
-            deadline = time.monotonic() + 30
-            while self.state() is not None and time.monotonic() < deadline:
-                time.sleep(POLL)
-            if self.state() is not None:
-                problems.append(f"domain {self.domid} still listed 30 s after xl destroy")
+        if self.domid is not None and not self.domain.wait_gone(30):
+            problems.append(f"domain {self.domid} still listed 30 s after xl destroy")
         self.timings["domain gone"] = time.monotonic() - began
         if self.keep_console_dir is not None and self.console_log.exists():
             try:
@@ -627,7 +572,7 @@ class KernelVbd:
         image: Path,
         *,
         frontend_domid: int,
-        devid: int = XVDA,
+        devid: int = encode_vbd("xvda"),
         mode: str = "w",
         frontend_dir: str | None = None,
     ) -> None:
@@ -733,7 +678,7 @@ class KernelVbd:
             raise GuestError("; ".join(problems))
 
 
-def self_attach_kernel_vbd(xs, image: Path, *, devid: int = XVDA, mode: str = "w") -> KernelVbd:  # type: ignore[no-untyped-def]
+def self_attach_kernel_vbd(xs, image: Path, *, devid: int = encode_vbd("xvda"), mode: str = "w") -> KernelVbd:  # type: ignore[no-untyped-def]
     """A vbd for a frontend in dom0 itself (frontend domid 0) served by the kernel blkback,
     with the frontend directory at SELF_FRONTEND_ROOT/<devid>, where no kernel driver
     claims it. Attached on return (use as a context manager or call detach)."""

@@ -8,8 +8,9 @@ and a busybox initramfs (tests/xen/guests.py's builder) whose scenario "hvm-read
 whole disk through xen-blkfront and prints its sha256, then a login prompt; `make_vhd`, the
 same image as a dynamic VHD (qemu-img), for the refusal and the forced-as-RAW proof.
 `boot_test_argv` is the one place that spells the `xentools image boot-test` command line the
-nested HVM tests and the stress run (tests/xen/hvm_stress.py) use, with the settings nested
-HVM needs (NESTED_HVM_CFG, why there).
+nested boot-test suites (HVM, image boot, fault matrix) and the stress run (tests/xen/hvm_stress.py)
+use, with the settings nested HVM needs (`hvm_options`, NESTED_HVM_CFG, why there) and those of
+a PV test guest of tests/xen/guests.py on our blkback (`pv_options`).
 Must not: decide a verdict (tests/xen/test_hvm_boot.py and hvm_stress.py do).
 
 Tools (Debian packages in the Makefile's XEN_DEBS): sfdisk (fdisk), mkfs.fat (dosfstools),
@@ -31,7 +32,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from guests import GuestError, Kernel, build_initramfs
+from guests import CONSOLE_LOG_DIR, GuestError, Kernel, build_initramfs, record_rerun
+
+from xentools.tools.images.boottest import XL_REPEAT_NOTE
 
 SECTOR = 512
 PART_START = 2048  # sectors: 1 MiB, where partitioning tools put the first partition
@@ -227,11 +230,29 @@ def hvm_options(backend: str, emulated_disk: str = "ahci") -> list[str]:
     return opts
 
 
+def pv_options(kernel: Path, ramdisk: Path, extra: str) -> list[str]:
+    """A PV test guest (tests/xen/guests.py's kernel, initramfs and command line) with its
+    disk on our blkback, its console read from xenconsoled's log (--log=guest
+    --log-dir=CONSOLE_LOG_DIR, tests/nested/dom0/boot.sh)."""
+    return ["--profile", "linux-pv", "--type", "pv", "--kernel", str(kernel), "--ramdisk", str(ramdisk),
+            "--extra", extra, "--backend", "xentools", "--log-dir", str(CONSOLE_LOG_DIR), "--memory", "128"]
+
+
 def boot_test(label: str, image: Path, out: Path, name: str, *options: str, timeout: float = 600) -> BootRun:
     """Run the CLI to its end (it destroys its guest whatever happens)."""
     began = time.monotonic()
     proc = subprocess.run(boot_test_argv(image, out, name, *options), cwd=REPO, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=timeout)
+    # The CLI's xl commands asked again after a crash (its reports' notes, one report a boot;
+    # matrix rows have theirs below `out`): recorded like the tests' own re-runs.
+    for report in sorted(out.rglob("report.json")):
+        try:
+            notes = json.loads(report.read_text()).get("notes", [])
+        except (OSError, ValueError):
+            continue
+        for note in notes:
+            if note.startswith(XL_REPEAT_NOTE):
+                record_rerun(f"boot-test {label or name} ({report.parent.name}): {note}")
     return BootRun(name, out, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - began, label)
 
 

@@ -36,19 +36,21 @@ from blk_helpers import (
     xs_fixture,  # noqa: F401 - fixture "xs"
 )
 from guests import (
-    XVDA,
     Guest,
-    GuestConfig,
     build_initramfs,
     guest_extra,
     guest_kernel,
     guest_lines,
+    pv_guest,
     unique_name,
     write_pattern,
     xl_domains,
 )
 
+from xentools.core.vbd import encode_vbd
 from xentools.devices.toolstack import destroy_vbd
+
+XVDA = encode_vbd("xvda")
 
 # Under nested TCG a guest boots in ~6 s on an idle host, ~3x that on a busy one.
 BOOT_TIMEOUT = 150.0
@@ -74,7 +76,7 @@ def test_linux_blkfront_in_a_domu_reads_and_writes_through_our_blkback(tmp_path,
     token = f"xt{secrets.token_hex(6)}"
     pattern = write_pattern(token, write_len)
     extra = guest_extra("disk-io", read=(read_at, read_len), write=(write_at, write_len), token=token)
-    cfg = GuestConfig(unique_name("xt-ourback"), kernel.image, initramfs, extra)
+    cfg = pv_guest(unique_name("xt-ourback"), kernel.image, initramfs, extra)
 
     with Guest(cfg, tmp_path) as guest:
         paths = our_vbd(xs, disk.path, frontend_domid=guest.domid, devid=XVDA)

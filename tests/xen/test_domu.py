@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -57,11 +56,13 @@ from blk_helpers import (
 from domu import XenTables, acknowledge, domu_config, domu_initramfs
 from domu_guest import DISK_SIZE, FRONT_CONFIG, plan_writes
 from test_blk_ours_vs_kernel import blkback_two_queues  # noqa: F401 - fixture
-from guests import XVDA, Guest, guest_kernel, guest_lines, unique_name, xl_domains
+from guests import Guest, guest_kernel, guest_lines, record_rerun, unique_name, xl_domains
 
+from xentools.core.vbd import encode_vbd
 from xentools.devices.toolstack import create_vbd, destroy_vbd
+from xentools.tools.images.xl import check_xl, run_xl
 
-LINUX_DEVID, OURS_DEVID, DENIED_DEVID = XVDA, XVDA + 16, XVDA + 32  # xvda, xvdb, xvdc
+LINUX_DEVID, OURS_DEVID, DENIED_DEVID = encode_vbd("xvda"), encode_vbd("xvdb"), encode_vbd("xvdc")
 KERNEL_DEVID = LINUX_DEVID
 # Boot (~6 s), Python in the domU (~18x slower than the host), the workload; x3 on a busy host.
 TIMEOUT = 300.0
@@ -73,7 +74,7 @@ _CLI = re.compile(r"^cli (\S+) rc=(-?\d+) stdout=(\".*\") stderr=(\".*\")$")
 def kernel():
     # Without eager FPU switching (tests/nested/run.py XEN_ARGS), the nested Xen on QEMU TCG
     # lost vCPU register state between the domU and dom0: wrong bytes, SIGSEGV, in both.
-    info = subprocess.run(["xl", "info"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    info = check_xl(["info"], timeout=60, on_rerun=record_rerun)
     line = next((x for x in info.stdout.splitlines() if x.startswith("xen_commandline")), "")
     assert "eager-fpu" in line, f"Xen runs without spec-ctrl=eager-fpu (add it to Xen's command line): {line!r}"
     return guest_kernel()
@@ -86,7 +87,7 @@ def xen_console():
     yield
     results = os.environ.get("NESTED_RESULTS")
     if results:
-        out = subprocess.run(["xl", "dmesg"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        out = run_xl(["dmesg"], timeout=60, on_rerun=record_rerun)
         (Path(results) / "domu").mkdir(parents=True, exist_ok=True)
         (Path(results) / "domu" / f"xl-dmesg-{unique_name('after')}.log").write_text(out.stdout + out.stderr)
 

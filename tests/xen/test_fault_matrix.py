@@ -22,15 +22,11 @@ import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 from guests import (
-    CONSOLE_LOG_DIR,
     build_initramfs,
     guest_extra,
     guest_kernel,
@@ -39,11 +35,10 @@ from guests import (
     unique_name,
     xl_domains,
 )
-from hvm_images import results_root
+from hvm_images import boot_test, pv_options, results_root
 
 from xentools.devices.blkback_faults import KINDS
 
-REPO = Path(__file__).resolve().parents[2]
 FULL = os.environ.get("XENTOOLS_FAULT_MATRIX") == "full"
 # A representative quarter of the kinds for `make test` (~20 s a boot in dom0): the four Linux
 # 6.1 reacts to with a documented message, and a status outside blkif's. The rest run in
@@ -74,31 +69,20 @@ FIRST_OUTPUT_TIMEOUT = 90
 ROW_TIMEOUT = 420  # one row at most: blkback start (<= 120) + boot (<= 150) + xl and stop
 
 
-def _matrix_argv(kind: str, image: Path, out: Path, name: str, kernel: Path, ramdisk: Path,
-                 extra: str, rows: list[str]) -> list[str]:
-    argv = [
-        sys.executable, "-m", "xentools", "image", "boot-test", str(image),
-        "--profile", "linux-pv", "--type", "pv", "--kernel", str(kernel), "--ramdisk", str(ramdisk),
-        "--extra", extra, "--backend", "xentools", "--log-dir", str(CONSOLE_LOG_DIR),
-        "--out", str(out), "--name", name, "--memory", "128",
-        "--first-output-timeout", str(FIRST_OUTPUT_TIMEOUT), "--timeout", str(BOOT_TIMEOUT),
-        "--idle-timeout", str(IDLE_TIMEOUT), "--json",
-    ]
-    if kind == "fault-matrix":
-        return argv + ["--read-only", "--fault-matrix", *(a for spec in rows for a in ("--fault", spec))]
-    return argv + ["--config-matrix", *rows]
-
-
 def _run_matrix(kind: str, root: Path, image: Path, kernel, initramfs: Path, rows: list[str],
                 count: int) -> dict:
     """Run one matrix CLI, once: a crash of our CLI fails the test (never run again)."""
     extra = guest_extra("banner", timeout=GUEST_DISK_WAIT)
     name = unique_name("xtfm")
     out = root / f"{kind}-{name}"
-    began = time.monotonic()
-    proc = subprocess.run(_matrix_argv(kind, image, out, name, kernel.image, initramfs, extra, rows), cwd=REPO,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=ROW_TIMEOUT * count)
-    seconds = time.monotonic() - began
+    if kind == "fault-matrix":
+        matrix = ["--read-only", "--fault-matrix", *(a for spec in rows for a in ("--fault", spec))]
+    else:
+        matrix = ["--config-matrix", *rows]
+    proc = boot_test(kind, image, out, name, *pv_options(kernel.image, initramfs, extra),
+                     "--first-output-timeout", str(FIRST_OUTPUT_TIMEOUT), "--timeout", str(BOOT_TIMEOUT),
+                     "--idle-timeout", str(IDLE_TIMEOUT), *matrix, timeout=ROW_TIMEOUT * count)
+    seconds = proc.seconds
     assert proc.returncode in (0, 4, 5), f"{kind} exited {proc.returncode}\nstdout {proc.stdout[-3000:]}\n" \
                                          f"stderr {proc.stderr[-3000:]}"
     table = json.loads(proc.stdout)

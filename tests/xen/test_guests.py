@@ -22,21 +22,21 @@ from guests import (
     BANNER,
     PANIC_LINE,
     SELF_FRONTEND_ROOT,
-    XVDA,
     Guest,
-    GuestConfig,
     GuestError,
     build_initramfs,
     guest_extra,
     guest_kernel,
     guest_lines,
     make_disk_image,
+    pv_guest,
     self_attach_kernel_vbd,
     unique_name,
     write_pattern,
     xl_domains,
 )
 
+from xentools.core.vbd import encode_vbd
 from xentools.tools.images.diskformat import inspect_image
 
 MiB = 1 << 20
@@ -96,7 +96,7 @@ def test_disk_io_guest_on_kernel_blkback(tmp_path, kernel, initramfs, xs):
     token = f"xt{secrets.token_hex(6)}"
     pattern = write_pattern(token, write_len)
     extra = guest_extra("disk-io", read=(read_at, read_len), write=(write_at, write_len), token=token)
-    cfg = GuestConfig(unique_name("xt-diskio"), kernel.image, initramfs, extra)
+    cfg = pv_guest(unique_name("xt-diskio"), kernel.image, initramfs, extra)
 
     with Guest(cfg, tmp_path) as guest:
         vbd = guest.attach_kernel_vbd(xs, image)
@@ -139,7 +139,7 @@ def test_banner_guest_reads_its_disk_then_prints_the_banner(tmp_path, kernel, in
     assert [(p.start_lba * 512, p.sectors * 512, p.type) for p in info.partitions] == [
         (disk.partition_offset, disk.partition_size, "0x83")
     ]
-    cfg = GuestConfig(unique_name("xt-banner"), kernel.image, initramfs, guest_extra("banner"))
+    cfg = pv_guest(unique_name("xt-banner"), kernel.image, initramfs, guest_extra("banner"))
 
     with Guest(cfg, tmp_path) as guest:
         guest.attach_kernel_vbd(xs, disk.path, mode="r")
@@ -161,7 +161,7 @@ def test_banner_guest_reads_its_disk_then_prints_the_banner(tmp_path, kernel, in
 
 
 def test_panic_guest_leaves_the_panic_line_and_ends_crashed(tmp_path, kernel, initramfs):
-    cfg = GuestConfig(unique_name("xt-panic"), kernel.image, initramfs, guest_extra("panic"))
+    cfg = pv_guest(unique_name("xt-panic"), kernel.image, initramfs, guest_extra("panic"))
     with Guest(cfg, tmp_path) as guest:
         guest.unpause()
         guest.wait_for(PANIC_LINE, timeout=BOOT_TIMEOUT)
@@ -179,8 +179,8 @@ def test_dom0_self_attach_reaches_initwait_outside_device_vbd(tmp_path, xs):
     with open(image, "wb") as f:
         f.truncate(4 * MiB)
     with self_attach_kernel_vbd(xs, image) as vbd:
-        assert vbd.paths.frontend == f"{SELF_FRONTEND_ROOT}/{XVDA}"
-        assert vbd.paths.backend == f"/local/domain/0/backend/vbd/0/{XVDA}"
+        assert vbd.paths.frontend == f"{SELF_FRONTEND_ROOT}/{encode_vbd('xvda')}"
+        assert vbd.paths.backend == f"/local/domain/0/backend/vbd/0/{encode_vbd('xvda')}"
         assert vbd.wait_backend_state({2}, timeout=60) == 2  # InitWait: waiting for a frontend
         assert vbd.backend("sectors") is None  # not connected: no frontend spoke yet
         assert int(vbd.backend("feature-max-indirect-segments")) > 0
@@ -206,5 +206,5 @@ def test_guest_parameters_are_single_safe_words(kernel, initramfs):
     with pytest.raises(GuestError, match="guest scenario"):
         guest_extra("disk io")
     with pytest.raises(GuestError, match="quote"):
-        GuestConfig("x", kernel.image, initramfs, 'console=hvc0 "')
+        pv_guest("x", kernel.image, initramfs, 'console=hvc0 "')
     assert write_pattern("ab", 7) == b"ab\nab\na"

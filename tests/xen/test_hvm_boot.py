@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import pytest
-from guests import XVDA, guest_kernel, unique_name, xl_domains
+from guests import guest_kernel, unique_name, wait_for_domains, xl_domains
 from hvm_images import (
     NESTED_HVM_CFG,
     PROMPT,
@@ -49,6 +49,7 @@ from hvm_images import (
     sha256_file,
 )
 
+from xentools.core.vbd import encode_vbd
 from xentools.devices.toolstack import USERSPACE_BACKEND_KIND
 
 TIMEOUTS = ["--first-output-timeout", "150", "--timeout", "300"]
@@ -70,17 +71,15 @@ def images(tmp_path_factory):
 
 def _run(images, label: str, image: Path, *options: str) -> BootRun:
     name = unique_name(f"xt-{label}")
-    before = {d for _, d in xl_domains()}
+    before = set(xl_domains())
     run = boot_test(label, image, images["root"] / name, name, *options)
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
     print(f"\n{run.summary()}; dom0 load {load}", file=sys.stderr)
     # Whatever the verdict, the guest is gone (bounded wait: Xen frees a domain once its
     # backends unmapped its pages).
-    deadline = time.monotonic() + 30
-    while {d for _, d in xl_domains()} - before and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not {d for _, d in xl_domains()} - before, f"{label}: boot-test left a domain behind"
+    left = wait_for_domains(before)
+    assert not left, f"{label}: boot-test left a domain behind: {sorted(left)}"
     return run
 
 
@@ -96,7 +95,7 @@ def _assert_our_blkback_served(run: BootRun, report: dict) -> dict:
     backend = report["disk_backend_report"]
     assert backend is not None and backend["blkback_exit_code"] == 0 and backend["errors"] == [], backend
     conformance = backend["conformance"]
-    assert conformance["backend"] == f"/local/domain/0/backend/{USERSPACE_BACKEND_KIND}/{report['domid']}/{XVDA}"
+    assert conformance["backend"] == f"/local/domain/0/backend/{USERSPACE_BACKEND_KIND}/{report['domid']}/{encode_vbd('xvda')}"
     assert conformance["total"] == 0 and all(not fe.get("violations") for fe in conformance["frontends"].values()), \
         conformance
     # "clean" comes with "N requests checked": the guest's blkfront read its disk through us.

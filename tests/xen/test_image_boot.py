@@ -25,32 +25,32 @@ import hashlib
 import json
 import re
 import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 from guests import (
-    XVDA,
-    record_rerun,
     BANNER,
     CONSOLE_LOG_DIR,
     PANIC_LINE,
     build_initramfs,
+    domain,
     guest_extra,
     guest_kernel,
     guest_lines,
     make_disk_image,
+    record_rerun,
     unique_name,
+    wait_for_domains,
     xl_domains,
 )
-from hvm_images import BootRun, results_root
+from hvm_images import BootRun, boot_test, pv_options, results_root
 
+from xentools.core.vbd import encode_vbd
 from xentools.devices.toolstack import USERSPACE_BACKEND_KIND
 from xentools.tools.images.diskformat import inspect_image
 
-REPO = Path(__file__).resolve().parents[2]
 # Seconds. Under nested TCG a guest boots in ~6 s on an idle host, ~3x that on a busy one;
 # dom0's Python (the CLI, our blkback) starts ~18x slower than the host's.
 BOOT_TIMEOUT = 150
@@ -61,28 +61,6 @@ PANIC_PATTERN = "Kernel panic - "
 PROMPT = BANNER  # "xentools-guest login:" (the guest prints it with a trailing space)
 # A guest's shell reporting a crashed child, or its kernel reporting a crashed process.
 GUEST_CRASH = re.compile(r"^Segmentation fault$|\]: segfault at |\btraps: .* general protection", re.M)
-
-
-def boot_test_argv(image: Path, out: Path, name: str, kernel: Path, ramdisk: Path, extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "xentools", "image", "boot-test", str(image),
-        "--profile", "linux-pv", "--type", "pv",
-        "--kernel", str(kernel), "--ramdisk", str(ramdisk), "--extra", extra,
-        "--backend", "xentools", "--read-only",
-        # xenconsoled --log=guest --log-dir=/var/log/xen/console (tests/nested/dom0/boot.sh)
-        "--log-dir", str(CONSOLE_LOG_DIR),
-        "--out", str(out), "--name", name, "--memory", "128",
-        "--first-output-timeout", str(FIRST_OUTPUT_TIMEOUT), "--timeout", str(BOOT_TIMEOUT),
-        "--json",
-    ]
-
-
-def boot_test(image: Path, out: Path, name: str, kernel: Path, ramdisk: Path, extra: str) -> BootRun:
-    """Run the CLI to its end (it destroys its guest whatever happens)."""
-    began = time.monotonic()
-    proc = subprocess.run(boot_test_argv(image, out, name, kernel, ramdisk, extra), cwd=REPO,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    return BootRun(name, out, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - began)
 
 
 def _platform_crash(run: BootRun) -> str | None:
@@ -131,22 +109,22 @@ def boots(tmp_path_factory):
     for key, extra in scenarios.items():
         for attempt in range(2):
             name = unique_name(f"xtbt-{key}")
-            run = boot_test(disk.path, root / name, name, kernel.image, initramfs, extra)
+            run = boot_test(key, disk.path, root / name, name, *pv_options(kernel.image, initramfs, extra),
+                            "--read-only", "--first-output-timeout", str(FIRST_OUTPUT_TIMEOUT),
+                            "--timeout", str(BOOT_TIMEOUT), timeout=RUN_TIMEOUT)
             crash = _platform_crash(run)
             if crash is None or attempt:
                 break
             retried.append(f"{key}: {crash}")
             record_rerun(f"image boot-test {key}: {crash}")
             # The crashed run's guest goes before the next run starts.
-            subprocess.run(["xl", "destroy", name], capture_output=True, timeout=120, check=False)
+            domain(name).destroy()
             print(f"\nimage boot-test {key}: {crash}; once more with a new domain", file=sys.stderr)
         runs[key] = run
     both = time.monotonic() - started
     # `xl destroy` returns before Xen frees a domain whose pages a backend still maps; the
     # boot test stops its blkback right after, so the domain must go soon after.
-    deadline = time.monotonic() + 30
-    while set(xl_domains()) - domains_before and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for_domains(domains_before)
     domains_after = set(xl_domains())
     timings = {"build": built, "both boot-tests": both, "freed": time.monotonic() - started - both,
                **{f"{k} boot-test": r.seconds for k, r in runs.items()}}
@@ -194,7 +172,7 @@ def test_banner_guest_passes_with_its_disk_on_our_blkback(boots, capsys):
     assert backend["blkback_exit_code"] == 0 and backend["errors"] == [], backend
     conformance = backend["conformance"]
     domid = report["domid"]
-    assert conformance["backend"] == f"/local/domain/0/backend/{USERSPACE_BACKEND_KIND}/{domid}/{XVDA}"
+    assert conformance["backend"] == f"/local/domain/0/backend/{USERSPACE_BACKEND_KIND}/{domid}/{encode_vbd('xvda')}"
     assert conformance["total"] == 0 and conformance["requests"] > 0, conformance
     assert _sha256(boots["disk"].path.read_bytes()) == boots["image_sha"]  # read-only vbd
     with capsys.disabled():
@@ -246,7 +224,7 @@ def test_both_guests_are_gone_and_the_reports_are_sane(boots, platform):
             domid = report["domid"]
             assert isinstance(domid, int) and domid > 0
             assert domid not in [d for _, d in xl_domains()]
-            assert not xs.exists(f"/local/domain/0/backend/{USERSPACE_BACKEND_KIND}/{domid}/{XVDA}")
+            assert not xs.exists(f"/local/domain/0/backend/{USERSPACE_BACKEND_KIND}/{domid}/{encode_vbd('xvda')}")
             assert not xs.exists(f"/local/domain/{domid}")
             files = report["files"]
             assert files == {k: str(run.out / v) for k, v in (

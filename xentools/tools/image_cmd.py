@@ -31,7 +31,6 @@ from xentools.devices.blkback_faults import GRANT_KINDS, KINDS, FaultSpecError, 
 from xentools.tools.images.boottest import (
     BootTest,
     DiskServer,
-    GuestConfig,
     HostDisk,
     XentoolsDisk,
     domain_name,
@@ -55,6 +54,7 @@ from xentools.tools.images.matrix import (
 from xentools.tools.images.fetch import Mirror, fetch_image, read_fetch_record
 from xentools.tools.images.report import BootResult
 from xentools.tools.images.verdict import Outcome, Rules
+from xentools.tools.images.xl import GuestConfig
 
 
 def default_dest() -> str:

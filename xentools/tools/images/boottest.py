@@ -1,20 +1,21 @@
 """Boot a guest image under xl and decide whether it booted.
 
-Owns: the xl.cfg of a test guest (HVM for release images, with its firmware, emulated disk
-controller and extra --xl-cfg lines; PV/PVH with kernel=, ramdisk=, extra=), the checks
-before a run (image is RAW unless forced, xl found, root, an HVM guest's device model and
-firmware installed), the guest's size from `xl info`, the disk servers (the host's usual
-backend or qdisk through the cfg's `disk=` line, or OUR blkback: xenstore nodes written by
-xentools.devices.toolstack plus a `python -m xentools blkback serve` process, with the
-options of a configuration row or --fault specs when asked; an HVM
-guest's firmware then gets the image through QEMU's emulated disk, device_model_args_hvm),
-the console (xenconsoled's `guest-<name>.log`, `xl console` on a pty, or for HVM the
-emulated UART, `xl console -t serial`), Xen's log of the domain (`xl dmesg`: firmware lines,
-a triple fault), the boot milestones, and the run itself: `xl create -p`, attach the
-console, `xl unpause`, feed the verdict engine, and ALWAYS `xl destroy` at the end. Writes
-the cfg, the console log, the JSON report, the JUnit XML (with --fault, their fault section:
-the reaction read by matrix.classify_reaction; such a boot ends FAULT_SETTLE s after the
-frontend marked its disk broken, nothing more can happen to that disk).
+Owns: what goes into a test guest's xl.cfg (HVM for release images, with its firmware,
+emulated disk controller and extra --xl-cfg lines; PV/PVH with kernel=, ramdisk=, extra=;
+rendered by xentools.tools.images.xl), the checks before a run (image is RAW unless forced,
+xl found, root, an HVM guest's device model and firmware installed), the guest's size from
+`xl info`, the disk servers (the host's usual backend or qdisk through the cfg's `disk=` line,
+or OUR blkback: xenstore nodes written by xentools.devices.toolstack plus a `python -m
+xentools blkback serve` process, with the options of a configuration row or --fault specs
+when asked; an HVM guest's firmware then gets the image through QEMU's emulated disk,
+device_model_args_hvm), which console is read (xenconsoled's `guest-<name>.log`, `xl console`
+on a pty, or for HVM the emulated UART, `xl console -t serial`), Xen's log of the domain
+(`xl dmesg`: firmware lines, a triple fault), the boot milestones, and the run itself: the
+guest's life through xl.XlDomain (`xl create -p`, attach the console, `xl unpause`, feed the
+verdict engine, and ALWAYS `xl destroy` at the end). Writes the cfg, the console log, the
+JSON report, the JUnit XML (with --fault, their fault section: the reaction read by
+matrix.classify_reaction; such a boot ends FAULT_SETTLE s after the frontend marked its disk
+broken, nothing more can happen to that disk).
 Must not: decide a verdict from console text itself (verdict.py does; here only Xen's own
 log turns a verdict into `error`), or run a process other than through its Runner (so tests
 drive it with a fake `xl`).
@@ -25,9 +26,9 @@ written (both directories in one transaction) and our blkback has reached InitWa
 the guest runs, so its blkfront finds the device at boot. At the end the guest goes first,
 then the vbd's directories, which makes our blkback unmap the guest's pages (Xen frees a
 destroyed domain only then), write its report and exit.
-An `xl` killed by a signal is asked again (except `create`): under nested emulation dom0
-processes (xenstore-ls, Python) were seen to die of SIGSEGV now and then, and a crash is no
-answer about the guest.
+An `xl` killed by a signal is asked again (except `create`; xl.run_xl): under nested
+emulation dom0 processes (xenstore-ls, Python) were seen to die of SIGSEGV now and then, and
+a crash is no answer about the guest.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import datetime
 import json
 import os
 import re
-import select
 import shlex
 import shutil
 import signal
@@ -51,123 +51,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import tenacity
-
 from xentools.core.errors import XentoolsError
 from xentools.tools.images.diskformat import ImageInfo, inspect_image, require_raw
 from xentools.tools.images.errors import BootTestError, ImageFormatError
 from xentools.tools.images.matrix import classify_reaction, disk_given_up, fault_section
 from xentools.tools.images.report import BootResult, write_reports
 from xentools.tools.images.verdict import Decision, Rules, Verdict, VerdictEngine
+from xentools.tools.images.xl import (
+    XL_TIMEOUT,
+    Console,
+    GuestConfig,
+    LogConsole,
+    Runner,
+    SubprocessRunner,
+    XlDomain,
+    console_log_path,
+    parse_cfg_line,
+    render_xl_cfg,
+)
 
 __all__ = [
-    "BootTest", "Completed", "Console", "DiskServer", "GuestConfig", "HostDisk", "LogConsole",
-    "PtyConsole", "Runner", "SubprocessRunner", "XentoolsDisk", "default_blkback_argv",
-    "domain_name", "preflight", "render_xl_cfg",
+    "BootTest", "DiskServer", "HostDisk", "XentoolsDisk", "default_blkback_argv", "domain_name", "preflight",
 ]
 
-XL_TIMEOUT = 120.0
+# How the report's notes begin for an xl command asked again after it crashed.
+XL_REPEAT_NOTE = "xl repeated: "
 # Seconds a --fault boot goes on after the guest's frontend marked its disk broken (a crash
 # that follows is still seen); then it ends without waiting for the idle timeout.
 FAULT_SETTLE = 5.0
 READ_SLICE = 0.2
 _NAME_OK = re.compile(r"[^A-Za-z0-9_.-]+")
-# xl.cfg strings are quoted; these characters would need escapes libxlu may not read back.
-_CFG_BAD = re.compile(r"['\"\\\n\r\x00-\x1f]")
-
-
-# ------------------------------------------------------------------------------- config
-
-@dataclass(frozen=True)
-class GuestConfig:
-    """What goes into the xl.cfg of a test guest."""
-
-    name: str
-    guest_type: str  # hvm, pv, pvh
-    memory_mb: int
-    vcpus: int
-    kernel: str | None = None
-    ramdisk: str | None = None
-    extra: str | None = None
-    disks: tuple[str, ...] = ()
-    # HVM only: bios= (seabios, ovmf; None: xl's default), hdtype= for the toolstack's own
-    # emulated disks (ide, ahci), and QEMU arguments (device_model_args_hvm=).
-    firmware: str | None = None
-    emulated_disk: str | None = None
-    device_model_args: tuple[str, ...] = ()
-    # Extra xl.cfg lines, "KEY=VALUE" as xl.cfg(5) spells them (--xl-cfg), written last.
-    extra_cfg: tuple[str, ...] = ()
-    # The kernel= is a bootloader (pvgrub2): its output is the bootloader milestone.
-    kernel_is_bootloader: bool = False
-
-
-def _q(key: str, value: str) -> str:
-    if _CFG_BAD.search(value):
-        raise BootTestError("xlcfg.value", f"{key} {value!r} contains a quote, backslash or control character")
-    return f"'{value}'"
-
-
-def render_xl_cfg(cfg: GuestConfig) -> str:
-    """The xl.cfg text. Every exit of the guest destroys it: a test never reboots into a loop."""
-    if cfg.guest_type not in ("hvm", "pv", "pvh"):
-        raise BootTestError("xlcfg.type", f"guest type {cfg.guest_type!r} is not hvm, pv or pvh")
-    if cfg.guest_type != "hvm" and not cfg.kernel:
-        raise BootTestError("xlcfg.kernel", f"a {cfg.guest_type} guest needs --kernel (this tool does not run pygrub)")
-    lines = [
-        "# Written by xentools image boot-test.",
-        f"name = {_q('name', cfg.name)}",
-        f"type = '{cfg.guest_type}'",
-        f"memory = {int(cfg.memory_mb)}",
-        f"vcpus = {int(cfg.vcpus)}",
-    ]
-    if cfg.kernel:
-        lines.append(f"kernel = {_q('kernel', cfg.kernel)}")
-    if cfg.ramdisk:
-        lines.append(f"ramdisk = {_q('ramdisk', cfg.ramdisk)}")
-    if cfg.extra:
-        lines.append(f"extra = {_q('extra', cfg.extra)}")
-    if cfg.guest_type == "hvm":
-        # The emulated UART goes to a pty that `xl console -t serial` reads; no display.
-        lines += ["serial = 'pty'", "vnc = 0", "sdl = 0", "boot = 'c'"]
-        if cfg.firmware:
-            if cfg.firmware not in FIRMWARES:
-                raise BootTestError("xlcfg.firmware", f"firmware {cfg.firmware!r} is not one of {', '.join(FIRMWARES)}")
-            lines.append(f"bios = '{cfg.firmware}'")
-        if cfg.emulated_disk:
-            if cfg.emulated_disk not in EMULATED_DISKS:
-                raise BootTestError("xlcfg.hdtype", f"emulated disk {cfg.emulated_disk!r} is not ide or ahci")
-            lines.append(f"hdtype = '{cfg.emulated_disk}'")
-        if cfg.device_model_args:
-            args = ", ".join(_q("device_model_args_hvm", a) for a in cfg.device_model_args)
-            lines.append(f"device_model_args_hvm = [ {args} ]")
-    elif cfg.firmware or cfg.emulated_disk or cfg.device_model_args:
-        raise BootTestError("xlcfg.hvm_only", f"firmware and emulated disks are for HVM guests, not {cfg.guest_type}")
-    disks = ", ".join(_q("disk", d) for d in cfg.disks)
-    lines.append(f"disk = [ {disks} ]")
-    lines += ["on_poweroff = 'destroy'", "on_reboot = 'destroy'", "on_crash = 'destroy'"]
-    lines += [parse_cfg_line(line) for line in cfg.extra_cfg]
-    return "\n".join(lines) + "\n"
-
-
-FIRMWARES = ("seabios", "ovmf")
-EMULATED_DISKS = ("ide", "ahci")
-_CFG_KEY = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(\S.*?)\s*$")
-# Keys the boot test writes itself: another value would break the test, not the guest.
-_CFG_OWN = frozenset({"name", "type", "builder", "disk", "serial", "on_poweroff", "on_reboot", "on_crash"})
-
-
-def parse_cfg_line(text: str) -> str:
-    """An --xl-cfg 'KEY=VALUE' line, checked: one line, a key, a value; the keys the test
-    depends on are refused (the message names the option to use instead). The value is
-    passed as written (xl.cfg(5) syntax: 'string', number, [ list ])."""
-    m = _CFG_KEY.match(text)
-    if m is None or "\n" in text or "\r" in text:
-        raise BootTestError("xlcfg.extra", f"--xl-cfg {text!r} is not KEY=VALUE on one line, e.g. tsc_mode='native'")
-    key, value = m.groups()
-    if key in _CFG_OWN:
-        raise BootTestError("xlcfg.extra", f"--xl-cfg {key}= is written by boot-test itself (use --name, --type, "
-                                           "--backend, --vdev instead)")
-    return f"{key} = {value}"
 
 
 @dataclass(frozen=True)
@@ -294,139 +207,6 @@ def preflight(image: str | os.PathLike[str], *, xl: str = "xl", kernel: str | No
         raise BootTestError("boottest.not_root", "boot-test must run as root: xl needs dom0's privileged Xen "
                                                  "interfaces (try sudo)")
     return info, xl_path
-
-
-# ------------------------------------------------------------------------------ runners
-
-@dataclass(frozen=True)
-class Completed:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-class Console(abc.ABC):
-    """A guest console being read."""
-
-    mode: str
-
-    @abc.abstractmethod
-    def read(self, timeout: float) -> bytes | None:
-        """Bytes that arrived within `timeout` s (b"" for none), None once the console ended."""
-
-    @abc.abstractmethod
-    def close(self) -> None: ...
-
-    def ended_why(self) -> str:
-        """Why read() returned None, for messages."""
-        return "the console ended"
-
-
-class Runner(abc.ABC):
-    """How xl is run. SubprocessRunner runs it for real (tests put a fake `xl` first on PATH);
-    a caller may pass its own, e.g. to run xl inside another environment."""
-
-    @abc.abstractmethod
-    def run(self, argv: Sequence[str], timeout: float) -> Completed: ...
-
-    @abc.abstractmethod
-    def spawn_console(self, argv: Sequence[str]) -> Console: ...
-
-
-class PtyConsole(Console):
-    """`xl console` on a pseudo-terminal: xenconsole wants a terminal for its stdin."""
-
-    mode = "xl"
-
-    def __init__(self, proc: subprocess.Popen[bytes], master: int) -> None:
-        self.proc = proc
-        self._master: int | None = master
-
-    def read(self, timeout: float) -> bytes | None:
-        if self._master is None:
-            return None
-        ready, _, _ = select.select([self._master], [], [], max(0.0, timeout))
-        if not ready:
-            return b""
-        try:
-            data = os.read(self._master, 65536)
-        except OSError:  # EIO: the other side of the pty is closed
-            return None
-        return data or None
-
-    def ended_why(self) -> str:
-        code = self.proc.poll()
-        return "xl console is still running" if code is None else f"xl console exited {code}"
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if self._master is not None:
-            os.close(self._master)
-            self._master = None
-
-
-class LogConsole(Console):
-    """xenconsoled's log of the guest (`xenconsoled --log=guest --log-dir=DIR`), followed from
-    `offset` on (xenconsoled appends to an existing log). It never ends by itself: the caller
-    asks xl whether the domain is still there."""
-
-    mode = "log"
-
-    def __init__(self, path: Path, offset: int, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.path = path
-        self.offset = offset
-        self._sleep = sleep
-        self._f: IO[bytes] | None = None
-
-    def read(self, timeout: float) -> bytes | None:
-        if self._f is None:
-            try:
-                self._f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
-            except FileNotFoundError:
-                self._sleep(min(timeout, 0.05))
-                return b""
-            self._f.seek(self.offset)
-        data = self._f.read(65536)
-        if not data:
-            self._sleep(min(timeout, 0.05))
-        return data
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-
-class SubprocessRunner(Runner):
-    def run(self, argv: Sequence[str], timeout: float) -> Completed:
-        try:
-            p = subprocess.run(list(argv), capture_output=True, text=True, errors="replace",
-                               timeout=timeout, stdin=subprocess.DEVNULL, check=False)
-        except FileNotFoundError:
-            raise BootTestError("boottest.no_xl", f"{argv[0]} not found") from None
-        except subprocess.TimeoutExpired:
-            raise BootTestError("boottest.xl_timeout", f"{' '.join(argv[:3])} did not finish in {timeout:g} s") from None
-        return Completed(p.returncode, p.stdout, p.stderr)
-
-    def spawn_console(self, argv: Sequence[str]) -> Console:
-        master, slave = os.openpty()
-        try:
-            proc = subprocess.Popen(list(argv), stdin=slave, stdout=slave, stderr=slave, close_fds=True,
-                                    start_new_session=True)
-        except OSError as err:
-            os.close(master)
-            raise BootTestError("boottest.console", f"cannot start {argv[0]}: {err.strerror}") from None
-        finally:
-            os.close(slave)
-        return PtyConsole(proc, master)
 
 
 # --------------------------------------------------------------------------------- disks
@@ -825,6 +605,10 @@ class BootTest:
         self.log_dir = log_dir
         self.clock = clock
         self.liveness_interval = liveness_interval
+        # Every xl command asked again after a crash: in the report's notes (a repeat hides
+        # nothing only when it is shown).
+        self.xl_repeats: list[str] = []
+        self.domain = XlDomain(guest.name, xl=xl, runner=self.runner, on_rerun=self.xl_repeats.append)
         # Xen's own log (`xl dmesg`) is read for HVM and PVH guests: the firmware's lines
         # (hvmloader, SeaBIOS; with Xen's guest_loglvl=all) and Xen's report of a domain it
         # killed (a triple fault) are there, not on the guest's console.
@@ -834,52 +618,12 @@ class BootTest:
         self._xen_log_ok = True
         # Seconds from unpause to each boot milestone seen (MILESTONES), for the report.
         self.milestones: dict[str, float] = {}
-        self._create_failure = ""
         self.files = {
             "xl_cfg": str(self.out_dir / "xl.cfg"),
             "console_log": str(self.out_dir / "console.log"),
             "report": str(self.out_dir / "report.json"),
             "junit": str(self.out_dir / "junit.xml"),
         }
-
-    # -- xl
-
-    def _run_xl(self, args: Sequence[str], timeout: float = XL_TIMEOUT) -> Completed:
-        # An xl killed by a signal (negative return code: it crashed) gave no answer at all;
-        # every command here but `create` may simply be asked again, once.
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(1 if args[0] == "create" else 2),
-            retry=tenacity.retry_if_result(lambda done: done.returncode < 0),
-            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
-        )
-        return retrying(self.runner.run, [self.xl, *args], timeout)
-
-    def _xl(self, *args: str, timeout: float = XL_TIMEOUT) -> Completed:
-        done = self._run_xl(args, timeout)
-        if done.returncode != 0 and args[0] == "create":
-            # libxl's reason is rarely its last line: the report keeps all of it.
-            self._create_failure = (done.stdout + done.stderr).strip()[-4000:]
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
-            raise BootTestError("boottest.xl_failed", f"xl {args[0]} failed (exit {done.returncode}): {last}")
-        return done
-
-    def _alive(self, confirm: bool = False) -> bool:
-        """False when xl says that no domain has the guest's name (with `confirm`: twice in
-        a row, for the watch, where a guest wrongly taken for gone would be judged on half
-        its output)."""
-        for attempt in range(2 if confirm else 1):
-            if attempt:
-                time.sleep(READ_SLICE)
-            if self._run_xl(("domid", self.guest.name)).returncode <= 0:
-                return True  # 0: there; < 0: xl crashed twice, which proves nothing
-        return False
-
-    def _domid(self) -> int:
-        out = self._xl("domid", self.guest.name).stdout.strip()
-        if not out.isdigit():
-            raise BootTestError("boottest.xl_failed", f"xl domid printed {out[:40]!r}, not a domain id")
-        return int(out)
 
     # -- run
 
@@ -894,7 +638,7 @@ class BootTest:
         t0 = self.clock()
         engine = VerdictEngine(self.rules, t0)
         console: Console | None = None
-        create_tried = created = destroyed = False
+        create_tried = destroyed = False
         domid: int | None = None
         cleanup: list[str] = []
         disk_report: Mapping[str, object] | None = None
@@ -912,15 +656,13 @@ class BootTest:
             try:
                 log_path, offset = self._log_position()
                 create_tried = True
-                done = self._xl("create", "-p", self.files["xl_cfg"])
-                created = True
-                create_out = (done.stdout + done.stderr).strip()[-2000:]
-                domid = self._domid()
+                domid = self.domain.create(self.files["xl_cfg"])
+                create_out = self.domain.create_output
                 phase("create")
                 self.disk.start(domid)
                 phase("disk_start")
                 console = self._attach(log_path, offset)
-                self._xl("unpause", self.guest.name)
+                self.domain.unpause()
                 phase("unpause")
                 # The guest's time starts now: timeouts count from the unpause.
                 engine = VerdictEngine(self.rules, self.clock())
@@ -928,8 +670,8 @@ class BootTest:
                 phase("guest")
             except XentoolsError as err:
                 engine.error(self.clock(), str(err))
-                if not created and self._create_failure:
-                    create_out = self._create_failure
+                if not self.domain.created and self.domain.create_failure:
+                    create_out = self.domain.create_failure
             except OSError as err:
                 engine.error(self.clock(), f"{err.strerror or err}")
             if domid is not None and self.read_xen_log:
@@ -942,7 +684,7 @@ class BootTest:
             if "guest" not in phases:
                 phase("until_error")  # the step that failed (or was interrupted)
             if create_tried:
-                destroyed, why = self._destroy(created)
+                destroyed, why = self._destroy(self.domain.created)
                 if why:
                     cleanup.append(why)
                 phase("destroy")
@@ -958,7 +700,7 @@ class BootTest:
             decision = explain_with_xen_log(decision, self._xen_log, domid)
         if decision.verdict is not Verdict.ERROR or "verdict" not in self.milestones:
             self.milestones.setdefault("verdict", round(decision.elapsed, 3))
-        notes = []
+        notes = [f"{XL_REPEAT_NOTE}{what}" for what in self.xl_repeats]
         if self.read_xen_log and not self._xen_log_ok:
             notes.append("xl dmesg could not be read: no firmware lines, no crash report from Xen")
         elif self.read_xen_log and self.guest.guest_type == "hvm" and domid is not None and not any(
@@ -989,7 +731,7 @@ class BootTest:
     def _log_position(self) -> tuple[Path | None, int]:
         if not self.log_dir:
             return None, 0
-        path = Path(self.log_dir) / f"guest-{self.guest.name}.log"
+        path = console_log_path(self.log_dir, self.guest.name)
         try:
             return path, path.stat().st_size
         except FileNotFoundError:
@@ -1013,7 +755,7 @@ class BootTest:
         """Keep Xen's log lines about the domain (see domain_xen_lines)."""
         if not self._xen_log_ok:
             return
-        done = self._run_xl(("dmesg",))
+        done = self.domain.run("dmesg")
         if done.returncode != 0:
             self._xen_log_ok = False
             return
@@ -1051,7 +793,7 @@ class BootTest:
             data = console.read(wait)
             now = self.clock()
             if data is None:
-                if console.mode != "log" and self._alive(confirm=True):
+                if console.mode != "log" and self.domain.alive(confirm=True):
                     # The guest is there but its console reader is gone: xl console could
                     # not attach (or died). No verdict on the guest can come from that.
                     engine.error(now, f"{console.ended_why()} while the guest still runs: the console could "
@@ -1091,7 +833,7 @@ class BootTest:
                 if why is not None:
                     engine.error(now, why)
                     return
-                if console.mode == "log" and not self._alive(confirm=True):
+                if console.mode == "log" and not self.domain.alive(confirm=True):
                     rest = console.read(0.0) or b""
                     log.write(rest)
                     engine.feed(rest, now)
@@ -1102,12 +844,9 @@ class BootTest:
         """Destroy the guest; (gone, why not). A domain that is already gone counts as gone;
         after a failed `xl create` a missing domain is expected, not an error."""
         try:
-            done = self._run_xl(("destroy", self.guest.name))
-            if done.returncode == 0:
+            detail = self.domain.destroy()
+            if detail is None:
                 return True, None
-            if not self._alive():
-                return True, None
-            detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         except (XentoolsError, OSError) as err:
             if not created:
                 return False, None
