@@ -26,7 +26,7 @@ struct xt_stats {
     uint64_t indirect_reads, indirect_read_segments, indirect_read_bytes;
     uint64_t indirect_writes, indirect_write_segments, indirect_write_bytes;
     uint64_t mapped_reads;    /* reads copied from the image's mapped windows (struct xt_image) */
-    uint64_t serve_ns, io_ns; /* time in xt_serve, and of it moving data (profile) */
+    uint64_t serve_ns, io_ns; /* time in xt_serve; moving the data of requests > inline_bytes */
 };
 
 struct xt_table;

@@ -173,8 +173,8 @@ class CompiledRing:
 
     @property
     def profile(self) -> dict[str, float]:
-        """Reads copied from the mapped windows, and seconds in the loop and, of them,
-        moving data, since this ring was connected."""
+        """Reads copied from the mapped windows, seconds in the loop and, of them, moving
+        the data of requests larger than inline_bytes, since this ring was connected."""
         s = self.stats
         return {"mapped_reads": int(s.mapped_reads), "loop_s": s.serve_ns / 1e9, "io_s": s.io_ns / 1e9}
 
