@@ -17,8 +17,9 @@ writable disk and a cache that holds every pool page, and with a read-only disk 
 smaller than the pool: 2,500 states each, 10,000 in all; each prints how many requests the
 compiled loop served, by kind.
 
-Ring-index attacks (a producer overflowing the ring) never reach the compiled loop: BackRing
-judges req_prod before the loop is called; tests/test_blkback_hostile.py covers them.
+Ring-index attacks (a producer overflowing the ring): the compiled pass (xt_pass) stops
+without consuming and BackRing judges req_prod, as on the Python path; tests/test_blkback_hostile.py
+covers them (tests/test_blkback_raw_frontend.py sends one to a blkback process).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ The ring thread (ring.h's consumer loop, one notification per batch):
   (direct or indirect) whose refs are all cached (checks; reads copied from mapped windows of
   a regular image file, else preadv, writes pwritev, straight into or from the cached pages;
   the response) and stops at the first other one, which this thread judges and answers as
-  above (`_serve_fast`); what it served is counted in the report as accepted;
+  above (`_serve_compiled`); what it served is counted in the report as accepted;
 - publishes responses and notifies if the frontend asked (RING_PUSH_RESPONSES_AND_CHECK_
   NOTIFY), then RING_FINAL_CHECK_FOR_REQUESTS before sleeping.
 The ring never holds more requests in flight than it has slots (BackRing counts consumed
@@ -81,7 +81,7 @@ from xentools.devices.blkback_conformance import FrontendLog
 from xentools.devices.blkback_faults import FaultSet
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS, PageSet, SegmentMapper
 from xentools.devices.blkback_image import ImageFile
-from xentools.devices.blkback_ringloop import STOP_PYTHON, CompiledRing, GrefTable, compiled
+from xentools.devices.blkback_ringloop import STOP_RING, CompiledRing, GrefTable, compiled
 from xentools.devices.blkback_validate import (
     Plan,
     RequestPolicy,
@@ -231,7 +231,6 @@ class QueueWorker:
         self._evtchn = None
         self._ring_pages: MappedPages | None = None
         self._fast: CompiledRing | None = None  # the compiled ring loop, when used
-        self._unpublished = False  # responses written by the compiled loop, not yet pushed
         self.port: int | None = None
         try:
             order = len(ring_refs).bit_length() - 1
@@ -440,6 +439,9 @@ class QueueWorker:
             self.on_fatal(self, message)
 
     def _serve_ring(self) -> None:
+        if self._fast is not None:
+            self._serve_compiled()
+            return
         ring = self.ring
         get = ring.get_request
         while not self._stop.is_set():
@@ -447,46 +449,48 @@ class QueueWorker:
                 self._reap()
             available = ring.unconsumed_requests()  # RingError on overflow: fatal
             if available:
-                if self._fast is not None:
-                    self._serve_fast(available)
-                else:
-                    slots = [get() for _ in range(available)]  # one private copy each (XSA-155)
-                    self._serve_batch(slots)
-                    self.served += available
-            if self._answers or self._unpublished:
+                slots = [get() for _ in range(available)]  # one private copy each (XSA-155)
+                self._serve_batch(slots)
+                self.served += available
+            if self._answers:
                 self._publish()
             if not available:
                 if self._done or ring.final_check_for_requests():
                     continue
                 return
 
-    def _serve_fast(self, available: int) -> None:
-        """`available` requests (and any the frontend adds meanwhile) through the compiled
-        loop; each request it leaves goes through the Python path (_serve_batch), one at a
-        time, before the loop takes over again. Responses keep the order of the requests."""
+    def _serve_compiled(self) -> None:
+        """The ring through the compiled loop's pass (xt_pass: serve, publish the responses,
+        arm req_event); each request it leaves goes through the Python path (_serve_batch),
+        one at a time, before the next pass. Responses keep the order of the requests."""
         fast, ring = self._fast, self.ring
         assert fast is not None
-        while available:
+        while not self._stop.is_set():
+            if self._done:
+                self._reap()
             if self._answers:
-                self._write_answers()  # earlier answers first, so the order is the Python path's
+                self._write_answers()  # earlier answers first: the pass publishes them
             self._begin()
             try:
-                served, stop = fast.serve(ring, available)
+                served, stop, notify = fast.run(ring)
                 self.loop_calls += 1
             finally:
                 self._end()
             if served:
                 self.served += served
                 self.compiled_served += served
-                self._unpublished = True
-                available = ring.unconsumed_requests()  # RingError on overflow: fatal
-            if not available or not stop:
+            if notify:
+                self._notify()
+            if stop:
+                # STOP_RING: the producer overflowed (BackRing says so: fatal); STOP_PYTHON:
+                # judged and answered here; STOP_WAIT: mapped here and handed to an I/O
+                # thread; STOP_ERROR: redone here, which logs and answers the error.
+                if ring.unconsumed_requests() and stop != STOP_RING:  # RingError on overflow
+                    self._serve_batch([ring.get_request()])
+                    self.served += 1
                 continue
-            # STOP_PYTHON: judged and answered here; STOP_WAIT: mapped here and handed to an
-            # I/O thread; STOP_ERROR: redone here, which logs and answers the error.
-            self._serve_batch([ring.get_request()])
-            self.served += 1
-            available -= 1
+            if not (self._done or self._answers):
+                break
         for wire_op, op, count, segments, nbytes in fast.take_stats():
             self.report.accepted(wire_op, op, segments, nbytes, count=count)
 
@@ -499,7 +503,6 @@ class QueueWorker:
 
     def _publish(self) -> None:
         """Write the answers gathered so far, publish them, notify if the frontend asked."""
-        self._unpublished = False
         if self.faults is None:
             self._write_answers()
         else:  # FAULT HOOK: the responses the guest is told

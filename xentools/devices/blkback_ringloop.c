@@ -12,10 +12,14 @@
  * for the disk or failed. That request is left unconsumed for the Python path
  * (xentools/devices/blkback_queue.py), which stays the authority: it judges it, counts its
  * rule, and answers it.
+ * xt_pass runs ring.h's consumer loop around xt_serve: reads req_prod once per round (an
+ * overflowing producer stops it: the Python BackRing re-checks and fails the ring), serves,
+ * publishes the responses (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY, saying whether to notify),
+ * and arms req_event before it returns (RING_FINAL_CHECK_FOR_REQUESTS), so one call serves
+ * a wake-up's whole work when every request is plainly valid.
  * Must not: describe a blkif struct (every offset comes from xentools.core.blkif's Abi, the
- * one codec, through struct xt_layout), read req_prod or publish rsp_prod (the Python
- * BackRing does, with its overflow check and barriers), map or unmap grants, or block on
- * anything but the image.
+ * one codec, through struct xt_layout), send an event (the caller notifies when told to),
+ * map or unmap grants, or block on anything but the image.
  */
 
 #ifndef _GNU_SOURCE
@@ -612,4 +616,63 @@ uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const st
     *rsp_prod_pvt = prod;
     stats->serve_ns += xt_now_ns() - started;
     return served;
+}
+
+/* struct sring's header (ring.h): four 32-bit indexes, then padding up to XT_HEADER. */
+static uint32_t *xt_index(uint8_t *sring, int which) { return (uint32_t *)(void *)(sring + 4 * which); }
+enum { XT_REQ_PROD, XT_REQ_EVENT, XT_RSP_PROD, XT_RSP_EVENT };
+
+/* RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish rsp_prod_pvt; *notify set when rsp_event lies
+ * in (old, new]. */
+static void xt_push(uint8_t *sring, uint32_t new_prod, int *notify)
+{
+    uint32_t old = __atomic_load_n(xt_index(sring, XT_RSP_PROD), __ATOMIC_RELAXED);
+    if (old == new_prod)
+        return;
+    __atomic_store_n(xt_index(sring, XT_RSP_PROD), new_prod, __ATOMIC_RELEASE); /* slots first */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the frontend sees them before we read rsp_event */
+    uint32_t event = __atomic_load_n(xt_index(sring, XT_RSP_EVENT), __ATOMIC_RELAXED);
+    if ((uint32_t)(new_prod - event) < (uint32_t)(new_prod - old))
+        *notify = 1;
+}
+
+/* Serve until the ring is empty or a request is not the loop's (*stop as xt_serve, or
+ * 4: req_prod overflows the ring; nothing consumed then). Responses the caller wrote before
+ * (at *rsp_prod_pvt) are published with the loop's. Returns the requests served. */
+uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                 uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                 int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
+                 int *notify)
+{
+    uint32_t total = 0;
+    int armed = 0;
+    *stop = 0;
+    *notify = 0;
+    for (;;) {
+        uint32_t req_prod = __atomic_load_n(xt_index(sring, XT_REQ_PROD), __ATOMIC_ACQUIRE);
+        uint32_t cons = *req_cons, prod = *rsp_prod_pvt;
+        if ((uint32_t)(req_prod - prod) > nr_ents) {
+            *stop = 4; /* RING_REQUEST_PROD_OVERFLOW: the Python BackRing says it */
+            break;
+        }
+        uint32_t waiting = req_prod - cons, room = nr_ents - (cons - prod);
+        uint32_t available = waiting < room ? waiting : room;
+        if (available) {
+            armed = 0;
+            total += xt_serve(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, available, fd, img, inline_bytes,
+                              stats, stop);
+            xt_push(sring, *rsp_prod_pvt, notify);
+            if (*stop)
+                return total;
+            continue;
+        }
+        if (armed)
+            break; /* checked again after arming: nothing came */
+        /* RING_FINAL_CHECK_FOR_REQUESTS: ask for an event at the next request, then look again. */
+        __atomic_store_n(xt_index(sring, XT_REQ_EVENT), cons + 1, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        armed = 1;
+    }
+    xt_push(sring, *rsp_prod_pvt, notify);
+    return total;
 }

@@ -45,3 +45,7 @@ uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const st
                   uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
                   uint32_t available, int fd, struct xt_image *img, uint64_t inline_bytes,
                   struct xt_stats *stats, int *stop);
+uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                 uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                 int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
+                 int *notify);
