@@ -169,18 +169,19 @@ static uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v;
  * unmapped first, so the mapped size stays bounded whatever the image's size. A window that
  * holds a hole (SEEK_HOLE) is not mapped: reading a hole through a mapping of a tmpfs file
  * would allocate memory for it (preadv reads zeroes without allocating); such windows are
- * remembered for xt_hole_ticks lookups and read with preadv meanwhile. A discard punches holes:
+ * remembered for xt_recheck_ticks lookups and read with preadv meanwhile. A discard punches holes:
  * the queue drops the windows it touched (xt_image_forget). If the file shrinks under a
  * mapping, the copy's SIGBUS is caught (sigsetjmp) and the request goes to the Python path,
  * which answers it with the error preadv gives. */
 
-static const uint64_t xt_hole_ticks = 256; /* lookups a hole is remembered for */
+static const uint64_t xt_recheck_ticks = 256; /* lookups a hole, or a window all in memory, is remembered for */
 
 struct xt_window {
     uint64_t index; /* window number: file offset / window_bytes */
     uint8_t *base;  /* NULL: a hole (not mapped) */
     size_t len;
     uint64_t used;  /* img->clock at the last lookup (mapped) or when found holed */
+    uint64_t resident_until; /* img->clock before which the whole window was found in memory */
     int live;
 };
 
@@ -299,7 +300,7 @@ static struct xt_window *xt_window_get(struct xt_image *img, uint64_t at)
                 w->used = now;
                 return w;
             }
-            if (now - w->used < xt_hole_ticks)
+            if (now - w->used < xt_recheck_ticks)
                 return NULL;
             xt_window_drop(w); /* look again: the hole may have been written since */
             victim = w;
@@ -314,6 +315,7 @@ static struct xt_window *xt_window_get(struct xt_image *img, uint64_t at)
         end = img->bytes;
     victim->index = index;
     victim->used = now;
+    victim->resident_until = 0;
     victim->live = 1;
     off_t hole = lseek(img->fd, (off_t)start, SEEK_HOLE);
     if (hole < 0 || (uint64_t)hole < end)
@@ -353,19 +355,26 @@ static int xt_image_read(struct xt_image *img, const struct iovec *iov, int n, u
         struct xt_window *w = xt_window_get(img, at);
         if (!w)
             return 1;
-        if (resident) {
+        if (resident && img->clock >= w->resident_until) {
+            /* One mincore for the whole window; all in memory is remembered for a while (a
+             * system call costs about as much as a 4 KiB copy in a nested PV dom0). */
             static __thread unsigned char vec[1024];
-            uint64_t wstart = w->index * img->window;
-            uint64_t from = (at - wstart) & ~(uint64_t)(XT_PAGE - 1);
-            uint64_t stop = offset + total - wstart;
-            if (stop > w->len)
-                stop = w->len;
-            size_t pages = (size_t)((stop - from + XT_PAGE - 1) / XT_PAGE);
-            if (pages > sizeof vec || mincore(w->base + from, (size_t)(stop - from), vec) != 0)
+            size_t whole = w->len / XT_PAGE, p = 0;
+            if (whole > sizeof vec || mincore(w->base, w->len, vec) != 0)
                 return 1;
-            for (size_t p = 0; p < pages; p++)
-                if (!(vec[p] & 1))
-                    return 1;
+            while (p < whole && (vec[p] & 1))
+                p++;
+            if (p == whole) {
+                w->resident_until = img->clock + xt_recheck_ticks;
+            } else { /* then this request's pages must be */
+                uint64_t wstart = w->index * img->window;
+                uint64_t stop = offset + total - wstart;
+                if (stop > w->len)
+                    stop = w->len;
+                for (p = (size_t)((at - wstart) / XT_PAGE); p < (stop + XT_PAGE - 1) / XT_PAGE; p++)
+                    if (!(vec[p] & 1))
+                        return 1;
+            }
         }
         ws[nw++] = w;
     }
