@@ -13,6 +13,12 @@ Each does a 1 MiB sequential read at queue depth 1 (what `dd iflag=direct bs=1M`
 4 KiB random read at queue depth 32. The kernel frontend is driven by fio (O_DIRECT; psync
 for the sequential read, libaio for the random one), ours by BlkFront (readinto at depth 1;
 32 reads kept in flight by completion callbacks).
+Where time goes: each kernel-frontend figure comes with dom0's idle share during it (dom0 has
+one vCPU: a run without idle is CPU-bound, and what each side costs decides it) and, for our
+blkback and QEMU, the backend process's CPU seconds (interrupt work of the kernel frontend
+that lands while the backend runs is charged to it too); our blkback also reports its ring
+threads' wake-ups, compiled-loop passes, events sent, CPU seconds and reads copied from
+mapped windows of the image (its --verbose profile line).
 Ratios: B/A (targets: seq >= 1.0, rand >= 0.8), C/A (target >= 0.9) and C/D (target >= 1.0:
 ours at least as fast as qdisk); D/A is printed beside them. They are reported, never asserted: this is a measurement. Only a wrong answer fails (a read whose data differs
 from the image, a frontend that leaks grants), with a non-zero exit.
@@ -112,6 +118,17 @@ def process_cpu(pid: int) -> float:
     """CPU seconds (user + system) process `pid` has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> dict:
+    """Resident memory of process `pid` in MiB: all, and of it file pages (the image's page
+    cache that our blkback maps to copy reads from: bounded per queue, not a copy)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+
+    def mib(key: str) -> float:
+        return round(int(fields.get(key, "0 kB").split()[0]) / 1024, 1)
+
+    return {"rss": mib("VmRSS"), "rss_file": mib("RssFile"), "rss_anon": mib("RssAnon")}
 
 
 def dom0_idle() -> tuple[float, float]:
@@ -340,6 +357,7 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -
                 backend.wait_state(xs, {INIT_WAIT, 4})
                 disk = kernel_disk(DEVID_KERNEL_OURS, size)
                 kernel_ours = kernel_front(disk, size, seconds, image, backend.pid)
+                kernel_ours["backend_memory_mib"] = rss_mib(backend.pid)
                 close_vbd(xs, paths)
                 destroy_vbd(xs, paths)
                 backend.wait_exit()
