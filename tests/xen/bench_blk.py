@@ -121,14 +121,15 @@ def process_cpu(pid: int) -> float:
 
 
 def rss_mib(pid: int) -> dict:
-    """Resident memory of process `pid` in MiB: all, and of it file pages (the image's page
-    cache that our blkback maps to copy reads from: bounded per queue, not a copy)."""
+    """Resident memory of process `pid` in MiB: all, and of it anonymous, file and shmem pages
+    (an image on tmpfs that our blkback maps to copy reads from counts as shmem: its page
+    cache, at most 64 MiB per queue, not a copy)."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
 
     def mib(key: str) -> float:
         return round(int(fields.get(key, "0 kB").split()[0]) / 1024, 1)
 
-    return {"rss": mib("VmRSS"), "rss_file": mib("RssFile"), "rss_anon": mib("RssAnon")}
+    return {"rss": mib("VmRSS"), "rss_anon": mib("RssAnon"), "rss_file": mib("RssFile"), "rss_shmem": mib("RssShmem")}
 
 
 def dom0_idle() -> tuple[float, float]:
