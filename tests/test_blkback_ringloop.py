@@ -17,8 +17,9 @@ writable disk and a cache that holds every pool page, and with a read-only disk 
 smaller than the pool: 2,500 states each, 10,000 in all; each prints how many requests the
 compiled loop served, by kind.
 
-Ring-index attacks (a producer overflowing the ring) never reach the compiled loop: BackRing
-judges req_prod before the loop is called; tests/test_blkback_hostile.py covers them.
+Ring-index attacks (a producer overflowing the ring): the compiled pass (xt_pass) stops
+without consuming and BackRing judges req_prod, as on the Python path; tests/test_blkback_hostile.py
+covers them (tests/test_blkback_raw_frontend.py sends one to a blkback process).
 """
 
 from __future__ import annotations
@@ -288,9 +289,12 @@ def test_compiled_loop_answers_as_the_python_path(abi, readonly, cache, tmp_path
                 assert bytes(pool.buf) == after_fast, f"state {state}: the frontend pages differ"
                 answered += len(slots)
             totals = fast.worker._fast.totals  # noqa: SLF001
+            mapped_reads = fast.worker._fast.profile["mapped_reads"]  # noqa: SLF001
             with capsys.disabled():
                 print(f"\nringloop {abi.name}: {STATES} ring states, {answered} requests, "
-                      f"{fast.worker.compiled_served} served by the compiled loop {totals}")
+                      f"{fast.worker.compiled_served} served by the compiled loop {totals}, "
+                      f"{mapped_reads} reads copied from mapped windows")
+            assert mapped_reads > 0  # the image is a plain file: reads come from its mapping
             assert fast.worker.compiled_served > answered // 20, (fast.worker.compiled_served, answered)
             # Each kind the loop serves was served by it (with every page cached; else direct
             # reads at least).
@@ -370,3 +374,109 @@ def test_demo_verifies_every_byte_on_either_path(ringloop) -> None:
                             timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "demo: OK" in result.stdout and "0 protocol violations" in result.stdout, result.stdout[-2000:]
+
+
+class _MappedReads:
+    """One compiled queue over `image` (a pool of 4 frontend pages): read/discard one request
+    at a time and see its status, its data and the loop's mapped windows."""
+
+    def __init__(self, xen: SoftwareXen, image: Path, size: int) -> None:
+        self.abi = blkif.X86_64
+        self.codec = codec_for(self.abi)
+        policy = RequestPolicy(disk_bytes=size, readonly=False, max_indirect_segments=32,
+                               discard=True, discard_secure=False)
+        self.sharer = xen.platform(1).open_gntshr()
+        self.pool = self.sharer.share(0, 4, True)
+        self.side = Side(xen, self.abi, policy, str(image), True, 32)
+        self.next_id = 0
+
+    def request(self, slot: bytes) -> int:
+        got = self.side.serve([slot])
+        assert len(got) == 1, got
+        return struct.unpack_from("<h", got[0], self.abi.rsp_status)[0]
+
+    def read(self, sector: int) -> tuple[int, bytes]:
+        """Status and data of a 4 KiB read at `sector` into pool page 0."""
+        self.next_id += 1
+        self.pool.buf[:PAGE_SIZE] = b"\xaa" * PAGE_SIZE
+        segs = self.codec.pack_segments([(self.pool.refs[0], 0, 7)])
+        status = self.request(bytes(self.codec.rw_request(BLKIF_OP_READ, 0, self.next_id, sector, segs, 1)))
+        return status, bytes(self.pool.buf[:PAGE_SIZE])
+
+    def discard(self, sector: int, count: int) -> int:
+        self.next_id += 1
+        return self.request(self.codec.discard_request(0, self.next_id, sector, count, False))
+
+    @property
+    def fast(self):  # type: ignore[no-untyped-def]
+        return self.side.worker._fast  # noqa: SLF001
+
+    def close(self) -> None:
+        self.side.close()
+        self.sharer.unshare(self.pool)
+        self.sharer.close()
+
+
+def test_reads_come_from_mapped_windows_and_every_failure_is_answered(tmp_path) -> None:
+    """The compiled loop copies reads of a regular image from mapped windows of it
+    (blkback_ringloop.c, struct xt_image): the data is the image's; a discard unmaps the
+    windows it touched; a window that holds a hole is read with preadv instead (read through a
+    mapping, a tmpfs hole would get memory); an image that shrinks under a mapping (SIGBUS in
+    the copy) gets an error response from the Python path, and the backend goes on serving."""
+    assert compiled() is not None, "the compiled ring loop is not built: run `make venv`"
+    size = 1 << 20
+    content = random.Random(3).randbytes(size)
+    image = tmp_path / "mapped.img"
+    image.write_bytes(content)
+    with SoftwareXen(domains=(0, 1)) as xen:
+        q = _MappedReads(xen, image, size)
+        try:
+            assert q.read(16) == (0, content[8192 : 8192 + PAGE_SIZE])  # the Python path caches the ref
+            assert q.fast.profile["mapped_reads"] == 0 and q.fast.mapped_windows == 0
+            assert q.read(16) == (0, content[8192 : 8192 + PAGE_SIZE])
+            assert q.fast.profile["mapped_reads"] == 1 and q.fast.mapped_windows == 1
+            assert q.read(0) == (0, content[:PAGE_SIZE])
+            assert q.fast.profile["mapped_reads"] == 2 and q.side.worker.compiled_served == 2
+            # The image shrinks under the mapping: the copy faults (SIGBUS), the Python path
+            # answers with preadv's error, and the queue goes on.
+            os.truncate(image, PAGE_SIZE)
+            assert q.read(16)[0] == blkif.BLKIF_RSP_ERROR
+            assert q.side.worker.fatal is None
+            assert q.read(0) == (0, content[:PAGE_SIZE])
+            image.write_bytes(content)
+            assert q.read(16) == (0, content[8192 : 8192 + PAGE_SIZE])
+            # A discard unmaps the window over it; the next read maps it again (or, where
+            # the filesystem punched a hole, reads it with preadv: zeroes).
+            assert q.discard(8, 8) in (0, blkif.BLKIF_RSP_EOPNOTSUPP)
+            assert q.fast.mapped_windows == 0
+            status, data = q.read(8)
+            assert status == 0 and data in (content[4096:8192], bytes(PAGE_SIZE))
+            assert q.read(0) == (0, content[:PAGE_SIZE])
+        finally:
+            q.close()
+
+
+def test_a_sparse_image_is_read_without_mapping_its_holes(tmp_path) -> None:
+    """Windows with a hole are not mapped (on tmpfs a read fault on a hole allocates a page):
+    the reads are preadv's, zeroes where the holes are, and the file gets no blocks."""
+    assert compiled() is not None, "the compiled ring loop is not built: run `make venv`"
+    size = 1 << 20
+    shm = Path("/dev/shm")
+    where = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
+    image = where / f"xentools-sparse-{os.getpid()}.img"
+    try:
+        with open(image, "wb") as f:
+            f.truncate(size)
+        blocks = os.stat(image).st_blocks
+        with SoftwareXen(domains=(0, 1)) as xen:
+            q = _MappedReads(xen, image, size)
+            try:
+                for sector in (0, 8, 1000, 2040, 0):
+                    assert q.read(sector) == (0, bytes(PAGE_SIZE))
+                assert q.side.worker.compiled_served == 4
+                assert q.fast.profile["mapped_reads"] == 0 and q.fast.mapped_windows == 0
+            finally:
+                q.close()
+        assert os.stat(image).st_blocks == blocks
+    finally:
+        image.unlink(missing_ok=True)

@@ -13,6 +13,12 @@ Each does a 1 MiB sequential read at queue depth 1 (what `dd iflag=direct bs=1M`
 4 KiB random read at queue depth 32. The kernel frontend is driven by fio (O_DIRECT; psync
 for the sequential read, libaio for the random one), ours by BlkFront (readinto at depth 1;
 32 reads kept in flight by completion callbacks).
+Where time goes: each kernel-frontend figure comes with dom0's idle share during it (dom0 has
+one vCPU: a run without idle is CPU-bound, and what each side costs decides it) and, for our
+blkback and QEMU, the backend process's CPU seconds (interrupt work of the kernel frontend
+that lands while the backend runs is charged to it too); our blkback also reports its ring
+threads' wake-ups, compiled-loop passes, events sent, CPU seconds and reads copied from
+mapped windows of the image (its --verbose profile line).
 Ratios: B/A (targets: seq >= 1.0, rand >= 0.8), C/A (target >= 0.9) and C/D (target >= 1.0:
 ours at least as fast as qdisk); D/A is printed beside them. They are reported, never asserted: this is a measurement. Only a wrong answer fails (a read whose data differs
 from the image, a frontend that leaks grants), with a non-zero exit.
@@ -108,7 +114,44 @@ def fio(disk: Path, *, rw: str, bs: int, depth: int, seconds: float, size: int) 
     return {"mbps": round(read["bw_bytes"] / 1e6, 1), "iops": round(read["iops"])}
 
 
-def kernel_front(disk: Path, size: int, seconds: float, image: Path) -> dict:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> dict:
+    """Resident memory of process `pid` in MiB: all, and of it anonymous, file and shmem pages
+    (an image on tmpfs that our blkback maps to copy reads from counts as shmem: its page
+    cache, at most 64 MiB per queue, not a copy)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+
+    def mib(key: str) -> float:
+        return round(int(fields.get(key, "0 kB").split()[0]) / 1024, 1)
+
+    return {"rss": mib("VmRSS"), "rss_anon": mib("RssAnon"), "rss_file": mib("RssFile"), "rss_shmem": mib("RssShmem")}
+
+
+def dom0_idle() -> tuple[float, float]:
+    """(idle, total) jiffies of dom0's CPUs so far (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return values[3] + values[4], sum(values[:8])
+
+
+def measured(job, backend_pid: int | None):  # type: ignore[no-untyped-def]
+    """job()'s result, with dom0's idle share during it and, given its pid, the CPU seconds our
+    blkback process used (where time goes: a CPU-bound run has no idle left)."""
+    idle0, total0 = dom0_idle()
+    cpu0 = process_cpu(backend_pid) if backend_pid else 0.0
+    result = job()
+    idle1, total1 = dom0_idle()
+    result["dom0_idle"] = round((idle1 - idle0) / max(1, total1 - total0), 3)
+    if backend_pid:
+        result["backend_cpu_s"] = round(process_cpu(backend_pid) - cpu0, 2)
+    return result
+
+
+def kernel_front(disk: Path, size: int, seconds: float, image: Path, backend_pid: int | None = None) -> dict:
     """fio on the kernel frontend's disk, after checking it reads the image's bytes."""
     fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
     try:
@@ -117,9 +160,14 @@ def kernel_front(disk: Path, size: int, seconds: float, image: Path) -> dict:
             raise BenchError(f"{disk}: the last MiB read through the kernel frontend differs from {image}")
     finally:
         os.close(fd)
-    seq = fio(disk, rw="read", bs=MiB, depth=1, seconds=seconds, size=size)
-    rand = fio(disk, rw="randread", bs=4096, depth=RAND_DEPTH, seconds=seconds, size=size)
-    return {"seq_1m_mbps": seq["mbps"], "rand_4k_qd32_iops": rand["iops"]}
+    seq = measured(lambda: fio(disk, rw="read", bs=MiB, depth=1, seconds=seconds, size=size), backend_pid)
+    rand = measured(lambda: fio(disk, rw="randread", bs=4096, depth=RAND_DEPTH, seconds=seconds, size=size),
+                    backend_pid)
+    out = {"seq_1m_mbps": seq["mbps"], "rand_4k_qd32_iops": rand["iops"],
+           "dom0_idle": {"seq": seq["dom0_idle"], "rand": rand["dom0_idle"]}}
+    if backend_pid:
+        out["backend_cpu_s"] = {"seq": seq["backend_cpu_s"], "rand": rand["backend_cpu_s"]}
+    return out
 
 
 def image_bytes(image: Path, offset: int, length: int) -> bytes:
@@ -246,6 +294,27 @@ def ring_loop_counts(stderr: str) -> tuple[int, int]:
     return sum(a for a, _ in counts), sum(b for _, b in counts)
 
 
+_PROFILE = re.compile(r"queue \d+: profile: (\d+) wake-ups, (\d+) compiled-loop calls, (\d+) notifies, "
+                      r"ring thread CPU ([0-9.]+) s, in the compiled loop ([0-9.]+) s "
+                      r"\(moving data of large requests ([0-9.]+) s\), (\d+) reads from mapped windows")
+
+
+def ring_profile(stderr: str) -> dict:
+    """Where our blkback's ring threads spent their time, summed over the queues, from the
+    profile line each queue logs when it stops: wake-ups, calls into the compiled loop,
+    events sent, the threads' CPU seconds, wall seconds inside the compiled loop and, of
+    them, moving the data of large requests (> 16 KiB), and reads copied from the image's
+    mapped windows."""
+    rows = _PROFILE.findall(stderr)
+
+    def total(i: int, kind=int):  # type: ignore[no-untyped-def]
+        return sum(kind(row[i]) for row in rows)
+
+    return {"wakeups": total(0), "compiled_loop_calls": total(1), "notifies": total(2),
+            "ring_thread_cpu_s": round(total(3, float), 3), "compiled_loop_s": round(total(4, float), 3),
+            "large_requests_data_s": round(total(5, float), 3), "reads_from_mapped_windows": total(6)}
+
+
 def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -> dict:
     """Measure A, B, C and D; returns the result dict (figures, ratios, targets, timings)."""
     size = size_mib * MiB
@@ -288,13 +357,15 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -
             with OurBlkback(paths.backend, image, workdir, "--verbose") as backend:  # logs what it served
                 backend.wait_state(xs, {INIT_WAIT, 4})
                 disk = kernel_disk(DEVID_KERNEL_OURS, size)
-                kernel_ours = kernel_front(disk, size, seconds, image)
+                kernel_ours = kernel_front(disk, size, seconds, image, backend.pid)
+                kernel_ours["backend_memory_mib"] = rss_mib(backend.pid)
                 close_vbd(xs, paths)
                 destroy_vbd(xs, paths)
                 backend.wait_exit()
                 backend.exited_cleanly()
                 report = backend.report()
                 served = ring_loop_counts(backend.stderr())
+                profile = ring_profile(backend.stderr())
         finally:
             destroy_vbd(xs, paths)
         timings["kernel_front_on_ours_back_s"] = round(time.monotonic() - t, 1)
@@ -308,7 +379,7 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -
                 except Exception as err:
                     qemu.check_alive()
                     raise BenchError(f"qdisk: {err}; QEMU said: {qemu.log.read_text(errors='replace')[-500:]}") from err
-                kernel_qdisk = kernel_front(disk, size, seconds, image)
+                kernel_qdisk = kernel_front(disk, size, seconds, image, qemu.proc.pid if qemu.proc else None)
                 close_vbd(xs, paths)
             finally:
                 destroy_vbd(xs, paths)
@@ -348,7 +419,8 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -
         # Requests of the kernel frontend our blkback served, and how many of them its compiled
         # ring loop served (the rest went through its Python path).
         "our_blkback_requests": {"served": served[0], "by_compiled_loop": served[1],
-                                 "ring_loop": "compiled" if compiled() is not None else "pure Python"},
+                                 "ring_loop": "compiled" if compiled() is not None else "pure Python",
+                                 **profile},
         "config": {
             "image_mib": size_mib,
             "seconds_per_measurement": seconds,

@@ -25,6 +25,8 @@ struct xt_stats {
     uint64_t writes, write_segments, write_bytes;
     uint64_t indirect_reads, indirect_read_segments, indirect_read_bytes;
     uint64_t indirect_writes, indirect_write_segments, indirect_write_bytes;
+    uint64_t mapped_reads;    /* reads copied from the image's mapped windows (struct xt_image) */
+    uint64_t serve_ns, io_ns; /* time in xt_serve; moving the data of requests > inline_bytes */
 };
 
 struct xt_table;
@@ -34,6 +36,16 @@ int xt_table_put(struct xt_table *t, uint32_t ref, uintptr_t page);
 void xt_table_del(struct xt_table *t, uint32_t ref);
 void xt_table_clear(struct xt_table *t);
 uint32_t xt_table_count(const struct xt_table *t);
+struct xt_image;
+struct xt_image *xt_image_new(int fd, uint64_t bytes, uint32_t window_bytes, uint32_t max_windows);
+void xt_image_free(struct xt_image *img);
+void xt_image_forget(struct xt_image *img, uint64_t offset, uint64_t length);
+uint32_t xt_image_mapped(const struct xt_image *img);
 uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
                   uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
-                  uint32_t available, int fd, uint64_t inline_bytes, struct xt_stats *stats, int *stop);
+                  uint32_t available, int fd, struct xt_image *img, uint64_t inline_bytes,
+                  struct xt_stats *stats, int *stop);
+uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                 uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                 int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
+                 int *notify);

@@ -5,14 +5,18 @@ bindings/build_ringloop.py from blkback_ringloop.c, or None where it was not bui
 XENTOOLS_RINGLOOP=python asks for the pure-Python path), `layout_of` (struct xt_layout
 filled from xentools.core.blkif's Abi: the C code has no layout of its own), `GrefTable`
 (the C hash table ref -> mapped page that blkback_grants.SegmentMapper keeps in step with
-its persistent-grant cache) and `CompiledRing` (one ring's call into the loop).
+its persistent-grant cache) and `CompiledRing` (one ring's call into the loop, and its
+struct xt_image: reads copied from at most MAP_WINDOWS mapped windows of MAP_WINDOW bytes of
+a regular image file, so at most 64 MiB of the image's page cache is mapped per queue).
 Must not: judge a request, count a rule or answer anything the C loop left: the queue's
-Python path does (blkback_queue.QueueWorker._serve_fast), and stays the authority.
+Python path does (blkback_queue.QueueWorker._serve_compiled), and stays the authority.
 
 What the loop serves (blkback_ringloop.c): READ/WRITE requests, direct or INDIRECT (up to
 1024 segments), that pass every check of blkback_validate (parse_request,
 parse_indirect_segments) and whose refs, indirect pages included, are all cached; it stops at the first
-other request and leaves it unconsumed. tests/test_blkback_ringloop.py feeds the same random
+other request and leaves it unconsumed. Each call (`CompiledRing.run`, xt_pass) also reads
+req_prod, publishes the responses and arms req_event as ring.h's consumer loop does, and says
+whether to notify. tests/test_blkback_ringloop.py feeds the same random
 and hostile rings to both paths and requires the same responses, data and report.
 """
 
@@ -23,11 +27,17 @@ from typing import Any
 
 from xentools.core.blkif import BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE, Abi
 
-__all__ = ["STOP_ERROR", "STOP_PYTHON", "STOP_WAIT", "CompiledRing", "GrefTable", "compiled", "layout_of"]
+__all__ = [
+    "MAP_WINDOW", "MAP_WINDOWS", "STOP_ERROR", "STOP_PYTHON", "STOP_RING", "STOP_WAIT", "CompiledRing", "GrefTable",
+    "compiled", "layout_of",
+]
 
 STOP_PYTHON = 1  # a request for the Python path (another operation, a broken rule, a ref not cached)
 STOP_WAIT = 2  # its data is not in the page cache: an I/O thread's job
 STOP_ERROR = 3  # the image failed: the Python path redoes it and answers the error
+STOP_RING = 4  # req_prod overflows the ring (xt_pass): the Python BackRing judges it
+MAP_WINDOW = 2 << 20  # bytes of the image per mapped window (blkback_ringloop.c, struct xt_image)
+MAP_WINDOWS = 32  # windows mapped at once per queue, least recently used unmapped first
 
 _LAYOUT_FIELDS = (
     "entry_size", "request_size", "response_size",
@@ -104,12 +114,13 @@ class GrefTable:
 
 class CompiledRing:
     """One ring's call into the C loop: the layout, policy, table and ring address are set
-    once; serve() runs it from the BackRing's req_cons / rsp_prod_pvt and writes both
+    once; run() runs it from the BackRing's req_cons / rsp_prod_pvt and writes both
     back. The ring's mapping must outlive this object's use (QueueWorker drops it first)."""
 
     def __init__(self, module: Any, abi: Abi, *, disk_bytes: int, unit: int, readonly: bool, max_indirect_segments: int,
                  table: GrefTable, ring_buf: memoryview, nr_ents: int, fd: int, inline_bytes: int) -> None:
         ffi, self._lib = module.ffi, module.lib
+        self._ffi = ffi
         self._layout = layout_of(module, abi)
         policy = ffi.new("struct xt_policy *")
         policy.disk_bytes = disk_bytes
@@ -124,24 +135,52 @@ class CompiledRing:
         self._nr_ents = nr_ents
         self._fd = fd
         self._inline = min(inline_bytes, (1 << 64) - 1)
+        # Reads copied from mapped windows of the image (NULL: not a regular file: preadv).
+        image = self._lib.xt_image_new(fd, disk_bytes, MAP_WINDOW, MAP_WINDOWS)
+        self._image = ffi.gc(image, self._lib.xt_image_free) if image != ffi.NULL else ffi.NULL
         self._cons = ffi.new("uint32_t *")
         self._prod = ffi.new("uint32_t *")
         self._stop = ffi.new("int *")
+        self._notify = ffi.new("int *")
         self.stats = ffi.new("struct xt_stats *")
         self.totals: dict[tuple[int, int], int] = {}  # (wire op, op) -> requests served, ever
 
-    def serve(self, ring: Any, available: int) -> tuple[int, int]:
-        """Serve up to `available` requests of BackRing `ring`; returns (served, stop)."""
+    def run(self, ring: Any) -> tuple[int, int, bool]:
+        """One pass of xt_pass over BackRing `ring` (its answers written before are published
+        too): returns (served, stop, whether to notify the frontend)."""
         self._cons[0] = ring.req_cons
         self._prod[0] = ring.rsp_prod_pvt
-        served = self._lib.xt_serve(
-            self._layout, self._policy, self._table.ptr, self._sring, self._nr_ents, self._cons,
-            self._prod, available, self._fd, self._inline, self.stats, self._stop,
+        served = self._lib.xt_pass(
+            self._layout, self._policy, self._table.ptr, self._sring, self._nr_ents, self._cons, self._prod,
+            self._fd, self._image, self._inline, self.stats, self._stop, self._notify,
         )
-        if served:
-            ring.req_cons = self._cons[0]
-            ring.rsp_prod_pvt = self._prod[0]
-        return served, self._stop[0]
+        ring.req_cons = self._cons[0]
+        ring.rsp_prod_pvt = self._prod[0]
+        return served, self._stop[0], bool(self._notify[0])
+
+    def forget(self, offset: int, length: int) -> None:
+        """Unmap the windows over [offset, offset + length) (after a discard punched holes
+        there: read through a mapping, a tmpfs hole would get memory). Ring thread only."""
+        if self._image != self._ffi.NULL:
+            self._lib.xt_image_forget(self._image, offset, length)
+
+    @property
+    def mapped_windows(self) -> int:
+        """Windows of the image mapped now (0 without a mapping)."""
+        return int(self._lib.xt_image_mapped(self._image)) if self._image != self._ffi.NULL else 0
+
+    def close(self) -> None:
+        """Unmap the image's windows (no call into the loop may follow)."""
+        image, self._image = self._image, self._ffi.NULL
+        if image != self._ffi.NULL:
+            self._ffi.release(image)
+
+    @property
+    def profile(self) -> dict[str, float]:
+        """Reads copied from the mapped windows, seconds in the loop and, of them, moving
+        the data of requests larger than inline_bytes, since this ring was connected."""
+        s = self.stats
+        return {"mapped_reads": int(s.mapped_reads), "loop_s": s.serve_ns / 1e9, "io_s": s.io_ns / 1e9}
 
     def take_stats(self) -> list[tuple[int, int, int, int, int]]:
         """(wire operation, operation, requests, segments, bytes) of each kind of request
