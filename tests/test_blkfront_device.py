@@ -162,7 +162,8 @@ def test_small_grant_budget_backlogs_and_defers(rig):
         dev = rig.attach(config)
         # 63 data/indirect pages: requests stay at half the pool.
         assert dev.info.segments_per_request <= 31
-        futures = [dev.submit_read(s * 64, 64) for s in range(40)]  # 40 x 32 KiB at once
+        with dev.batch():  # 40 x 32 KiB at once: nothing is pushed (or completed) before all are in
+            futures = [dev.submit_read(s * 64, 64) for s in range(40)]
         for index, fut in enumerate(futures):
             assert fut.result(10) == known_data(SEED, index * 64 * 512, 64 * 512)
         counter = "backlogged" if persistent else "deferred_loads"
