@@ -21,7 +21,7 @@ import signal
 import pytest
 
 from xentools.devices import blkfront_batch
-from xentools.devices.blkfront import BlkfrontConfig, BlkfrontError, DeviceFailed
+from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError, DeviceFailed
 from xentools.tools.demo import MIB, LocalRig
 
 DISK = 24 * MIB
@@ -166,3 +166,75 @@ def test_a_backend_that_stops_answering_fails_the_batch(rig) -> None:
         io.close()
         with pytest.raises(DeviceFailed):
             io.submit_reads([(0, 8)])
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_the_caller_sleeps_on_the_event_channel_itself(rig, path, monkeypatch) -> None:
+    """While every request of the queue is the batch's, a reap that must sleep waits on the
+    event channel in the caller's thread and handles the events there (the completion
+    thread is not woken per batch): the caller takes events itself, and every read returns
+    its own bytes."""
+    module = _compiled_module()
+    monkeypatch.setattr(blkfront_batch, "compiled_module", lambda: module if path == "compiled" else None)
+    rng = random.Random(17)
+    with rig.attach(_config()) as dev:
+        events = dev.stats["events"]
+        with dev.batch_io(depth=32, request_bytes=4096) as io:
+            for _ in range(60):
+                sectors = [rng.randrange(DISK // 512 - 8) for _ in range(32)]
+                buffers = [bytearray(4096) for _ in sectors]
+                tags = io.submit_reads(list(zip(sectors, buffers)))
+                by_tag = dict(zip(tags, zip(sectors, buffers)))
+                left = len(tags)
+                while left:
+                    for tag, status in io.reap(1, 30):
+                        assert status == 0
+                        sector, buf = by_tag.pop(tag)
+                        assert bytes(buf) == rig.shadow[sector * 512 : sector * 512 + 4096]
+                        left -= 1
+            # The caller slept on the event channel and took events itself (the completion
+            # thread may take one that comes while the caller is not waiting).
+            assert io.waits > 0 and io.events_taken > 0
+            assert dev.stats["events"] - events >= io.events_taken
+        assert dev.read(0, 8) == rig.shadow[:4096]  # the completion thread serves futures again
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+@pytest.mark.parametrize("kind", ["bad_id", "duplicate", "wrong_op", "garbage_status", "never_sent"])
+def test_a_hostile_response_met_by_a_waiting_caller_fails_the_device(xen, backend, xs0, kind, path,
+                                                                       monkeypatch) -> None:
+    """A malformed response reaped on the caller's thread (after it slept on the event
+    channel) is judged by the Python path: the batch raises DeviceFailed with the rule,
+    and every read answered before it holds the image's bytes. Event storms (spurious
+    events) on the way are counted, not fatal."""
+    from hostile_backend import known_data, make_vbd, remove_vbd
+
+    module = _compiled_module()
+    monkeypatch.setattr(blkfront_batch, "compiled_module", lambda: module if path == "compiled" else None)
+    devid = 300 + 2 * ["bad_id", "duplicate", "wrong_op", "garbage_status", "never_sent"].index(kind) + (path == "python")
+    seed = devid * 7919
+    be, fe = make_vbd(xs0, backend_domid=0, frontend_domid=1, devid=devid)
+    backend.serve(be, offer={"persistent": True, "max_ring_page_order": 1},
+                  image={"sectors": 4096, "seed": seed},
+                  hostile={"seed": seed, "honest": 24, "nonfatal": ["storm", "storm"], "fatal": kind, "extra": 0},
+                  session_timeout=15)
+    try:
+        with BlkFront.attach(xen.platform(1), devid, config=BlkfrontConfig(ring_page_order=1, request_timeout=5.0)) as dev:
+            io = dev.batch_io(depth=4, request_bytes=4096)
+            with pytest.raises(DeviceFailed) as err:
+                for round_ in range(40):
+                    sectors = [(round_ * 4 + i) * 8 % 4088 for i in range(4)]
+                    buffers = [bytearray(4096) for _ in sectors]
+                    tags = io.submit_reads(list(zip(sectors, buffers)))
+                    by_tag = dict(zip(tags, zip(sectors, buffers)))
+                    for tag, status in io.reap(len(tags), 10):
+                        sector, buf = by_tag[tag]
+                        if status == 0:
+                            assert bytes(buf) == known_data(seed, sector * 512, 4096), (kind, sector)
+            assert err.value.rule.startswith(("response.", "ring.")), err.value
+            assert io.waits > 0 and io.events_taken > 0
+            io.close()
+    finally:
+        done = backend.wait_done(20)
+        remove_vbd(xs0, be, fe)
+    assert done["fatal_sent"], done

@@ -52,7 +52,9 @@ response, or the backend leaving Connected puts the device in its error state: e
 in flight and every later one fails with DeviceFailed, nothing is returned as success, and
 the xenbus state goes to Closing. Pages of requests that were in flight are never reused.
 An event with no response behind it is spurious and only counted (XSA-391); a storm of them
-is throttled, not fatal.
+is throttled, not fatal. Events are taken by the completion thread, or (one pass each, the
+same `_pass`, unmasked after it) by a batch caller that sleeps on the event channel itself
+while every request of its queue is the batch's (blkfront_batch).
 
 Close (Linux's blkif_free is one path; so is this): finish or fail what is in flight, stop
 the completion thread, close the handshake (the backend unmaps before it writes Closed),
@@ -139,6 +141,7 @@ _POLL_MS = 250
 _POLL_MS_NO_BARRIER = 10  # without a full barrier the ring is re-checked this often
 _STORM_STREAK = 64  # spurious events in a row before unmasking is delayed (XSA-391)
 _STORM_DELAY = 0.002
+_OWNED_POLL_MS = 10  # while a batch caller waits on the event channel itself (blkfront_batch)
 # The largest disk, in bytes, a backend may announce: every byte needs a signed 64-bit file
 # offset (Linux's MAX_LFS_FILESIZE); 2^64 - 1 sectors is a backend's lie, not a disk.
 MAX_DISK_BYTES = (1 << 63) - 1
@@ -197,6 +200,9 @@ class BlkFront:
         self._completion = CompletionThread(f"blkfront {frontend_path}")
         self._teardown.on_close("completion wake pipe", self._completion.close)
         self._spurious_streak = 0  # events in a row with no response behind them (XSA-391)
+        # A BatchIO whose caller waits on the event channel itself (blkfront_batch): while
+        # set, the completion thread takes no event and leaves that batch's queue alone.
+        self._event_waiter: Any = None
         self._next_deadline_scan = 0.0
         self.info: DeviceInfo | None = None
         self.close_report: dict[str, Any] = {}
@@ -859,10 +865,20 @@ class BlkFront:
         wake_fd = completion.wake_fd
         for fd in (evtchn_fd, xs_fd, wake_fd):
             poller.register(fd, select.POLLIN)
+        listening = True  # evtchn_fd registered
         interval = _POLL_MS if self.platform.full_barrier is not None else _POLL_MS_NO_BARRIER
         try:
             while not completion.stopping:
-                ready = {fd for fd, _ in poller.poll(interval)}
+                # While a batch caller waits on the event channel itself, this thread does
+                # not poll it (one wake-up per event, not two); it looks again soon after.
+                owned = self._event_waiter is not None
+                if owned == listening:
+                    if owned:
+                        poller.unregister(evtchn_fd)
+                    else:
+                        poller.register(evtchn_fd, select.POLLIN)
+                    listening = not owned
+                ready = {fd for fd, _ in poller.poll(_OWNED_POLL_MS if owned else interval)}
                 if wake_fd in ready:
                     completion.take_wakeups()
                 # A quiet interval re-checks every ring: a notification lost on the way (or
@@ -870,27 +886,37 @@ class BlkFront:
                 ports = self._pass(xs_fd in ready, recheck=not ready or wake_fd in ready)
                 if ports is None:
                     continue
-                if self._spurious_streak > _STORM_STREAK:
-                    time.sleep(_STORM_DELAY)  # XSA-391: throttle an event storm
-                for port in ports:
-                    try:
-                        self._evtchn.unmask(port)
-                    except PlatformError:
-                        pass  # the port went away; the next pass notices the failure
+                self._unmask_events(ports)
         except BaseException as err:  # never leave futures waiting on a dead thread
             with self._lock:
                 self._fail("frontend.internal", f"completion thread stopped: {err!r}")
 
-    def _pass(self, xs_ready: bool, recheck: bool = False) -> list[int] | None:
+    def _unmask_events(self, ports: list[int]) -> None:
+        """Unmask the ports whose events were handled (not under the lock), throttled while
+        events keep coming with nothing behind them (XSA-391)."""
+        if self._spurious_streak > _STORM_STREAK:
+            time.sleep(_STORM_DELAY)  # XSA-391: throttle an event storm
+        for port in ports:
+            try:
+                self._evtchn.unmask(port)
+            except PlatformError:
+                pass  # the port went away; the next pass notices the failure
+
+    def _pass(self, xs_ready: bool, recheck: bool = False, own: BlkfrontQueue | None = None) -> list[int] | None:
         """One completion pass under the lock: events, responses, backlog, watch, deadlines.
-        Returns the ports to unmask (None when stopping)."""
+        Returns the ports to unmask (`_unmask_events`; None when stopping). `own`: a batch
+        caller's pass on its thread (blkfront_batch, after it slept on the event channel):
+        the events and that queue's responses only (the compiled reap, then the Python
+        path judging what it left); events of other queues make the completion thread
+        re-check every ring."""
         with self._lock:
             if self._completion.stopping:
                 return None
             self._submitting.depth = getattr(self._submitting, "depth", 0) + 1
             ports: list[int] = []
             try:
-                while True:
+                waiter = self._event_waiter  # its caller takes the events and its queue
+                while waiter is None:
                     port = self._evtchn.pending()
                     if port is None:
                         break
@@ -899,10 +925,12 @@ class BlkFront:
                 work = 0
                 if self._connected:
                     rings = self._rings
-                    polled = rings.queues if recheck or self.platform.full_barrier is None else (
-                        rings.by_port[p] for p in ports if p in rings.by_port
-                    )
+                    polled = [own] if own is not None else rings.queues if (
+                        recheck or self.platform.full_barrier is None
+                    ) else (rings.by_port[p] for p in ports if p in rings.by_port)
                     for queue in polled:
+                        if waiter is not None and queue is waiter.lanes.queue:
+                            continue
                         work += self._process(queue)
                         if not self._connected:
                             break
@@ -911,6 +939,8 @@ class BlkFront:
                     self._spurious_streak += len(ports)
                 elif work:
                     self._spurious_streak = 0
+                if own is not None and any(port != own.port for port in ports):
+                    self._wake()
                 if self._connected:
                     self._run_backlogs()
                     if any(q.backlog for q in self._rings.queues):

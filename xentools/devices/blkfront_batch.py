@@ -27,6 +27,7 @@ buffer leaves its lane zeroed at once.
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -427,7 +428,9 @@ class BatchIO:
     the queue until close(); the future API of the same device shares what is left (a
     request that can never get pages fails the device with "grants.exhausted", as it
     does without a batch). One batch per queue. Completions are reaped by the caller's
-    thread (`reap`) where the compiled reap is built, else by the completion thread."""
+    thread (`reap`, through the compiled reap where it is built); while the caller would
+    sleep it waits on the event channel itself and handles the events (`_wait_event`):
+    the completion thread takes them only while futures share the queue."""
 
     def __init__(self, dev: Any, depth: int, request_bytes: int, queue: int = 0) -> None:
         self.dev = dev
@@ -483,6 +486,9 @@ class BatchIO:
                                     on_settle=self.cond.notify_all)
             self.depth = depth
             self.polled = 0  # responses the caller's thread took (BatchIO.reap)
+            self._poller: Any = None  # the event channel, for _wait_event
+            self.waits = 0  # sleeps on the event channel in the caller's thread (_wait_event)
+            self.events_taken = 0  # events the caller's thread took (the completion thread's others)
             self._poll_bytes = 256 * 1024  # what one poll copies at most (unless more are asked)
             self.request_bytes = request_bytes
             self.pages = depth * (ndata + nind)
@@ -581,15 +587,19 @@ class BatchIO:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise BlkfrontError("future.timeout", f"fewer than {min_done} requests complete after {timeout} s")
-                self.cond.wait(left)
+                if self._owns_queue():
+                    self._wait_event(left)
+                else:
+                    self.cond.wait(left)
 
     def _poll(self, want: int) -> bool:
         """Take the responses the ring holds now without waiting for an event (under the
         device lock): the compiled reap takes what is plainly valid and answers a lane. Only
         before sleeping is rsp_event armed (ring.h's final check), so while the caller keeps
         finding responses the backend sends no event and no thread is woken. A response
-        the compiled reap leaves is the completion thread's to judge: it is woken to
-        re-check the ring. True if anything completed."""
+        the compiled reap leaves is the Python path's to judge: here while every request of
+        the queue is the batch's, else on the completion thread, woken to re-check the
+        ring. True if anything completed (or the device failed)."""
         dev = self.dev
         lanes = self.lanes
         # Large reads are taken a few at a time (each is copied here): the caller can hand
@@ -598,11 +608,58 @@ class BatchIO:
         got = lanes.reap_compiled(limit)
         if not got and lanes.queue.ring.final_check_for_responses():
             got = lanes.reap_compiled(limit)  # they came meanwhile
-            if not got:
-                dev._wake()  # the head is not a plain lane response: the Python path judges it
+            if not got:  # the head is not a plain lane response: the Python path judges it
+                if self._owns_queue():
+                    return dev._process(lanes.queue) > 0
+                dev._wake()
         dev.stats["responses"] += got
         self.polled += got
         return got > 0
+
+    def _owns_queue(self) -> bool:
+        """True if the caller's thread may take the queue's responses and events itself:
+        every request on the queue is the batch's (no future's callback would run here),
+        and no other caller waits on the events."""
+        dev = self.dev
+        queue = self.lanes.queue
+        return (dev._connected and dev._event_waiter is None and queue.in_flight == self.lanes.busy
+                and not queue.backlog)
+
+    def _wait_event(self, left: float | None) -> None:
+        """Sleep on the event channel on the caller's thread (under the device lock, which
+        the sleep releases): no completion thread is woken and no thread hands over to
+        this one. Only while every request of the queue is the batch's (so no future's
+        callback runs here); the completion thread leaves this queue and the events alone
+        meanwhile (BlkFront._event_waiter), and still scans deadlines and xenstore. After
+        the wake the events are handled as the completion thread does: pending ports, the
+        queue's responses (what the compiled reap leaves is judged by the Python path and
+        may fail the device with its rule), the final check, then the unmask (XSA-391
+        throttle kept). Returns after an event or at most 50 ms (the caller re-checks)."""
+        dev = self.dev
+        lanes = self.lanes
+        queue = lanes.queue
+        if not lanes.compiled and dev._process(queue):  # the Python path: ring.h's final check
+            return
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(dev._evtchn.fileno(), select.POLLIN)
+        lock = dev._lock
+        dev._event_waiter = self
+        state = lock._release_save()  # type: ignore[attr-defined]
+        try:
+            self._poller.poll(50 if left is None else max(0, min(50, int(left * 1000) + 1)))
+        finally:
+            lock._acquire_restore(state)  # type: ignore[attr-defined]
+            dev._event_waiter = None
+        self.waits += 1
+        ports = dev._pass(False, own=queue) or []
+        self.events_taken += len(ports)
+        if ports:
+            state = lock._release_save()  # type: ignore[attr-defined]
+            try:
+                dev._unmask_events(ports)
+            finally:
+                lock._acquire_restore(state)  # type: ignore[attr-defined]
 
     def view(self, tag: int) -> memoryview:
         """The bytes of the last read on lane `tag` in its granted pages (no copy), valid
