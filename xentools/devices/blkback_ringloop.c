@@ -288,8 +288,15 @@ uint32_t xt_image_mapped(const struct xt_image *img)
     return n;
 }
 
-/* The window holding file offset `at`, mapped if it can be; NULL for a hole (or a failure). */
-static struct xt_window *xt_window_get(struct xt_image *img, uint64_t at)
+/* A window is mapped for a read only if the read is large or every window of the image fits
+ * in the budget at once: small reads scattered over a larger image would map, check and unmap
+ * 2 MiB for each 4 KiB (measured: 4 KiB random reads over 256 MiB fell to a third of preadv's
+ * rate). Other reads use a window already mapped, or preadv. */
+static const uint64_t xt_map_min_bytes = 64 * 1024;
+
+/* The window holding file offset `at`, mapped if it can be and `may_map`; NULL for a hole, a
+ * failure, or a window not mapped when `may_map` is 0. */
+static struct xt_window *xt_window_get(struct xt_image *img, uint64_t at, int may_map)
 {
     uint64_t index = at / img->window, now = ++img->clock;
     struct xt_window *victim = &img->w[0];
@@ -309,6 +316,8 @@ static struct xt_window *xt_window_get(struct xt_image *img, uint64_t at)
         if (!w->live || (victim->live && w->used < victim->used))
             victim = w;
     }
+    if (!may_map)
+        return NULL;
     xt_window_drop(victim);
     uint64_t start = index * img->window, end = start + img->window;
     if (end > img->bytes)
@@ -351,8 +360,9 @@ static int xt_image_read(struct xt_image *img, const struct iovec *iov, int n, u
     uint32_t nw = 0;
     if (offset + total > img->bytes || total > 2 * img->window)
         return 1;
+    int may_map = total >= xt_map_min_bytes || img->bytes <= (uint64_t)img->window * img->count;
     for (uint64_t at = offset; at < offset + total; at = (at / img->window + 1) * img->window) {
-        struct xt_window *w = xt_window_get(img, at);
+        struct xt_window *w = xt_window_get(img, at, may_map);
         if (!w)
             return 1;
         if (resident && img->clock >= w->resident_until) {
