@@ -940,7 +940,7 @@ class BlkFront:
                 elif work:
                     self._spurious_streak = 0
                 if own is not None and any(port != own.port for port in ports):
-                    self._wake()
+                    self._completion.wake()
                 if self._connected:
                     self._run_backlogs()
                     if any(q.backlog for q in self._rings.queues):
@@ -1120,10 +1120,6 @@ class BlkFront:
                 self.close_report["still_mapped"] = grants.still_mapped if grants else 0
                 if errors:
                     self.close_report["teardown_errors"] = list(errors)
-
-    def _wake(self) -> None:
-        """Make the completion thread re-check every ring now (blkfront_batch asks)."""
-        self._completion.wake()
 
     def _close_handshake(self) -> None:
         handshake, watch, xs = self._handshake, self._backend_watch, self._xenstore

@@ -611,7 +611,7 @@ class BatchIO:
             if not got:  # the head is not a plain lane response: the Python path judges it
                 if self._owns_queue():
                     return dev._process(lanes.queue) > 0
-                dev._wake()
+                dev._completion.wake()
         dev.stats["responses"] += got
         self.polled += got
         return got > 0
