@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -37,6 +38,7 @@ from xentools.devices.blkback_faults import (  # noqa: E402
     FaultSpecError,
     parse_fault,
 )
+from xentools.devices import blkback_faults as faults_module  # noqa: E402
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError  # noqa: E402
 from xentools.devices.blkfront_types import RequestFailed  # noqa: E402
 from xentools.devices.toolstack import destroy_vbd  # noqa: E402
@@ -96,11 +98,40 @@ def test_response_kinds_change_only_what_they_say() -> None:
     assert one("wrong-op") == (5, BLKIF_OP_WRITE, BLKIF_RSP_OKAY)
     assert one("unknown-id") == (5 | 1 << 63, BLKIF_OP_READ, BLKIF_RSP_OKAY)
     assert FaultSet([parse_fault("silent")]).responses(0, [(5, 0, 0), (6, 0, 0)], stop) == [(6, 0, 0)]
+    # duplicate: 6's place goes to a second copy of another answer of the same push, after it.
     dup = FaultSet([parse_fault("duplicate:after=1")])
-    assert dup.responses(0, [(5, 0, 0), (6, 0, 0), (7, 0, 0)], stop) == [(5, 0, 0), (5, 0, 0), (7, 0, 0)]
-    first = FaultSet([parse_fault("duplicate")])  # nothing to repeat yet: the next answer repeats it
-    assert first.responses(0, [(5, 0, 0), (6, 0, 0), (7, 0, 0)], stop) == [(5, 0, 0), (5, 0, 0), (7, 0, 0)]
-    assert first.as_dict()[0]["fired"] == 1
+    assert dup.responses(0, [(5, 0, 0), (6, 0, 0), (7, 0, 0)], stop) == [(5, 0, 0), (7, 0, 0), (7, 0, 0)]
+    [fault] = dup.as_dict()
+    assert fault["fired"] == 1 and fault["first"]["request"] == 2
+    first = FaultSet([parse_fault("duplicate")])
+    assert first.responses(0, [(5, 0, 0), (6, 0, 0)], stop) == [(6, 0, 0), (6, 0, 0)]
+    assert first.responses(0, [(7, 0, 0)], stop) == [(7, 0, 0)]  # fired once: honest again
+
+
+def test_duplicate_holds_an_answer_alone_until_another_comes() -> None:
+    stop = threading.Event()
+    dup = FaultSet([parse_fault("duplicate")])
+    assert dup.responses(0, [(5, 0, 0)], stop) == [] and not dup.due(0)  # held: no partner yet
+    assert dup.as_dict()[0]["fired"] == 0  # not sent, not counted
+    assert dup.responses(1, [(9, 0, 0)], stop) == [(9, 0, 0)]  # another ring is not held up
+    assert dup.responses(0, [(6, 0, 0)], stop) == [(6, 0, 0), (6, 0, 0)]  # 5's place: 6 again
+    [fault] = dup.as_dict()
+    assert fault["fired"] == 1 and fault["first"]["request"] == 1 and fault["matched"] == 3
+
+
+def test_duplicate_answers_honestly_after_the_hold_and_stays_armed(monkeypatch) -> None:
+    stop = threading.Event()
+    monkeypatch.setattr(faults_module, "DUPLICATE_HOLD", 0.05)
+    dup = FaultSet([parse_fault("duplicate")])
+    assert dup.responses(0, [(5, 0, 0)], stop) == []
+    time.sleep(0.06)
+    assert dup.due(0)
+    assert dup.responses(0, [], stop) == [(5, 0, 0)]  # a frontend with one request in flight
+    assert not dup.due(0) and dup.as_dict()[0]["fired"] == 0
+    assert dup.responses(0, [(5, 0, 0)], stop) == []  # still armed: the next one is held
+    stop.set()  # the queue stops: what is held is answered, nothing stays armed
+    assert dup.responses(0, [], stop) == [(5, 0, 0)]
+    assert dup.responses(0, [(6, 0, 0)], stop) == [(6, 0, 0)]
 
 
 BAD_SPECS = [
@@ -226,10 +257,15 @@ def test_blkfront_detects(tmp_path, xen, xs, spec, rule) -> None:
             nonlocal reads
             # Until the device fails: Closing, and a bad rsp_prod after the honest one, reach
             # the frontend a little after the response that fired them.
-            for n in range(1000):
-                sector = n * 8 % 2000
-                assert dev.read(sector, 8) == s.expect(sector, 8)
-                reads += 1
+            # Two reads one at a time (before the trigger), then eight in flight at a time
+            # (two or more on each queue's ring: duplicate repeats another request's answer
+            # of the same ring).
+            for n in (0, 1, *range(2, 1000, 8)):
+                sectors = [(n + k) * 8 % 2000 for k in range(1 if n < 2 else 8)]
+                futures = [dev.submit_read(sector, 8) for sector in sectors]
+                for sector, future in zip(sectors, futures):
+                    assert future.result() == s.expect(sector, 8)
+                    reads += 1
 
         with pytest.raises(BlkfrontError):
             io(dev)

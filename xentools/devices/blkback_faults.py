@@ -61,7 +61,7 @@ __all__ = ["CONNECT_KINDS", "DATA_KINDS", "GRANT_KINDS", "KINDS", "RESPONSE_KIND
 # kind -> what the guest is told (the --help text lists these).
 RESPONSE_KINDS: dict[str, str] = {
     "unknown-id": "the response carries an id no request has",
-    "duplicate": "an earlier response of the ring (another id) is sent again, in place of this one",
+    "duplicate": "another request's response is sent twice in one push, the second in place of this one's",
     "unsolicited": "after this response, one more in a slot the frontend never filled (rsp_prod passes req_prod)",
     "wrong-op": "the response names another operation than the request's",
     "bad-status": "the response's status is 2, not OKAY/ERROR/EOPNOTSUPP",
@@ -96,7 +96,9 @@ _BAD_STATUS = 2
 _UNKNOWN_ID_BIT = 1 << 63
 LINGER = 1.0  # seconds keep-mapped holds a mapping (until the next grant operation after that)
 DEFAULT_DELAY = 10.0
-_HISTORY = 16  # answers remembered per ring (duplicate)
+# duplicate: seconds an answer is held for another request's answer to pair with it (a
+# frontend with one request in flight gets it honestly then, and the fault stays armed).
+DUPLICATE_HOLD = 2.0
 
 
 class FaultSpecError(XentoolsError):
@@ -239,9 +241,11 @@ class _Fault:
         self.seen = 0  # matching requests
         self.fired = 0
         self.first: dict[str, Any] | None = None
+        self.armed_at = 0  # the matching request that armed a fault counted only when sent
 
-    def fires(self, op: int) -> bool:
-        """Whether the fault fires on this request (counted); one call per request."""
+    def fires(self, op: int, count: bool = True) -> bool:
+        """Whether the fault fires on this request; one call per request. Counted as fired
+        unless `count` is false (duplicate: counted by `sent`, when it really is sent)."""
         if self.ops is not None and op not in self.ops:
             return False
         spec = self.spec
@@ -249,16 +253,25 @@ class _Fault:
             self.seen += 1
             n = self.seen
             if spec.trigger == "first":
-                hit = not self.fired
+                hit = not self.fired and not self.armed_at
             elif spec.trigger == "after":
                 hit = n == spec.value + 1
             elif spec.trigger == "every":
                 hit = n % spec.value == 0
             else:
                 hit = self._rng.random() < spec.value
-            if hit:
+            if hit and count:
                 self.record(n)
+            elif hit:
+                self.armed_at = self.armed_at or n
             return hit
+
+    def sent(self) -> None:
+        """An armed fault (fires with count=False) took effect: counted as fired on the
+        request that armed it."""
+        with self._lock:
+            self.record(self.armed_at or self.seen)
+            self.armed_at = 0
 
     def record(self, request: int) -> None:
         """Count one firing (the caller holds the lock, or is at connect)."""
@@ -362,9 +375,10 @@ class FaultSet:
         self._connect = [f for f in self.faults if f.spec.kind in CONNECT_KINDS]
         self._grant = [f for f in self.faults if f.spec.kind in GRANT_KINDS]
         self._previous: dict[int, tuple[int, int, int]] = {}  # ring id -> last answer written
-        # ring id -> the last answers written, newest last (duplicate picks one of them)
-        self._history: dict[int, list[tuple[int, int, int]]] = {}
-        self._pending_duplicate: set[int] = set()
+        self._duplicate = next((f for f in self._response if f.spec.kind == "duplicate"), None)
+        self._armed: set[int] = set()  # rings where duplicate waits for two answers in one push
+        # ring id -> (the answer duplicate holds back, when it is answered honestly instead)
+        self._held: dict[int, tuple[tuple[int, int, int], float]] = {}
         self._after: dict[int, list[str]] = {}  # ring id -> faults to apply after publishing
         self._pending_unsolicited: set[int] = set()
         self._overrun: set[int] = set()  # rings whose rsp_prod stays broken
@@ -379,14 +393,18 @@ class FaultSet:
     def responses(self, ring: int, answers: list[tuple[int, int, int]],
                   stop: threading.Event) -> list[tuple[int, int, int]]:
         """The answers (id, operation, status) to write on ring `ring` instead of `answers`.
-        Ring thread only (one per ring); `stop` cuts a late answer's wait short."""
+        Ring thread only (one per ring); `stop` cuts a late answer's wait short. With
+        duplicate armed, an empty `answers` may still give one (see `due`)."""
         if not self._response:
             return answers
         out: list[tuple[int, int, int]] = []
         for answer in answers:
             req_id, op, status = answer
-            kinds = {fault.spec.kind for fault in self._response if fault.fires(op)}
-            if not kinds and ring not in self._pending_duplicate:
+            kinds = {fault.spec.kind for fault in self._response
+                     if fault.fires(op, count=fault is not self._duplicate)}
+            if "duplicate" in kinds:
+                self._armed.add(ring)
+            if not kinds and not (ring in self._armed and ring not in self._held):
                 out.append(answer)
                 self._remember(ring, answer)
                 continue
@@ -404,16 +422,6 @@ class FaultSet:
             if "unknown-id" in kinds:
                 req_id ^= _UNKNOWN_ID_BIT
             answer = (req_id, op, status)
-            if "duplicate" in kinds or ring in self._pending_duplicate:
-                # An earlier answer whose id is not this request's: a frontend that reuses
-                # ids at once (Linux's free list) would take one with the same id for the
-                # real answer.
-                previous = next((old for old in reversed(self._history.get(ring, ())) if old[0] != req_id), None)
-                if previous is None:
-                    self._pending_duplicate.add(ring)  # nothing sent yet: on the next answer
-                else:
-                    self._pending_duplicate.discard(ring)
-                    answer = previous
             if "closing" in kinds and self.closing is not None:
                 self.closing(f"fault closing: the backend leaves Connected mid-I/O (--fault {self._spec('closing')})")
             if "unsolicited" in kinds:
@@ -421,15 +429,48 @@ class FaultSet:
             for kind in ("rsp-overrun", "storm"):
                 if kind in kinds:
                     self._after.setdefault(ring, []).append(kind)
+            if ring in self._armed and ring not in self._held:
+                self._held[ring] = (answer, time.monotonic() + DUPLICATE_HOLD)
+                continue
             out.append(answer)
             self._remember(ring, answer)
+        self._pair_duplicate(ring, out, stop)
         return out
+
+    def _pair_duplicate(self, ring: int, out: list[tuple[int, int, int]], stop: threading.Event) -> None:
+        """duplicate, armed on `ring`: the held answer's place goes to a second copy of an
+        answer of this same push with another id, after it. Only within one push is the
+        copy a duplicate for every frontend: the frontend reads both from one rsp_prod, so it
+        cannot have given that id to a new request in between (Linux's free list hands the
+        id just freed out first). With no such answer, the held one waits (DUPLICATE_HOLD
+        seconds) for another request's answer; then it is answered honestly, still armed."""
+        held = self._held.get(ring)
+        if held is None:
+            return
+        answer, until = held
+        partner = next((old for old in reversed(out) if old[0] != answer[0]), None)
+        if partner is not None:
+            out.append(partner)
+            self._remember(ring, partner)
+            del self._held[ring]
+            self._armed.discard(ring)
+            assert self._duplicate is not None
+            self._duplicate.sent()
+        elif stop.is_set() or time.monotonic() >= until:
+            out.append(answer)
+            self._remember(ring, answer)
+            del self._held[ring]
+            if stop.is_set():
+                self._armed.discard(ring)
+
+    def due(self, ring: int) -> bool:
+        """Whether ring `ring` holds an answer back that must be published now (its
+        DUPLICATE_HOLD passed): the queue then publishes even with no answer of its own."""
+        held = self._held.get(ring)
+        return held is not None and time.monotonic() >= held[1]
 
     def _remember(self, ring: int, answer: tuple[int, int, int]) -> None:
         self._previous[ring] = answer
-        history = self._history.setdefault(ring, [])
-        history.append(answer)
-        del history[:-_HISTORY]
 
     def _spec(self, kind: str) -> str:
         return next(f.spec.text for f in self.faults if f.spec.kind == kind)

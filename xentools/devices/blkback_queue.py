@@ -452,8 +452,8 @@ class QueueWorker:
                 slots = [get() for _ in range(available)]  # one private copy each (XSA-155)
                 self._serve_batch(slots)
                 self.served += available
-            if self._answers:
-                self._publish()
+            if self._answers or (self.faults is not None and self.faults.due(self.index)):
+                self._publish()  # FAULT HOOK: a duplicate's held answer may be due alone
             if not available:
                 if self._done or ring.final_check_for_requests():
                     continue

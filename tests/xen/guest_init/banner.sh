@@ -2,9 +2,10 @@
 # its disk's partition table and file system, then print a login prompt.
 #
 # Owns: loading xen-blkfront and the ext2 driver (ext4.ko, CONFIG_EXT4_USE_FOR_EXT2), waiting
-# for the disk and its first partition, mounting it read-only, printing one file's sha256
-# and text, unmounting, and setting the banner "xentools-guest login: " that /init prints
-# last, on a line of its own (what a boot test's success pattern "login:" matches). After
+# for the disk and its first partition, two reads of the disk at once, mounting it read-only,
+# printing one file's sha256 and text, unmounting, and setting the banner
+# "xentools-guest login: " that /init prints last, on a line of its own (what a boot test's
+# success pattern "login:" matches). After
 # the banner the guest waits like a getty (xentools.then=wait, the default here) unless
 # told xentools.then=poweroff.
 # Must not: write to the disk (mounted ro: the image must read back unchanged).
@@ -24,6 +25,12 @@ load_module xen-blkfront
 load_module ext4
 wait_for_block "$disk"
 wait_for_block "$part"
+# Two readers at once, as a booting system's probes are: two requests in flight on the ring
+# (the fault matrix's duplicate pairs one answer with another of the same push). Reads only,
+# O_DIRECT (one request each, never served from the page cache).
+run dd if="/dev/$disk" of=/dev/null bs=4k count=1 skip=64 iflag=direct 2>/dev/null &
+run dd if="/dev/$disk" of=/dev/null bs=4k count=1 skip=128 iflag=direct 2>/dev/null &
+wait
 run mount -t ext2 -o ro "/dev/$part" /mnt 2>/tmp/mount.err \
     || fail "mount /dev/$part: $(cat /tmp/mount.err)"
 say "mounted /dev/$part ext2"
