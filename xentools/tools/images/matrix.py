@@ -116,7 +116,11 @@ def fault_section(specs: Sequence[str], conformance: Mapping[str, Any] | None, r
     elif conformance is None:
         verdict, reason = "error", "our blkback wrote no report: whether the fault fired is unknown"
     elif not fired:
-        verdict, reason = "error", "the fault never fired (the guest sent no matching request): it tested nothing"
+        matched = sum(int(f.get("matched") or 0) for f in faults)
+        why = "the guest sent no matching request" if not matched else f"{matched} matching requests"
+        if matched and any(f.get("kind") == "duplicate" for f in faults):
+            why += "; duplicate also needs two requests in flight on one ring"
+        verdict, reason = "error", f"the fault never fired ({why}): it tested nothing"
     elif reaction.kind == "crash":
         verdict, reason = "fail", f"the guest crashed: {reaction.first_line()}"
     elif reaction.kind == "hang":
