@@ -123,6 +123,7 @@ DEFAULT_INLINE_BYTES = 16 * 1024
 # requests, so the frontend reaps and refills while the rest are served (0: once per round
 # of the ring; -1: no compiled wait loop, the Python one).
 DEFAULT_PUBLISH_EVERY = 8
+PUBLISH_BYTES = 256 * 1024  # or once the requests served moved this many bytes
 
 
 
@@ -455,7 +456,7 @@ class QueueWorker:
         assert fast is not None
         self._begin()  # the gate lock while it serves (a barrier elsewhere wakes it: _wake)
         try:
-            served, _stop, flags = fast.wait(self.ring, timeout_ms, self.publish_every)
+            served, _stop, flags = fast.wait(self.ring, timeout_ms, self.publish_every, PUBLISH_BYTES)
         finally:
             self._end()
         self.loop_calls += 1

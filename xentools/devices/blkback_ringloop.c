@@ -483,11 +483,27 @@ static int xt_move(int fd, int write, struct iovec *iov, int n, uint64_t offset,
  * 0 none, 1 the request is for the Python path (operation, rule, ref not cached),
  * 2 its data is not at hand (an I/O thread's job), 3 the image failed (the Python path
  * redoes it and answers the error). */
+static uint32_t xt_serve_some(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                              uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                              uint32_t available, int fd, struct xt_image *img, uint64_t inline_bytes,
+                              struct xt_stats *stats, int *stop, uint64_t byte_budget);
+
 uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
                   uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
                   uint32_t available, int fd, struct xt_image *img, uint64_t inline_bytes,
                   struct xt_stats *stats, int *stop)
 {
+    return xt_serve_some(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, available, fd, img, inline_bytes, stats,
+                         stop, UINT64_MAX);
+}
+
+/* xt_serve, returning early (no *stop) once the requests served moved `byte_budget` bytes. */
+static uint32_t xt_serve_some(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                              uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                              uint32_t available, int fd, struct xt_image *img, uint64_t inline_bytes,
+                              struct xt_stats *stats, int *stop, uint64_t byte_budget)
+{
+    uint64_t moved_bytes = 0;
     uint64_t started = xt_now_ns();
     uint8_t slot[XT_SLOT_MAX];
     static __thread uint8_t indirect[XT_MAX_INDIRECT * 8]; /* one ring thread per queue */
@@ -630,6 +646,9 @@ uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const st
         count[0]++;
         count[1] += nseg;
         count[2] += nbytes;
+        moved_bytes += nbytes;
+        if (moved_bytes >= byte_budget)
+            break;
     }
     __atomic_thread_fence(__ATOMIC_RELEASE); /* responses written before rsp_prod moves */
     *req_cons = cons;
@@ -709,9 +728,9 @@ uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const str
  * and notify, and again. Anything else goes back to Python, which handles it as before: a
  * word that says CLOSED or not BOUND (the Python handle relinks), a request the serving loop
  * leaves (*stop), a readable wake fd (an I/O completion, a stop, a barrier elsewhere), the
- * timeout. Responses are published every `publish_every` requests (0: once per round), and
- * the frontend notified then if it asked, so it can reap and refill while this thread
- * serves the rest. */
+ * timeout. Responses are published every `publish_every` requests (0: once per round) or
+ * once the requests served moved `publish_bytes`, and the frontend notified then if it
+ * asked, so it can reap and refill while this thread serves the rest. */
 
 enum { XT_W_STOP = 1, XT_W_WAKE = 2, XT_W_TIMEOUT = 4, XT_W_EVTCHN = 8, XT_W_NOTIFY = 16, XT_W_UNMASK = 32 };
 
@@ -806,7 +825,8 @@ static int xt_evt_take(struct xt_evt *E, uint32_t *flags)
 uint32_t xt_wait(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
                  uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
                  int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
-                 struct xt_evt *E, int timeout_ms, uint32_t publish_every, uint32_t *flags)
+                 struct xt_evt *E, int timeout_ms, uint32_t publish_every, uint64_t publish_bytes,
+                 uint32_t *flags)
 {
     uint32_t total = 0;
     struct pollfd fds[3];
@@ -838,8 +858,8 @@ uint32_t xt_wait(const struct xt_layout *L, const struct xt_policy *P, const str
                 armed = 0;
                 if (publish_every && available > publish_every)
                     available = publish_every;
-                total += xt_serve(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, available, fd, img,
-                                  inline_bytes, stats, stop);
+                total += xt_serve_some(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, available, fd, img,
+                                       inline_bytes, stats, stop, publish_bytes);
                 int notify = 0;
                 xt_push(sring, *rsp_prod_pvt, &notify);
                 E->rounds++;

@@ -66,4 +66,5 @@ uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const str
 uint32_t xt_wait(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
                  uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
                  int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
-                 struct xt_evt *E, int timeout_ms, uint32_t publish_every, uint32_t *flags);
+                 struct xt_evt *E, int timeout_ms, uint32_t publish_every, uint64_t publish_bytes,
+                 uint32_t *flags);

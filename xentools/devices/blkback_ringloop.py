@@ -191,16 +191,16 @@ class CompiledRing:
     def events_attached(self) -> bool:
         return self._evt is not None
 
-    def wait(self, ring: Any, timeout_ms: int, publish_every: int) -> tuple[int, int, int]:
-        """xt_wait over BackRing `ring`: serve, publish every `publish_every` responses and
-        notify, sleep on the event channel, take and unmask its events, again, until
+    def wait(self, ring: Any, timeout_ms: int, publish_every: int, publish_bytes: int) -> tuple[int, int, int]:
+        """xt_wait over BackRing `ring`: serve, publish every `publish_every` responses (or
+        once they moved `publish_bytes`) and notify, sleep on the event channel, take and unmask its events, again, until
         something is Python's. Returns (served, stop, WAIT_* flags)."""
         self._cons[0] = ring.req_cons
         self._prod[0] = ring.rsp_prod_pvt
         served = self._lib.xt_wait(
             self._layout, self._policy, self._table.ptr, self._sring, self._nr_ents, self._cons, self._prod,
             self._fd, self._image, self._inline, self.stats, self._stop, self._evt, timeout_ms, publish_every,
-            self._flags,
+            publish_bytes, self._flags,
         )
         ring.req_cons = self._cons[0]
         ring.rsp_prod_pvt = self._prod[0]
