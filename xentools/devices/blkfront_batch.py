@@ -30,6 +30,7 @@ from __future__ import annotations
 import select
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -158,7 +159,9 @@ class BatchLanes:
             queue.shadow[slot] = entry
             self.entries.append(entry)
         self.free: list[int] = list(range(count - 1, -1, -1))
-        self.completed: list[tuple[int, int]] = []
+        # Completions not yet handed over: lanes and their statuses, in order.
+        self.done_lanes: list[int] = []
+        self.done_status: list[int] = []
         self.busy = 0  # lanes whose request is on the ring
         # Per lane, the Python path's bookkeeping (the C lanes and shadow keep their own):
         # the request it carries and how many leading data pages may hold bytes.
@@ -205,9 +208,16 @@ class BatchLanes:
         self._c_lane_of = ffi.new("uint32_t[]", count)
         self._c_sector = ffi.new("uint64_t[]", count)
         self._c_nbytes = ffi.new("uint32_t[]", count)
+        self._lane_of_view = memoryview(ffi.buffer(self._c_lane_of)).cast("I")
+        self._sector_view = memoryview(ffi.buffer(self._c_sector)).cast("Q")
+        self._uniform_nbytes = -1  # every entry of _c_nbytes holds this (-1: not known)
         self._c_bufs = ffi.new("uint8_t *[]", count)
         self._out_lane = ffi.new("uint32_t[]", count)
         self._out_status = ffi.new("int16_t[]", count)
+        # Views over the arrays: a slice's tolist() and an array's bytes beat cffi's
+        # element-by-element conversion (measured: 0.7 against 2.8 us for 32).
+        self._out_lane_view = memoryview(ffi.buffer(self._out_lane)).cast("I")
+        self._out_status_view = memoryview(ffi.buffer(self._out_status)).cast("h")
         self._stop = ffi.new("int *")
         self._index = ffi.new("uint32_t *")
         self._sring = self._address(self.queue.ring.shared.buf)
@@ -281,9 +291,11 @@ class BatchLanes:
         queue = self.queue
         seq = queue.reserve_ids(n)
         if self.compiled:
-            self._c_lane_of[0:n] = used
-            self._c_sector[0:n] = sectors if n == len(sectors) else sectors[:n]
-            self._c_nbytes[0:n] = [nbytes] * n
+            self._lane_of_view[:n] = array("I", used)
+            self._sector_view[:n] = array("Q", sectors if n == len(sectors) else sectors[:n])
+            if self._uniform_nbytes != nbytes:
+                self._c_nbytes[0 : len(self.lanes)] = [nbytes] * len(self.lanes)
+                self._uniform_nbytes = nbytes
             ring = queue.ring
             self._index[0] = ring.req_prod_pvt
             written = self._lib.xt_front_fill(
@@ -314,6 +326,7 @@ class BatchLanes:
         sectors, sizes, buffers = zip(*requests)
         self._c_sector[0:n] = sectors
         self._c_nbytes[0:n] = sizes
+        self._uniform_nbytes = -1
         bufs = ffi.NULL
         if buffers.count(None) != n:
             from_buffer = ffi.from_buffer
@@ -393,8 +406,9 @@ class BatchLanes:
             return 0
         ring.rsp_cons = self._index[0]
         ffi = self._ffi
-        lanes = ffi.unpack(self._out_lane, got)
-        self.completed.extend(zip(lanes, ffi.unpack(self._out_status, got)))
+        lanes = self._out_lane_view[:got].tolist()
+        self.done_lanes += lanes
+        self.done_status += self._out_status_view[:got].tolist()
         if self._held:
             held = self._pointers
             released = 0
@@ -442,14 +456,30 @@ class BatchLanes:
             self._dest[lane] = None
         self.queue.in_flight -= 1
         self.busy -= 1
-        self.completed.append((lane, status))
+        self.done_lanes.append(lane)
+        self.done_status.append(status)
         self.on_settle()
 
     def take_completed(self) -> list[tuple[int, int]]:
         """The completions so far, (lane, status), in order; their lanes are free again."""
-        done, self.completed = self.completed, []
-        self.free.extend([lane for lane, _ in done])
-        return done
+        return list(zip(*self._take()))
+
+    def take_lanes(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """The lanes completed so far, in order (free again), and the (lane, status) of
+        those not BLKIF_RSP_OKAY."""
+        lanes, status = self._take()
+        return lanes, [(lane, st) for lane, st in zip(lanes, status) if st] if any(status) else []
+
+    def _take(self) -> tuple[list[int], list[int]]:
+        lanes, status = self.done_lanes, self.done_status
+        self.done_lanes, self.done_status = [], []
+        self.free += lanes
+        return lanes, status
+
+    @property
+    def completed(self) -> int:
+        """How many completions wait to be handed over."""
+        return len(self.done_lanes)
 
     def nbytes(self, lane: int) -> int:
         return int(self._c_lanes[lane].nbytes) if self.compiled else self._nbytes[lane]
@@ -669,7 +699,7 @@ class BatchIO:
             out.append((sector, view.nbytes, view))
         return self._submit(BLKIF_OP_WRITE, out)
 
-    def reap(self, min_done: int = 1, timeout: float | None = None) -> list[tuple[int, int]]:
+    def reap(self, min_done: int = 1, timeout: float | None = None, take: Any = None) -> Any:
         """Wait until at least `min_done` requests (all in flight, if fewer) completed;
         returns every completion so far as (tag, status), status BLKIF_RSP_OKAY (0),
         BLKIF_RSP_ERROR or BLKIF_RSP_EOPNOTSUPP. Raises DeviceFailed if the device failed,
@@ -685,9 +715,9 @@ class BatchIO:
                     raise lanes.future.error
                 if dev._failure is not None:
                     raise DeviceFailed(*dev._failure)
-                have = len(lanes.completed)
+                have = len(lanes.done_lanes)
                 if have >= min_done or not lanes.busy:
-                    return lanes.take_completed()
+                    return lanes.take_completed() if take is None else take()
                 if lanes.compiled and dev._connected and self._poll(min_done - have):
                     continue
                 left = None if deadline is None else deadline - time.monotonic()
@@ -697,6 +727,11 @@ class BatchIO:
                     self._wait_event(left)
                 else:
                     self.cond.wait(left)
+
+    def reap_tags(self, min_done: int = 1, timeout: float | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+        """As reap, returned as (tags completed, in order; (tag, status) of those that
+        failed): no tuple per request."""
+        return self.reap(min_done, timeout, self.lanes.take_lanes)
 
     def _poll(self, want: int) -> bool:
         """Take the responses the ring holds now without waiting for an event (under the

@@ -31,7 +31,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from operator import itemgetter
 
 import click
 
@@ -306,9 +305,9 @@ def _registered(io: BatchIO, sectors: list[int]) -> int:
             tags = io.read_sectors(sectors[submitted : submitted + free])
             submitted += len(tags)
             free -= len(tags)
-        completed = io.reap(1, 120)
-        if any(map(itemgetter(1), completed)):
-            raise DemoError("bench.read_failed", f"a batched read failed: {completed}")
+        completed, failed = io.reap_tags(1, 120)
+        if failed:
+            raise DemoError("bench.read_failed", f"batched reads failed (tag, status): {failed}")
         free += len(completed)
         done += len(completed)
     return done
