@@ -432,7 +432,12 @@ class BatchLanes:
             self._c_shadow[entry.slot].lane = -1
             op, nbytes, dirty = c.op, c.nbytes, c.dirty
             held = self._pointers[lane]
-            dest = None if held is None else held[1]
+            if held is not None:
+                dest = held[1]
+            elif c.dest != self._ffi.NULL:  # a read into the lane's registered buffer
+                dest = self._reg[lane]
+            else:
+                dest = None
         else:
             self._id[lane] = -1
             op, nbytes, dirty, dest = self._op[lane], self._nbytes[lane], self._dirty[lane], self._dest[lane]
