@@ -37,7 +37,14 @@ The ring thread (ring.h's consumer loop, one notification per batch):
   the response) and stops at the first other one, which this thread judges and answers as
   above (`_serve_compiled`); what it served is counted in the report as accepted;
 - publishes responses and notifies if the frontend asked (RING_PUSH_RESPONSES_AND_CHECK_
-  NOTIFY), then RING_FINAL_CHECK_FOR_REQUESTS before sleeping.
+  NOTIFY), then RING_FINAL_CHECK_FOR_REQUESTS before sleeping;
+- with the compiled loop on the software Xen's direct event channels, sleeps in the compiled
+  wait loop instead (`_wait_compiled`, blkback_ringloop.c's xt_wait): it takes and unmasks
+  the ring's events, serves, publishes every DEFAULT_PUBLISH_EVERY responses (or
+  PUBLISH_BYTES) so the frontend reaps while the rest are served, and notifies, with no
+  Python between wake-ups; it returns here for whatever is Python's (a request it leaves, an
+  I/O completion, a stop, a barrier on another queue: DeviceGate wakes every queue, the
+  event channel needing the Python handle, the re-check interval).
 The ring never holds more requests in flight than it has slots (BackRing counts consumed
 requests without a response). An event with no work is harmless. Without a platform full
 barrier the ring is also re-checked every POLL_INTERVAL seconds.

@@ -20,6 +20,10 @@ Usage (the device must use persistent grants):
     for tag, status in io.reap(min_done=8): ...                # BLKIF_RSP_* per request
     io.view(tag)        # the read's bytes in the granted pages, until `tag` is reused
     io.submit_writes([(sector, data), ...]); io.close()
+Fewer Python steps per request: register one buffer per lane once, then read by sector:
+    io.register_buffers([bytearray(4096) for _ in range(32)])
+    tags = io.read_sectors([s1, s2, ...])       # request_bytes each, into buffers[tag]
+    done, failed = io.reap_tags(1)              # tags; (tag, status) of the failed ones
 A lane's pages are zeroed before a read is shared on them (XSA-403): a backend that answers
 without writing gives zeros, never an earlier request's bytes; a read copied into a caller
 buffer leaves its lane zeroed at once.

@@ -6,6 +6,9 @@ port's events travel now), and for each bound port its link: the channel page ho
 state word (pending, masked, ready) and, once interdomain-bound, the peer's word and a
 write end of the peer handle's doorbell, both handed over by grantd (the peer's at bind
 time for the binder, on the first notify for the side that offered the port).
+`direct_link(port)` hands a compiled wait loop (blkback_ringloop.c's xt_wait) the raw parts of
+a bound port (doorbell descriptors, word addresses, the words' bits) so it applies the same
+transitions itself; `links_changed` tells it when a relink made them stale.
 Must not: send a notification, a delivery or an unmask through grantd (they are atomic
 operations on the channel page and one byte written to a pipe, evtchn_channel.py), or block
 in pending() or notify() (except to ask grantd once where a port went after its peer closed).
