@@ -378,6 +378,16 @@ def test_demo_verifies_every_byte_on_either_path(ringloop) -> None:
     assert "demo: OK" in result.stdout and "0 protocol violations" in result.stdout, result.stdout[-2000:]
 
 
+def _image(tmp_path: Path, name: str, seed: int) -> tuple[int, Path, bytes]:
+    """(size, path, content) of a 1 MiB image of seeded random bytes; the loop must be built."""
+    assert compiled() is not None, "the compiled ring loop is not built: run `make venv`"
+    size = 1 << 20
+    content = random.Random(seed).randbytes(size)
+    image = tmp_path / name
+    image.write_bytes(content)
+    return size, image, content
+
+
 class _MappedReads:
     """One compiled queue over `image` (a pool of 4 frontend pages): read/discard one request
     at a time and see its status, its data and the loop's mapped windows."""
@@ -399,11 +409,15 @@ class _MappedReads:
 
     def read(self, sector: int) -> tuple[int, bytes]:
         """Status and data of a 4 KiB read at `sector` into pool page 0."""
-        self.next_id += 1
         self.pool.buf[:PAGE_SIZE] = b"\xaa" * PAGE_SIZE
-        segs = self.codec.pack_segments([(self.pool.refs[0], 0, 7)])
-        status = self.request(bytes(self.codec.rw_request(BLKIF_OP_READ, 0, self.next_id, sector, segs, 1)))
+        status = self.request(self.read_slot(sector))
         return status, bytes(self.pool.buf[:PAGE_SIZE])
+
+    def read_slot(self, sector: int) -> bytes:
+        """A 4 KiB read at `sector` into pool page 0 (a new id)."""
+        self.next_id += 1
+        segs = self.codec.pack_segments([(self.pool.refs[0], 0, 7)])
+        return bytes(self.codec.rw_request(BLKIF_OP_READ, 0, self.next_id, sector, segs, 1))
 
     def discard(self, sector: int, count: int) -> int:
         self.next_id += 1
@@ -425,11 +439,7 @@ def test_reads_come_from_mapped_windows_and_every_failure_is_answered(tmp_path) 
     windows it touched; a window that holds a hole is read with preadv instead (read through a
     mapping, a tmpfs hole would get memory); an image that shrinks under a mapping (SIGBUS in
     the copy) gets an error response from the Python path, and the backend goes on serving."""
-    assert compiled() is not None, "the compiled ring loop is not built: run `make venv`"
-    size = 1 << 20
-    content = random.Random(3).randbytes(size)
-    image = tmp_path / "mapped.img"
-    image.write_bytes(content)
+    size, image, content = _image(tmp_path, "mapped.img", 3)
     with SoftwareXen(domains=(0, 1)) as xen:
         q = _MappedReads(xen, image, size)
         try:
@@ -510,12 +520,6 @@ def test_a_sparse_image_is_read_without_mapping_its_holes(tmp_path) -> None:
 # -- the compiled wait loop (xt_wait) on the software Xen's direct event channels ----------
 
 
-def _read_slot(q: _MappedReads, sector: int) -> bytes:
-    q.next_id += 1
-    segs = q.codec.pack_segments([(q.pool.refs[0], 0, 7)])
-    return bytes(q.codec.rw_request(BLKIF_OP_READ, 0, q.next_id, sector, segs, 1))
-
-
 def test_the_compiled_wait_loop_keeps_xens_event_channel_rules(tmp_path) -> None:
     """xt_wait takes, unmasks and sends the ring's events itself, with the transitions of
     evtchn_channel: a notify while it sleeps wakes it and is taken (the frontend's word
@@ -525,11 +529,7 @@ def test_the_compiled_wait_loop_keeps_xens_event_channel_rules(tmp_path) -> None
     (no crash, no fatal), and the queue goes on serving through the Python wait loop."""
     from xentools.platform.sim.evtchn_channel import MASKED, PENDING, READY
 
-    assert compiled() is not None, "the compiled ring loop is not built: run `make venv`"
-    size = 1 << 20
-    content = random.Random(9).randbytes(size)
-    image = tmp_path / "wait.img"
-    image.write_bytes(content)
+    size, image, content = _image(tmp_path, "wait.img", 9)
     with SoftwareXen(domains=(0, 1)) as xen:
         q = _MappedReads(xen, image, size)
         side, worker = q.side, q.side.worker
@@ -543,7 +543,7 @@ def test_the_compiled_wait_loop_keeps_xens_event_channel_rules(tmp_path) -> None
             link = backend_evtchn.direct_link(worker.port)
             before = fast.wait_profile
             for round_ in range(2):
-                side.front.put_request(_read_slot(q, 16 + round_))
+                side.front.put_request(q.read_slot(16 + round_))
                 side.front.push_requests_and_check_notify()
                 side.front.final_check_for_responses()  # ask for an event at the next response
                 side.evtchn.notify(side.port)
@@ -571,7 +571,7 @@ def test_the_compiled_wait_loop_keeps_xens_event_channel_rules(tmp_path) -> None
             # The frontend closes its port: the loop leaves the channel to the Python handle,
             # which relinks; the ring is still served.
             side.evtchn.close()
-            side.front.put_request(_read_slot(q, 24))
+            side.front.put_request(q.read_slot(24))
             side.front.push_requests_and_check_notify()
             side.front.final_check_for_responses()
             worker._wait_compiled(300)  # noqa: SLF001
@@ -613,7 +613,7 @@ def test_a_barrier_elsewhere_wakes_a_queue_waiting_in_the_compiled_loop(tmp_path
             gate.release_all()
             assert waited < 20, waited
             # The queue still serves after the barrier.
-            q.side.front.put_request(_read_slot(q, 0))
+            q.side.front.put_request(q.read_slot(0))
             q.side.front.push_requests_and_check_notify()
             q.side.evtchn.notify(q.side.port)
             deadline = time.monotonic() + 20

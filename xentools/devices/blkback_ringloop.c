@@ -675,43 +675,70 @@ static void xt_push(uint8_t *sring, uint32_t new_prod, int *notify)
         *notify = 1;
 }
 
-/* Serve until the ring is empty or a request is not the loop's (*stop as xt_serve, or
- * 4: req_prod overflows the ring; nothing consumed then). Responses the caller wrote before
- * (at *rsp_prod_pvt) are published with the loop's. Returns the requests served. */
-uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
-                 uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
-                 int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
-                 int *notify)
+static int xt_evt_notify(struct xt_evt *E);
+
+/* ring.h's consumer loop: serve until the ring is empty after arming req_event
+ * (RING_FINAL_CHECK_FOR_REQUESTS) or a request is not the loop's (*stop as xt_serve, or 4:
+ * req_prod overflows the ring; nothing consumed then), publishing the responses after each
+ * round of at most `publish_every` requests (0: all waiting) or `publish_bytes` moved. A
+ * notify owed is sent through `E` (xt_wait), or with E NULL only recorded in *owed; a notify
+ * E cannot send (the channel is Python's) sets *owed and ends the loop. */
+static uint32_t xt_rounds(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                          uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                          int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
+                          uint32_t publish_every, uint64_t publish_bytes, struct xt_evt *E, int *owed)
 {
     uint32_t total = 0;
     int armed = 0;
-    *stop = 0;
-    *notify = 0;
     for (;;) {
         uint32_t req_prod = __atomic_load_n(xt_index(sring, XT_REQ_PROD), __ATOMIC_ACQUIRE);
         uint32_t cons = *req_cons, prod = *rsp_prod_pvt;
         if ((uint32_t)(req_prod - prod) > nr_ents) {
             *stop = 4; /* RING_REQUEST_PROD_OVERFLOW: the Python BackRing says it */
-            break;
+            return total;
         }
         uint32_t waiting = req_prod - cons, room = nr_ents - (cons - prod);
         uint32_t available = waiting < room ? waiting : room;
         if (available) {
             armed = 0;
-            total += xt_serve(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, available, fd, img, inline_bytes,
-                              stats, stop);
-            xt_push(sring, *rsp_prod_pvt, notify);
+            if (publish_every && available > publish_every)
+                available = publish_every;
+            total += xt_serve_some(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, available, fd, img,
+                                   inline_bytes, stats, stop, publish_bytes);
+            int notify = 0;
+            xt_push(sring, *rsp_prod_pvt, &notify);
+            if (E)
+                E->rounds++;
+            if (notify && (!E || xt_evt_notify(E) < 0)) {
+                *owed = 1;
+                if (E)
+                    return total;
+            }
             if (*stop)
                 return total;
             continue;
         }
         if (armed)
-            break; /* checked again after arming: nothing came */
+            return total; /* checked again after arming: nothing came */
         /* RING_FINAL_CHECK_FOR_REQUESTS: ask for an event at the next request, then look again. */
         __atomic_store_n(xt_index(sring, XT_REQ_EVENT), cons + 1, __ATOMIC_RELAXED);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         armed = 1;
     }
+}
+
+/* Serve until the ring is empty or a request is not the loop's (xt_rounds, one round for all
+ * that waits). Responses the caller wrote before (at *rsp_prod_pvt) are published with the
+ * loop's. Returns the requests served. */
+uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                 uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                 int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
+                 int *notify)
+{
+    *stop = 0;
+    *notify = 0;
+    uint32_t total = xt_rounds(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, fd, img, inline_bytes, stats, stop,
+                               0, UINT64_MAX, NULL, notify);
     xt_push(sring, *rsp_prod_pvt, notify);
     return total;
 }
@@ -842,45 +869,15 @@ uint32_t xt_wait(const struct xt_layout *L, const struct xt_policy *P, const str
             nfds++;
         }
     for (;;) {
-        /* Serve until the ring is empty after arming req_event (xt_pass's loop), publishing
-         * and notifying every publish_every requests. */
-        int armed = 0;
-        for (;;) {
-            uint32_t req_prod = __atomic_load_n(xt_index(sring, XT_REQ_PROD), __ATOMIC_ACQUIRE);
-            uint32_t cons = *req_cons, prod = *rsp_prod_pvt;
-            if ((uint32_t)(req_prod - prod) > nr_ents) {
-                *stop = 4;
-                break;
-            }
-            uint32_t waiting = req_prod - cons, room = nr_ents - (cons - prod);
-            uint32_t available = waiting < room ? waiting : room;
-            if (available) {
-                armed = 0;
-                if (publish_every && available > publish_every)
-                    available = publish_every;
-                total += xt_serve_some(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, available, fd, img,
-                                       inline_bytes, stats, stop, publish_bytes);
-                int notify = 0;
-                xt_push(sring, *rsp_prod_pvt, &notify);
-                E->rounds++;
-                if (notify && xt_evt_notify(E) < 0) {
-                    *flags |= XT_W_NOTIFY;
-                    return total;
-                }
-                if (*stop)
-                    break;
-                continue;
-            }
-            if (armed)
-                break;
-            __atomic_store_n(xt_index(sring, XT_REQ_EVENT), cons + 1, __ATOMIC_RELAXED);
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            armed = 1;
-        }
-        if (*stop) {
+        int owed = 0;
+        total += xt_rounds(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, fd, img, inline_bytes, stats, stop,
+                           publish_every, publish_bytes, E, &owed);
+        if (*stop)
             *flags |= XT_W_STOP;
+        if (owed)
+            *flags |= XT_W_NOTIFY;
+        if (*flags)
             return total;
-        }
         /* Sleep until an event or a wake fd. */
         for (nfds_t i = 0; i < nfds; i++)
             fds[i].revents = 0;

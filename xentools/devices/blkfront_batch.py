@@ -253,25 +253,37 @@ class BatchLanes:
         WRITE's data, a READ's destination or None (the data stays in the lane). The
         caller checked every value. Returns the lanes used, in order: fewer than asked
         when every lane is busy."""
-        free = self.free
-        n = min(len(requests), len(free))
-        if not n:
+        used, seq = self._claim(len(requests))
+        if not used:
             return []
-        used = free[-n:][::-1]
-        del free[-n:]
-        queue = self.queue
-        seq = queue.reserve_ids(n)
         if self.compiled:
-            self._fill_compiled(op, requests[:n], used, seq, deadline)
+            self._fill_compiled(op, requests[: len(used)], used, seq, deadline)
         else:
             for k, lane in enumerate(used):
-                self._fill_python(lane, op, requests[k], ((seq + k + 1) * queue.size + self.entries[lane].slot)
-                                  & 0xFFFFFFFFFFFFFFFF, deadline)
+                self._fill_python(lane, op, requests[k], self._id_of(seq, k, lane), deadline)
+        self._filled(len(used))
+        return used
+
+    def _claim(self, count: int) -> tuple[list[int], int]:
+        """Up to `count` free lanes (taken) and the sequence their request ids start after."""
+        free = self.free
+        n = min(count, len(free))
+        if not n:
+            return [], 0
+        used = free[-n:][::-1]
+        del free[-n:]
+        return used, self.queue.reserve_ids(n)
+
+    def _id_of(self, seq: int, k: int, lane: int) -> int:
+        """The id of the k-th request of a fill (what xt_front_fill computes)."""
+        return ((seq + k + 1) * self.queue.size + self.entries[lane].slot) & 0xFFFFFFFFFFFFFFFF
+
+    def _filled(self, n: int) -> None:
+        queue = self.queue
         queue.unpushed = True
         queue.requests += n
         queue.in_flight += n
         self.busy += n
-        return used
 
     def register(self, buffers: list[Any]) -> None:
         """Lane i's reads by `fill_registered` are copied into buffers[i] (writable,
@@ -286,14 +298,11 @@ class BatchLanes:
     def fill_registered(self, sectors: list[int], nbytes: int, deadline: float) -> list[int]:
         """READs of `nbytes` at `sectors` on free lanes, each copied into its lane's
         registered buffer (register): as fill, with fewer Python steps per request."""
-        free = self.free
-        n = min(len(sectors), len(free))
-        if not n:
+        used, seq = self._claim(len(sectors))
+        if not used:
             return []
-        used = free[-n:][::-1]
-        del free[-n:]
+        n = len(used)
         queue = self.queue
-        seq = queue.reserve_ids(n)
         if self.compiled:
             self._lane_of_view[:n] = array("I", used)
             self._sector_view[:n] = array("Q", sectors if n == len(sectors) else sectors[:n])
@@ -314,12 +323,9 @@ class BatchLanes:
         else:
             reg = self._reg
             for k, lane in enumerate(used):
-                self._fill_python(lane, BLKIF_OP_READ, (sectors[k], nbytes, reg[lane]),
-                                  ((seq + k + 1) * queue.size + self.entries[lane].slot) & 0xFFFFFFFFFFFFFFFF, deadline)
-        queue.unpushed = True
-        queue.requests += n
-        queue.in_flight += n
-        self.busy += n
+                self._fill_python(lane, BLKIF_OP_READ, (sectors[k], nbytes, reg[lane]), self._id_of(seq, k, lane),
+                                  deadline)
+        self._filled(n)
         return used
 
     def _fill_compiled(self, op: int, requests: list[tuple[int, int, Any]], used: list[int], seq: int,
