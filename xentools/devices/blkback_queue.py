@@ -150,16 +150,34 @@ class DeviceGate:
         # flight, so the barrier cannot be starved by a queue that is never idle.
         self.pending = False
         # Wakes a queue's ring thread out of a compiled wait (which holds the queue's lock
-        # while it serves): each queue adds its own when it starts.
+        # while it serves): each queue adds its own when it starts, removes it before its
+        # descriptors close (under _wakers_lock: no wake-up writes to a closed descriptor).
         self.wakers: list[Callable[[], None]] = []
+        self._wakers_lock = threading.Lock()
+
+    def add_waker(self, wake: Callable[[], None]) -> None:
+        with self._wakers_lock:
+            self.wakers.append(wake)
+
+    def remove_waker(self, wake: Callable[[], None]) -> None:
+        with self._wakers_lock:
+            if wake in self.wakers:
+                self.wakers.remove(wake)
 
     def acquire_all(self) -> None:
         self._barrier.acquire()  # one barrier at a time: no two threads take locks out of order
         self.pending = True
-        for wake in list(self.wakers):
-            wake()
+        with self._wakers_lock:
+            for wake in self.wakers:
+                wake()
         for lock in self.locks:
             lock.acquire()
+
+    def wait_barrier(self) -> None:
+        """Return once no barrier waits or runs (a queue that would hold its lock while it
+        sleeps waits here instead, without its lock, so the barrier gets it)."""
+        with self._barrier:
+            pass
 
     def release_all(self) -> None:
         for lock in reversed(self.locks):
@@ -312,7 +330,7 @@ class QueueWorker:
             )
             thread.start()
             self._io.append(thread)
-        self.gate.wakers.append(self._wake)
+        self.gate.add_waker(self._wake)
         self._thread = threading.Thread(target=self._thread_main, name=f"blkback-queue-{self.index}", daemon=True)
         self._thread.start()
 
@@ -327,8 +345,7 @@ class QueueWorker:
             if thread.is_alive():
                 log.error("queue %d did not stop within %.0f s", self.index, timeout)
                 return  # leave its resources alone rather than unmap under a live thread
-        if self._wake in self.gate.wakers:
-            self.gate.wakers.remove(self._wake)
+        self.gate.remove_waker(self._wake)
         io, self._io = self._io, []
         for _ in io:
             self._jobs.put(None)
@@ -461,6 +478,9 @@ class QueueWorker:
         channel needing the Python handle."""
         fast = self._fast
         assert fast is not None
+        if self.gate.pending:  # a barrier elsewhere wants every queue's lock: it goes first
+            self.gate.wait_barrier()
+            return
         self._begin()  # the gate lock while it serves (a barrier elsewhere wakes it: _wake)
         try:
             served, _stop, flags = fast.wait(self.ring, timeout_ms, self.publish_every, PUBLISH_BYTES)
