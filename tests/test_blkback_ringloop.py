@@ -30,6 +30,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -377,6 +378,16 @@ def test_demo_verifies_every_byte_on_either_path(ringloop) -> None:
     assert "demo: OK" in result.stdout and "0 protocol violations" in result.stdout, result.stdout[-2000:]
 
 
+def _image(tmp_path: Path, name: str, seed: int) -> tuple[int, Path, bytes]:
+    """(size, path, content) of a 1 MiB image of seeded random bytes; the loop must be built."""
+    assert compiled() is not None, "the compiled ring loop is not built: run `make venv`"
+    size = 1 << 20
+    content = random.Random(seed).randbytes(size)
+    image = tmp_path / name
+    image.write_bytes(content)
+    return size, image, content
+
+
 class _MappedReads:
     """One compiled queue over `image` (a pool of 4 frontend pages): read/discard one request
     at a time and see its status, its data and the loop's mapped windows."""
@@ -398,11 +409,15 @@ class _MappedReads:
 
     def read(self, sector: int) -> tuple[int, bytes]:
         """Status and data of a 4 KiB read at `sector` into pool page 0."""
-        self.next_id += 1
         self.pool.buf[:PAGE_SIZE] = b"\xaa" * PAGE_SIZE
-        segs = self.codec.pack_segments([(self.pool.refs[0], 0, 7)])
-        status = self.request(bytes(self.codec.rw_request(BLKIF_OP_READ, 0, self.next_id, sector, segs, 1)))
+        status = self.request(self.read_slot(sector))
         return status, bytes(self.pool.buf[:PAGE_SIZE])
+
+    def read_slot(self, sector: int) -> bytes:
+        """A 4 KiB read at `sector` into pool page 0 (a new id)."""
+        self.next_id += 1
+        segs = self.codec.pack_segments([(self.pool.refs[0], 0, 7)])
+        return bytes(self.codec.rw_request(BLKIF_OP_READ, 0, self.next_id, sector, segs, 1))
 
     def discard(self, sector: int, count: int) -> int:
         self.next_id += 1
@@ -424,11 +439,7 @@ def test_reads_come_from_mapped_windows_and_every_failure_is_answered(tmp_path) 
     windows it touched; a window that holds a hole is read with preadv instead (read through a
     mapping, a tmpfs hole would get memory); an image that shrinks under a mapping (SIGBUS in
     the copy) gets an error response from the Python path, and the backend goes on serving."""
-    assert compiled() is not None, "the compiled ring loop is not built: run `make venv`"
-    size = 1 << 20
-    content = random.Random(3).randbytes(size)
-    image = tmp_path / "mapped.img"
-    image.write_bytes(content)
+    size, image, content = _image(tmp_path, "mapped.img", 3)
     with SoftwareXen(domains=(0, 1)) as xen:
         q = _MappedReads(xen, image, size)
         try:
@@ -504,3 +515,110 @@ def test_a_sparse_image_is_read_without_mapping_its_holes(tmp_path) -> None:
         assert os.stat(image).st_blocks == blocks
     finally:
         image.unlink(missing_ok=True)
+
+
+# -- the compiled wait loop (xt_wait) on the software Xen's direct event channels ----------
+
+
+def test_the_compiled_wait_loop_keeps_xens_event_channel_rules(tmp_path) -> None:
+    """xt_wait takes, unmasks and sends the ring's events itself, with the transitions of
+    evtchn_channel: a notify while it sleeps wakes it and is taken (the frontend's word
+    left neither pending nor masked: a second notify delivers again), it serves what the
+    event announced and notifies the frontend that asked; a wake fd ends the wait at once;
+    after the frontend closes its port the loop hands the channel back to the Python handle
+    (no crash, no fatal), and the queue goes on serving through the Python wait loop."""
+    from xentools.platform.sim.evtchn_channel import MASKED, PENDING, READY
+
+    size, image, content = _image(tmp_path, "wait.img", 9)
+    with SoftwareXen(domains=(0, 1)) as xen:
+        q = _MappedReads(xen, image, size)
+        side, worker = q.side, q.side.worker
+        try:
+            assert q.read(8)[0] == 0  # the Python path caches the ref
+            backend_evtchn = worker._evtchn  # noqa: SLF001
+            while (port := backend_evtchn.pending()) is not None:  # the bind's first event
+                backend_evtchn.unmask(port)
+            assert worker._direct_events()  # noqa: SLF001
+            fast = worker._fast  # noqa: SLF001
+            link = backend_evtchn.direct_link(worker.port)
+            before = fast.wait_profile
+            for round_ in range(2):
+                side.front.put_request(q.read_slot(16 + round_))
+                side.front.push_requests_and_check_notify()
+                side.front.final_check_for_responses()  # ask for an event at the next response
+                side.evtchn.notify(side.port)
+                served_before = worker.compiled_served
+                worker._wait_compiled(300)  # noqa: SLF001 - the ring thread's step, run here
+                assert worker.compiled_served == served_before + 1
+                assert side.front.unconsumed_responses() == 1
+                rsp = side.front.get_response()
+                assert struct.unpack_from("<h", rsp, q.abi.rsp_status)[0] == 0
+                assert bytes(q.pool.buf[:PAGE_SIZE]) == content[(16 + round_) * 512 : (16 + round_) * 512 + PAGE_SIZE]
+                # The backend took its event and unmasked: nothing pending, masked or ready.
+                word = q.side.worker._evtchn._links[worker.port].page.word(  # noqa: SLF001
+                    q.side.worker._evtchn._links[worker.port].end)  # noqa: SLF001
+                assert word & (PENDING | MASKED | READY) == 0, hex(word)
+                assert side.evtchn.pending() == side.port  # the frontend was notified
+                side.evtchn.unmask(side.port)
+            after = fast.wait_profile
+            assert after["events"] - before["events"] == 2 and after["notifies"] - before["notifies"] == 2
+            assert link.own_word and backend_evtchn.links_changed == link.generation
+            # A wake fd ends a wait at once (a stop, a barrier elsewhere).
+            worker._wake()  # noqa: SLF001
+            started = time.monotonic()
+            worker._wait_compiled(60_000)  # noqa: SLF001
+            assert time.monotonic() - started < 30
+            # The frontend closes its port: the loop leaves the channel to the Python handle,
+            # which relinks; the ring is still served.
+            side.evtchn.close()
+            side.front.put_request(q.read_slot(24))
+            side.front.push_requests_and_check_notify()
+            side.front.final_check_for_responses()
+            worker._wait_compiled(300)  # noqa: SLF001
+            assert side.front.unconsumed_responses() == 1 and worker.fatal is None
+            assert not worker._direct_events()  # noqa: SLF001 - the port is no longer bound to a peer
+            side.evtchn = xen.platform(1).open_evtchn()  # for Side.close
+        finally:
+            q.close()
+
+
+def test_a_barrier_elsewhere_wakes_a_queue_waiting_in_the_compiled_loop(tmp_path, monkeypatch) -> None:
+    """A queue's ring thread holds its gate lock while it serves in xt_wait; a barrier on
+    another queue (DeviceGate.acquire_all) wakes it, and gets the lock at once, not at the
+    wait's timeout (made 60 s here)."""
+    from xentools.devices import blkback_queue
+
+    assert compiled() is not None, "the compiled ring loop is not built: run `make venv`"
+    monkeypatch.setattr(blkback_queue, "IDLE_RECHECK", 60.0)
+    size = 1 << 20
+    image = tmp_path / "gate.img"
+    image.write_bytes(bytes(size))
+    with SoftwareXen(domains=(0, 1)) as xen:
+        q = _MappedReads(xen, image, size)
+        worker = q.side.worker
+        gate = DeviceGate(2)
+        worker.gate, worker.lock = gate, gate.locks[0]
+        worker._poll = 60.0  # noqa: SLF001
+        try:
+            assert q.read(8)[0] == 0
+            worker.start()
+            deadline = time.monotonic() + 20
+            while worker.loop_calls == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert worker.loop_calls > 0, "the ring thread never entered the compiled wait loop"
+            time.sleep(0.1)
+            started = time.monotonic()
+            gate.acquire_all()
+            waited = time.monotonic() - started
+            gate.release_all()
+            assert waited < 20, waited
+            # The queue still serves after the barrier.
+            q.side.front.put_request(q.read_slot(0))
+            q.side.front.push_requests_and_check_notify()
+            q.side.evtchn.notify(q.side.port)
+            deadline = time.monotonic() + 20
+            while not q.side.front.unconsumed_responses() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert q.side.front.unconsumed_responses() == 1
+        finally:
+            q.close()

@@ -5,7 +5,8 @@ same data (the caller's buffers and the granted pages) and the same Violation ru
 Two BlkfrontQueues over plain memory (the ring and the lanes' pages: the fill and reap touch
 nothing else), each with the same BatchLanes (blkfront_batch): one through the compiled
 fill and reap (xentools/devices/blkfront_ringloop.c, built by `make`), one told not to.
-Each state: a batch of READs or WRITEs of random lengths (direct and INDIRECT) on free lanes,
+Each state: a batch of READs or WRITEs of random lengths (direct and INDIRECT) on free lanes
+(a quarter of the READ batches into the lanes' registered buffers, one length for all),
 sometimes a plain request of the future API beside them, then the "backend" writes the
 same responses into both rings: valid ones (OKAY, ERROR, EOPNOTSUPP, the inner op or
 INDIRECT for an indirect request), and hostile ones (an id no request carries, the id of a
@@ -73,6 +74,13 @@ class Side:
         assert self.lanes.compiled == use_compiled
         self.rsp_prod = 0  # the backend's private producer index
         self.dests: dict[int, bytearray] = {}
+        # Registered read buffers (BatchIO.register_buffers), the same bytes on both sides.
+        self.registered = [bytearray(random.Random(seed + 1 + i).randbytes(DATA_PAGES * PAGE_SIZE))
+                           for i in range(LANES)]
+        self.lanes.register(self.registered)
+
+    def fill_registered(self, sectors: list[int], nbytes: int) -> list[int]:
+        return self.lanes.fill_registered(sectors, nbytes, 123.0)
 
     def fill(self, op: int, requests: list[tuple[int, int, bytes | None]]) -> list[int]:
         items = []
@@ -124,6 +132,7 @@ class Side:
             "settled": self.queue.settled,
             "expected": [self.lanes.expected(lane) for lane in range(LANES)],
             "views": [bytes(self.lanes.data(lane)) for lane, _ in completed],
+            "registered": b"".join(self.registered),
         }
 
 
@@ -184,8 +193,13 @@ def _case(abi: blkif.Abi, unit: int, seed: int) -> tuple[int, int, int]:
                 else:
                     data = None if rng.random() < 0.3 else rng.randbytes(nbytes)
                 requests.append((sector, nbytes, data))
-            used_fast = fast.fill(op, requests)
-            used_slow = slow.fill(op, requests)
+            if op == BLKIF_OP_READ and requests and rng.random() < 0.25:  # into registered buffers
+                sectors = [sector for sector, _, _ in requests]
+                used_fast = fast.fill_registered(sectors, requests[0][1])
+                used_slow = slow.fill_registered(sectors, requests[0][1])
+            else:
+                used_fast = fast.fill(op, requests)
+                used_slow = slow.fill(op, requests)
             assert used_fast == used_slow
             assert fast.ring_mem == slow.ring_mem, f"state {states}: the filled slots differ"
             assert fast.pool == slow.pool, f"state {states}: the granted pages differ after the fill"

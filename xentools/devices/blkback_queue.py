@@ -37,7 +37,14 @@ The ring thread (ring.h's consumer loop, one notification per batch):
   the response) and stops at the first other one, which this thread judges and answers as
   above (`_serve_compiled`); what it served is counted in the report as accepted;
 - publishes responses and notifies if the frontend asked (RING_PUSH_RESPONSES_AND_CHECK_
-  NOTIFY), then RING_FINAL_CHECK_FOR_REQUESTS before sleeping.
+  NOTIFY), then RING_FINAL_CHECK_FOR_REQUESTS before sleeping;
+- with the compiled loop on the software Xen's direct event channels, sleeps in the compiled
+  wait loop instead (`_wait_compiled`, blkback_ringloop.c's xt_wait): it takes and unmasks
+  the ring's events, serves, publishes every DEFAULT_PUBLISH_EVERY responses (or
+  PUBLISH_BYTES) so the frontend reaps while the rest are served, and notifies, with no
+  Python between wake-ups; it returns here for whatever is Python's (a request it leaves, an
+  I/O completion, a stop, a barrier on another queue: DeviceGate wakes every queue, the
+  event channel needing the Python handle, the re-check interval).
 The ring never holds more requests in flight than it has slots (BackRing counts consumed
 requests without a response). An event with no work is harmless. Without a platform full
 barrier the ring is also re-checked every POLL_INTERVAL seconds.
@@ -81,7 +88,15 @@ from xentools.devices.blkback_conformance import FrontendLog
 from xentools.devices.blkback_faults import FaultSet
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS, PageSet, SegmentMapper
 from xentools.devices.blkback_image import ImageFile
-from xentools.devices.blkback_ringloop import STOP_RING, CompiledRing, GrefTable, compiled
+from xentools.devices.blkback_ringloop import (
+    STOP_RING,
+    WAIT_NOTIFY,
+    WAIT_UNMASK,
+    WAIT_WAKE,
+    CompiledRing,
+    GrefTable,
+    compiled,
+)
 from xentools.devices.blkback_validate import (
     Plan,
     RequestPolicy,
@@ -111,6 +126,11 @@ DEFAULT_IO_THREADS = 4  # I/O threads per ring
 # Data requests up to this size run on the ring thread: from the page cache, a 4 KiB pread
 # costs less than handing it to another thread and back (measured; see the bench).
 DEFAULT_INLINE_BYTES = 16 * 1024
+# The compiled wait loop publishes responses (and notifies, if asked) every this many
+# requests, so the frontend reaps and refills while the rest are served (0: once per round
+# of the ring; -1: no compiled wait loop, the Python one).
+DEFAULT_PUBLISH_EVERY = 8
+PUBLISH_BYTES = 256 * 1024  # or once the requests served moved this many bytes
 
 
 
@@ -129,12 +149,35 @@ class DeviceGate:
         # True while a barrier waits or runs: queues then stop adding requests to those in
         # flight, so the barrier cannot be starved by a queue that is never idle.
         self.pending = False
+        # Wakes a queue's ring thread out of a compiled wait (which holds the queue's lock
+        # while it serves): each queue adds its own when it starts, removes it before its
+        # descriptors close (under _wakers_lock: no wake-up writes to a closed descriptor).
+        self.wakers: list[Callable[[], None]] = []
+        self._wakers_lock = threading.Lock()
+
+    def add_waker(self, wake: Callable[[], None]) -> None:
+        with self._wakers_lock:
+            self.wakers.append(wake)
+
+    def remove_waker(self, wake: Callable[[], None]) -> None:
+        with self._wakers_lock:
+            if wake in self.wakers:
+                self.wakers.remove(wake)
 
     def acquire_all(self) -> None:
         self._barrier.acquire()  # one barrier at a time: no two threads take locks out of order
         self.pending = True
+        with self._wakers_lock:
+            for wake in self.wakers:
+                wake()
         for lock in self.locks:
             lock.acquire()
+
+    def wait_barrier(self) -> None:
+        """Return once no barrier waits or runs (a queue that would hold its lock while it
+        sleeps waits here instead, without its lock, so the barrier gets it)."""
+        with self._barrier:
+            pass
 
     def release_all(self) -> None:
         for lock in reversed(self.locks):
@@ -193,6 +236,7 @@ class QueueWorker:
         inline_bytes: int = DEFAULT_INLINE_BYTES,
         faults: FaultSet | None = None,
         ringloop: bool = True,
+        publish_every: int = DEFAULT_PUBLISH_EVERY,
     ) -> None:
         self.index = index
         self.frontend_id = frontend_id
@@ -225,7 +269,8 @@ class QueueWorker:
         self._count_lock = threading.Lock()
         self._in_flight = 0  # requests begun and not ended (guards the gate lock)
         self._queued = 0  # jobs handed to I/O threads and not yet taken back
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.publish_every = publish_every
         self._done_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._gnttab = platform.open_gnttab()
         self._evtchn = None
@@ -285,6 +330,7 @@ class QueueWorker:
             )
             thread.start()
             self._io.append(thread)
+        self.gate.add_waker(self._wake)
         self._thread = threading.Thread(target=self._thread_main, name=f"blkback-queue-{self.index}", daemon=True)
         self._thread.start()
 
@@ -292,16 +338,14 @@ class QueueWorker:
         """Stop serving and release the ring, port and grants. Waits for the ring thread,
         which first waits for every request in flight (nothing is unmapped under an I/O)."""
         self._stop.set()
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        self._wake()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
                 log.error("queue %d did not stop within %.0f s", self.index, timeout)
                 return  # leave its resources alone rather than unmap under a live thread
+        self.gate.remove_waker(self._wake)
         io, self._io = self._io, []
         for _ in io:
             self._jobs.put(None)
@@ -315,6 +359,8 @@ class QueueWorker:
                      "in the compiled loop %.3f s (moving data of large requests %.3f s), %d reads from mapped windows",
                      self.index, self.wakeups, self.loop_calls, self.notifies, self.thread_cpu,
                      fast["loop_s"], fast["io_s"], fast["mapped_reads"])
+            if self._fast is not None:
+                log.info("queue %d: compiled wait loop: %s", self.index, self._fast.wait_profile)
         self._release()
 
     @property
@@ -383,11 +429,16 @@ class QueueWorker:
                 self._serve_ring()
                 if self.fatal is not None:
                     return
+                if self._direct_events():
+                    self._wait_compiled(timeout_ms)
+                    continue
                 events = poller.poll(timeout_ms)
                 self.wakeups += 1
                 for fd, _ in events:
                     if fd == done_fd:
                         self._clear_done_fd()
+                    elif fd == self._wake_r:  # a stop, or a barrier elsewhere
+                        self._clear_wake_fd()
         except RingError as err:
             self._fail(err.rule, str(err), violation=True)
         except PlatformError as err:
@@ -398,6 +449,70 @@ class QueueWorker:
         finally:
             self._drain()
             self.thread_cpu = time.thread_time() - cpu_start
+
+    def _direct_events(self) -> bool:
+        """True when the compiled loop may take, unmask and send this ring's events itself
+        (the software Xen's direct event channels, no --fault): its link is (re)attached
+        here whenever the handle relinked the port."""
+        fast = self._fast
+        if fast is None or self.faults is not None or self.publish_every < 0:
+            return False
+        evtchn = self._evtchn
+        changed = getattr(evtchn, "links_changed", None)
+        if changed is None:  # not the software Xen: the Python wait loop
+            return False
+        if changed != fast.link_generation or not fast.events_attached:
+            link = evtchn.direct_link(self.port)  # type: ignore[union-attr]
+            if link is None:
+                fast.detach_events()
+                fast.link_generation = changed
+                return False
+            fast.attach_events(link, (self._wake_r, self._done_fd))
+        return True
+
+    def _wait_compiled(self, timeout_ms: int) -> None:
+        """Serve in the compiled wait loop (xt_wait: sleep on the event channel, take and
+        unmask events, serve, publish every `publish_every` responses, notify) until
+        something is Python's: a request it leaves (the next _serve_ring takes it), an I/O
+        completion or a stop or a barrier elsewhere (a wake fd), the timeout, or the event
+        channel needing the Python handle."""
+        fast = self._fast
+        assert fast is not None
+        if self.gate.pending:  # a barrier elsewhere wants every queue's lock: it goes first
+            self.gate.wait_barrier()
+            return
+        self._begin()  # the gate lock while it serves (a barrier elsewhere wakes it: _wake)
+        try:
+            served, _stop, flags = fast.wait(self.ring, timeout_ms, self.publish_every, PUBLISH_BYTES)
+        finally:
+            self._end()
+        self.loop_calls += 1
+        self.wakeups += 1
+        if served:
+            self.served += served
+            self.compiled_served += served
+            for wire_op, op, count, segments, nbytes in fast.take_stats():
+                self.report.accepted(wire_op, op, segments, nbytes, count=count)
+        if flags & WAIT_UNMASK:
+            self._evtchn.unmask(self.port)  # type: ignore[union-attr]
+        if flags & WAIT_NOTIFY:
+            self._notify()
+        if flags & WAIT_WAKE:
+            self._clear_done_fd()
+            self._clear_wake_fd()
+
+    def _clear_wake_fd(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+
+    def _wake(self) -> None:
+        """Wake the ring thread out of a wait (a stop, or a barrier on another queue)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
 
     def _clear_done_fd(self) -> None:
         try:

@@ -26,6 +26,7 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -482,11 +483,27 @@ static int xt_move(int fd, int write, struct iovec *iov, int n, uint64_t offset,
  * 0 none, 1 the request is for the Python path (operation, rule, ref not cached),
  * 2 its data is not at hand (an I/O thread's job), 3 the image failed (the Python path
  * redoes it and answers the error). */
+static uint32_t xt_serve_some(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                              uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                              uint32_t available, int fd, struct xt_image *img, uint64_t inline_bytes,
+                              struct xt_stats *stats, int *stop, uint64_t byte_budget);
+
 uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
                   uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
                   uint32_t available, int fd, struct xt_image *img, uint64_t inline_bytes,
                   struct xt_stats *stats, int *stop)
 {
+    return xt_serve_some(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, available, fd, img, inline_bytes, stats,
+                         stop, UINT64_MAX);
+}
+
+/* xt_serve, returning early (no *stop) once the requests served moved `byte_budget` bytes. */
+static uint32_t xt_serve_some(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                              uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                              uint32_t available, int fd, struct xt_image *img, uint64_t inline_bytes,
+                              struct xt_stats *stats, int *stop, uint64_t byte_budget)
+{
+    uint64_t moved_bytes = 0;
     uint64_t started = xt_now_ns();
     uint8_t slot[XT_SLOT_MAX];
     static __thread uint8_t indirect[XT_MAX_INDIRECT * 8]; /* one ring thread per queue */
@@ -629,6 +646,9 @@ uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const st
         count[0]++;
         count[1] += nseg;
         count[2] += nbytes;
+        moved_bytes += nbytes;
+        if (moved_bytes >= byte_budget)
+            break;
     }
     __atomic_thread_fence(__ATOMIC_RELEASE); /* responses written before rsp_prod moves */
     *req_cons = cons;
@@ -655,43 +675,226 @@ static void xt_push(uint8_t *sring, uint32_t new_prod, int *notify)
         *notify = 1;
 }
 
-/* Serve until the ring is empty or a request is not the loop's (*stop as xt_serve, or
- * 4: req_prod overflows the ring; nothing consumed then). Responses the caller wrote before
- * (at *rsp_prod_pvt) are published with the loop's. Returns the requests served. */
-uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
-                 uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
-                 int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
-                 int *notify)
+static int xt_evt_notify(struct xt_evt *E);
+
+/* ring.h's consumer loop: serve until the ring is empty after arming req_event
+ * (RING_FINAL_CHECK_FOR_REQUESTS) or a request is not the loop's (*stop as xt_serve, or 4:
+ * req_prod overflows the ring; nothing consumed then), publishing the responses after each
+ * round of at most `publish_every` requests (0: all waiting) or `publish_bytes` moved. A
+ * notify owed is sent through `E` (xt_wait), or with E NULL only recorded in *owed; a notify
+ * E cannot send (the channel is Python's) sets *owed and ends the loop. */
+static uint32_t xt_rounds(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                          uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                          int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
+                          uint32_t publish_every, uint64_t publish_bytes, struct xt_evt *E, int *owed)
 {
     uint32_t total = 0;
     int armed = 0;
-    *stop = 0;
-    *notify = 0;
     for (;;) {
         uint32_t req_prod = __atomic_load_n(xt_index(sring, XT_REQ_PROD), __ATOMIC_ACQUIRE);
         uint32_t cons = *req_cons, prod = *rsp_prod_pvt;
         if ((uint32_t)(req_prod - prod) > nr_ents) {
             *stop = 4; /* RING_REQUEST_PROD_OVERFLOW: the Python BackRing says it */
-            break;
+            return total;
         }
         uint32_t waiting = req_prod - cons, room = nr_ents - (cons - prod);
         uint32_t available = waiting < room ? waiting : room;
         if (available) {
             armed = 0;
-            total += xt_serve(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, available, fd, img, inline_bytes,
-                              stats, stop);
-            xt_push(sring, *rsp_prod_pvt, notify);
+            if (publish_every && available > publish_every)
+                available = publish_every;
+            total += xt_serve_some(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, available, fd, img,
+                                   inline_bytes, stats, stop, publish_bytes);
+            int notify = 0;
+            xt_push(sring, *rsp_prod_pvt, &notify);
+            if (E)
+                E->rounds++;
+            if (notify && (!E || xt_evt_notify(E) < 0)) {
+                *owed = 1;
+                if (E)
+                    return total;
+            }
             if (*stop)
                 return total;
             continue;
         }
         if (armed)
-            break; /* checked again after arming: nothing came */
+            return total; /* checked again after arming: nothing came */
         /* RING_FINAL_CHECK_FOR_REQUESTS: ask for an event at the next request, then look again. */
         __atomic_store_n(xt_index(sring, XT_REQ_EVENT), cons + 1, __ATOMIC_RELAXED);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         armed = 1;
     }
+}
+
+/* Serve until the ring is empty or a request is not the loop's (xt_rounds, one round for all
+ * that waits). Responses the caller wrote before (at *rsp_prod_pvt) are published with the
+ * loop's. Returns the requests served. */
+uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                 uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                 int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
+                 int *notify)
+{
+    *stop = 0;
+    *notify = 0;
+    uint32_t total = xt_rounds(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, fd, img, inline_bytes, stats, stop,
+                               0, UINT64_MAX, NULL, notify);
     xt_push(sring, *rsp_prod_pvt, notify);
     return total;
+}
+
+/* ---- xt_wait: the ring thread's wait loop, without Python between wake-ups ----
+ *
+ * The software Xen's event channels are direct (xentools/platform/sim/evtchn.py and
+ * evtchn_channel.py): a notify is a compare-and-swap on the peer's state word and, when it
+ * delivers, one byte written to the peer handle's doorbell pipe; taking an event reads one
+ * byte of the own doorbell and clears READY; an unmask clears MASKED or, with an event
+ * pending, delivers it again. These are the same transitions, on the same words, with the
+ * same bits (struct xt_evt carries them from evtchn_channel), done here so that a wake-up
+ * costs the ring thread no Python: sleep in poll(2), take the event, unmask, serve, publish
+ * and notify, and again. Anything else goes back to Python, which handles it as before: a
+ * word that says CLOSED or not BOUND (the Python handle relinks), a request the serving loop
+ * leaves (*stop), a readable wake fd (an I/O completion, a stop, a barrier elsewhere), the
+ * timeout. Responses are published every `publish_every` requests (0: once per round) or
+ * once the requests served moved `publish_bytes`, and the frontend notified then if it
+ * asked, so it can reap and refill while this thread serves the rest. */
+
+enum { XT_W_STOP = 1, XT_W_WAKE = 2, XT_W_TIMEOUT = 4, XT_W_EVTCHN = 8, XT_W_NOTIFY = 16, XT_W_UNMASK = 32 };
+
+static void xt_ring_bell(int fd)
+{
+    ssize_t r;
+    do
+        r = write(fd, "\1", 1);
+    while (r < 0 && errno == EINTR); /* EAGAIN: the reader is awake anyway; EPIPE: nobody to wake */
+}
+
+static int xt_cas(uint32_t *word, uint32_t *old, uint32_t new)
+{
+    return __atomic_compare_exchange_n(word, old, new, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+/* A notify to the peer: 0 done (delivered, or nothing to do), -1 Python's (relink, or the
+ * word fought over). */
+static int xt_evt_notify(struct xt_evt *E)
+{
+    uint32_t own = __atomic_load_n(E->own_word, __ATOMIC_SEQ_CST);
+    if ((own & E->closed) || !(own & E->bound))
+        return -1;
+    uint32_t old = __atomic_load_n(E->peer_word, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < E->tries; i++) {
+        if (old & E->closed)
+            return -1;
+        if (old & E->pending)
+            return 0; /* a pending bit, not a counter */
+        uint32_t new = (old & E->masked) ? (old | E->pending) : (old | E->masked | E->ready);
+        if (xt_cas(E->peer_word, &old, new)) {
+            if (!(old & E->masked))
+                xt_ring_bell(E->peer_ring);
+            E->notifies++;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* Take a delivered event and unmask it: 1 taken (and unmasked), 0 none (a stray byte),
+ * -1 Python's (*flags says what it owes). */
+static int xt_evt_take(struct xt_evt *E, uint32_t *flags)
+{
+    char byte[256];
+    ssize_t r = read(E->doorbell, byte, 1);
+    if (r <= 0)
+        return 0; /* EAGAIN: taken already (or EINTR: looked at again after the next poll) */
+    uint32_t old = __atomic_load_n(E->own_word, __ATOMIC_SEQ_CST);
+    int i;
+    for (i = 0; i < E->tries; i++) {
+        if (old & E->closed) {
+            xt_ring_bell(E->own_ring); /* the byte back: Python's pending() finds the port */
+            *flags |= XT_W_EVTCHN;
+            return -1;
+        }
+        if (!(old & E->ready)) {
+            /* A byte with nothing ready: drain them all, ring again if the port became ready
+             * meanwhile (as SoftwareEventChannels.pending does). */
+            while (read(E->doorbell, byte, sizeof byte) > 0)
+                ;
+            if (__atomic_load_n(E->own_word, __ATOMIC_SEQ_CST) & E->ready)
+                xt_ring_bell(E->own_ring);
+            return 0;
+        }
+        if (xt_cas(E->own_word, &old, old & ~E->ready))
+            break;
+    }
+    if (i == E->tries) {
+        xt_ring_bell(E->own_ring);
+        *flags |= XT_W_EVTCHN;
+        return -1;
+    }
+    E->events++;
+    old = __atomic_load_n(E->own_word, __ATOMIC_SEQ_CST);
+    for (i = 0; i < E->tries; i++) {
+        if (old & E->closed)
+            break;
+        if (!(old & E->masked))
+            return 1;
+        uint32_t new = (old & E->pending) ? ((old & ~E->pending) | E->ready) : (old & ~E->masked);
+        if (xt_cas(E->own_word, &old, new)) {
+            if (old & E->pending)
+                xt_ring_bell(E->own_ring); /* delivered again, as Xen's evtchn_unmask() does */
+            return 1;
+        }
+    }
+    *flags |= XT_W_EVTCHN | XT_W_UNMASK;
+    return -1;
+}
+
+uint32_t xt_wait(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                 uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                 int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
+                 struct xt_evt *E, int timeout_ms, uint32_t publish_every, uint64_t publish_bytes,
+                 uint32_t *flags)
+{
+    uint32_t total = 0;
+    struct pollfd fds[3];
+    nfds_t nfds = 1;
+    *stop = 0;
+    *flags = 0;
+    fds[0].fd = E->doorbell;
+    fds[0].events = POLLIN;
+    for (int i = 0; i < 2; i++)
+        if (E->wake_fds[i] >= 0) {
+            fds[nfds].fd = E->wake_fds[i];
+            fds[nfds].events = POLLIN;
+            nfds++;
+        }
+    for (;;) {
+        int owed = 0;
+        total += xt_rounds(L, P, T, sring, nr_ents, req_cons, rsp_prod_pvt, fd, img, inline_bytes, stats, stop,
+                           publish_every, publish_bytes, E, &owed);
+        if (*stop)
+            *flags |= XT_W_STOP;
+        if (owed)
+            *flags |= XT_W_NOTIFY;
+        if (*flags)
+            return total;
+        /* Sleep until an event or a wake fd. */
+        for (nfds_t i = 0; i < nfds; i++)
+            fds[i].revents = 0;
+        E->sleeps++;
+        int n = poll(fds, nfds, timeout_ms);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            *flags |= XT_W_TIMEOUT;
+            return total;
+        }
+        for (nfds_t i = 1; i < nfds; i++)
+            if (fds[i].revents)
+                *flags |= XT_W_WAKE;
+        if (fds[0].revents && xt_evt_take(E, flags) < 0)
+            return total;
+        if (*flags & XT_W_WAKE)
+            return total;
+    }
 }

@@ -45,7 +45,26 @@ uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const st
                   uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
                   uint32_t available, int fd, struct xt_image *img, uint64_t inline_bytes,
                   struct xt_stats *stats, int *stop);
+/* A direct event channel of the software Xen (xentools/platform/sim/evtchn.py): this
+ * handle's doorbell, its state word and the peer's, the bits of those words (filled from
+ * evtchn_channel's constants, never written here). xt_wait uses it; NULL-free. */
+struct xt_evt {
+    int doorbell;              /* the handle's doorbell, read end (one byte per delivery) */
+    int own_ring;              /* its write end (an unmask that delivers rings it) */
+    int peer_ring;             /* the peer handle's doorbell, write end */
+    uint32_t *own_word;        /* this port's state word */
+    uint32_t *peer_word;       /* the peer port's state word */
+    uint32_t pending, masked, ready, bound, closed;
+    int tries;                 /* compare-and-swap attempts, then Python says "contended" */
+    int wake_fds[2];           /* readable: back to Python (-1: unused) */
+    uint64_t sleeps, events, notifies, rounds;  /* counters for the profile */
+};
 uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
                  uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
                  int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
                  int *notify);
+uint32_t xt_wait(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
+                 uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
+                 int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,
+                 struct xt_evt *E, int timeout_ms, uint32_t publish_every, uint64_t publish_bytes,
+                 uint32_t *flags);

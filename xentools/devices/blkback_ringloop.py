@@ -16,7 +16,10 @@ What the loop serves (blkback_ringloop.c): READ/WRITE requests, direct or INDIRE
 parse_indirect_segments) and whose refs, indirect pages included, are all cached; it stops at the first
 other request and leaves it unconsumed. Each call (`CompiledRing.run`, xt_pass) also reads
 req_prod, publishes the responses and arms req_event as ring.h's consumer loop does, and says
-whether to notify. tests/test_blkback_ringloop.py feeds the same random
+whether to notify. `CompiledRing.wait` (xt_wait) is the ring thread's wait loop on the software
+Xen's direct event channels (`attach_events` with SoftwareEventChannels.direct_link): it
+sleeps, takes and unmasks events, serves (xt_pass's loop), publishes every few responses and
+notifies, returning WAIT_* flags for what is Python's. tests/test_blkback_ringloop.py feeds the same random
 and hostile rings to both paths and requires the same responses, data and report.
 """
 
@@ -28,7 +31,8 @@ from typing import Any
 from xentools.core.blkif import BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE, Abi
 
 __all__ = [
-    "MAP_WINDOW", "MAP_WINDOWS", "STOP_ERROR", "STOP_PYTHON", "STOP_RING", "STOP_WAIT", "CompiledRing", "GrefTable",
+    "MAP_WINDOW", "MAP_WINDOWS", "STOP_ERROR", "STOP_PYTHON", "STOP_RING", "STOP_WAIT", "WAIT_EVTCHN", "WAIT_NOTIFY",
+    "WAIT_STOP", "WAIT_TIMEOUT", "WAIT_UNMASK", "WAIT_WAKE", "CompiledRing", "GrefTable",
     "compiled", "layout_of",
 ]
 
@@ -36,6 +40,10 @@ STOP_PYTHON = 1  # a request for the Python path (another operation, a broken ru
 STOP_WAIT = 2  # its data is not in the page cache: an I/O thread's job
 STOP_ERROR = 3  # the image failed: the Python path redoes it and answers the error
 STOP_RING = 4  # req_prod overflows the ring (xt_pass): the Python BackRing judges it
+# What ended an xt_wait (flags, blkback_ringloop.c): *stop set; a wake fd readable; the
+# timeout; the event channel needs the Python handle (a CLOSED or unbound word), which
+# then owes a notify and/or an unmask.
+WAIT_STOP, WAIT_WAKE, WAIT_TIMEOUT, WAIT_EVTCHN, WAIT_NOTIFY, WAIT_UNMASK = 1, 2, 4, 8, 16, 32
 MAP_WINDOW = 2 << 20  # bytes of the image per mapped window (blkback_ringloop.c, struct xt_image)
 MAP_WINDOWS = 32  # windows mapped at once per queue, least recently used unmapped first
 
@@ -143,6 +151,8 @@ class CompiledRing:
         self._stop = ffi.new("int *")
         self._notify = ffi.new("int *")
         self.stats = ffi.new("struct xt_stats *")
+        self._evt: Any = None  # struct xt_evt, once attach_events() gave the event channel
+        self.link_generation = -1
         self.totals: dict[tuple[int, int], int] = {}  # (wire op, op) -> requests served, ever
 
     def run(self, ring: Any) -> tuple[int, int, bool]:
@@ -157,6 +167,56 @@ class CompiledRing:
         ring.req_cons = self._cons[0]
         ring.rsp_prod_pvt = self._prod[0]
         return served, self._stop[0], bool(self._notify[0])
+
+    def attach_events(self, link: Any, wake_fds: tuple[int, int]) -> None:
+        """Let wait() take, unmask and send the ring's events itself through `link` (the
+        software Xen's SoftwareEventChannels.direct_link); `wake_fds` readable end a wait."""
+        evt = self._ffi.new("struct xt_evt *")
+        evt.doorbell, evt.own_ring, evt.peer_ring = link.doorbell, link.own_ring, link.peer_ring
+        evt.own_word = self._ffi.cast("uint32_t *", link.own_word)
+        evt.peer_word = self._ffi.cast("uint32_t *", link.peer_word)
+        evt.pending, evt.masked, evt.ready, evt.bound, evt.closed = (
+            link.pending, link.masked, link.ready, link.bound, link.closed)
+        evt.tries = link.tries
+        evt.wake_fds = list(wake_fds)
+        if self._evt is not None:  # the counters go on
+            evt.sleeps, evt.events, evt.notifies, evt.rounds = (
+                self._evt.sleeps, self._evt.events, self._evt.notifies, self._evt.rounds)
+        self._evt = evt
+        self.link_generation = link.generation
+        self._flags = self._ffi.new("uint32_t *")
+
+    def detach_events(self) -> None:
+        self._evt_off = self._evt
+        self._evt = None
+
+    @property
+    def events_attached(self) -> bool:
+        return self._evt is not None
+
+    def wait(self, ring: Any, timeout_ms: int, publish_every: int, publish_bytes: int) -> tuple[int, int, int]:
+        """xt_wait over BackRing `ring`: serve, publish every `publish_every` responses (or
+        once they moved `publish_bytes`) and notify, sleep on the event channel, take and unmask its events, again, until
+        something is Python's. Returns (served, stop, WAIT_* flags)."""
+        self._cons[0] = ring.req_cons
+        self._prod[0] = ring.rsp_prod_pvt
+        served = self._lib.xt_wait(
+            self._layout, self._policy, self._table.ptr, self._sring, self._nr_ents, self._cons, self._prod,
+            self._fd, self._image, self._inline, self.stats, self._stop, self._evt, timeout_ms, publish_every,
+            publish_bytes, self._flags,
+        )
+        ring.req_cons = self._cons[0]
+        ring.rsp_prod_pvt = self._prod[0]
+        return served, self._stop[0], self._flags[0]
+
+    @property
+    def wait_profile(self) -> dict[str, int]:
+        """Sleeps, events taken, notifies sent and serving rounds of wait(), ever."""
+        evt = self._evt if self._evt is not None else getattr(self, "_evt_off", None)
+        if evt is None:
+            return {"sleeps": 0, "events": 0, "notifies": 0, "rounds": 0}
+        return {"sleeps": int(evt.sleeps), "events": int(evt.events), "notifies": int(evt.notifies),
+                "rounds": int(evt.rounds)}
 
     def forget(self, offset: int, length: int) -> None:
         """Unmap the windows over [offset, offset + length) (after a discard punched holes

@@ -43,7 +43,8 @@ static void xf_put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 uint32_t xt_front_fill(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_ents, uint32_t *req_prod_pvt,
                        struct xt_shadow *shadow, struct xt_lane *lanes, uint32_t nlanes,
                        const uint32_t *lane_of, const uint64_t *sector, const uint32_t *nbytes, uint8_t **bufs,
-                       uint32_t n, uint32_t op, uint64_t seq, double deadline, uint16_t handle, uint32_t unit)
+                       uint32_t n, uint32_t op, uint64_t seq, double deadline, uint16_t handle, uint32_t unit,
+                       int registered)
 {
     uint8_t slot[XF_SLOT_MAX];
     uint32_t prod = *req_prod_pvt, done = 0;
@@ -53,6 +54,10 @@ uint32_t xt_front_fill(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_e
     for (; done < n; done++) {
         uint32_t size = nbytes[done];
         uint8_t *buf = bufs ? bufs[done] : NULL;
+        if (lane_of[done] >= nlanes)
+            break;
+        if (!bufs && registered && op == XF_OP_READ)
+            buf = lanes[lane_of[done]].reg;
         if (lane_of[done] >= nlanes || !size || size % unit || (op == XF_OP_WRITE && !buf))
             break;
         struct xt_lane *lane = &lanes[lane_of[done]];

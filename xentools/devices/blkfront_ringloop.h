@@ -27,6 +27,7 @@ struct xt_lane {
     uint32_t op;             /* READ or WRITE of the request it carries */
     uint32_t nbytes;
     uint8_t *dest;           /* where a read's data goes (NULL: it stays in the lane's pages) */
+    uint8_t *reg;            /* the caller's registered buffer for reads (registered fills) */
 };
 
 /* The frontend's view of one ring slot of the shadow (index: request id & (size - 1)). */
@@ -38,12 +39,14 @@ struct xt_shadow {
 };
 
 /* Fill n requests of operation op on lanes[lane_of[k]]: sector[k], nbytes[k], buffer
- * bufs[k] (WRITE: the data; READ: destination or NULL; bufs NULL: all NULL). The caller
- * checked them (range, length, lanes free). Ids are (seq + k + 1) * nr_ents + slot. */
+ * bufs[k] (WRITE: the data; READ: destination or NULL; bufs NULL: all NULL, or with
+ * `registered` each READ into its lane's registered buffer). The caller checked them
+ * (range, length, lanes free). Ids are (seq + k + 1) * nr_ents + slot. */
 uint32_t xt_front_fill(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_ents, uint32_t *req_prod_pvt,
                        struct xt_shadow *shadow, struct xt_lane *lanes, uint32_t nlanes,
                        const uint32_t *lane_of, const uint64_t *sector, const uint32_t *nbytes, uint8_t **bufs,
-                       uint32_t n, uint32_t op, uint64_t seq, double deadline, uint16_t handle, uint32_t unit);
+                       uint32_t n, uint32_t op, uint64_t seq, double deadline, uint16_t handle, uint32_t unit,
+                       int registered);
 uint32_t xt_front_reap(const struct xt_flayout *L, const uint8_t *sring, uint32_t nr_ents, uint32_t *rsp_cons,
                        struct xt_shadow *shadow, struct xt_lane *lanes, uint32_t nlanes,
                        uint32_t *out_lane, int16_t *out_status, uint32_t max, int *stop);

@@ -31,13 +31,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from operator import itemgetter
 
 import click
 
 from xentools.core.blkif import BLKIF_MAX_SEGMENTS_PER_REQUEST, indirect_pages_for
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
 from xentools.devices.blkback_ringloop import compiled
-from xentools.core.blkif import BLKIF_RSP_OKAY
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkFuture
 from xentools.devices.blkfront_batch import BatchIO
 from xentools.platform.interface import EventChannels
@@ -253,50 +253,48 @@ def blk_rand(dev: BlkFront, offsets: list[int], depth: int, duration: float) -> 
     return ops / seconds
 
 
-def _batched(io: BatchIO, requests: list[tuple[int, int]], nbytes: int, into_pool: bool) -> int:
-    """Read every (sector, nr_sectors) of `requests` through the batch API, keeping every
+def _batched(io: BatchIO, sectors: list[int], into_pool: bool = False) -> int:
+    """Read `request_bytes` at every sector of `sectors` through the batch API, keeping every
     lane busy: submit on every free lane, reap what completed (at least one), again. Reads
-    go into the caller's buffers (one buffer per lane, copied into once) or, `into_pool`,
+    go into the caller's buffers (registered, one per lane, copied into once) or, `into_pool`,
     stay in the lanes' granted pages. Returns the reads done; every one must succeed."""
-    buffers = [] if into_pool else [bytearray(nbytes) for _ in range(io.depth)]
-    free = list(range(io.depth))  # buffers not given to a read in flight
-    owner = [0] * io.depth  # tag -> its buffer
-    total = len(requests)
+    if into_pool:
+        nsect = io.request_bytes // 512
+        submit = lambda chunk: io.submit_reads([(sector, nsect) for sector in chunk])  # noqa: E731
+    else:
+        if not io.registered:
+            io.register_buffers([bytearray(io.request_bytes) for _ in range(io.depth)])
+        submit = io.read_sectors
+    total = len(sectors)
     submitted = done = 0
+    free = io.depth
     while done < total:
         if free and submitted < total:
-            batch = requests[submitted : submitted + len(free)]
-            picks = free[-len(batch):]
-            del free[-len(batch):]
-            if into_pool:
-                tags = io.submit_reads(batch)
-            else:
-                tags = io.submit_reads([(sector, buffers[b]) for (sector, _), b in zip(batch, picks)])
-            for tag, b in zip(tags, picks):
-                owner[tag] = b
-            free += picks[len(tags):]
+            tags = submit(sectors[submitted : submitted + free])
             submitted += len(tags)
+            free -= len(tags)
         completed = io.reap(1, 120)
-        if any(status != BLKIF_RSP_OKAY for _, status in completed):
-            raise DemoError("bench.read_failed", f"a batched read failed: {completed}")
-        free += [owner[tag] for tag, _ in completed]
+        if any(map(itemgetter(1), completed)):
+            raise DemoError("bench.read_failed", f"batched reads failed (tag, status): {completed}")
+        free += len(completed)
         done += len(completed)
     return done
 
 
 def batch_seq(dev: BlkFront, size: int, depth: int, duration: float, *, into_pool: bool = False) -> float:
     """MB/s of 1 MiB reads through the batch API (`depth` lanes)."""
-    requests = [(offset // 512, MIB // 512) for offset in range(0, size, MIB)]
+    sectors = [offset // 512 for offset in range(0, size, MIB)]
     with dev.batch_io(depth=depth, request_bytes=MIB) as io:
-        nbytes, seconds = _timed(duration, lambda: _batched(io, requests, MIB, into_pool) * MIB)
+        nbytes, seconds = _timed(duration, lambda: _batched(io, sectors, into_pool) * MIB)
     return nbytes / seconds / 1e6
 
 
 def batch_rand(dev: BlkFront, offsets: list[int], depth: int, duration: float) -> float:
-    """IOPS of 4 KiB reads into the caller's buffers through the batch API (`depth` lanes)."""
-    requests = [(offset // 512, 8) for offset in offsets]
+    """IOPS of 4 KiB reads into the caller's buffers through the batch API (`depth` lanes,
+    one registered buffer each)."""
+    sectors = [offset // 512 for offset in offsets]
     with dev.batch_io(depth=depth, request_bytes=4096) as io:
-        ops, seconds = _timed(duration, lambda: _batched(io, requests, 4096, False))
+        ops, seconds = _timed(duration, lambda: _batched(io, sectors))
     return ops / seconds
 
 
@@ -408,7 +406,8 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
             "rand_depth": rand_depth,
             "api": {
                 "batch": "BlkFront.batch_io (blkfront_batch.BatchIO): lanes of persistent grants, "
-                         "one push per batch; reads copied once into the caller's buffers",
+                         "one push per batch; reads copied once into the caller's buffers (registered, "
+                         "one per lane: register_buffers, read_sectors)",
                 "into_pool": "the same, the data left in the lanes' granted pages (no copy)",
                 "futures": "submit_read with a completion callback per read (BlkFuture)",
             },

@@ -6,6 +6,9 @@ port's events travel now), and for each bound port its link: the channel page ho
 state word (pending, masked, ready) and, once interdomain-bound, the peer's word and a
 write end of the peer handle's doorbell, both handed over by grantd (the peer's at bind
 time for the binder, on the first notify for the side that offered the port).
+`direct_link(port)` hands a compiled wait loop (blkback_ringloop.c's xt_wait) the raw parts of
+a bound port (doorbell descriptors, word addresses, the words' bits) so it applies the same
+transitions itself; `links_changed` tells it when a relink made them stale.
 Must not: send a notification, a delivery or an unmask through grantd (they are atomic
 operations on the channel page and one byte written to a pipe, evtchn_channel.py), or block
 in pending() or notify() (except to ask grantd once where a port went after its peer closed).
@@ -29,9 +32,22 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 
 from xentools.platform.interface import EventChannelError, EventChannels, PlatformError
-from xentools.platform.sim.evtchn_channel import BOUND, CLOSED, DELIVERED, GONE, READY, ChannelPage
+from xentools.platform.sim.evtchn_channel import (
+    BOUND,
+    CLOSED,
+    DELIVERED,
+    GONE,
+    MASKED,
+    MAX_TRIES,
+    PENDING,
+    READY,
+    WORD_STRIDE,
+    ChannelPage,
+    machine_cas,
+)
 from xentools.platform.sim.grantd_wire import (
     DOMID_FIRST_RESERVED,
     Kind,
@@ -40,6 +56,25 @@ from xentools.platform.sim.grantd_wire import (
     ServiceConnection,
     close_fds,
 )
+
+
+@dataclass(frozen=True)
+class DirectLink:
+    """A bound port's raw parts (SoftwareEventChannels.direct_link): descriptors, word
+    addresses, and the bits of the words (evtchn_channel's, named here once for C)."""
+
+    doorbell: int
+    own_ring: int
+    peer_ring: int
+    own_word: int
+    peer_word: int
+    generation: int
+    pending: int = PENDING
+    masked: int = MASKED
+    ready: int = READY
+    bound: int = BOUND
+    closed: int = CLOSED
+    tries: int = MAX_TRIES
 
 
 class _Link:
@@ -84,6 +119,7 @@ class SoftwareEventChannels(EventChannels):
         self._doorbell = read_end
         self._ring_own = write_end  # for the events this handle delivers to itself
         self._links: dict[int, _Link] = {}
+        self.links_changed = 0  # counts relinks and unbinds: a direct_link() older is stale
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -116,6 +152,7 @@ class SoftwareEventChannels(EventChannels):
         """Ask grantd where `port`'s events travel now (its peer bound it, or closed)."""
         reply, fds = self._conn.request(Op.LINK, (port,))
         _, link = self._new_link(reply, fds)
+        self.links_changed += 1
         self._links.pop(port).close()
         self._links[port] = link
         return link
@@ -149,6 +186,26 @@ class SoftwareEventChannels(EventChannels):
             # ring for it now that pending() knows the port.
             _ring(self._ring_own)
         return port
+
+    def direct_link(self, port: int) -> DirectLink | None:
+        """What a compiled wait loop needs to take, unmask and send `port`'s events itself
+        with the transitions of evtchn_channel (blkback_ringloop.c's xt_wait), or None where
+        it cannot (no machine compare-and-swap, the peer not bound yet, only port of the
+        handle not this one). Valid until `links_changed` changes (a relink unmaps the page);
+        the caller hands back to this object every case the loop leaves (a CLOSED word)."""
+        with self._lock:
+            link = self._links.get(port)
+            if link is None or len(self._links) != 1 or link.peer_end < 0 or machine_cas() is None:
+                return None
+            word = link.page.word(link.end)
+            if word & CLOSED or not word & BOUND:
+                return None
+            return DirectLink(
+                doorbell=self._doorbell, own_ring=self._ring_own, peer_ring=link.peer_doorbell,
+                own_word=link.page.addr + link.end * WORD_STRIDE,
+                peer_word=link.page.addr + link.peer_end * WORD_STRIDE,
+                generation=self.links_changed,
+            )
 
     def notify(self, port: int) -> None:
         with self._lock:
@@ -214,6 +271,7 @@ class SoftwareEventChannels(EventChannels):
         with self._lock:
             self._link_of(port)
             self._conn.request(Op.UNBIND, (port,))
+            self.links_changed += 1
             self._links.pop(port).close()
 
     def close(self) -> None:
