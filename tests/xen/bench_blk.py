@@ -68,6 +68,7 @@ from guests import self_attach_kernel_vbd  # noqa: E402
 
 from xentools.devices.blkback_ringloop import compiled  # noqa: E402
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkFuture  # noqa: E402
+from xentools.tools.bench_memory import rss_mib  # noqa: E402
 from xentools.core.vbd import decode_vbd  # noqa: E402
 from xentools.devices.toolstack import create_vbd, destroy_vbd  # noqa: E402
 from xentools.platform.xen.platform import XenPlatform  # noqa: E402
@@ -118,18 +119,6 @@ def process_cpu(pid: int) -> float:
     """CPU seconds (user + system) process `pid` has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> dict:
-    """Resident memory of process `pid` in MiB: all, and of it anonymous, file and shmem pages
-    (an image on tmpfs that our blkback maps to copy reads from counts as shmem: its page
-    cache, at most 64 MiB per queue, not a copy)."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-
-    def mib(key: str) -> float:
-        return round(int(fields.get(key, "0 kB").split()[0]) / 1024, 1)
-
-    return {"rss": mib("VmRSS"), "rss_anon": mib("RssAnon"), "rss_file": mib("RssFile"), "rss_shmem": mib("RssShmem")}
 
 
 def dom0_idle() -> tuple[float, float]:
