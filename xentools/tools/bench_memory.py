@@ -26,9 +26,10 @@ from xentools.devices.blkfront import BlkfrontConfig
 from xentools.tools.bench import blk_rand, blk_seq
 from xentools.tools.demo import MIB, LocalRig
 
-# (image MiB, queues): the same workload over a small and a large image, and the large one
-# again over four queues (the backend's budget is one for the whole process).
-MEMORY_RUNS = ((64, 1), (1024, 1), (1024, 4))
+# (image MiB, queues, blkback --map-budget-mib or None for its default): the same workload
+# over a small and a large image, the large one again over four queues (the budget is one
+# for the whole process), and with a smaller budget.
+MEMORY_RUNS: tuple[tuple[int, int, int | None], ...] = ((64, 1, None), (1024, 1, None), (1024, 4, None), (1024, 4, 16))
 
 
 def rss_mib(pid: int | str = "self") -> dict[str, float]:
@@ -45,14 +46,15 @@ def rss_mib(pid: int | str = "self") -> dict[str, float]:
             "shmem": mib("RssShmem")}
 
 
-def _one(size_mib: int, queues: int, seconds: float) -> dict:
+def _one(size_mib: int, queues: int, budget_mib: int | None, seconds: float) -> dict:
     """The workload over one image of `size_mib` MiB with `queues` queues."""
     size = size_mib * MIB
     config = BlkfrontConfig(ring_page_order=4, num_queues=queues, max_indirect_segments=256, persistent=True,
                             max_persistent_grants=DEFAULT_MAX_PERSISTENT_GRANTS)
     rng = random.Random(13)
     offsets = [rng.randrange(size // 4096) * 4096 for _ in range(20000)]
-    with LocalRig(size, seed=5, shadow=False) as rig:
+    backend_args = ("--map-budget-mib", str(budget_mib)) if budget_mib is not None else ()
+    with LocalRig(size, seed=5, shadow=False, backend_args=backend_args) as rig:
         assert rig.backend is not None
         dev = rig.attach(config)
         try:
@@ -63,14 +65,16 @@ def _one(size_mib: int, queues: int, seconds: float) -> dict:
         finally:
             dev.close()
         rig.stop_backend()
-    return {"image_mib": size_mib, "queues": queues, "seq_pass_mbps": round(seq, 1), "rand_4k_iops": round(rand),
+    return {"image_mib": size_mib, "queues": queues,
+            "map_budget_mib": budget_mib if budget_mib is not None else MAP_WINDOWS * MAP_WINDOW >> 20,
+            "seq_pass_mbps": round(seq, 1), "rand_4k_iops": round(rand),
             "blkback_rss_mib_before": before, "blkback_rss_mib_after": after}
 
 
-def memory_figures(seconds: float, plan: tuple[tuple[int, int], ...] = MEMORY_RUNS) -> dict:
-    """blkback's memory after the same workload over each (image MiB, queues) of `plan`
-    (the first two: the small and the large image), and this process's."""
-    runs = [_one(size_mib, queues, seconds) for size_mib, queues in plan]
+def memory_figures(seconds: float, plan: tuple[tuple[int, int, int | None], ...] = MEMORY_RUNS) -> dict:
+    """blkback's memory after the same workload over each (image MiB, queues, budget MiB) of
+    `plan` (the first two: the small and the large image), and this process's."""
+    runs = [_one(size_mib, queues, budget, seconds) for size_mib, queues, budget in plan]
     first, largest = runs[0]["blkback_rss_mib_after"], runs[1]["blkback_rss_mib_after"]
     return {
         "runs": runs,
@@ -81,7 +85,8 @@ def memory_figures(seconds: float, plan: tuple[tuple[int, int], ...] = MEMORY_RU
             "workload": "one pass of 1 MiB reads over the whole image at depth 8, then 4 KiB random reads "
                         f"at depth 32 for {seconds} s (futures API: round robin over the queues)",
             "images": "on the bench's temporary directory's file system, written without holes",
-            "window_pool": f"{MAP_WINDOWS} windows of {MAP_WINDOW >> 20} MiB for the whole blkback process"
+            "window_pool": f"map_budget_mib of the image's page cache mapped at once, in windows of "
+                           f"{MAP_WINDOW >> 20} MiB, for the whole blkback process"
                            if compiled() is not None else "none (pure-Python path: preadv)",
         },
     }
@@ -90,7 +95,8 @@ def memory_figures(seconds: float, plan: tuple[tuple[int, int], ...] = MEMORY_RU
 def memory_summary(memory: dict) -> str:
     """memory_figures' result in one line of text."""
     runs = "; ".join(
-        f"{r['image_mib']} MiB image x{r['queues']} queues {r['blkback_rss_mib_after']['rss']} "
+        f"{r['image_mib']} MiB image x{r['queues']} queues, budget {r['map_budget_mib']} MiB: "
+        f"{r['blkback_rss_mib_after']['rss']} "
         f"({r['blkback_rss_mib_after']['anon']}/{r['blkback_rss_mib_after']['file']}/"
         f"{r['blkback_rss_mib_after']['shmem']})" for r in memory["runs"])
     own = memory["bench_process_rss_mib"]
