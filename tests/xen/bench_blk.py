@@ -29,7 +29,7 @@ Must not: run under pytest by itself (tests/xen/test_blk_bench.py calls run()), 
 vbd, loop device, backend process (ours or QEMU) or the xen-blkfront module (if it loaded it)
 behind.
 
-Usage in dom0:  python tests/xen/bench_blk.py [--seconds S] [--size-mib N] [--rounds R]
+Usage in dom0:  python tests/xen/bench_blk.py [--seconds S] [--size-mib N] [--rounds R] [--map-budget-mib M]
 From the host:  make bench-xen   (or tests/nested/run.py -- .venv/bin/python tests/xen/bench_blk.py)
 Facts: nested Xen under TCG is noisy; compare only figures of one run.
 """
@@ -328,13 +328,14 @@ def _median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, rounds: int = 1) -> dict:
+def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, rounds: int = 1,
+        blkback_args: tuple[str, ...] = ()) -> dict:
     """Attach A, B, C and D at once (each over its own copy of the image), then measure
     them in `rounds` rounds, each round every setup's sequential figure then every setup's
     random one (the order reversed every other round): a change of the host's load during
     the run then touches every setup alike. Returns the result dict (per setup the median
     over the rounds, the ratios as medians of each round's ratios, and every round's
-    figures)."""
+    figures). `blkback_args`: more options for our blkback (e.g. --map-budget-mib 16)."""
     size = size_mib * MiB
     own_dir = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="bench-blk-")) if own_dir else workdir
@@ -365,7 +366,8 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
 
             paths = our_vbd(xs, images[SETUPS[2]], frontend_domid=DOM0, devid=DEVID_KERNEL_OURS)
             stack.callback(destroy_vbd, xs, paths)
-            backend = stack.enter_context(OurBlkback(paths.backend, images[SETUPS[2]], workdir, "--verbose"))
+            backend = stack.enter_context(OurBlkback(paths.backend, images[SETUPS[2]], workdir, "--verbose",
+                                                      *blkback_args))
             backend.wait_state(xs, {INIT_WAIT, 4})
             disks[SETUPS[2]] = kernel_disk(DEVID_KERNEL_OURS, size)
 
@@ -461,6 +463,7 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
             "image_mib": size_mib,
             "seconds_per_measurement": seconds,
             "rounds": rounds,
+            "our_blkback_args": list(blkback_args),
             "figures": "per setup, the median over the rounds (backend_cpu_s: the sum); ratios: the median of "
                        "each round's ratios",
             "seq": "1 MiB reads, depth 1 (fio psync O_DIRECT; BlkFront.readinto)",
@@ -484,9 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement (default 2)")
     parser.add_argument("--size-mib", type=int, default=64, help="image size in MiB (default 64)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of measurements (default 3)")
+    parser.add_argument("--map-budget-mib", type=int, default=None,
+                        help="our blkback's window budget (blkback serve --map-budget-mib; default its own)")
     args = parser.parse_args(argv)
+    extra = ("--map-budget-mib", str(args.map_budget_mib)) if args.map_budget_mib is not None else ()
     try:
-        result = run(args.seconds, args.size_mib, rounds=max(1, args.rounds))
+        result = run(args.seconds, args.size_mib, rounds=max(1, args.rounds), blkback_args=extra)
     except (BenchError, AssertionError) as err:
         print(f"bench_blk: error: {err}", file=sys.stderr)
         return 1
