@@ -181,10 +181,6 @@ static uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v;
 
 static const uint64_t xt_recheck_ticks = 256; /* lookups a hole, or a window all in memory, is remembered for */
 
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22 /* Linux 5.14 */
-#endif
-
 enum {
     XT_POOL_SLOTS = 64,     /* windows and remembered holes of the whole process */
     XT_POOL_HOLES = 16,     /* slots always left for holes: the budget is at most the rest */
@@ -202,7 +198,6 @@ struct xt_window {
     uint64_t resident_until; /* pool clock before which the whole window was found in memory */
     uint32_t pins;     /* reads copying from it now */
     int live;          /* found by lookups */
-    int fresh;         /* mapped and not yet looked at: populated at once if all in memory */
 };
 
 struct xt_pool {
@@ -440,7 +435,6 @@ static struct xt_window *xt_window_get(const struct xt_image *img, uint64_t at, 
         return NULL; /* remembered as a hole: tried again later */
     slot->base = base;
     slot->len = len;
-    slot->fresh = 1;
     slot->pins = 1;
     xt_pool.mapped++;
     return slot;
@@ -490,15 +484,10 @@ static int xt_image_read(struct xt_image *img, const struct iovec *iov, int n, u
             usable = 0; /* mapped for a shorter image of the same file */
             break;
         }
-        int fresh = __atomic_exchange_n(&w->fresh, 0, __ATOMIC_RELAXED);
-        if (!fresh && (!resident || clock < __atomic_load_n(&w->resident_until, __ATOMIC_RELAXED)))
+        if (!resident || clock < __atomic_load_n(&w->resident_until, __ATOMIC_RELAXED))
             continue;
         /* One mincore for the whole window; all in memory is remembered for a while (a
-         * system call costs about as much as a 4 KiB copy in a nested PV dom0). A window just
-         * mapped whose pages are all in memory gets its page table entries in one call
-         * (MADV_POPULATE_READ; it cannot wait for the disk then) instead of a fault per 16
-         * pages: in a nested PV dom0 (TCG), a 2 MiB window mapped, copied and unmapped ran at
-         * 139-200 MB/s with faults, 273-289 MB/s populated (measured 2026-11-27). */
+         * system call costs about as much as a 4 KiB copy in a nested PV dom0). */
         static __thread unsigned char vec[XT_WINDOW_PAGES];
         size_t whole = w->len / XT_PAGE, p = 0;
         if (mincore(w->base, w->len, vec) != 0) {
@@ -508,13 +497,9 @@ static int xt_image_read(struct xt_image *img, const struct iovec *iov, int n, u
         while (p < whole && (vec[p] & 1))
             p++;
         if (p == whole) {
-            if (fresh)
-                madvise(w->base, w->len, MADV_POPULATE_READ); /* on failure: faults, as before */
             __atomic_store_n(&w->resident_until, clock + xt_recheck_ticks, __ATOMIC_RELAXED);
             continue;
         }
-        if (!resident)
-            continue;
         for (p = (size_t)((from - wstart) / XT_PAGE); p < (stop + XT_PAGE - 1) / XT_PAGE; p++)
             if (!(vec[p] & 1))
                 usable = 0; /* then this request's pages must be */
