@@ -30,6 +30,7 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -489,6 +490,100 @@ def test_small_reads_over_an_image_larger_than_the_windows_map_none(tmp_path, mo
             assert q.fast.profile["mapped_reads"] == 0 and q.fast.mapped_windows == 0
         finally:
             q.close()
+
+
+def test_one_window_budget_serves_every_queue_of_the_process(tmp_path, monkeypatch) -> None:
+    """The mapped windows are one pool for the whole process (blkback_ringloop.c, struct
+    xt_pool): however many queues and images, at most MAP_WINDOWS are mapped at once (so
+    blkback's resident memory is flat in the image's size and the number of queues), least
+    recently used unmapped first; the queues of one image share its windows; a queue that
+    closes takes its image's windows with it; every read gives the image's data."""
+    module = compiled()
+    assert module is not None, "the compiled ring loop is not built: run `make venv`"
+    monkeypatch.setattr(blkback_ringloop, "MAP_WINDOW", 64 * 1024)
+    monkeypatch.setattr(blkback_ringloop, "MAP_WINDOWS", 4)  # each image's four windows fit alone
+    size = 256 * 1024
+    contents = {name: random.Random(name).randbytes(size) for name in ("a", "b")}
+    for name, content in contents.items():
+        (tmp_path / f"{name}.img").write_bytes(content)
+
+    def mapped() -> int:
+        return blkback_ringloop.map_usage(module)["mapped_windows"]
+
+    def read_windows(q: _MappedReads, name: str) -> None:
+        for window in range(4):
+            sector = window * 128 + 8
+            assert q.read(sector) == (0, contents[name][sector * 512 : sector * 512 + PAGE_SIZE])
+            assert mapped() <= 4
+
+    with SoftwareXen(domains=(0, 1)) as xen:
+        queues = {"a": _MappedReads(xen, tmp_path / "a.img", size), "a2": _MappedReads(xen, tmp_path / "a.img", size),
+                  "b": _MappedReads(xen, tmp_path / "b.img", size)}
+        try:
+            for key, q in queues.items():  # the Python path caches the pool page's ref
+                assert q.read(0) == (0, contents[key[0]][:PAGE_SIZE])
+            read_windows(queues["a"], "a")
+            assert mapped() == 4 and queues["a"].fast.mapped_windows == 4
+            read_windows(queues["a2"], "a")  # the same image: its windows are shared
+            assert mapped() == 4 and queues["a2"].fast.profile["mapped_reads"] == 4
+            read_windows(queues["b"], "b")  # a's windows make room for b's
+            assert mapped() == 4 and queues["b"].fast.mapped_windows == 4 and queues["a"].fast.mapped_windows == 0
+            read_windows(queues["a"], "a")
+            assert mapped() == 4 and queues["a"].fast.mapped_windows == 4
+            shared = queues["a2"].fast
+            queues.pop("a").close()  # its image's windows go with it
+            assert mapped() == 0 and shared.mapped_windows == 0
+            read_windows(queues["a2"], "a")
+            assert mapped() == 4
+        finally:
+            for q in queues.values():
+                q.close()
+    assert mapped() == 0
+
+
+def test_queues_on_threads_share_the_window_pool(tmp_path, monkeypatch) -> None:
+    """Two queues served at once on two threads, over two images that each fill the whole
+    budget: windows are mapped, pinned, copied from and unmapped under each other's feet
+    (a pinned window is never unmapped), and every read gives its image's data."""
+    module = compiled()
+    assert module is not None, "the compiled ring loop is not built: run `make venv`"
+    monkeypatch.setattr(blkback_ringloop, "MAP_WINDOW", 16 * 1024)
+    monkeypatch.setattr(blkback_ringloop, "MAP_WINDOWS", 4)
+    size = 64 * 1024
+    contents = [random.Random(seed).randbytes(size) for seed in (7, 8)]
+    for n, content in enumerate(contents):
+        (tmp_path / f"{n}.img").write_bytes(content)
+    errors: list[str] = []
+
+    def serve(q: _MappedReads, content: bytes, seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(1500):
+                sector = rng.randrange(size // 512 - 8)
+                got = q.read(sector)
+                if got != (0, content[sector * 512 : sector * 512 + PAGE_SIZE]):
+                    errors.append(f"read at sector {sector}: status {got[0]}, data differs")
+                    return
+        except Exception as err:  # noqa: BLE001 - reported by the test below
+            errors.append(repr(err))
+
+    with SoftwareXen(domains=(0, 1)) as xen:
+        queues = [_MappedReads(xen, tmp_path / f"{n}.img", size) for n in range(2)]
+        try:
+            for q, content in zip(queues, contents):
+                assert q.read(0) == (0, content[:PAGE_SIZE])
+            threads = [threading.Thread(target=serve, args=(q, content, n)) for n, (q, content) in
+                       enumerate(zip(queues, contents))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            assert not errors, errors
+            assert all(q.fast.profile["mapped_reads"] > 0 for q in queues)
+            assert blkback_ringloop.map_usage(module)["mapped_windows"] <= 4
+        finally:
+            for q in queues:
+                q.close()
 
 
 def test_a_sparse_image_is_read_without_mapping_its_holes(tmp_path) -> None:

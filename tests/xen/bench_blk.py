@@ -1,8 +1,11 @@
 """Benchmark on real Xen, run in dom0: our blkfront and blkback against Linux's.
 
-Owns: three measurements over one RAW image file, in one dom0, one after the other, and
-their ratios, printed as ONE JSON line (and written to $NESTED_RESULTS/bench-blk.json when
-the nested harness set it):
+Owns: four setups, each over its own copy of one RAW image (the same bytes), in one dom0,
+all attached at once and measured in rounds (each round every setup's sequential figure,
+then every setup's random one; the order reversed every other round, so a change of the
+host's load touches them alike), and their ratios (each round's, and their median),
+printed as ONE JSON line (and written to $NESTED_RESULTS/bench-blk.json when the nested
+harness set it):
   A. Linux blkfront (dom0's xen-blkfront, /dev/xvdX) on Linux blkback (loop device);
   B. our blkfront (BlkFront in this process) on Linux blkback (loop device, same image);
   C. Linux blkfront on our blkback (`python -m xentools blkback serve`, its own process);
@@ -26,7 +29,7 @@ Must not: run under pytest by itself (tests/xen/test_blk_bench.py calls run()), 
 vbd, loop device, backend process (ours or QEMU) or the xen-blkfront module (if it loaded it)
 behind.
 
-Usage in dom0:  python tests/xen/bench_blk.py [--seconds S] [--size-mib N]
+Usage in dom0:  python tests/xen/bench_blk.py [--seconds S] [--size-mib N] [--rounds R] [--map-budget-mib M]
 From the host:  make bench-xen   (or tests/nested/run.py -- .venv/bin/python tests/xen/bench_blk.py)
 Facts: nested Xen under TCG is noisy; compare only figures of one run.
 """
@@ -34,6 +37,7 @@ Facts: nested Xen under TCG is noisy; compare only figures of one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
@@ -68,6 +72,7 @@ from guests import self_attach_kernel_vbd  # noqa: E402
 
 from xentools.devices.blkback_ringloop import compiled  # noqa: E402
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkFuture  # noqa: E402
+from xentools.tools.bench_memory import rss_mib  # noqa: E402
 from xentools.core.vbd import decode_vbd  # noqa: E402
 from xentools.devices.toolstack import create_vbd, destroy_vbd  # noqa: E402
 from xentools.platform.xen.platform import XenPlatform  # noqa: E402
@@ -120,18 +125,6 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mib(pid: int) -> dict:
-    """Resident memory of process `pid` in MiB: all, and of it anonymous, file and shmem pages
-    (an image on tmpfs that our blkback maps to copy reads from counts as shmem: its page
-    cache, at most 64 MiB per queue, not a copy)."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-
-    def mib(key: str) -> float:
-        return round(int(fields.get(key, "0 kB").split()[0]) / 1024, 1)
-
-    return {"rss": mib("VmRSS"), "rss_anon": mib("RssAnon"), "rss_file": mib("RssFile"), "rss_shmem": mib("RssShmem")}
-
-
 def dom0_idle() -> tuple[float, float]:
     """(idle, total) jiffies of dom0's CPUs so far (/proc/stat)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -151,8 +144,8 @@ def measured(job, backend_pid: int | None):  # type: ignore[no-untyped-def]
     return result
 
 
-def kernel_front(disk: Path, size: int, seconds: float, image: Path, backend_pid: int | None = None) -> dict:
-    """fio on the kernel frontend's disk, after checking it reads the image's bytes."""
+def check_kernel_disk(disk: Path, size: int, image: Path) -> None:
+    """The kernel frontend's disk reads the image's bytes (its last MiB, O_DIRECT)."""
     fd = os.open(disk, os.O_RDONLY | os.O_DIRECT)
     try:
         buf = mmap.mmap(-1, MiB)  # page aligned, as O_DIRECT wants
@@ -160,14 +153,15 @@ def kernel_front(disk: Path, size: int, seconds: float, image: Path, backend_pid
             raise BenchError(f"{disk}: the last MiB read through the kernel frontend differs from {image}")
     finally:
         os.close(fd)
-    seq = measured(lambda: fio(disk, rw="read", bs=MiB, depth=1, seconds=seconds, size=size), backend_pid)
-    rand = measured(lambda: fio(disk, rw="randread", bs=4096, depth=RAND_DEPTH, seconds=seconds, size=size),
+
+
+def kernel_front(disk: Path, kind: str, size: int, seconds: float, backend_pid: int | None = None) -> dict:
+    """One fio measurement (`kind` seq or rand) on the kernel frontend's disk, with dom0's
+    idle share and the backend's CPU seconds."""
+    if kind == "seq":
+        return measured(lambda: fio(disk, rw="read", bs=MiB, depth=1, seconds=seconds, size=size), backend_pid)
+    return measured(lambda: fio(disk, rw="randread", bs=4096, depth=RAND_DEPTH, seconds=seconds, size=size),
                     backend_pid)
-    out = {"seq_1m_mbps": seq["mbps"], "rand_4k_qd32_iops": rand["iops"],
-           "dom0_idle": {"seq": seq["dom0_idle"], "rand": rand["dom0_idle"]}}
-    if backend_pid:
-        out["backend_cpu_s"] = {"seq": seq["backend_cpu_s"], "rand": rand["backend_cpu_s"]}
-    return out
 
 
 def image_bytes(image: Path, offset: int, length: int) -> bytes:
@@ -315,8 +309,33 @@ def ring_profile(stderr: str) -> dict:
             "large_requests_data_s": round(total(5, float), 3), "reads_from_mapped_windows": total(6)}
 
 
-def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -> dict:
-    """Measure A, B, C and D; returns the result dict (figures, ratios, targets, timings)."""
+# The four setups, in the order of the JSON; the kernel frontend's disks are A, C and D.
+SETUPS = ("kernel_front_on_kernel_back", "ours_front_on_kernel_back", "kernel_front_on_ours_back",
+          "kernel_front_on_qdisk")
+# ratio name -> (numerator setup, denominator setup, figure kind)
+RATIOS = {
+    "ours_vs_kernel_front": ("ours_front_on_kernel_back", "kernel_front_on_kernel_back"),
+    "kernel_front_on_ours_vs_kernel_back": ("kernel_front_on_ours_back", "kernel_front_on_kernel_back"),
+    "kernel_front_on_ours_vs_qdisk": ("kernel_front_on_ours_back", "kernel_front_on_qdisk"),
+    "kernel_front_on_qdisk_vs_kernel_back": ("kernel_front_on_qdisk", "kernel_front_on_kernel_back"),
+}
+FIGURES = {"seq": ("seq_1m", "seq_1m_mbps"), "rand": ("rand_4k_qd32", "rand_4k_qd32_iops")}
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, rounds: int = 1,
+        blkback_args: tuple[str, ...] = ()) -> dict:
+    """Attach A, B, C and D at once (each over its own copy of the image), then measure
+    them in `rounds` rounds, each round every setup's sequential figure then every setup's
+    random one (the order reversed every other round): a change of the host's load during
+    the run then touches every setup alike. Returns the result dict (per setup the median
+    over the rounds, the ratios as medians of each round's ratios, and every round's
+    figures). `blkback_args`: more options for our blkback (e.g. --map-budget-mib 16)."""
     size = size_mib * MiB
     own_dir = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="bench-blk-")) if own_dir else workdir
@@ -325,66 +344,80 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -
     xs = XenPlatform().open_xenstore(timeout=30.0)
     loaded = False
     try:
-        image = workdir / "bench.raw"
-        image.write_bytes(random.Random(5).randbytes(size))
+        data = random.Random(5).randbytes(size)
+        images = {setup: workdir / f"bench-{n}.raw" for n, setup in enumerate(SETUPS)}
+        for image in images.values():
+            image.write_bytes(data)
+        del data
         loaded = kernel_blkfront()
+        with contextlib.ExitStack() as stack:
+            t = time.monotonic()
+            disks: dict[str, Path] = {}
+            kk = stack.enter_context(KernelFrontVbd(xs, images[SETUPS[0]], DEVID_KERNEL_KERNEL, size))
+            assert kk.disk is not None
+            disks[SETUPS[0]] = kk.disk
 
-        t = time.monotonic()
-        with KernelFrontVbd(xs, image, DEVID_KERNEL_KERNEL, size) as vbd:
-            assert vbd.disk is not None
-            kernel_kernel = kernel_front(vbd.disk, size, seconds, image)
-        timings["kernel_front_on_kernel_back_s"] = round(time.monotonic() - t, 1)
-
-        t = time.monotonic()
-        platform = CheckedPlatform()
-        with self_attach_kernel_vbd(xs, image, devid=DEVID_OURS_KERNEL) as vbd:
+            platform = CheckedPlatform()
+            vbd = stack.enter_context(self_attach_kernel_vbd(xs, images[SETUPS[1]], devid=DEVID_OURS_KERNEL))
             dev = BlkFront.attach(platform, vbd.paths.frontend, config=FRONTEND)
-            try:
-                info = dev.info
-                assert info is not None
-                ours_kernel = {
-                    "seq_1m_mbps": round(ours_seq(dev, size, seconds, image), 1),
-                    "rand_4k_qd32_iops": round(ours_rand(dev, size, seconds, image)),
-                }
-            finally:
-                dev.close()
-            frontend_released(dev, platform)
-        timings["ours_front_on_kernel_back_s"] = round(time.monotonic() - t, 1)
+            stack.callback(dev.close)
+            info = dev.info
+            assert info is not None
 
-        t = time.monotonic()
-        paths = our_vbd(xs, image, frontend_domid=DOM0, devid=DEVID_KERNEL_OURS)
-        try:
-            with OurBlkback(paths.backend, image, workdir, "--verbose") as backend:  # logs what it served
-                backend.wait_state(xs, {INIT_WAIT, 4})
-                disk = kernel_disk(DEVID_KERNEL_OURS, size)
-                kernel_ours = kernel_front(disk, size, seconds, image, backend.pid)
-                kernel_ours["backend_memory_mib"] = rss_mib(backend.pid)
-                close_vbd(xs, paths)
-                destroy_vbd(xs, paths)
-                backend.wait_exit()
-                backend.exited_cleanly()
-                report = backend.report()
-                served = ring_loop_counts(backend.stderr())
-                profile = ring_profile(backend.stderr())
-        finally:
-            destroy_vbd(xs, paths)
-        timings["kernel_front_on_ours_back_s"] = round(time.monotonic() - t, 1)
+            paths = our_vbd(xs, images[SETUPS[2]], frontend_domid=DOM0, devid=DEVID_KERNEL_OURS)
+            stack.callback(destroy_vbd, xs, paths)
+            backend = stack.enter_context(OurBlkback(paths.backend, images[SETUPS[2]], workdir, "--verbose",
+                                                      *blkback_args))
+            backend.wait_state(xs, {INIT_WAIT, 4})
+            disks[SETUPS[2]] = kernel_disk(DEVID_KERNEL_OURS, size)
 
-        t = time.monotonic()
-        with QemuDom0Backend(workdir / "qemu-qdisk.log") as qemu:
-            paths = qdisk_vbd(xs, image, DEVID_KERNEL_QDISK)
+            qemu = stack.enter_context(QemuDom0Backend(workdir / "qemu-qdisk.log"))
+            qpaths = qdisk_vbd(xs, images[SETUPS[3]], DEVID_KERNEL_QDISK)
+            stack.callback(destroy_vbd, xs, qpaths)
             try:
-                try:
-                    disk = kernel_disk(DEVID_KERNEL_QDISK, size)
-                except Exception as err:
-                    qemu.check_alive()
-                    raise BenchError(f"qdisk: {err}; QEMU said: {qemu.log.read_text(errors='replace')[-500:]}") from err
-                kernel_qdisk = kernel_front(disk, size, seconds, image, qemu.proc.pid if qemu.proc else None)
-                close_vbd(xs, paths)
-            finally:
-                destroy_vbd(xs, paths)
+                disks[SETUPS[3]] = kernel_disk(DEVID_KERNEL_QDISK, size)
+            except Exception as err:
+                qemu.check_alive()
+                raise BenchError(f"qdisk: {err}; QEMU said: {qemu.log.read_text(errors='replace')[-500:]}") from err
+            for setup, disk in disks.items():
+                check_kernel_disk(disk, size, images[setup])
+            timings["attach_s"] = round(time.monotonic() - t, 1)
+
+            pids = {SETUPS[2]: backend.pid, SETUPS[3]: qemu.proc.pid if qemu.proc else None}
+            per_round: list[dict[str, dict]] = []
+            t = time.monotonic()
+            for number in range(rounds):
+                order = SETUPS if number % 2 == 0 else SETUPS[::-1]
+                one: dict[str, dict] = {setup: {} for setup in SETUPS}
+                for kind in ("seq", "rand"):
+                    for setup in order:
+                        if setup == SETUPS[1]:
+                            measure = ours_seq if kind == "seq" else ours_rand
+                            figure = measure(dev, size, seconds, images[setup])
+                            one[setup][FIGURES[kind][1]] = round(figure, 1 if kind == "seq" else None)
+                            continue
+                        got = kernel_front(disks[setup], kind, size, seconds, pids.get(setup))
+                        one[setup][FIGURES[kind][1]] = got["mbps" if kind == "seq" else "iops"]
+                        one[setup].setdefault("dom0_idle", {})[kind] = got["dom0_idle"]
+                        if "backend_cpu_s" in got:
+                            one[setup].setdefault("backend_cpu_s", {})[kind] = got["backend_cpu_s"]
+                per_round.append(one)
+            timings["measurements_s"] = round(time.monotonic() - t, 1)
             qemu.check_alive()
-        timings["kernel_front_on_qdisk_s"] = round(time.monotonic() - t, 1)
+            memory = rss_mib(backend.pid)
+
+            t = time.monotonic()
+            dev.close()
+            frontend_released(dev, platform)
+            close_vbd(xs, qpaths)
+            close_vbd(xs, paths)
+            destroy_vbd(xs, paths)
+            backend.wait_exit()
+            backend.exited_cleanly()
+            report = backend.report()
+            served = ring_loop_counts(backend.stderr())
+            profile = ring_profile(backend.stderr())
+        timings["detach_s"] = round(time.monotonic() - t, 1)
     finally:
         if loaded:
             unload_kernel_blkfront()
@@ -396,24 +429,29 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -
     def ratio(a: float, b: float) -> float:
         return round(a / b, 3) if b else 0.0
 
+    figures: dict[str, dict] = {}
+    for setup in SETUPS:
+        figures[setup] = {}
+        for kind, (_, key) in FIGURES.items():
+            value = _median([one[setup][key] for one in per_round])
+            figures[setup][key] = round(value, 1) if kind == "seq" else round(value)
+        for extra in ("dom0_idle", "backend_cpu_s"):
+            if extra in per_round[0][setup]:
+                figures[setup][extra] = {kind: round(sum(one[setup][extra][kind] for one in per_round), 3)
+                                         if extra == "backend_cpu_s" else
+                                         _median([one[setup][extra][kind] for one in per_round])
+                                         for kind in FIGURES}
+    figures[SETUPS[2]]["backend_memory_mib"] = memory
+    ratios_per_round: dict[str, list[float]] = {}
+    for name, (top, bottom) in RATIOS.items():
+        for kind, (suffix, key) in FIGURES.items():
+            ratios_per_round[f"{name}_{suffix}"] = [ratio(one[top][key], one[bottom][key]) for one in per_round]
+
     return {
-        "kernel_front_on_kernel_back": kernel_kernel,
-        "ours_front_on_kernel_back": ours_kernel,
-        "kernel_front_on_ours_back": kernel_ours,
-        "kernel_front_on_qdisk": kernel_qdisk,
-        "ratios": {
-            "ours_vs_kernel_front_seq_1m": ratio(ours_kernel["seq_1m_mbps"], kernel_kernel["seq_1m_mbps"]),
-            "ours_vs_kernel_front_rand_4k_qd32": ratio(ours_kernel["rand_4k_qd32_iops"], kernel_kernel["rand_4k_qd32_iops"]),
-            "kernel_front_on_ours_vs_kernel_back_seq_1m": ratio(kernel_ours["seq_1m_mbps"], kernel_kernel["seq_1m_mbps"]),
-            "kernel_front_on_ours_vs_kernel_back_rand_4k_qd32": ratio(
-                kernel_ours["rand_4k_qd32_iops"], kernel_kernel["rand_4k_qd32_iops"]),
-            "kernel_front_on_ours_vs_qdisk_seq_1m": ratio(kernel_ours["seq_1m_mbps"], kernel_qdisk["seq_1m_mbps"]),
-            "kernel_front_on_ours_vs_qdisk_rand_4k_qd32": ratio(
-                kernel_ours["rand_4k_qd32_iops"], kernel_qdisk["rand_4k_qd32_iops"]),
-            "kernel_front_on_qdisk_vs_kernel_back_seq_1m": ratio(kernel_qdisk["seq_1m_mbps"], kernel_kernel["seq_1m_mbps"]),
-            "kernel_front_on_qdisk_vs_kernel_back_rand_4k_qd32": ratio(
-                kernel_qdisk["rand_4k_qd32_iops"], kernel_kernel["rand_4k_qd32_iops"]),
-        },
+        **figures,
+        "ratios": {name: round(_median(values), 3) for name, values in ratios_per_round.items()},
+        "ratios_per_round": ratios_per_round,
+        "rounds": per_round,
         "targets": TARGETS,
         "our_blkback_violations": report.get("total"),
         # Requests of the kernel frontend our blkback served, and how many of them its compiled
@@ -424,8 +462,13 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None) -
         "config": {
             "image_mib": size_mib,
             "seconds_per_measurement": seconds,
+            "rounds": rounds,
+            "our_blkback_args": list(blkback_args),
+            "figures": "per setup, the median over the rounds (backend_cpu_s: the sum); ratios: the median of "
+                       "each round's ratios",
             "seq": "1 MiB reads, depth 1 (fio psync O_DIRECT; BlkFront.readinto)",
             "rand": f"4 KiB random reads, depth {RAND_DEPTH} (fio libaio O_DIRECT; BlkFront callbacks)",
+            "images": "one copy of the same bytes per setup, all attached at once",
             "qdisk": f"{QEMU_XEN} {' '.join(QEMU_DOM0_ARGS)}; params aio:<image>, mode w",
             "our_frontend": {
                 "ring_page_order": info.ring_page_order, "num_queues": info.num_queues,
@@ -443,9 +486,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="duration of each measurement (default 2)")
     parser.add_argument("--size-mib", type=int, default=64, help="image size in MiB (default 64)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of measurements (default 3)")
+    parser.add_argument("--map-budget-mib", type=int, default=None,
+                        help="our blkback's window budget (blkback serve --map-budget-mib; default its own)")
     args = parser.parse_args(argv)
+    extra = ("--map-budget-mib", str(args.map_budget_mib)) if args.map_budget_mib is not None else ()
     try:
-        result = run(args.seconds, args.size_mib)
+        result = run(args.seconds, args.size_mib, rounds=max(1, args.rounds), blkback_args=extra)
     except (BenchError, AssertionError) as err:
         print(f"bench_blk: error: {err}", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """The block benchmark (tests/xen/bench_blk.py), once, short, inside the real-Xen suite.
 
-Owns: running bench_blk.run() with one-second measurements and printing its JSON line (kernel
+Owns: running bench_blk.run() with one-second measurements, one round (the four setups
+attached at once, each measured once) and printing its JSON line (kernel
 blkback, QEMU's qdisk and our blkback side by side for the kernel blkfront) and its
 ratios (they are noisy under nested TCG and are NOT asserted against their targets), and
 asserting what a benchmark must get right: every figure was measured (positive), the data

@@ -165,34 +165,57 @@ static uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v;
  * (measured 2026-11-27, 128 KiB chunks; 4 KiB: preadv 57 MB/s, the copy 2158 MB/s). On
  * hardware both run at memory speed; the mapping still saves a system call per request.
  *
- * A window is `window_bytes` of the file mapped read-only and shared (the page cache itself,
- * no copy of the image); at most `max_windows` are mapped at once, least recently used
- * unmapped first, so the mapped size stays bounded whatever the image's size. A window that
- * holds a hole (SEEK_HOLE) is not mapped: reading a hole through a mapping of a tmpfs file
- * would allocate memory for it (preadv reads zeroes without allocating); such windows are
- * remembered for xt_recheck_ticks lookups and read with preadv meanwhile. A discard punches holes:
- * the queue drops the windows it touched (xt_image_forget). If the file shrinks under a
- * mapping, the copy's SIGBUS is caught (sigsetjmp) and the request goes to the Python path,
- * which answers it with the error preadv gives. */
+ * A window is `window` bytes of an image file mapped read-only and shared (the page cache
+ * itself, no copy of the image). Every window of the process belongs to one pool (struct
+ * xt_pool): at most `budget` windows are mapped at once, whatever the number of images and
+ * queues and their sizes, least recently used unmapped first, and the queues of one image
+ * share its windows. So blkback's resident memory stays flat in the image's size: the mapped
+ * page cache it counts is at most budget * window bytes. A thread pins the windows of a read
+ * while it checks and copies (`pins`): a pinned window is never unmapped; one dropped
+ * meanwhile (a discard, its image closed, a new configuration) is unmapped by its last user.
+ * A window that holds a hole (SEEK_HOLE) is not mapped: reading a hole through a mapping of a
+ * tmpfs file would allocate memory for it (preadv reads zeroes without allocating); such
+ * windows are remembered for xt_recheck_ticks lookups and read with preadv meanwhile. A
+ * discard punches holes: the queue drops the windows it touched (xt_image_forget). If the
+ * file shrinks under a mapping, the copy's SIGBUS is caught (sigsetjmp) and the request goes
+ * to the Python path, which answers it with the error preadv gives. */
 
 static const uint64_t xt_recheck_ticks = 256; /* lookups a hole, or a window all in memory, is remembered for */
 
-struct xt_window {
-    uint64_t index; /* window number: file offset / window_bytes */
-    uint8_t *base;  /* NULL: a hole (not mapped) */
-    size_t len;
-    uint64_t used;  /* img->clock at the last lookup (mapped) or when found holed */
-    uint64_t resident_until; /* img->clock before which the whole window was found in memory */
-    int live;
+enum {
+    XT_POOL_SLOTS = 64,     /* windows and remembered holes of the whole process */
+    XT_POOL_HOLES = 16,     /* slots always left for holes: the budget is at most the rest */
+    XT_WINDOW_PAGES = 1024, /* the most pages of a window (one mincore vector) */
 };
+
+/* A slot is free (!live, !base), a hole (live, !base), a mapped window (live, base), or a
+ * window dropped while pinned (!live, base: unmapped when its last pin goes). */
+struct xt_window {
+    uint64_t dev, ino; /* the file */
+    uint64_t index;    /* window number: file offset / window */
+    uint8_t *base;     /* NULL: a hole, or free */
+    size_t len;
+    uint64_t used;     /* pool clock at the last lookup (mapped) or when found holed */
+    uint64_t resident_until; /* pool clock before which the whole window was found in memory */
+    uint32_t pins;     /* reads copying from it now */
+    int live;          /* found by lookups */
+};
+
+struct xt_pool {
+    pthread_mutex_t lock; /* guards everything below */
+    uint64_t window;      /* bytes per window */
+    uint32_t budget;      /* windows mapped at once, in the whole process */
+    uint32_t mapped;      /* windows mapped now (pinned dropped ones included) */
+    uint64_t clock;       /* lookups so far */
+    struct xt_window w[XT_POOL_SLOTS];
+};
+
+static struct xt_pool xt_pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .window = 2u << 20, .budget = 8};
 
 struct xt_image {
     int fd;
     uint64_t bytes;
-    uint64_t window;
-    uint32_t count;
-    uint64_t clock;
-    struct xt_window *w;
+    uint64_t dev, ino;
 };
 
 static __thread sigjmp_buf *volatile xt_bus_jump; /* set while this thread copies from a window */
@@ -229,45 +252,96 @@ static void xt_bus_install(void)
     xt_bus_ready = sigaction(SIGBUS, &action, &xt_bus_previous) == 0;
 }
 
-struct xt_image *xt_image_new(int fd, uint64_t bytes, uint32_t window_bytes, uint32_t max_windows)
+/* Lock held. Out of lookups; unmapped now unless pinned (then by its last user). */
+static void xt_window_drop(struct xt_window *w)
+{
+    w->live = 0;
+    if (w->base && !w->pins) {
+        munmap(w->base, w->len);
+        w->base = NULL;
+        xt_pool.mapped--;
+    }
+}
+
+static int xt_window_of(const struct xt_window *w, const struct xt_image *img)
+{
+    return w->live && w->dev == img->dev && w->ino == img->ino;
+}
+
+/* Unpin the windows of one read. */
+static void xt_window_release(struct xt_window **ws, uint32_t n)
+{
+    pthread_mutex_lock(&xt_pool.lock);
+    for (uint32_t k = 0; k < n; k++)
+        if (--ws[k]->pins == 0 && !ws[k]->live)
+            xt_window_drop(ws[k]);
+    pthread_mutex_unlock(&xt_pool.lock);
+}
+
+/* The pool's window size and budget (windows mapped at once in the process): 0, or -1 for
+ * nonsense. A change drops every window (pinned ones go when their reads are done). */
+int xt_map_configure(uint32_t window_bytes, uint32_t budget)
+{
+    if (window_bytes < XT_PAGE || window_bytes % XT_PAGE || window_bytes / XT_PAGE > XT_WINDOW_PAGES ||
+        budget < 4 || budget > XT_POOL_SLOTS - XT_POOL_HOLES)
+        return -1;
+    pthread_mutex_lock(&xt_pool.lock);
+    if (xt_pool.window != window_bytes || xt_pool.budget != budget) {
+        for (uint32_t i = 0; i < XT_POOL_SLOTS; i++)
+            xt_window_drop(&xt_pool.w[i]);
+        xt_pool.window = window_bytes;
+        xt_pool.budget = budget;
+    }
+    pthread_mutex_unlock(&xt_pool.lock);
+    return 0;
+}
+
+/* Windows mapped now in the whole process, and the most there may be. */
+void xt_map_usage(uint32_t *mapped, uint32_t *budget, uint64_t *window_bytes)
+{
+    pthread_mutex_lock(&xt_pool.lock);
+    *mapped = xt_pool.mapped;
+    *budget = xt_pool.budget;
+    *window_bytes = xt_pool.window;
+    pthread_mutex_unlock(&xt_pool.lock);
+}
+
+struct xt_image *xt_image_new(int fd, uint64_t bytes)
 {
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || window_bytes < XT_PAGE || window_bytes % XT_PAGE ||
-        max_windows < 4)
-        return NULL; /* a block device, or nonsense: preadv it is */
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+        return NULL; /* a block device: preadv it is */
     pthread_once(&xt_bus_once, xt_bus_install);
     if (!xt_bus_ready)
         return NULL;
     struct xt_image *img = calloc(1, sizeof *img);
     if (!img)
         return NULL;
-    img->w = calloc(max_windows, sizeof *img->w);
-    if (!img->w) {
-        free(img);
-        return NULL;
-    }
     img->fd = fd;
     img->bytes = bytes;
-    img->window = window_bytes;
-    img->count = max_windows;
+    img->dev = (uint64_t)st.st_dev;
+    img->ino = (uint64_t)st.st_ino;
     return img;
 }
 
-static void xt_window_drop(struct xt_window *w)
+/* Drop the image's windows over [first, last] (window numbers). */
+static void xt_image_drop(const struct xt_image *img, uint64_t first, uint64_t last)
 {
-    if (w->live && w->base)
-        munmap(w->base, w->len);
-    w->live = 0;
-    w->base = NULL;
+    pthread_mutex_lock(&xt_pool.lock);
+    for (uint32_t i = 0; i < XT_POOL_SLOTS; i++) {
+        struct xt_window *w = &xt_pool.w[i];
+        if (xt_window_of(w, img) && w->index >= first && w->index <= last)
+            xt_window_drop(w);
+    }
+    pthread_mutex_unlock(&xt_pool.lock);
 }
 
+/* The image's windows go with it (another queue of the same file maps again what it needs). */
 void xt_image_free(struct xt_image *img)
 {
     if (!img)
         return;
-    for (uint32_t i = 0; i < img->count; i++)
-        xt_window_drop(&img->w[i]);
-    free(img->w);
+    xt_image_drop(img, 0, UINT64_MAX);
     free(img);
 }
 
@@ -275,17 +349,17 @@ void xt_image_forget(struct xt_image *img, uint64_t offset, uint64_t length)
 {
     if (!img || !length)
         return;
-    uint64_t first = offset / img->window, last = (offset + length - 1) / img->window;
-    for (uint32_t i = 0; i < img->count; i++)
-        if (img->w[i].live && img->w[i].index >= first && img->w[i].index <= last)
-            xt_window_drop(&img->w[i]);
+    uint64_t window = __atomic_load_n(&xt_pool.window, __ATOMIC_RELAXED);
+    xt_image_drop(img, offset / window, (offset + length - 1) / window);
 }
 
 uint32_t xt_image_mapped(const struct xt_image *img)
 {
     uint32_t n = 0;
-    for (uint32_t i = 0; img && i < img->count; i++)
-        n += img->w[i].live && img->w[i].base;
+    pthread_mutex_lock(&xt_pool.lock);
+    for (uint32_t i = 0; img && i < XT_POOL_SLOTS; i++)
+        n += xt_window_of(&xt_pool.w[i], img) && xt_pool.w[i].base;
+    pthread_mutex_unlock(&xt_pool.lock);
     return n;
 }
 
@@ -295,48 +369,76 @@ uint32_t xt_image_mapped(const struct xt_image *img)
  * rate). Other reads use a window already mapped, or preadv. */
 static const uint64_t xt_map_min_bytes = 64 * 1024;
 
-/* The window holding file offset `at`, mapped if it can be and `may_map`; NULL for a hole, a
- * failure, or a window not mapped when `may_map` is 0. */
-static struct xt_window *xt_window_get(struct xt_image *img, uint64_t at, int may_map)
+/* Lock held. The window holding file offset `at`, pinned, mapped if it can be and `may_map`;
+ * NULL for a hole, a failure, a window not mapped when `may_map` is 0, or a budget all
+ * pinned by other reads. */
+static struct xt_window *xt_window_get(const struct xt_image *img, uint64_t at, int may_map)
 {
-    uint64_t index = at / img->window, now = ++img->clock;
-    struct xt_window *victim = &img->w[0];
-    for (uint32_t i = 0; i < img->count; i++) {
-        struct xt_window *w = &img->w[i];
-        if (w->live && w->index == index) {
+    uint64_t index = at / xt_pool.window, now = ++xt_pool.clock;
+    struct xt_window *slot = NULL;
+    for (uint32_t i = 0; i < XT_POOL_SLOTS; i++) {
+        struct xt_window *w = &xt_pool.w[i];
+        if (xt_window_of(w, img) && w->index == index) {
             if (w->base) {
+                w->pins++;
                 w->used = now;
                 return w;
             }
             if (now - w->used < xt_recheck_ticks)
                 return NULL;
             xt_window_drop(w); /* look again: the hole may have been written since */
-            victim = w;
             break;
         }
-        if (!w->live || (victim->live && w->used < victim->used))
-            victim = w;
     }
     if (!may_map)
         return NULL;
-    xt_window_drop(victim);
-    uint64_t start = index * img->window, end = start + img->window;
+    /* A slot: a free one, else the least recently used hole or unpinned window. */
+    for (uint32_t i = 0; i < XT_POOL_SLOTS; i++) {
+        struct xt_window *w = &xt_pool.w[i];
+        if (!w->live && !w->base) {
+            slot = w;
+            break;
+        }
+        if (w->live && !w->pins && (!slot || w->used < slot->used))
+            slot = w;
+    }
+    if (!slot)
+        return NULL;
+    xt_window_drop(slot);
+    /* The budget: unmap the least recently used unpinned windows until one more fits. */
+    while (xt_pool.mapped >= xt_pool.budget) {
+        struct xt_window *victim = NULL;
+        for (uint32_t i = 0; i < XT_POOL_SLOTS; i++) {
+            struct xt_window *w = &xt_pool.w[i];
+            if (w->live && w->base && !w->pins && (!victim || w->used < victim->used))
+                victim = w;
+        }
+        if (!victim)
+            return NULL; /* every mapped window is being copied from: preadv this time */
+        xt_window_drop(victim);
+    }
+    uint64_t start = index * xt_pool.window, end = start + xt_pool.window;
     if (end > img->bytes)
         end = img->bytes;
-    victim->index = index;
-    victim->used = now;
-    victim->resident_until = 0;
-    victim->live = 1;
+    slot->dev = img->dev;
+    slot->ino = img->ino;
+    slot->index = index;
+    slot->used = now;
+    slot->resident_until = 0;
+    slot->pins = 0;
+    slot->live = 1;
     off_t hole = lseek(img->fd, (off_t)start, SEEK_HOLE);
     if (hole < 0 || (uint64_t)hole < end)
         return NULL; /* remembered as a hole */
     size_t len = (size_t)(((end - start) + XT_PAGE - 1) & ~(uint64_t)(XT_PAGE - 1));
     void *base = mmap(NULL, len, PROT_READ, MAP_SHARED, img->fd, (off_t)start);
     if (base == MAP_FAILED)
-        return NULL;
-    victim->base = base;
-    victim->len = len;
-    return victim;
+        return NULL; /* remembered as a hole: tried again later */
+    slot->base = base;
+    slot->len = len;
+    slot->pins = 1;
+    xt_pool.mapped++;
+    return slot;
 }
 
 static void xt_copy(uint8_t *dst, const uint8_t *src, size_t n)
@@ -359,39 +461,58 @@ static int xt_image_read(struct xt_image *img, const struct iovec *iov, int n, u
 {
     struct xt_window *ws[4];
     uint32_t nw = 0;
-    if (offset + total > img->bytes || total > 2 * img->window)
+    pthread_mutex_lock(&xt_pool.lock);
+    uint64_t window = xt_pool.window;
+    if (offset + total > img->bytes || total > 2 * window) {
+        pthread_mutex_unlock(&xt_pool.lock);
         return 1;
-    int may_map = total >= xt_map_min_bytes || img->bytes <= (uint64_t)img->window * img->count;
-    for (uint64_t at = offset; at < offset + total; at = (at / img->window + 1) * img->window) {
+    }
+    int may_map = total >= xt_map_min_bytes || img->bytes <= window * xt_pool.budget;
+    for (uint64_t at = offset; at < offset + total; at = (at / window + 1) * window) {
         struct xt_window *w = xt_window_get(img, at, may_map);
         if (!w)
-            return 1;
-        if (resident && img->clock >= w->resident_until) {
-            /* One mincore for the whole window; all in memory is remembered for a while (a
-             * system call costs about as much as a 4 KiB copy in a nested PV dom0). */
-            static __thread unsigned char vec[1024];
-            size_t whole = w->len / XT_PAGE, p = 0;
-            if (whole > sizeof vec || mincore(w->base, w->len, vec) != 0)
-                return 1;
-            while (p < whole && (vec[p] & 1))
-                p++;
-            if (p == whole) {
-                w->resident_until = img->clock + xt_recheck_ticks;
-            } else { /* then this request's pages must be */
-                uint64_t wstart = w->index * img->window;
-                uint64_t stop = offset + total - wstart;
-                if (stop > w->len)
-                    stop = w->len;
-                for (p = (size_t)((at - wstart) / XT_PAGE); p < (stop + XT_PAGE - 1) / XT_PAGE; p++)
-                    if (!(vec[p] & 1))
-                        return 1;
-            }
-        }
+            break;
         ws[nw++] = w;
+    }
+    uint64_t clock = xt_pool.clock;
+    pthread_mutex_unlock(&xt_pool.lock);
+    int usable = nw == (offset + total - 1) / window - offset / window + 1;
+    for (uint32_t k = 0; usable && k < nw; k++) {
+        struct xt_window *w = ws[k];
+        uint64_t wstart = w->index * window, from = k ? wstart : offset;
+        uint64_t stop = offset + total < wstart + window ? offset + total - wstart : window;
+        if (stop > w->len) {
+            usable = 0; /* mapped for a shorter image of the same file */
+            break;
+        }
+        if (!resident || clock < __atomic_load_n(&w->resident_until, __ATOMIC_RELAXED))
+            continue;
+        /* One mincore for the whole window; all in memory is remembered for a while (a
+         * system call costs about as much as a 4 KiB copy in a nested PV dom0). */
+        static __thread unsigned char vec[XT_WINDOW_PAGES];
+        size_t whole = w->len / XT_PAGE, p = 0;
+        if (mincore(w->base, w->len, vec) != 0) {
+            usable = 0;
+            break;
+        }
+        while (p < whole && (vec[p] & 1))
+            p++;
+        if (p == whole) {
+            __atomic_store_n(&w->resident_until, clock + xt_recheck_ticks, __ATOMIC_RELAXED);
+            continue;
+        }
+        for (p = (size_t)((from - wstart) / XT_PAGE); p < (stop + XT_PAGE - 1) / XT_PAGE; p++)
+            if (!(vec[p] & 1))
+                usable = 0; /* then this request's pages must be */
+    }
+    if (!usable) {
+        xt_window_release(ws, nw);
+        return 1;
     }
     sigjmp_buf jump;
     if (sigsetjmp(jump, 0)) {
         xt_bus_jump = NULL;
+        xt_window_release(ws, nw);
         return -1;
     }
     xt_bus_jump = &jump;
@@ -403,20 +524,21 @@ static int xt_image_read(struct xt_image *img, const struct iovec *iov, int n, u
         size_t left = iov[i].iov_len;
         while (left) {
             struct xt_window *w = ws[k];
-            uint64_t rel = at - w->index * img->window;
+            uint64_t rel = at - w->index * window;
             size_t take = left;
-            if (rel + take > img->window)
-                take = (size_t)(img->window - rel);
+            if (rel + take > window)
+                take = (size_t)(window - rel);
             xt_copy(dst, w->base + rel, take);
             dst += take;
             left -= take;
             at += take;
-            if (rel + take == img->window)
+            if (rel + take == window)
                 k++;
         }
     }
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     xt_bus_jump = NULL;
+    xt_window_release(ws, nw);
     return 0;
 }
 

@@ -344,7 +344,7 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
     )
     rng = random.Random(7)
     offsets = [rng.randrange(size // 4096) * 4096 for _ in range(20000)]
-    with LocalRig(size, seed=3) as rig:
+    with LocalRig(size, seed=3, shadow=False) as rig:  # no copy of the image in this process
         assert rig.xen is not None and rig.backend is not None
         meter = CpuMeter({"frontend": os.getpid(), "backend": rig.backend.pid, **rig.xen.service_pids})
         dev = rig.attach(config)
@@ -374,6 +374,8 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
             dev.close()
         rig.stop_backend()
         events = event_round_trip(rig.xen.root_dir)
+    from xentools.tools.bench_memory import memory_figures, memory_summary  # it uses this module's
+    memory = memory_figures(min(seconds, 1.0))
     result = {
         "seq_read_1m_mbps": round(seq_blk, 1),
         "seq_read_1m_raw_pread_mbps": round(seq_raw, 1),
@@ -393,6 +395,7 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
         "rand_read_4k_qd32_futures_ratio": round(rand_fut / rand_raw, 3),
         "rand_read_4k_futures_cpu_us_per_request": rand_fut_cpu,
         "evtchn": events,
+        "memory": memory,
         "targets": TARGETS,
         "config": {
             "platform": "software Xen (xentools.platform.sim)",
@@ -444,6 +447,7 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
                       ("seq 1 MiB futures", seq_fut_cpu), ("rand 4 KiB batch", rand_cpu),
                       ("rand 4 KiB futures", rand_fut_cpu)):
         click.echo(f"CPU per request, {what}: " + ", ".join(f"{k} {v:.1f} us" for k, v in cpu.items()))
+    click.echo(memory_summary(memory))
     click.echo(f"event channel round trip: {events['event_round_trip_us']:.1f} us; socketpair "
                f"ping-pong {events['socketpair_round_trip_us']:.1f} us; ratio "
                f"{events['event_round_trip_ratio']:.2f}")

@@ -23,6 +23,7 @@ from xentools.core.features import RING_PAGE_ORDER_LIMIT
 from xentools.devices.blkback import BackendConfig, serve
 from xentools.devices.blkback_faults import FaultSpecError, help_epilog, help_text, parse_faults
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
+from xentools.devices.blkback_ringloop import MAP_BUDGET_MIB_RANGE, MAP_WINDOW, MAP_WINDOWS, set_map_budget
 from xentools.tools.options import resolve_disk
 
 
@@ -54,6 +55,8 @@ def blkback() -> None:
               show_default=True, help="Logical sector size of the image.")
 @click.option("--max-persistent-grants", type=click.IntRange(0, None),
               default=DEFAULT_MAX_PERSISTENT_GRANTS, show_default=True, help="Persistent grants cached per ring.")
+@click.option("--map-budget-mib", type=click.IntRange(*MAP_BUDGET_MIB_RANGE), default=MAP_WINDOWS * MAP_WINDOW >> 20,
+              show_default=True, help="Image page cache mapped at once to copy reads from, for the whole process.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the conformance report (JSON) to this file, or - for stdout, on exit and SIGUSR1.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC", help=help_text())
@@ -63,8 +66,8 @@ def serve_cmd(
     ctx: click.Context,
     sim_dir: str | None, backend_path: str, image_path: str | None, read_only: bool, shared_writable: bool,
     max_ring_page_order: int, max_queues: int, max_indirect_segments: int, no_persistent: bool, no_discard: bool,
-    sector_size: str, max_persistent_grants: int, report_path: str | None, faults: tuple[str, ...],
-    verbose: bool,
+    sector_size: str, max_persistent_grants: int, map_budget_mib: int, report_path: str | None,
+    faults: tuple[str, ...], verbose: bool,
 ) -> None:
     """Serve the vbd at BACKEND_PATH (its params image) until stopped or the vbd is removed."""
     try:
@@ -81,6 +84,7 @@ def serve_cmd(
         disk = resolve_disk(image_path, vdev=None, read_only=read_only)  # a path or an xl disk spec
         image_path, read_only = disk.image, disk.mode == "r"
         shared_writable = shared_writable or disk.access == "w!"
+    set_map_budget(map_budget_mib)
     config = BackendConfig(
         read_only=read_only,
         max_ring_page_order=max_ring_page_order,

@@ -45,11 +45,13 @@ class LocalRig:
     of seeded random data, and `python -m xentools blkback serve` serving it as xvda.
 
     Use as a context manager; everything (processes, sockets, the image) is gone after.
-    `backend_args` are extra blkback options. `shadow` holds the image's content.
+    `backend_args` are extra blkback options. `shadow` holds the image's content; with
+    shadow=False (the bench) no copy is kept and the image is one random MiB, rotated per MiB.
     """
 
-    def __init__(self, size: int, *, seed: int = 1, backend_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, size: int, *, seed: int = 1, backend_args: tuple[str, ...] = (), shadow: bool = True) -> None:
         self.size = size
+        self.keep_shadow = shadow
         self.seed = seed
         self.backend_args = backend_args
         self.workdir = ""
@@ -66,10 +68,15 @@ class LocalRig:
             self.workdir = tempfile.mkdtemp(prefix="xentools-demo-")
             self.image = os.path.join(self.workdir, "disk.img")
             rng = random.Random(self.seed)
+            block = b"" if self.keep_shadow else rng.randbytes(MIB)
             with open(self.image, "wb") as f:
                 for offset in range(0, self.size, MIB):
-                    chunk = rng.randbytes(min(MIB, self.size - offset))
-                    self.shadow += chunk
+                    if self.keep_shadow:
+                        chunk = rng.randbytes(min(MIB, self.size - offset))
+                        self.shadow += chunk
+                    else:
+                        turn = offset // MIB * 4099 % MIB
+                        chunk = (block[turn:] + block[:turn])[: self.size - offset]
                     f.write(chunk)
             self.xen = SoftwareXen(domains=(BACKEND_DOMID, FRONTEND_DOMID)).start()
             xs = self.xen.platform(BACKEND_DOMID).open_xenstore()
