@@ -764,7 +764,12 @@ class _Signals:
         self.backend = backend
 
     def restore(self) -> None:
+        """Put the previous handlers back; once a stop signal came, SIGTERM and SIGINT are
+        ignored instead: the process is ending, and a second signal of a burst must not kill
+        it (exit -15) between the report and its own exit status."""
         for sig, handler in self.previous.items():
+            if self.stopped and sig in (signal.SIGTERM, signal.SIGINT):
+                handler = signal.SIG_IGN
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self.previous = {}
 
