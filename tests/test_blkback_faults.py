@@ -134,6 +134,19 @@ def test_duplicate_answers_honestly_after_the_hold_and_stays_armed(monkeypatch) 
     assert dup.responses(0, [(6, 0, 0)], stop) == [(6, 0, 0)]
 
 
+def test_duplicate_gives_up_on_a_ring_after_its_holds_found_no_partner(monkeypatch) -> None:
+    stop = threading.Event()
+    monkeypatch.setattr(faults_module, "DUPLICATE_HOLD", 0.01)
+    dup = FaultSet([parse_fault("duplicate")])
+    for n in range(faults_module.DUPLICATE_TRIES):  # one request in flight at a time
+        assert dup.responses(0, [(n, 0, 0)], stop) == []
+        time.sleep(0.02)
+        assert dup.responses(0, [], stop) == [(n, 0, 0)]
+    assert dup.responses(0, [(7, 0, 0)], stop) == [(7, 0, 0)]  # not held any more
+    [fault] = dup.as_dict()
+    assert fault["fired"] == 0 and fault["matched"] == faults_module.DUPLICATE_TRIES + 1
+
+
 BAD_SPECS = [
     ("nope", "unknown kind 'nope'; valid kinds: unknown-id, duplicate"),
     ("error:p=1.5", "p=1.5 is outside 0..1"),

@@ -97,8 +97,10 @@ _UNKNOWN_ID_BIT = 1 << 63
 LINGER = 1.0  # seconds keep-mapped holds a mapping (until the next grant operation after that)
 DEFAULT_DELAY = 10.0
 # duplicate: seconds an answer is held for another request's answer to pair with it (a
-# frontend with one request in flight gets it honestly then, and the fault stays armed).
+# frontend with one request in flight gets it honestly then, and the fault stays armed), and
+# how many holds in vain make it give up on that ring (such a frontend loses at most 8 s).
 DUPLICATE_HOLD = 2.0
+DUPLICATE_TRIES = 4
 
 
 class FaultSpecError(XentoolsError):
@@ -379,6 +381,7 @@ class FaultSet:
         self._armed: set[int] = set()  # rings where duplicate waits for two answers in one push
         # ring id -> (the answer duplicate holds back, when it is answered honestly instead)
         self._held: dict[int, tuple[tuple[int, int, int], float]] = {}
+        self._held_in_vain: dict[int, int] = {}  # ring id -> holds that found no partner
         self._after: dict[int, list[str]] = {}  # ring id -> faults to apply after publishing
         self._pending_unsolicited: set[int] = set()
         self._overrun: set[int] = set()  # rings whose rsp_prod stays broken
@@ -443,7 +446,8 @@ class FaultSet:
         copy a duplicate for every frontend: the frontend reads both from one rsp_prod, so it
         cannot have given that id to a new request in between (Linux's free list hands the
         id just freed out first). With no such answer, the held one waits (DUPLICATE_HOLD
-        seconds) for another request's answer; then it is answered honestly, still armed."""
+        seconds) for another request's answer; then it is answered honestly, still armed
+        (DUPLICATE_TRIES times at most on a ring)."""
         held = self._held.get(ring)
         if held is None:
             return
@@ -454,14 +458,17 @@ class FaultSet:
             self._remember(ring, partner)
             del self._held[ring]
             self._armed.discard(ring)
+            self._held_in_vain.pop(ring, None)
             assert self._duplicate is not None
             self._duplicate.sent()
         elif stop.is_set() or time.monotonic() >= until:
             out.append(answer)
             self._remember(ring, answer)
             del self._held[ring]
-            if stop.is_set():
+            tries = self._held_in_vain[ring] = self._held_in_vain.get(ring, 0) + 1
+            if stop.is_set() or tries >= DUPLICATE_TRIES:  # gives up here: never fired
                 self._armed.discard(ring)
+                self._held_in_vain.pop(ring, None)
 
     def due(self, ring: int) -> bool:
         """Whether ring `ring` holds an answer back that must be published now (its
