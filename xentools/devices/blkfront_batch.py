@@ -302,24 +302,13 @@ class BatchLanes:
         if not used:
             return []
         n = len(used)
-        queue = self.queue
         if self.compiled:
             self._lane_of_view[:n] = array("I", used)
             self._sector_view[:n] = array("Q", sectors if n == len(sectors) else sectors[:n])
             if self._uniform_nbytes != nbytes:
                 self._c_nbytes[0 : len(self.lanes)] = [nbytes] * len(self.lanes)
                 self._uniform_nbytes = nbytes
-            ring = queue.ring
-            self._index[0] = ring.req_prod_pvt
-            written = self._lib.xt_front_fill(
-                self._layout, self._sring, queue.size, self._index, self._c_shadow, self._c_lanes,
-                len(self.lanes), self._c_lane_of, self._c_sector, self._c_nbytes, self._ffi.NULL, n, BLKIF_OP_READ,
-                seq, deadline, self.handle, self.unit, 1,
-            )
-            if written != n:  # a value the caller should have refused: our bug, not the peer's
-                raise BlkfrontError("batch.fill", f"the compiled fill wrote {written} of {n} requests")
-            ring.req_prod_pvt = self._index[0]
-            self.compiled_fills += written
+            self._c_fill(BLKIF_OP_READ, n, self._ffi.NULL, seq, deadline, registered=1)
         else:
             reg = self._reg
             for k, lane in enumerate(used):
@@ -352,12 +341,17 @@ class BatchLanes:
                         held[lane] = (pointer, buffer)
                         pinned += 1
                 self._held += pinned
+        self._c_fill(op, n, bufs, seq, deadline, registered=0)
+
+    def _c_fill(self, op: int, n: int, bufs: Any, seq: int, deadline: float, *, registered: int) -> None:
+        """xt_front_fill over the n requests staged in the C arrays, at the ring's private
+        producer, which it advances."""
         ring = self.queue.ring
         self._index[0] = ring.req_prod_pvt
         written = self._lib.xt_front_fill(
             self._layout, self._sring, self.queue.size, self._index, self._c_shadow, self._c_lanes,
             len(self.lanes), self._c_lane_of, self._c_sector, self._c_nbytes, bufs, n, op,
-            seq, deadline, self.handle, self.unit, 0,
+            seq, deadline, self.handle, self.unit, registered,
         )
         if written != n:  # a value the caller should have refused: our bug, not the peer's
             raise BlkfrontError("batch.fill", f"the compiled fill wrote {written} of {n} requests")
