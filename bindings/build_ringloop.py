@@ -3,7 +3,9 @@
 Owns: compiling blkback's ring loop (xentools/devices/blkback_ringloop.c) and blkfront's
 fill and reap (blkfront_ringloop.c) into ONE extension module next to them, with the
 declarations of blkback_ringloop.h and blkfront_ringloop.h (the lists the C files include
-and the Python side calls through, handed to cffi's cdef as they are).
+and the Python side calls through, handed to cffi's cdef as they are), and the hash of those
+four files in it (`xt_source_hash()`, blkback_ringloop.source_hash: compiled() uses the
+pure-Python path, with one line on stderr, when the sources beside the module differ).
 Must not: describe a blkif struct: the C code gets every offset at run time from
 xentools.core.blkif's Abi (struct xt_layout is filled by blkback_ringloop.layout_of,
 struct xt_flayout by blkfront_batch.flayout_of).
@@ -30,15 +32,20 @@ HEADER = SOURCE.with_suffix(".h")  # the declarations: cdef and the C file share
 FRONT_SOURCE = SOURCE.parent / "blkfront_ringloop.c"
 FRONT_HEADER = FRONT_SOURCE.with_suffix(".h")
 
+sys.path.insert(0, str(HERE.parent))  # this tree's package, whatever is installed
+from xentools.devices.blkback_ringloop import source_hash  # noqa: E402 - after the path
+
 
 def build(target_dir: Path) -> Path:
     """Compile the extension and copy it into `target_dir`; returns its path."""
     import cffi
 
     ffi = cffi.FFI()
-    ffi.cdef(HEADER.read_text() + FRONT_HEADER.read_text())
+    # The sources' hash, kept in the module: compiled() refuses a module built from others.
+    ffi.cdef(HEADER.read_text() + FRONT_HEADER.read_text() + "const char *xt_source_hash(void);\n")
+    stamp = f'\nconst char *xt_source_hash(void) {{ return "{source_hash(SOURCE.parent)}"; }}\n'
     ffi.set_source(
-        MODULE_NAME, SOURCE.read_text() + '\n#include "blkfront_ringloop.h"\n',
+        MODULE_NAME, SOURCE.read_text() + '\n#include "blkfront_ringloop.h"\n' + stamp,
         sources=[str(FRONT_SOURCE)], include_dirs=[str(SOURCE.parent)],
         extra_compile_args=["-O2", "-Wall", "-Werror", "-std=gnu11"],
     )

@@ -14,8 +14,9 @@ frontend ring then holds are compared (as a multiset: blkif lets a backend answe
 order, and the Python path answers a batch's rejected requests before the others). The frontend pages are restored between
 the two runs of a state (a WRITE reads them) and compared after. Both ABIs, each with a
 writable disk and a cache that holds every pool page, and with a read-only disk and a cache
-smaller than the pool: 2,500 states each, 10,000 in all; each prints how many requests the
-compiled loop served, by kind.
+smaller than the pool, each with both ways the loop reads (copied from mapped windows, preadv
+straight into the granted pages): 2,500 states each, 10,000 per way, 20,000 in all; each prints
+how many requests the compiled loop served, by kind.
 
 Ring-index attacks (a producer overflowing the ring): the compiled pass (xt_pass) stops
 without consuming and BackRing judges req_prod, as on the Python path; tests/test_blkback_hostile.py
@@ -239,17 +240,22 @@ def _differences(a: dict, b: dict, where: str = "") -> list[str]:
 # Each ABI with a writable disk and a cache that holds every pool page (every kind of request
 # reaches the compiled loop), and with a read-only disk and a smaller cache (evictions,
 # overflows, refs mapped for one request only).
+# Each case with both ways the loop reads (blkback_ringloop.READS): copied from mapped windows,
+# and preadv straight into the granted pages.
+@pytest.mark.parametrize("reads", ["windows", "preadv"])
 @pytest.mark.parametrize(
     "abi,readonly,cache",
     [(blkif.X86_64, False, 32), (blkif.X86_64, True, 10), (blkif.X86_32, False, 32), (blkif.X86_32, True, 14)],
     ids=["x86_64-rw", "x86_64-ro-small-cache", "x86_32-rw", "x86_32-ro-small-cache"],
 )
-def test_compiled_loop_answers_as_the_python_path(abi, readonly, cache, tmp_path, capsys) -> None:
+def test_compiled_loop_answers_as_the_python_path(abi, readonly, cache, reads, tmp_path, capsys,
+                                                  monkeypatch) -> None:
     module = compiled()
     assert module is not None, (
         "the compiled ring loop is not built: run `make venv` (it runs bindings/build_ringloop.py;"
         " needs gcc) or unset XENTOOLS_RINGLOOP=python"
     )
+    monkeypatch.setattr(blkback_ringloop, "READS", reads)
     rng = random.Random(SEED + 2 * readonly + (abi is blkif.X86_32))
     content = rng.randbytes(DISK)
     paths = []
@@ -294,10 +300,14 @@ def test_compiled_loop_answers_as_the_python_path(abi, readonly, cache, tmp_path
             totals = fast.worker._fast.totals  # noqa: SLF001
             mapped_reads = fast.worker._fast.profile["mapped_reads"]  # noqa: SLF001
             with capsys.disabled():
-                print(f"\nringloop {abi.name}: {STATES} ring states, {answered} requests, "
+                print(f"\nringloop {abi.name} ({reads}): {STATES} ring states, {answered} requests, "
                       f"{fast.worker.compiled_served} served by the compiled loop {totals}, "
                       f"{mapped_reads} reads copied from mapped windows")
-            assert mapped_reads > 0  # the image is a plain file: reads come from its mapping
+            assert fast.worker._fast.reads == {"reads": reads, "how": "set"}  # noqa: SLF001
+            if reads == "windows":
+                assert mapped_reads > 0  # the image is a plain file: reads come from its mapping
+            else:
+                assert mapped_reads == 0 and fast.worker._fast.mapped_windows == 0  # noqa: SLF001
             assert fast.worker.compiled_served > answered // 20, (fast.worker.compiled_served, answered)
             # Each kind the loop serves was served by it (with every page cached; else direct
             # reads at least).
@@ -379,6 +389,12 @@ def test_demo_verifies_every_byte_on_either_path(ringloop) -> None:
     assert "demo: OK" in result.stdout and "0 protocol violations" in result.stdout, result.stdout[-2000:]
 
 
+@pytest.fixture
+def windows(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Rings connected in the test read from mapped windows, whatever `auto` would measure."""
+    monkeypatch.setattr(blkback_ringloop, "READS", "windows")
+
+
 def _image(tmp_path: Path, name: str, seed: int) -> tuple[int, Path, bytes]:
     """(size, path, content) of a 1 MiB image of seeded random bytes; the loop must be built."""
     assert compiled() is not None, "the compiled ring loop is not built: run `make venv`"
@@ -434,7 +450,7 @@ class _MappedReads:
         self.sharer.close()
 
 
-def test_reads_come_from_mapped_windows_and_every_failure_is_answered(tmp_path) -> None:
+def test_reads_come_from_mapped_windows_and_every_failure_is_answered(windows, tmp_path) -> None:
     """The compiled loop copies reads of a regular image from mapped windows of it
     (blkback_ringloop.c, struct xt_image): the data is the image's; a discard unmaps the
     windows it touched; a window that holds a hole is read with preadv instead (read through a
@@ -469,7 +485,7 @@ def test_reads_come_from_mapped_windows_and_every_failure_is_answered(tmp_path) 
             q.close()
 
 
-def test_small_reads_over_an_image_larger_than_the_windows_map_none(tmp_path, monkeypatch) -> None:
+def test_small_reads_over_an_image_larger_than_the_windows_map_none(windows, tmp_path, monkeypatch) -> None:
     """4 KiB reads scattered over an image larger than all the windows together would map and
     unmap a window for each read (measured: a third of preadv's rate over 256 MiB): they are
     preadv's, and no window is mapped. (Reads of 64 KiB or more, or an image whose windows all
@@ -492,7 +508,7 @@ def test_small_reads_over_an_image_larger_than_the_windows_map_none(tmp_path, mo
             q.close()
 
 
-def test_one_window_budget_serves_every_queue_of_the_process(tmp_path, monkeypatch) -> None:
+def test_one_window_budget_serves_every_queue_of_the_process(windows, tmp_path, monkeypatch) -> None:
     """The mapped windows are one pool for the whole process (blkback_ringloop.c, struct
     xt_pool): however many queues and images, at most MAP_WINDOWS are mapped at once (so
     blkback's resident memory is flat in the image's size and the number of queues), least
@@ -541,7 +557,7 @@ def test_one_window_budget_serves_every_queue_of_the_process(tmp_path, monkeypat
     assert mapped() == 0
 
 
-def test_queues_on_threads_share_the_window_pool(tmp_path, monkeypatch) -> None:
+def test_queues_on_threads_share_the_window_pool(windows, tmp_path, monkeypatch) -> None:
     """Two queues served at once on two threads, over two images that each fill the whole
     budget: windows are mapped, pinned, copied from and unmapped under each other's feet
     (a pinned window is never unmapped), and every read gives its image's data."""
@@ -586,7 +602,7 @@ def test_queues_on_threads_share_the_window_pool(tmp_path, monkeypatch) -> None:
                 q.close()
 
 
-def test_a_sparse_image_is_read_without_mapping_its_holes(tmp_path) -> None:
+def test_a_sparse_image_is_read_without_mapping_its_holes(windows, tmp_path) -> None:
     """Windows with a hole are not mapped (on tmpfs a read fault on a hole allocates a page):
     the reads are preadv's, zeroes where the holes are, and the file gets no blocks."""
     assert compiled() is not None, "the compiled ring loop is not built: run `make venv`"
@@ -717,3 +733,72 @@ def test_a_barrier_elsewhere_wakes_a_queue_waiting_in_the_compiled_loop(tmp_path
             assert q.side.front.unconsumed_responses() == 1
         finally:
             q.close()
+
+
+# -- how reads are done (blkback_ringloop.choose_reads) and a stale module ------------------
+
+
+def test_auto_measures_both_ways_once_per_file_system_and_a_setting_wins(tmp_path, monkeypatch) -> None:
+    """`auto` times preadv against a copy from a mapping of the image's first 256 KiB of data
+    (xt_probe_reads) and takes the windows only where the copy is WINDOWS_SPEEDUP times faster;
+    the verdict is kept per file system; an image with no run of data that long is read with
+    preadv; `--reads`/$XENTOOLS_BLKBACK_READS set it, and a wrong value is refused."""
+    module = compiled()
+    assert module is not None, "the compiled ring loop is not built: run `make venv`"
+    monkeypatch.setattr(blkback_ringloop, "READS", None)
+    monkeypatch.delenv(blkback_ringloop.READS_ENV, raising=False)
+    monkeypatch.setattr(blkback_ringloop, "_measured", {})
+    size, image, _ = _image(tmp_path, "probe.img", 9)
+    sparse = tmp_path / "sparse.img"
+    with open(sparse, "wb") as f:
+        f.truncate(size)
+    with open(image, "rb") as f, open(sparse, "rb") as g:
+        choice = blkback_ringloop.choose_reads(module, f.fileno(), size)
+        assert choice["how"].startswith("auto") and choice["probe_kib"] == 256, choice
+        assert choice["preadv_us"] > 0 and choice["window_copy_us"] > 0, choice
+        faster = choice["preadv_us"] >= blkback_ringloop.WINDOWS_SPEEDUP * choice["window_copy_us"]
+        assert choice["reads"] == ("windows" if faster else "preadv"), choice
+        assert blkback_ringloop.choose_reads(module, f.fileno(), size) is choice  # measured once
+        monkeypatch.setattr(blkback_ringloop, "_measured", {})
+        assert blkback_ringloop.choose_reads(module, g.fileno(), size)["reads"] == "preadv"
+        assert blkback_ringloop._measured == {}  # noqa: SLF001 - nothing measured, nothing kept
+        monkeypatch.setenv(blkback_ringloop.READS_ENV, "windows")
+        assert blkback_ringloop.choose_reads(module, f.fileno(), size) == {"reads": "windows", "how": "set"}
+        blkback_ringloop.set_reads("preadv")  # blkback serve --reads: before the environment
+        assert blkback_ringloop.choose_reads(module, f.fileno(), size) == {"reads": "preadv", "how": "set"}
+        monkeypatch.setattr(blkback_ringloop, "READS", None)
+        monkeypatch.setenv(blkback_ringloop.READS_ENV, "mmap")
+        with pytest.raises(ValueError, match="XENTOOLS_BLKBACK_READS='mmap' is not one of auto, windows, preadv"):
+            blkback_ringloop.choose_reads(module, f.fileno(), size)
+    with pytest.raises(ValueError, match="not one of"):
+        blkback_ringloop.set_reads("fast")
+    env = dict(os.environ, XENTOOLS_BLKBACK_READS="mmap")
+    result = subprocess.run([sys.executable, "-m", "xentools", "blkback", "serve", "--backend-path", "/x"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "Invalid value for '--reads'" in result.stderr and "'mmap' is not one of" in result.stderr, result.stderr
+
+
+def test_a_module_built_from_other_sources_is_refused_in_one_line(monkeypatch, capsys) -> None:
+    """The module keeps the hash of the C sources it was built from (bindings/build_ringloop.py):
+    where the sources beside it differ (edited since `make ringloop`), or it keeps none (built
+    before), compiled() says so once on stderr, with the fix, and the pure-Python path serves."""
+    module = compiled()
+    assert module is not None, "the compiled ring loop is not built: run `make venv`"
+    assert module.ffi.string(module.lib.xt_source_hash()).decode() == blkback_ringloop.source_hash()
+    monkeypatch.setattr(blkback_ringloop, "source_hash", lambda directory=None: "00000000-0")
+    monkeypatch.setattr(blkback_ringloop, "_tried", False)  # as in a new process
+    monkeypatch.setattr(blkback_ringloop, "_loaded", None)
+    assert compiled() is None and compiled() is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err  # said once, however often asked
+    assert "is older than its C sources" in err[0] and "run `make ringloop`; using the pure-Python path" in err[0]
+
+    class Older:  # a module built before the hash was kept
+        __file__ = module.__file__
+        ffi = module.ffi
+        lib = object()
+
+    assert "is older than its C sources" in (blkback_ringloop._stale(Older) or "")  # noqa: SLF001
+    monkeypatch.setattr(blkback_ringloop, "source_hash", lambda directory=None: None)  # no sources beside it
+    assert blkback_ringloop._stale(module) is None  # noqa: SLF001

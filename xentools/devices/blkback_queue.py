@@ -33,7 +33,8 @@ The ring thread (ring.h's consumer loop, one notification per batch):
 - with the compiled ring loop (blkback_ringloop, built at install; persistent grants, no
   --fault), hands the batch to it first: it serves the plainly valid READ/WRITE requests
   (direct or indirect) whose refs are all cached (checks; reads copied from mapped windows of
-  a regular image file, else preadv, writes pwritev, straight into or from the cached pages;
+  a regular image file where blkback_ringloop.choose_reads measured them clearly faster than
+  preadv, else preadv, writes pwritev, straight into or from the cached pages;
   the response) and stops at the first other one, which this thread judges and answers as
   above (`_serve_compiled`); what it served is counted in the report as accepted;
 - publishes responses and notifies if the frontend asked (RING_PUSH_RESPONSES_AND_CHECK_
@@ -360,7 +361,8 @@ class QueueWorker:
                      self.index, self.wakeups, self.loop_calls, self.notifies, self.thread_cpu,
                      fast["loop_s"], fast["io_s"], fast["mapped_reads"])
             if self._fast is not None:
-                log.info("queue %d: compiled wait loop: %s", self.index, self._fast.wait_profile)
+                log.info("queue %d: compiled wait loop: %s; reads: %s", self.index, self._fast.wait_profile,
+                         self._fast.reads)
         self._release()
 
     @property

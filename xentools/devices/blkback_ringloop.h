@@ -43,6 +43,7 @@ struct xt_image *xt_image_new(int fd, uint64_t bytes);
 void xt_image_free(struct xt_image *img);
 void xt_image_forget(struct xt_image *img, uint64_t offset, uint64_t length);
 uint32_t xt_image_mapped(const struct xt_image *img);
+int xt_probe_reads(int fd, uint64_t bytes, uint32_t len, uint64_t *preadv_ns, uint64_t *copy_ns);
 uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
                   uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
                   uint32_t available, int fd, struct xt_image *img, uint64_t inline_bytes,

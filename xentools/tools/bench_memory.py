@@ -8,28 +8,34 @@ runs in its own process; our blkfront reads the whole image once in 1 MiB reads 
 4 KiB random reads over all of it for a while (futures API: requests go round robin over
 every queue);
 blkback's memory is read before and after, the bench process's at the end. blkback's
-resident memory counts the image's page cache it has mapped to copy reads from (its window
-pool: blkback_ringloop.MAP_WINDOWS windows of MAP_WINDOW bytes for the whole process), the
-frontend's granted pages it has mapped, and its own heap: flat in the image's size is the
-target (issue 11). `memory_summary` says it in one line.
+resident memory counts the frontend's granted pages it has mapped, its own heap and, where it
+reads from mapped windows (`blkback serve --reads`; `auto` measures: blkback_ringloop.
+choose_reads), the image's page cache it has mapped to copy reads from (its window pool:
+blkback_ringloop.MAP_WINDOWS windows of MAP_WINDOW bytes for the whole process): flat in the
+image's size is the target (issue 11). Each run says how blkback read (for `auto`, what
+choose_reads measures here, in the bench process, on the same image: blkback measures the
+same way). `memory_summary` says it in one line.
 Must not: assert anything (it measures and reports), or keep a copy of an image.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
-from xentools.devices.blkback_ringloop import MAP_WINDOW, MAP_WINDOWS, compiled
+from xentools.devices.blkback_ringloop import MAP_WINDOW, MAP_WINDOWS, choose_reads, compiled
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
 from xentools.devices.blkfront import BlkfrontConfig
 from xentools.tools.bench import blk_rand, blk_seq
 from xentools.tools.demo import MIB, LocalRig
 
-# (image MiB, queues, blkback --map-budget-mib or None for its default): the same workload
-# over a small and a large image, the large one again over four queues (the budget is one
-# for the whole process), and with a smaller budget.
-MEMORY_RUNS: tuple[tuple[int, int, int | None], ...] = ((64, 1, None), (1024, 1, None), (1024, 4, None), (1024, 4, 16))
+# (image MiB, queues, blkback --map-budget-mib or None for its default, blkback --reads): the
+# same workload over a small and a large image, the large one again over four queues, each
+# read as blkback's `auto` chooses, and the large one over four queues from mapped windows
+# (the budget is one for the whole process).
+MEMORY_RUNS: tuple[tuple[int, int, int | None, str], ...] = (
+    (64, 1, None, "auto"), (1024, 1, None, "auto"), (1024, 4, None, "auto"), (1024, 4, None, "windows"))
 
 
 def rss_mib(pid: int | str = "self") -> dict[str, float]:
@@ -46,16 +52,28 @@ def rss_mib(pid: int | str = "self") -> dict[str, float]:
             "shmem": mib("RssShmem")}
 
 
-def _one(size_mib: int, queues: int, budget_mib: int | None, seconds: float) -> dict:
-    """The workload over one image of `size_mib` MiB with `queues` queues."""
+def _one(size_mib: int, queues: int, budget_mib: int | None, reads: str, seconds: float) -> dict:
+    """The workload over one image of `size_mib` MiB with `queues` queues, read `reads`."""
     size = size_mib * MIB
     config = BlkfrontConfig(ring_page_order=4, num_queues=queues, max_indirect_segments=256, persistent=True,
                             max_persistent_grants=DEFAULT_MAX_PERSISTENT_GRANTS)
     rng = random.Random(13)
     offsets = [rng.randrange(size // 4096) * 4096 for _ in range(20000)]
     backend_args = ("--map-budget-mib", str(budget_mib)) if budget_mib is not None else ()
+    backend_args += ("--reads", reads) if reads != "auto" else ()
     with LocalRig(size, seed=5, shadow=False, backend_args=backend_args) as rig:
         assert rig.backend is not None
+        module = compiled()
+        if module is None:
+            how: dict = {"reads": "preadv", "how": "pure-Python path"}
+        elif reads != "auto":
+            how = {"reads": reads, "how": "set"}
+        else:
+            fd = os.open(rig.image, os.O_RDONLY)
+            try:
+                how = choose_reads(module, fd, size)
+            finally:
+                os.close(fd)
         dev = rig.attach(config)
         try:
             before = rss_mib(rig.backend.pid)
@@ -65,16 +83,16 @@ def _one(size_mib: int, queues: int, budget_mib: int | None, seconds: float) -> 
         finally:
             dev.close()
         rig.stop_backend()
-    return {"image_mib": size_mib, "queues": queues,
+    return {"image_mib": size_mib, "queues": queues, "reads": how,
             "map_budget_mib": budget_mib if budget_mib is not None else MAP_WINDOWS * MAP_WINDOW >> 20,
             "seq_pass_mbps": round(seq, 1), "rand_4k_iops": round(rand),
             "blkback_rss_mib_before": before, "blkback_rss_mib_after": after}
 
 
-def memory_figures(seconds: float, plan: tuple[tuple[int, int, int | None], ...] = MEMORY_RUNS) -> dict:
-    """blkback's memory after the same workload over each (image MiB, queues, budget MiB) of
-    `plan` (the first two: the small and the large image), and this process's."""
-    runs = [_one(size_mib, queues, budget, seconds) for size_mib, queues, budget in plan]
+def memory_figures(seconds: float, plan: tuple[tuple[int, int, int | None, str], ...] = MEMORY_RUNS) -> dict:
+    """blkback's memory after the same workload over each (image MiB, queues, budget MiB,
+    reads) of `plan` (the first two: the small and the large image), and this process's."""
+    runs = [_one(size_mib, queues, budget, reads, seconds) for size_mib, queues, budget, reads in plan]
     first, largest = runs[0]["blkback_rss_mib_after"], runs[1]["blkback_rss_mib_after"]
     return {
         "runs": runs,
@@ -85,8 +103,8 @@ def memory_figures(seconds: float, plan: tuple[tuple[int, int, int | None], ...]
             "workload": "one pass of 1 MiB reads over the whole image at depth 8, then 4 KiB random reads "
                         f"at depth 32 for {seconds} s (futures API: round robin over the queues)",
             "images": "on the bench's temporary directory's file system, written without holes",
-            "window_pool": f"map_budget_mib of the image's page cache mapped at once, in windows of "
-                           f"{MAP_WINDOW >> 20} MiB, for the whole blkback process"
+            "window_pool": f"where reads is windows: map_budget_mib of the image's page cache mapped at once, "
+                           f"in windows of {MAP_WINDOW >> 20} MiB, for the whole blkback process"
                            if compiled() is not None else "none (pure-Python path: preadv)",
         },
     }
@@ -95,7 +113,8 @@ def memory_figures(seconds: float, plan: tuple[tuple[int, int, int | None], ...]
 def memory_summary(memory: dict) -> str:
     """memory_figures' result in one line of text."""
     runs = "; ".join(
-        f"{r['image_mib']} MiB image x{r['queues']} queues, budget {r['map_budget_mib']} MiB: "
+        f"{r['image_mib']} MiB image x{r['queues']} queues, reads {r['reads']['reads']}"
+        f"{', budget ' + str(r['map_budget_mib']) + ' MiB' if r['reads']['reads'] == 'windows' else ''}: "
         f"{r['blkback_rss_mib_after']['rss']} "
         f"({r['blkback_rss_mib_after']['anon']}/{r['blkback_rss_mib_after']['file']}/"
         f"{r['blkback_rss_mib_after']['shmem']})" for r in memory["runs"])

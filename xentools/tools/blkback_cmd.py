@@ -23,7 +23,16 @@ from xentools.core.features import RING_PAGE_ORDER_LIMIT
 from xentools.devices.blkback import BackendConfig, serve
 from xentools.devices.blkback_faults import FaultSpecError, help_epilog, help_text, parse_faults
 from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS
-from xentools.devices.blkback_ringloop import MAP_BUDGET_MIB_RANGE, MAP_WINDOW, MAP_WINDOWS, set_map_budget
+from xentools.devices.blkback_ringloop import (
+    MAP_BUDGET_MIB_RANGE,
+    MAP_WINDOW,
+    MAP_WINDOWS,
+    READS_CHOICES,
+    READS_ENV,
+    WINDOWS_SPEEDUP,
+    set_map_budget,
+    set_reads,
+)
 from xentools.tools.options import resolve_disk
 
 
@@ -57,6 +66,9 @@ def blkback() -> None:
               default=DEFAULT_MAX_PERSISTENT_GRANTS, show_default=True, help="Persistent grants cached per ring.")
 @click.option("--map-budget-mib", type=click.IntRange(*MAP_BUDGET_MIB_RANGE), default=MAP_WINDOWS * MAP_WINDOW >> 20,
               show_default=True, help="Image page cache mapped at once to copy reads from, for the whole process.")
+@click.option("--reads", type=click.Choice(READS_CHOICES), envvar=READS_ENV, default="auto", show_default=True,
+              help="How the compiled loop reads a regular image: copied from mapped windows, preadv straight into "
+                   f"the granted pages, or auto: windows only where measured >= {WINDOWS_SPEEDUP:g}x faster (QEMU TCG).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the conformance report (JSON) to this file, or - for stdout, on exit and SIGUSR1.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC", help=help_text())
@@ -66,7 +78,7 @@ def serve_cmd(
     ctx: click.Context,
     sim_dir: str | None, backend_path: str, image_path: str | None, read_only: bool, shared_writable: bool,
     max_ring_page_order: int, max_queues: int, max_indirect_segments: int, no_persistent: bool, no_discard: bool,
-    sector_size: str, max_persistent_grants: int, map_budget_mib: int, report_path: str | None,
+    sector_size: str, max_persistent_grants: int, map_budget_mib: int, reads: str, report_path: str | None,
     faults: tuple[str, ...], verbose: bool,
 ) -> None:
     """Serve the vbd at BACKEND_PATH (its params image) until stopped or the vbd is removed."""
@@ -85,6 +97,7 @@ def serve_cmd(
         image_path, read_only = disk.image, disk.mode == "r"
         shared_writable = shared_writable or disk.access == "w!"
     set_map_budget(map_budget_mib)
+    set_reads(reads)
     config = BackendConfig(
         read_only=read_only,
         max_ring_page_order=max_ring_page_order,
