@@ -78,3 +78,28 @@ def test_punch_hole_reads_back_zero_and_frees_blocks(tmp_path) -> None:
         assert buf[256 * 1024 : 768 * 1024] == bytes(512 * 1024)
         assert buf[768 * 1024 :] == b"\xaa" * (256 * 1024)
         assert os.stat(path).st_size == 1 << 20  # FALLOC_FL_KEEP_SIZE
+
+
+def test_serving_reads_leaves_the_access_time_alone(tmp_path, monkeypatch):
+    """The image is opened O_NOATIME (as Linux's blkback reads leave atime alone): reads do not
+    move an access time that relatime would have moved; where O_NOATIME is refused (not the
+    file's owner: EPERM), the image opens without it."""
+    path = tmp_path / "atime.img"
+    path.write_bytes(os.urandom(8192))
+    old = os.stat(path).st_mtime - 3 * 86400  # older than a day and than mtime: relatime moves it
+    os.utime(path, (old, os.stat(path).st_mtime))
+    with open_image(str(path), read_only=True) as image:
+        buf = bytearray(4096)
+        image.readv([memoryview(buf)], 4096)
+        assert os.stat(path).st_atime == old
+    assert bytes(buf) == path.read_bytes()[4096:]
+    real_open = os.open
+
+    def refuse_noatime(p, flags, *args):  # type: ignore[no-untyped-def]
+        if flags & os.O_NOATIME:
+            raise PermissionError(1, "Operation not permitted")
+        return real_open(p, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_noatime)
+    with open_image(str(path), read_only=True) as image:
+        assert image.size == 8192

@@ -193,7 +193,14 @@ def open_image(path: str, *, read_only: bool = False, sector_size: int = SECTOR_
         raise ImageError("image.read_only", f"{path}: the file is read-only; serve it with --read-only")
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags)
+        try:
+            # Serving reads leaves the access time alone, as Linux's blkback does (and saves
+            # the check on every read); only the file's owner or root may ask.
+            fd = os.open(path, flags | os.O_NOATIME)
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            fd = os.open(path, flags)
     except OSError as err:
         if err.errno in (errno.EROFS, errno.EACCES) and not read_only and os.access(path, os.R_OK):
             raise ImageError(

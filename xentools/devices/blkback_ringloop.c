@@ -53,11 +53,17 @@
 #define XT_OP_INDIRECT 6u
 
 /* Open addressing, linear probing, backward-shift deletion; capacity a power of two kept
- * at least twice the entries, so a probe always ends at an empty cell. */
+ * at least twice the entries, so a probe always ends at an empty cell. A cell holds the ref
+ * beside its page: a lookup touches one cache line (a 1 MiB request looks up 256 refs, and
+ * the copy before it has pushed the table out of the caches). */
+struct xt_cell {
+    uint32_t ref;
+    uintptr_t page; /* 0: empty */
+};
+
 struct xt_table {
     uint32_t mask, count;
-    uint32_t *refs;
-    uintptr_t *pages; /* 0: empty */
+    struct xt_cell *cells;
 };
 
 static uint32_t xt_hash(uint32_t ref) { return ref * 2654435761u; }
@@ -70,11 +76,8 @@ struct xt_table *xt_table_new(uint32_t entries)
     struct xt_table *t = calloc(1, sizeof *t);
     if (!t)
         return NULL;
-    t->refs = calloc(cap, sizeof *t->refs);
-    t->pages = calloc(cap, sizeof *t->pages);
-    if (!t->refs || !t->pages) {
-        free(t->refs);
-        free(t->pages);
+    t->cells = calloc(cap, sizeof *t->cells);
+    if (!t->cells) {
         free(t);
         return NULL;
     }
@@ -85,8 +88,7 @@ struct xt_table *xt_table_new(uint32_t entries)
 void xt_table_free(struct xt_table *t)
 {
     if (t) {
-        free(t->refs);
-        free(t->pages);
+        free(t->cells);
         free(t);
     }
 }
@@ -94,9 +96,9 @@ void xt_table_free(struct xt_table *t)
 static uintptr_t xt_table_get(const struct xt_table *t, uint32_t ref)
 {
     uint32_t i = xt_hash(ref) & t->mask;
-    while (t->pages[i]) {
-        if (t->refs[i] == ref)
-            return t->pages[i];
+    while (t->cells[i].page) {
+        if (t->cells[i].ref == ref)
+            return t->cells[i].page;
         i = (i + 1) & t->mask;
     }
     return 0;
@@ -106,17 +108,17 @@ static uintptr_t xt_table_get(const struct xt_table *t, uint32_t ref)
 int xt_table_put(struct xt_table *t, uint32_t ref, uintptr_t page)
 {
     uint32_t i = xt_hash(ref) & t->mask;
-    while (t->pages[i]) {
-        if (t->refs[i] == ref) {
-            t->pages[i] = page;
+    while (t->cells[i].page) {
+        if (t->cells[i].ref == ref) {
+            t->cells[i].page = page;
             return 0;
         }
         i = (i + 1) & t->mask;
     }
     if (2 * (t->count + 1) > t->mask + 1)
         return -1;
-    t->refs[i] = ref;
-    t->pages[i] = page;
+    t->cells[i].ref = ref;
+    t->cells[i].page = page;
     t->count++;
     return 0;
 }
@@ -124,23 +126,22 @@ int xt_table_put(struct xt_table *t, uint32_t ref, uintptr_t page)
 void xt_table_del(struct xt_table *t, uint32_t ref)
 {
     uint32_t i = xt_hash(ref) & t->mask;
-    while (t->pages[i] && t->refs[i] != ref)
+    while (t->cells[i].page && t->cells[i].ref != ref)
         i = (i + 1) & t->mask;
-    if (!t->pages[i])
+    if (!t->cells[i].page)
         return;
-    t->pages[i] = 0;
+    t->cells[i].page = 0;
     t->count--;
     /* Move back every later entry of the run whose home lies at or before the hole. */
     uint32_t hole = i, j = i;
     for (;;) {
         j = (j + 1) & t->mask;
-        if (!t->pages[j])
+        if (!t->cells[j].page)
             return;
-        uint32_t home = xt_hash(t->refs[j]) & t->mask;
+        uint32_t home = xt_hash(t->cells[j].ref) & t->mask;
         if (((j - home) & t->mask) >= ((j - hole) & t->mask)) {
-            t->refs[hole] = t->refs[j];
-            t->pages[hole] = t->pages[j];
-            t->pages[j] = 0;
+            t->cells[hole] = t->cells[j];
+            t->cells[j].page = 0;
             hole = j;
         }
     }
@@ -148,7 +149,7 @@ void xt_table_del(struct xt_table *t, uint32_t ref)
 
 void xt_table_clear(struct xt_table *t)
 {
-    memset(t->pages, 0, (size_t)(t->mask + 1) * sizeof *t->pages);
+    memset(t->cells, 0, (size_t)(t->mask + 1) * sizeof *t->cells);
     t->count = 0;
 }
 
