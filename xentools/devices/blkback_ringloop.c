@@ -635,6 +635,9 @@ static int xt_move(int fd, int write, struct iovec *iov, int n, uint64_t offset,
         if (nowait)
             got = write ? pwritev2(fd, iov, n, (off_t)offset, RWF_NOWAIT)
                         : preadv2(fd, iov, n, (off_t)offset, RWF_NOWAIT);
+        else if (n == 1) /* one run of pages (a 4 KiB request): no iovec for the kernel to import */
+            got = write ? pwrite(fd, iov->iov_base, iov->iov_len, (off_t)offset)
+                        : pread(fd, iov->iov_base, iov->iov_len, (off_t)offset);
         else
             got = write ? pwritev(fd, iov, n, (off_t)offset) : preadv(fd, iov, n, (off_t)offset);
         if (got < 0) {
