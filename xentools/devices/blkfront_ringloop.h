@@ -23,7 +23,6 @@ struct xt_lane {
     uint32_t ind_grefs[8];
     uint32_t pages;          /* data pages */
     uint32_t ind_pages;      /* indirect pages */
-    uint32_t dirty;          /* leading data pages that may hold bytes: zeroed before a read */
     uint32_t op;             /* READ or WRITE of the request it carries */
     uint32_t nbytes;
     uint8_t *dest;           /* where a read's data goes (NULL: it stays in the lane's pages) */
@@ -50,3 +49,4 @@ uint32_t xt_front_fill(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_e
 uint32_t xt_front_reap(const struct xt_flayout *L, const uint8_t *sring, uint32_t nr_ents, uint32_t *rsp_cons,
                        struct xt_shadow *shadow, struct xt_lane *lanes, uint32_t nlanes,
                        uint32_t *out_lane, int16_t *out_status, uint32_t max, int *stop);
+int xt_front_spin(const uint8_t *sring, uint32_t rsp_cons, uint32_t max_ns);
