@@ -64,7 +64,6 @@ from xentools.platform.interface import PAGE_SIZE
 __all__ = ["BatchIO", "BatchLanes", "Lane", "flayout_of"]
 
 _STOP_PYTHON = 1  # xt_front_reap: the next response is the Python path's to judge
-SPIN_NS = 0  # BatchIO.spin_ns: how long a caller that found no response spins before sleeping
 
 
 def flayout_of(module: Any, abi: Abi) -> Any:
@@ -429,12 +428,6 @@ class BatchLanes:
         self.on_settle()
         return got
 
-    def spin(self, ns: int) -> bool:
-        """Spin up to `ns` nanoseconds (compiled only, under the device lock) until the
-        backend publishes a response: rsp_event stays as it is, so a backend that keeps
-        answering sends no event. True if a response came."""
-        return bool(self._lib.xt_front_spin(self._sring, self.queue.ring.rsp_cons, ns))
-
     def finish(self, entry: InFlight, status: int) -> None:
         """Complete a lane's request whose response the Python path judged (what
         xt_front_reap does for the responses it takes)."""
@@ -582,8 +575,6 @@ class BatchIO:
             self.waits = 0  # sleeps on the event channel in the caller's thread (_wait_event)
             self.events_taken = 0  # events the caller's thread took (the completion thread's others)
             self._poll_bytes = 256 * 1024  # what one poll copies at most (unless more are asked)
-            # Before sleeping, spin this long for the backend's next response (compiled only).
-            self.spin_ns = SPIN_NS if self.lanes.compiled else 0
             self.request_bytes = request_bytes
             self.pages = depth * (ndata + nind)
             self.registered = False  # register_buffers() was called
@@ -757,8 +748,6 @@ class BatchIO:
         # their lanes back to the backend sooner, so copying overlaps the backend's reads.
         limit = max(want, self._poll_bytes // self.request_bytes)
         got = lanes.reap_compiled(limit)
-        if not got and self.spin_ns and lanes.spin(self.spin_ns):
-            got = lanes.reap_compiled(limit)
         if not got and lanes.queue.ring.final_check_for_responses():
             got = lanes.reap_compiled(limit)  # they came meanwhile
             if not got:  # the head is not a plain lane response: the Python path judges it

@@ -19,7 +19,6 @@
 
 #include <stdint.h>
 #include <string.h>
-#include <time.h>
 
 #include "blkback_ringloop.h"
 #include "blkfront_ringloop.h"
@@ -159,24 +158,4 @@ uint32_t xt_front_reap(const struct xt_flayout *L, const uint8_t *sring, uint32_
     }
     *rsp_cons = cons;
     return got;
-}
-
-/* Spin (no syscall, no write to the ring) until rsp_prod moves past rsp_cons or max_ns
- * nanoseconds pass: 1 if it moved. rsp_prod is only read: the caller reaps, and arms
- * rsp_event (ring.h's final check) only if this returns 0 and it goes to sleep. */
-int xt_front_spin(const uint8_t *sring, uint32_t rsp_cons, uint32_t max_ns)
-{
-    const uint32_t *prod = (const uint32_t *)(sring + XF_RSP_PROD);
-    struct timespec t0, t;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (;;) {
-        for (int i = 0; i < 64; i++) {
-            if (__atomic_load_n(prod, __ATOMIC_ACQUIRE) != rsp_cons)
-                return 1;
-            __builtin_ia32_pause();
-        }
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        if ((uint64_t)(t.tv_sec - t0.tv_sec) * 1000000000u + (uint64_t)(t.tv_nsec - t0.tv_nsec) >= max_ns)
-            return __atomic_load_n(prod, __ATOMIC_ACQUIRE) != rsp_cons;
-    }
 }

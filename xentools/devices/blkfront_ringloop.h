@@ -49,4 +49,3 @@ uint32_t xt_front_fill(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_e
 uint32_t xt_front_reap(const struct xt_flayout *L, const uint8_t *sring, uint32_t nr_ents, uint32_t *rsp_cons,
                        struct xt_shadow *shadow, struct xt_lane *lanes, uint32_t nlanes,
                        uint32_t *out_lane, int16_t *out_status, uint32_t max, int *stop);
-int xt_front_spin(const uint8_t *sring, uint32_t rsp_cons, uint32_t max_ns);
