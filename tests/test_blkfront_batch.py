@@ -116,6 +116,32 @@ def test_batch_and_futures_share_a_queue(rig) -> None:
         assert dev.stats["responses"] == dev.stats["requests"]
 
 
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_lane_pages_are_zeroed_when_shared_and_when_given_back_not_per_read(rig, path, monkeypatch) -> None:
+    """XSA-403 as blkfront_batch's docstring says it: a lane's pages come zeroed from the pool,
+    keep the backend's bytes between requests (a read is not preceded by a memset: the backend
+    wrote or was given every byte there), and go back to the pool zeroed at close()."""
+    module = _compiled_module()
+    if path == "compiled":
+        assert module is not None, "the compiled ring loop is not built: run `make venv`"
+    monkeypatch.setattr(blkfront_batch, "compiled_module", lambda: module if path == "compiled" else None)
+    with rig.attach(_config()) as dev:
+        io = dev.batch_io(depth=2, request_bytes=8192)
+        pages = [lane.data for lane in io.lanes.lanes]
+        assert all(not any(page) for page in pages)  # zeroed before first sharing
+        buf = bytearray(8192)
+        (tag,) = io.submit_reads([(40, buf)])
+        assert io.reap(1, 30) == [(tag, 0)]
+        assert bytes(buf) == rig.shadow[40 * 512 : 56 * 512]
+        assert bytes(pages[tag]) == bytes(buf)  # the backend's bytes stay: no memset per read
+        (tag2,) = io.submit_reads([(80, 8)])
+        assert io.reap(1, 30) == [(tag2, 0)]
+        assert bytes(io.view(tag2)) == rig.shadow[80 * 512 : 88 * 512]
+        io.close()
+        assert all(not any(page) for page in pages)  # given back zeroed (XSA-403)
+        assert dev.read(8, 8) == rig.shadow[8 * 512 : 16 * 512]
+
+
 def test_lanes_stay_within_the_persistent_grant_pool(rig) -> None:
     with rig.attach(_config()) as dev:
         pool = dev.info.data_pages

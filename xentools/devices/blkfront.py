@@ -907,8 +907,9 @@ class BlkFront:
         Returns the ports to unmask (`_unmask_events`; None when stopping). `own`: a batch
         caller's pass on its thread (blkfront_batch, after it slept on the event channel):
         the events and that queue's responses only (the compiled reap, then the Python
-        path judging what it left); events of other queues make the completion thread
-        re-check every ring."""
+        path judging what it left; rsp_event is armed by the caller before it sleeps, not
+        here, while the batch's are the queue's only requests); events of other queues
+        make the completion thread re-check every ring."""
         with self._lock:
             if self._completion.stopping:
                 return None
@@ -931,7 +932,10 @@ class BlkFront:
                     for queue in polled:
                         if waiter is not None and queue is waiter.lanes.queue:
                             continue
-                        work += self._process(queue)
+                        # A batch caller's own pass leaves rsp_event alone while the batch's
+                        # are the queue's only requests: it arms it before it sleeps.
+                        work += self._process(queue, arm=own is None or own.batch is None
+                                              or queue.in_flight != own.batch.busy)
                         if not self._connected:
                             break
                 if ports and not work:
@@ -959,8 +963,8 @@ class BlkFront:
                     self._push_all()
             return ports
 
-    def _process(self, queue: BlkfrontQueue) -> int:
-        done, violation = queue.take_responses()
+    def _process(self, queue: BlkfrontQueue, arm: bool = True) -> int:
+        done, violation = queue.take_responses(arm)
         settled, queue.settled = queue.settled, 0  # a batch's requests (blkfront_batch)
         self.stats["responses"] += len(done) + settled
         for entry, status in done:

@@ -24,9 +24,18 @@ Fewer Python steps per request: register one buffer per lane once, then read by 
     io.register_buffers([bytearray(4096) for _ in range(32)])
     tags = io.read_sectors([s1, s2, ...])       # request_bytes each, into buffers[tag]
     done, failed = io.reap_tags(1)              # tags; (tag, status) of the failed ones
-A lane's pages are zeroed before a read is shared on them (XSA-403): a backend that answers
-without writing gives zeros, never an earlier request's bytes; a read copied into a caller
-buffer leaves its lane zeroed at once.
+Zeroing (XSA-403: zero pages before sharing them; never share a page that also holds
+unrelated data). A lane's pages come zeroed from the pool (fresh pages are zero, and
+blkfront_pool zeroes a run when it is given back) and go back zeroed at close(); in
+between they are persistently shared with this device's backend and carry only this
+device's requests. Every byte on them was either written there by that backend (a read's
+data) or put there for that backend to read (a write's data): the backend has already seen
+all of it, so nothing leaks by sharing it again, and a lane's pages are not zeroed between
+requests (a memset of the whole request per read: 1 MiB per 1 MiB read). Linux's
+xen-blkfront does the same with its persistent grants since the XSA-403 fix: their pages are
+allocated zeroed once, not cleared per request. The one consequence: a backend that answers
+a READ with OKAY without writing gives the lane's earlier bytes (this device's, which that
+backend already had), not zeros.
 """
 
 from __future__ import annotations
@@ -168,14 +177,13 @@ class BatchLanes:
         self.done_status: list[int] = []
         self.busy = 0  # lanes whose request is on the ring
         # Per lane, the Python path's bookkeeping (the C lanes and shadow keep their own):
-        # the request it carries and how many leading data pages may hold bytes.
+        # the request it carries.
         self._id = [-1] * count
         self._wire = [BLKIF_OP_READ] * count
         self._op = [BLKIF_OP_READ] * count
         self._deadline = [0.0] * count
         self._nbytes = [0] * count
         self._dest: list[Any] = [None] * count
-        self._dirty = [0] * count
         self._reg: list[memoryview] = []  # registered read buffers per lane (register)
         self._reg_keep: list[Any] = []
         self.compiled = False
@@ -365,15 +373,8 @@ class BatchLanes:
         data = info.data
         ndata = -(-nbytes // PAGE_SIZE)
         tail = nbytes - (ndata - 1) * PAGE_SIZE
-        dirty = self._dirty[lane]
-        if op == BLKIF_OP_WRITE:
+        if op == BLKIF_OP_WRITE:  # no zeroing: see the module docstring
             data[:nbytes] = memoryview(buffer).cast("B")
-            if dirty >= ndata and tail < PAGE_SIZE:
-                data[nbytes : ndata * PAGE_SIZE] = bytes(PAGE_SIZE - tail)
-            self._dirty[lane] = max(dirty, ndata)
-        elif dirty:
-            data[: dirty * PAGE_SIZE] = bytes(dirty * PAGE_SIZE)
-            self._dirty[lane] = 0
         codec = self.codec
         segs = bytearray(info.segments[: ndata * codec.segment_size])
         segs[codec.segment_size * (ndata - 1) + codec.last_sect_at] = tail // self.unit - 1
@@ -434,7 +435,7 @@ class BatchLanes:
         if self.compiled:
             c = self._c_lanes[lane]
             self._c_shadow[entry.slot].lane = -1
-            op, nbytes, dirty = c.op, c.nbytes, c.dirty
+            op, nbytes = c.op, c.nbytes
             held = self._pointers[lane]
             if held is not None:
                 dest = held[1]
@@ -444,24 +445,15 @@ class BatchLanes:
                 dest = None
         else:
             self._id[lane] = -1
-            op, nbytes, dirty, dest = self._op[lane], self._nbytes[lane], self._dirty[lane], self._dest[lane]
-        if op == BLKIF_OP_READ:
-            ndata = -(-nbytes // PAGE_SIZE)
-            data = self.lanes[lane].data
-            if status == 0 and dest is not None:
-                memoryview(dest).cast("B")[:nbytes] = data[:nbytes]
-                data[: ndata * PAGE_SIZE] = bytes(ndata * PAGE_SIZE)
-                dirty = 0
-            else:
-                dirty = ndata
+            op, nbytes, dest = self._op[lane], self._nbytes[lane], self._dest[lane]
+        if op == BLKIF_OP_READ and status == 0 and dest is not None:
+            memoryview(dest).cast("B")[:nbytes] = self.lanes[lane].data[:nbytes]
         if self.compiled:
-            c.dirty = dirty
             c.dest = self._ffi.NULL
             if self._pointers[lane] is not None:
                 self._pointers[lane] = None
                 self._held -= 1
         else:
-            self._dirty[lane] = dirty
             self._dest[lane] = None
         self.queue.in_flight -= 1
         self.busy -= 1

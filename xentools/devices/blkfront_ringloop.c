@@ -8,8 +8,8 @@
  * once and rsp_prod - rsp_cons <= size, each response copied once (XSA-155) and read from
  * the copy, id = the id waiting in its shadow slot, operation = the request's (INDIRECT:
  * its inner op, or INDIRECT itself), status OKAY, ERROR or EOPNOTSUPP. A read's data is
- * copied once into the caller's buffer and the lane's pages zeroed (XSA-403), or left in the
- * lane's pages for the caller. It stops at the first response that is anything else (a
+ * copied once into the caller's buffer, or left in the lane's pages for the caller. A lane's
+ * pages are not zeroed between its requests (why: blkfront_batch.py's docstring). It stops at the first response that is anything else (a
  * broken rule, or a response to a request the Python path made) and leaves it unconsumed:
  * the Python path judges it and fails the device with the rule (Violation), the authority.
  * Must not: describe a blkif struct (every offset comes from xentools.core.blkif's Abi
@@ -70,17 +70,8 @@ uint32_t xt_front_fill(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_e
             break; /* the lane's request is still in flight */
         uint64_t id = (seq + done + 1) * nr_ents + lane->slot;
         uint32_t tail = size - (ndata - 1) * XF_PAGE;
-        if (op == XF_OP_WRITE) {
+        if (op == XF_OP_WRITE) /* a lane's pages hold nothing the backend has not seen: no zeroing */
             memcpy(lane->data, buf, size);
-            if (lane->dirty >= ndata && tail < XF_PAGE) /* the backend sees nothing but this write's data */
-                memset(lane->data + size, 0, XF_PAGE - tail);
-            if (lane->dirty < ndata)
-                lane->dirty = ndata;
-        } else if (lane->dirty) {
-            /* A read the backend answers without writing gives zeros (XSA-403). */
-            memset(lane->data, 0, (size_t)lane->dirty * XF_PAGE);
-            lane->dirty = 0;
-        }
         memset(slot, 0, L->request_size);
         uint8_t wire;
         if (ndata <= XF_MAX_SEGS) {
@@ -156,16 +147,8 @@ uint32_t xt_front_reap(const struct xt_flayout *L, const uint8_t *sring, uint32_
             break;
         }
         struct xt_lane *lane = &lanes[s->lane];
-        if (lane->op == XF_OP_READ) {
-            uint32_t ndata = (lane->nbytes + XF_PAGE - 1) / XF_PAGE; /* zero before the read */
-            if (status == 0 && lane->dest) {
-                memcpy(lane->dest, lane->data, lane->nbytes); /* the one copy */
-                memset(lane->data, 0, (size_t)ndata * XF_PAGE);
-                lane->dirty = 0;
-            } else {
-                lane->dirty = ndata; /* the caller reads them, or a failed read wrote part */
-            }
-        }
+        if (lane->op == XF_OP_READ && status == 0 && lane->dest)
+            memcpy(lane->dest, lane->data, lane->nbytes); /* the one copy */
         lane->dest = NULL;
         out_lane[got] = (uint32_t)s->lane;
         out_status[got] = status;

@@ -23,7 +23,6 @@ struct xt_lane {
     uint32_t ind_grefs[8];
     uint32_t pages;          /* data pages */
     uint32_t ind_pages;      /* indirect pages */
-    uint32_t dirty;          /* leading data pages that may hold bytes: zeroed before a read */
     uint32_t op;             /* READ or WRITE of the request it carries */
     uint32_t nbytes;
     uint8_t *dest;           /* where a read's data goes (NULL: it stays in the lane's pages) */

@@ -339,8 +339,11 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
     config = BlkfrontConfig(
         ring_page_order=ring_page_order, num_queues=queues, max_indirect_segments=256,
         persistent=not no_persistent,
-        # Consistent budgets: never more persistent pages than the backend caches per ring.
+        # Consistent budgets: never more persistent pages than the backend caches per ring,
+        # and exactly that many: the grant budget is the backend's cache plus the ring pages,
+        # so the pool holds 1056 data pages (4 lanes of 257 for 1 MiB reads, 1028 pages).
         max_persistent_grants=DEFAULT_MAX_PERSISTENT_GRANTS,
+        max_grants=DEFAULT_MAX_PERSISTENT_GRANTS + queues * (1 << ring_page_order),
     )
     rng = random.Random(7)
     offsets = [rng.randrange(size // 4096) * 4096 for _ in range(20000)]
