@@ -212,25 +212,6 @@ def test_spurious_check_finds_nothing_and_arms_the_event():
     assert queue.ring.shared.rsp_event == 1
 
 
-def test_take_responses_unarmed_takes_everything_and_leaves_rsp_event():
-    """arm=False (a batch caller's pass that returns to work, not to sleep): every response
-    is taken and checked as with the final check, and rsp_event stays where it was, so the
-    backend sends no event for what it answers next; the default arms it (ring.h)."""
-    queue, back = _queue()
-    a, b = _submit(queue, back), _submit(queue, back)
-    _answer(queue, back, a.id, BLKIF_OP_READ)
-    _answer(queue, back, b.id, BLKIF_OP_READ)
-    before = queue.ring.shared.rsp_event
-    assert queue.take_responses(arm=False) == ([(a, 0), (b, 0)], None)
-    assert queue.ring.shared.rsp_event == before
-    c = _submit(queue, back)
-    old = queue.ring.shared.rsp_prod
-    _answer(queue, back, c.id, BLKIF_OP_READ)
-    assert not old < queue.ring.shared.rsp_event <= queue.ring.shared.rsp_prod  # no event asked for
-    assert queue.take_responses() == ([(c, 0)], None)
-    assert queue.ring.shared.rsp_event == queue.ring.rsp_cons + 1  # armed before sleeping
-
-
 # --- the grant pool -------------------------------------------------------------------------
 
 

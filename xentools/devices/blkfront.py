@@ -907,9 +907,8 @@ class BlkFront:
         Returns the ports to unmask (`_unmask_events`; None when stopping). `own`: a batch
         caller's pass on its thread (blkfront_batch, after it slept on the event channel):
         the events and that queue's responses only (the compiled reap, then the Python
-        path judging what it left; rsp_event is armed by the caller before it sleeps, not
-        here, while the batch's are the queue's only requests); events of other queues
-        make the completion thread re-check every ring."""
+        path judging what it left); events of other queues make the completion thread
+        re-check every ring."""
         with self._lock:
             if self._completion.stopping:
                 return None
