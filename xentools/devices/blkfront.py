@@ -931,10 +931,7 @@ class BlkFront:
                     for queue in polled:
                         if waiter is not None and queue is waiter.lanes.queue:
                             continue
-                        # A batch caller's own pass leaves rsp_event alone while the batch's
-                        # are the queue's only requests: it arms it before it sleeps.
-                        work += self._process(queue, arm=own is None or own.batch is None
-                                              or queue.in_flight != own.batch.busy)
+                        work += self._process(queue)
                         if not self._connected:
                             break
                 if ports and not work:
@@ -962,8 +959,8 @@ class BlkFront:
                     self._push_all()
             return ports
 
-    def _process(self, queue: BlkfrontQueue, arm: bool = True) -> int:
-        done, violation = queue.take_responses(arm)
+    def _process(self, queue: BlkfrontQueue) -> int:
+        done, violation = queue.take_responses()
         settled, queue.settled = queue.settled, 0  # a batch's requests (blkfront_batch)
         self.stats["responses"] += len(done) + settled
         for entry, status in done:

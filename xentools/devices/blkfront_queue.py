@@ -152,12 +152,8 @@ class BlkfrontQueue:
         self.unpushed = False
         return self.ring.push_requests_and_check_notify()
 
-    def take_responses(self, arm: bool = True) -> tuple[list[tuple[InFlight, int]], Violation | None]:
+    def take_responses(self) -> tuple[list[tuple[InFlight, int]], Violation | None]:
         """Consume every response the ring holds now, checked (see the module docstring).
-        `arm`: end with ring.h's final check (rsp_event armed: an event for the next
-        response); False for a batch caller that returns to its work instead of sleeping
-        (it arms before it sleeps: BatchIO._poll), so a backend that keeps answering
-        meanwhile sends no event.
 
         Returns the completed entries with their status, in ring order, and the first
         violation (after which nothing more is read: the device fails). Entries returned
@@ -201,7 +197,7 @@ class BlkfrontQueue:
                     self.free_slots.append(entry.slot)
                     self.in_flight -= 1
                     done.append((entry, status))
-                if not (ring.final_check_for_responses() if arm else ring.unconsumed_responses()):
+                if not ring.final_check_for_responses():
                     return done, None
         except RingError as err:
             return done, Violation(err.rule, f"queue {self.index}: {err.detail}")
