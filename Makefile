@@ -28,7 +28,8 @@ venv: $(STAMP)
 
 # blkback's compiled ring loop (xentools/devices/_blkback_ringloop*.so, cffi API mode). Without
 # a compiler the package still works: blkback then serves rings with its pure-Python path.
-$(RINGLOOP): xentools/devices/blkback_ringloop.c xentools/devices/blkback_ringloop.h xentools/devices/blkfront_ringloop.c xentools/devices/blkfront_ringloop.h bindings/build_ringloop.py | $(STAMP)
+# blkback_ringloop.py computes the sources' hash the module keeps (compiled() compares it).
+$(RINGLOOP): xentools/devices/blkback_ringloop.c xentools/devices/blkback_ringloop.h xentools/devices/blkfront_ringloop.c xentools/devices/blkfront_ringloop.h bindings/build_ringloop.py xentools/devices/blkback_ringloop.py | $(STAMP)
 	@if $(PY) bindings/build_ringloop.py; then touch $@; \
 	else echo "make: blkback's compiled ring loop was not built: blkback serves rings with its pure-Python path"; fi
 
