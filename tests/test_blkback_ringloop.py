@@ -693,6 +693,63 @@ def test_the_compiled_wait_loop_keeps_xens_event_channel_rules(tmp_path) -> None
             q.close()
 
 
+def test_the_compiled_wait_loop_takes_an_event_that_comes_while_it_watches(tmp_path) -> None:
+    """Before it sleeps, xt_wait watches its event word (spin_ns): a notify that comes then is
+    taken without a sleep, with the same transitions as after one (word left clean, the
+    request served, the frontend notified); a sleep longer than spin_max_ns halves the watch,
+    and a short one grows it again, never past spin_max_ns."""
+    from xentools.devices.blkback_ringloop import SPIN_US
+    from xentools.platform.sim.evtchn_channel import MASKED, PENDING, READY
+
+    size, image, content = _image(tmp_path, "spin.img", 10)
+    with SoftwareXen(domains=(0, 1)) as xen:
+        q = _MappedReads(xen, image, size)
+        side, worker = q.side, q.side.worker
+        try:
+            assert q.read(8)[0] == 0
+            backend_evtchn = worker._evtchn  # noqa: SLF001
+            while (port := backend_evtchn.pending()) is not None:
+                backend_evtchn.unmask(port)
+            assert worker._direct_events()  # noqa: SLF001
+            fast = worker._fast  # noqa: SLF001
+            evt = fast._evt  # noqa: SLF001
+            assert evt.spin_max_ns == SPIN_US * 1000 > 0
+            evt.spin_ns = 1_000_000_000  # a watch of 1 s, so the notify below comes during it
+            before = fast.wait_profile
+            served_before = worker.compiled_served
+            waiter = threading.Thread(target=worker._wait_compiled, args=(300,))  # noqa: SLF001
+            waiter.start()
+            time.sleep(0.2)
+            side.front.put_request(q.read_slot(40))
+            side.front.push_requests_and_check_notify()
+            side.front.final_check_for_responses()
+            side.evtchn.notify(side.port)
+            waiter.join(30)
+            assert not waiter.is_alive()
+            after = fast.wait_profile
+            assert after["spins"] - before["spins"] == 1 and after["events"] - before["events"] == 1
+            assert after["sleeps"] - before["sleeps"] == 1  # only once the second watch found nothing
+            assert worker.compiled_served == served_before + 1
+            assert side.front.unconsumed_responses() == 1
+            rsp = side.front.get_response()
+            assert struct.unpack_from("<h", rsp, q.abi.rsp_status)[0] == 0
+            assert bytes(q.pool.buf[:PAGE_SIZE]) == content[40 * 512 : 40 * 512 + PAGE_SIZE]
+            link = backend_evtchn._links[worker.port]  # noqa: SLF001
+            assert link.page.word(link.end) & (PENDING | MASKED | READY) == 0
+            assert side.evtchn.pending() == side.port
+            side.evtchn.unmask(side.port)
+            # That sleep lasted the timeout (300 ms > spin_max_ns): the watch was halved.
+            assert evt.spin_ns == 500_000_000
+            # A short sleep grows it, up to spin_max_ns.
+            evt.spin_ns = 0
+            side.evtchn.notify(side.port)  # a stray event: wakes the sleep at once
+            worker._wake()  # noqa: SLF001
+            worker._wait_compiled(300)  # noqa: SLF001
+            assert 0 < evt.spin_ns <= evt.spin_max_ns
+        finally:
+            q.close()
+
+
 def test_a_barrier_elsewhere_wakes_a_queue_waiting_in_the_compiled_loop(tmp_path, monkeypatch) -> None:
     """A queue's ring thread holds its gate lock while it serves in xt_wait; a barrier on
     another queue (DeviceGate.acquire_all) wakes it, and gets the lock at once, not at the

@@ -1073,11 +1073,46 @@ uint32_t xt_wait(const struct xt_layout *L, const struct xt_policy *P, const str
             *flags |= XT_W_NOTIFY;
         if (*flags)
             return total;
+        /* Watch the event word for up to spin_ns before sleeping: a frontend that answers
+         * meanwhile rings a doorbell nobody sleeps on, which costs it a write, where waking a
+         * sleeping thread on an idle CPU costs both sides far more (measured on a 2-vCPU VM:
+         * 4 KiB QD32 went from 0.19-0.24 to 0.26-0.65 of the pread loop, with less CPU per
+         * request). spin_ns adapts as a halt-polling window does: it grows (to spin_max_ns)
+         * after a sleep short enough that a longer watch would have caught the event, and
+         * halves after a long one, so an idle or slow frontend costs no spinning. */
+        if (E->spin_ns) {
+            uint64_t until = xt_now_ns() + E->spin_ns;
+            int taken = 0;
+            do {
+                /* READY comes just before its doorbell byte: read until the byte is there. */
+                if ((__atomic_load_n(E->own_word, __ATOMIC_ACQUIRE) & E->ready) &&
+                    (taken = xt_evt_take(E, flags)) != 0)
+                    break;
+#if defined(__x86_64__) || defined(__i386__)
+                __builtin_ia32_pause();
+#endif
+            } while (xt_now_ns() < until);
+            if (taken < 0)
+                return total;
+            if (taken > 0) {
+                E->spins++;
+                continue;
+            }
+        }
         /* Sleep until an event or a wake fd. */
         for (nfds_t i = 0; i < nfds; i++)
             fds[i].revents = 0;
         E->sleeps++;
+        uint64_t slept = E->spin_max_ns ? xt_now_ns() : 0;
         int n = poll(fds, nfds, timeout_ms);
+        if (E->spin_max_ns) {
+            slept = xt_now_ns() - slept;
+            if (slept <= E->spin_max_ns)
+                E->spin_ns = E->spin_ns ? (E->spin_ns * 2 < E->spin_max_ns ? E->spin_ns * 2 : E->spin_max_ns)
+                                        : (E->spin_max_ns < 10000 ? E->spin_max_ns : 10000);
+            else
+                E->spin_ns = E->spin_ns / 2 < 10000 ? 0 : E->spin_ns / 2;
+        }
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0) {

@@ -60,7 +60,9 @@ struct xt_evt {
     uint32_t pending, masked, ready, bound, closed;
     int tries;                 /* compare-and-swap attempts, then Python says "contended" */
     int wake_fds[2];           /* readable: back to Python (-1: unused) */
-    uint64_t sleeps, events, notifies, rounds;  /* counters for the profile */
+    uint64_t spin_max_ns;      /* the longest watch of own_word before a sleep (0: none) */
+    uint64_t spin_ns;          /* the watch now (xt_wait adapts it) */
+    uint64_t sleeps, events, notifies, rounds, spins;  /* counters for the profile */
 };
 uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
                  uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,

@@ -40,8 +40,8 @@ from xentools.core.blkif import BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE
 __all__ = [
     "MAP_WINDOW", "MAP_WINDOWS", "STOP_ERROR", "STOP_PYTHON", "STOP_RING", "STOP_WAIT", "WAIT_EVTCHN", "WAIT_NOTIFY",
     "WAIT_STOP", "WAIT_TIMEOUT", "WAIT_UNMASK", "WAIT_WAKE", "CompiledRing", "GrefTable",
-    "READS_CHOICES", "READS_ENV", "choose_reads", "compiled", "layout_of", "map_usage", "read_choices",
-    "reads_setting", "set_map_budget", "set_reads", "source_hash",
+    "READS_CHOICES", "READS_ENV", "SPIN_ENV", "SPIN_US_RANGE", "choose_reads", "compiled", "layout_of", "map_usage", "read_choices",
+    "reads_setting", "set_map_budget", "set_reads", "set_spin", "source_hash",
 ]
 
 STOP_PYTHON = 1  # a request for the Python path (another operation, a broken rule, a ref not cached)
@@ -62,6 +62,13 @@ MAP_WINDOW = 2 << 20  # bytes of the image per mapped window (blkback_ringloop.c
 # read over and over gives up the windows' speed there. On hardware both run at memory speed.
 MAP_WINDOWS = 32
 MAP_BUDGET_MIB_RANGE = (8, 96)  # what set_map_budget accepts (4 .. 48 windows of 2 MiB)
+
+# wait() watches the ring's event word for up to SPIN_US microseconds before it sleeps, the
+# watch adapting as a halt-polling window does (blkback_ringloop.c, xt_wait): waking a thread
+# that sleeps on an idle CPU costs more than the watch (`blkback serve --spin-us`).
+SPIN_US = 200
+SPIN_US_RANGE = (0, 1000)
+SPIN_ENV = "XENTOOLS_BLKBACK_SPIN_US"
 
 # How the loop reads a regular image file (`blkback serve --reads`, else $XENTOOLS_BLKBACK_READS,
 # else "auto"): "windows" copies from mapped windows (above), "preadv" reads straight into the
@@ -157,6 +164,16 @@ def layout_of(module: Any, abi: Abi) -> Any:
     for name in _LAYOUT_FIELDS:
         setattr(layout, name, getattr(abi, name))
     return layout
+
+
+def set_spin(us: int) -> None:
+    """The longest watch of the event word before wait() sleeps, in microseconds (0: never
+    watch), for rings attached afterwards; ValueError outside SPIN_US_RANGE."""
+    global SPIN_US
+    low, high = SPIN_US_RANGE
+    if not low <= us <= high:
+        raise ValueError(f"a watch of {us} us before sleeping is outside {low}..{high} us")
+    SPIN_US = us
 
 
 def set_map_budget(mib: int) -> None:
@@ -328,9 +345,10 @@ class CompiledRing:
             link.pending, link.masked, link.ready, link.bound, link.closed)
         evt.tries = link.tries
         evt.wake_fds = list(wake_fds)
+        evt.spin_max_ns = SPIN_US * 1000
         if self._evt is not None:  # the counters go on
-            evt.sleeps, evt.events, evt.notifies, evt.rounds = (
-                self._evt.sleeps, self._evt.events, self._evt.notifies, self._evt.rounds)
+            evt.sleeps, evt.events, evt.notifies, evt.rounds, evt.spins = (
+                self._evt.sleeps, self._evt.events, self._evt.notifies, self._evt.rounds, self._evt.spins)
         self._evt = evt
         self.link_generation = link.generation
         self._flags = self._ffi.new("uint32_t *")
@@ -360,12 +378,13 @@ class CompiledRing:
 
     @property
     def wait_profile(self) -> dict[str, int]:
-        """Sleeps, events taken, notifies sent and serving rounds of wait(), ever."""
+        """Sleeps, events taken, notifies sent, serving rounds of wait(), and events caught
+        while watching before a sleep (spins), ever."""
         evt = self._evt if self._evt is not None else getattr(self, "_evt_off", None)
         if evt is None:
-            return {"sleeps": 0, "events": 0, "notifies": 0, "rounds": 0}
+            return {"sleeps": 0, "events": 0, "notifies": 0, "rounds": 0, "spins": 0}
         return {"sleeps": int(evt.sleeps), "events": int(evt.events), "notifies": int(evt.notifies),
-                "rounds": int(evt.rounds)}
+                "rounds": int(evt.rounds), "spins": int(evt.spins)}
 
     def forget(self, offset: int, length: int) -> None:
         """Unmap the windows over [offset, offset + length) (after a discard punched holes

@@ -29,9 +29,13 @@ from xentools.devices.blkback_ringloop import (
     MAP_WINDOWS,
     READS_CHOICES,
     READS_ENV,
+    SPIN_ENV,
+    SPIN_US,
+    SPIN_US_RANGE,
     WINDOWS_SPEEDUP,
     set_map_budget,
     set_reads,
+    set_spin,
 )
 from xentools.tools.options import resolve_disk
 
@@ -69,6 +73,9 @@ def blkback() -> None:
 @click.option("--reads", type=click.Choice(READS_CHOICES), envvar=READS_ENV, default="auto", show_default=True,
               help="How the compiled loop reads a regular image: copied from mapped windows, preadv straight into "
                    f"the granted pages, or auto: windows only where measured >= {WINDOWS_SPEEDUP:g}x faster (QEMU TCG).")
+@click.option("--spin-us", type=click.IntRange(*SPIN_US_RANGE), envvar=SPIN_ENV, default=SPIN_US, show_default=True,
+              help="On the software Xen, how long the compiled loop may watch for the frontend's next event "
+                   "before it sleeps (adapts between 0 and this; 0: always sleep at once).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Write the conformance report (JSON) to this file, or - for stdout, on exit and SIGUSR1.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC", help=help_text())
@@ -78,7 +85,7 @@ def serve_cmd(
     ctx: click.Context,
     sim_dir: str | None, backend_path: str, image_path: str | None, read_only: bool, shared_writable: bool,
     max_ring_page_order: int, max_queues: int, max_indirect_segments: int, no_persistent: bool, no_discard: bool,
-    sector_size: str, max_persistent_grants: int, map_budget_mib: int, reads: str, report_path: str | None,
+    sector_size: str, max_persistent_grants: int, map_budget_mib: int, reads: str, spin_us: int, report_path: str | None,
     faults: tuple[str, ...], verbose: bool,
 ) -> None:
     """Serve the vbd at BACKEND_PATH (its params image) until stopped or the vbd is removed."""
@@ -98,6 +105,7 @@ def serve_cmd(
         shared_writable = shared_writable or disk.access == "w!"
     set_map_budget(map_budget_mib)
     set_reads(reads)
+    set_spin(spin_us)
     config = BackendConfig(
         read_only=read_only,
         max_ring_page_order=max_ring_page_order,
