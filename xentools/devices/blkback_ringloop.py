@@ -22,9 +22,10 @@ other request and leaves it unconsumed. Each call (`CompiledRing.run`, xt_pass) 
 req_prod, publishes the responses and arms req_event as ring.h's consumer loop does, and says
 whether to notify. `CompiledRing.wait` (xt_wait) is the ring thread's wait loop on the software
 Xen's direct event channels (`attach_events` with SoftwareEventChannels.direct_link): it
-sleeps, takes and unmasks events, serves (xt_pass's loop), publishes every few responses and
-notifies, returning WAIT_* flags for what is Python's. tests/test_blkback_ringloop.py feeds the same random
-and hostile rings to both paths and requires the same responses, data and report.
+watches its event word for a while (`set_spin`, SPIN_US), sleeps, takes and unmasks events,
+serves (xt_pass's loop), publishes every few responses and notifies, returning WAIT_* flags for
+what is Python's. tests/test_blkback_ringloop.py feeds the same random and hostile rings to both
+paths and requires the same responses, data and report.
 """
 
 from __future__ import annotations
