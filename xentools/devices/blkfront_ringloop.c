@@ -9,8 +9,9 @@
  * the copy, id = the id waiting in its shadow slot, operation = the request's (INDIRECT:
  * its inner op, or INDIRECT itself), status OKAY, ERROR or EOPNOTSUPP. A read's data is
  * copied once into the caller's buffer, or left in the lane's pages for the caller. A lane's
- * pages are not zeroed between its requests (why: blkfront_batch.py's docstring). It stops at the first response that is anything else (a
- * broken rule, or a response to a request the Python path made) and leaves it unconsumed:
+ * pages are not zeroed between its requests (why: blkfront_batch.py's docstring). It stops
+ * at the first response that is anything else (a broken rule, or a response to a request
+ * the Python path made) and leaves it unconsumed:
  * the Python path judges it and fails the device with the rule (Violation), the authority.
  * Must not: describe a blkif struct (every offset comes from xentools.core.blkif's Abi
  * through struct xt_flayout), publish req_prod or arm rsp_event (the Python FrontRing does,
