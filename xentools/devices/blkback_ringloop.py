@@ -41,7 +41,7 @@ from xentools.core.blkif import BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE
 __all__ = [
     "MAP_WINDOW", "MAP_WINDOWS", "STOP_ERROR", "STOP_PYTHON", "STOP_RING", "STOP_WAIT", "WAIT_EVTCHN", "WAIT_NOTIFY",
     "WAIT_STOP", "WAIT_TIMEOUT", "WAIT_UNMASK", "WAIT_WAKE", "CompiledRing", "GrefTable",
-    "READS_CHOICES", "READS_ENV", "SPIN_ENV", "SPIN_US_RANGE", "choose_reads", "compiled", "layout_of", "map_usage", "read_choices",
+    "READS_CHOICES", "READS_ENV", "SPIN_ENV", "SPIN_US_RANGE", "choose_reads", "compiled", "layout_of", "map_usage",
     "reads_setting", "set_map_budget", "set_reads", "set_spin", "source_hash",
 ]
 
@@ -85,7 +85,6 @@ READS: str | None = None  # set_reads(); None: the environment's, else "auto"
 PROBE_BYTES = 256 * 1024
 WINDOWS_SPEEDUP = 4.0
 _measured: dict[int, dict[str, Any]] = {}  # st_dev -> the probe's verdict, once per file system
-_chosen: list[dict[str, Any]] = []  # every ring's choice in this process (read_choices())
 
 _LAYOUT_FIELDS = (
     "entry_size", "request_size", "response_size",
@@ -206,7 +205,7 @@ def set_reads(setting: str) -> None:
 
 def choose_reads(module: Any, fd: int, disk_bytes: int) -> dict[str, Any]:
     """How a ring over image `fd` reads: {"reads": "windows" | "preadv", "how": ...} and, when
-    measured, both times in microseconds (see READS). Recorded for read_choices()."""
+    measured, both times in microseconds (see READS)."""
     setting = reads_setting()
     if setting != "auto":
         choice: dict[str, Any] = {"reads": setting, "how": "set"}
@@ -218,7 +217,6 @@ def choose_reads(module: Any, fd: int, disk_bytes: int) -> dict[str, Any]:
         choice = _measured.get(device) or _probe(module, fd, disk_bytes)
         if "preadv_us" in choice:
             _measured[device] = choice
-    _chosen.append(choice)
     return choice
 
 
@@ -233,15 +231,6 @@ def _probe(module: Any, fd: int, disk_bytes: int) -> dict[str, Any]:
     return {"reads": "windows" if windows else "preadv",
             "how": f"auto: windows if a copy from a mapping is >= {WINDOWS_SPEEDUP:g}x faster than preadv",
             "probe_kib": PROBE_BYTES >> 10, "preadv_us": round(read_us, 1), "window_copy_us": round(copy_us, 1)}
-
-
-def read_choices() -> list[dict[str, Any]]:
-    """Each compiled ring's read choice in this process, distinct ones once (blkback's report)."""
-    out: list[dict[str, Any]] = []
-    for choice in _chosen:
-        if choice not in out:
-            out.append(choice)
-    return out
 
 
 def map_usage(module: Any) -> dict[str, int]:

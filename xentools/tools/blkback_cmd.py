@@ -85,8 +85,8 @@ def serve_cmd(
     ctx: click.Context,
     sim_dir: str | None, backend_path: str, image_path: str | None, read_only: bool, shared_writable: bool,
     max_ring_page_order: int, max_queues: int, max_indirect_segments: int, no_persistent: bool, no_discard: bool,
-    sector_size: str, max_persistent_grants: int, map_budget_mib: int, reads: str, spin_us: int, report_path: str | None,
-    faults: tuple[str, ...], verbose: bool,
+    sector_size: str, max_persistent_grants: int, map_budget_mib: int, reads: str, spin_us: int,
+    report_path: str | None, faults: tuple[str, ...], verbose: bool,
 ) -> None:
     """Serve the vbd at BACKEND_PATH (its params image) until stopped or the vbd is removed."""
     try:
