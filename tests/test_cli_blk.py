@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import signal
 import subprocess
 import sys
@@ -204,3 +205,12 @@ def test_bench_json_keys():
     for key in ("seq_read_1m_mbps", "seq_read_1m_ratio", "rand_read_4k_qd32_iops", "rand_read_4k_qd32_ratio"):
         assert isinstance(result[key], (int, float)) and result[key] > 0
     assert result["config"]["image_mib"] == 16 and result["config"]["rand_depth"] == 32
+    # The headline figures are the medians of the interleaved rounds, each listed.
+    rounds = result["rounds"]
+    assert len(rounds) == result["config"]["rounds"] == 3
+    for key in ("seq_read_1m_ratio", "rand_read_4k_qd32_ratio", "seq_read_1m_raw_pread_mbps"):
+        assert result[key] == round(statistics.median(one[key] for one in rounds), 3 if "ratio" in key else 1)
+    for one in rounds:
+        assert one["rand_read_4k_qd32_ratio"] == round(one["rand_read_4k_qd32_iops"] / one["rand_read_4k_raw_pread_iops"], 3)
+    totals = sorted(one["rand_read_4k_cpu_us_per_request"]["total"] for one in rounds)
+    assert result["rand_read_4k_cpu_us_per_request"]["total"] == totals[1]

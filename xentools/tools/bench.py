@@ -9,7 +9,9 @@ process of the rig (frontend, backend, grantd, xenstored) spent per request in e
 measurement, from /proc/<pid>/stat; and an event channel round trip A->B->A
 between two processes of the software Xen, against a socketpair ping-pong between the same
 two processes in the same run. The image is read once first, so both sides read from the
-page cache. The configuration says whether blkback served the rings through its compiled
+page cache. Every figure is measured in interleaved rounds (a reference, then the figures
+divided by it), and the medians are reported: one measurement swings with where the two
+vCPUs' threads run, a median of rounds much less. The configuration says whether blkback served the rings through its compiled
 ring loop and blkfront filled and reaped them through its compiled fill and reap, or both
 took their pure-Python paths (XENTOOLS_RINGLOOP=python asks for the latter), and the grant
 budget: the frontend's pool (lanes included) never exceeds the backend's persistent-grant
@@ -26,6 +28,7 @@ import platform as host
 import random
 import select
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -306,6 +309,71 @@ def _metered(meter: CpuMeter, dev: BlkFront, measure: Callable[[], float]) -> tu
     return figure, meter.per_request_us(dev.stats["requests"] - before)
 
 
+# The figures of one round: (key, reference key or None); ratios are "<key minus _mbps/_iops>_ratio".
+_FIGURES = (
+    ("seq_read_1m_raw_pread_mbps", None),
+    ("seq_read_1m_mbps", "seq_read_1m_raw_pread_mbps"),
+    ("seq_read_1m_into_pool_mbps", "seq_read_1m_raw_pread_mbps"),
+    ("seq_read_1m_futures_mbps", "seq_read_1m_raw_pread_mbps"),
+    ("rand_read_4k_raw_pread_iops", None),
+    ("rand_read_4k_qd32_iops", "rand_read_4k_raw_pread_iops"),
+    ("rand_read_4k_qd32_futures_iops", "rand_read_4k_raw_pread_iops"),
+)
+_CPU_OF = {
+    "seq_read_1m_mbps": "seq_read_1m_cpu_us_per_request",
+    "seq_read_1m_into_pool_mbps": "seq_read_1m_into_pool_cpu_us_per_request",
+    "seq_read_1m_futures_mbps": "seq_read_1m_futures_cpu_us_per_request",
+    "rand_read_4k_qd32_iops": "rand_read_4k_cpu_us_per_request",
+    "rand_read_4k_qd32_futures_iops": "rand_read_4k_futures_cpu_us_per_request",
+}
+
+
+def _ratio_key(key: str) -> str:
+    return key.rsplit("_", 1)[0] + "_ratio"
+
+
+def _one_round(meter: CpuMeter, dev: BlkFront, fd: int, size: int, offsets: list[int], seq_lanes: int,
+               seq_depth: int, rand_depth: int, seconds: float) -> dict:
+    """Every figure once, each reference measured just before the figures divided by it, so
+    that a round's ratios share the machine's state (its load, where the vCPUs run)."""
+    figures: dict = {}
+    measures: dict[str, Callable[[], float]] = {
+        "seq_read_1m_raw_pread_mbps": lambda: raw_seq(fd, size, seconds),
+        "seq_read_1m_mbps": lambda: batch_seq(dev, size, seq_lanes, seconds),
+        "seq_read_1m_into_pool_mbps": lambda: batch_seq(dev, size, seq_lanes, seconds, into_pool=True),
+        "seq_read_1m_futures_mbps": lambda: blk_seq(dev, size, seq_depth, seconds),
+        "rand_read_4k_raw_pread_iops": lambda: raw_rand(fd, offsets, seconds),
+        "rand_read_4k_qd32_iops": lambda: batch_rand(dev, offsets, rand_depth, seconds),
+        "rand_read_4k_qd32_futures_iops": lambda: blk_rand(dev, offsets, rand_depth, seconds),
+    }
+    for key, reference in _FIGURES:
+        if reference is None:
+            figures[key] = round(measures[key](), 1)
+            continue
+        figure, cpu = _metered(meter, dev, measures[key])
+        figures[key] = round(figure, 1)
+        figures[_ratio_key(key)] = round(figures[key] / figures[reference], 3)
+        figures[_CPU_OF[key]] = cpu
+    return figures
+
+
+def _combined(rounds: list[dict]) -> dict:
+    """The headline figures over the rounds: each figure and each ratio the median of the
+    rounds' (a ratio's median is taken over the rounds' ratios, not computed from the median
+    figures), and each CPU breakdown the one of the round whose total is the median (so its
+    parts add up to its total)."""
+    out: dict = {}
+    for key, reference in _FIGURES:
+        out[key] = round(statistics.median(one[key] for one in rounds), 1)
+        if reference is not None:
+            out[_ratio_key(key)] = round(statistics.median(one[_ratio_key(key)] for one in rounds), 3)
+            by_total = sorted(rounds, key=lambda one: one[_CPU_OF[key]]["total"])
+            out[_CPU_OF[key]] = by_total[(len(by_total) - 1) // 2][_CPU_OF[key]]
+    for key in ("rand_read_4k_qd32_iops", "rand_read_4k_raw_pread_iops", "rand_read_4k_qd32_futures_iops"):
+        out[key] = round(out[key])
+    return out
+
+
 def _budget(info) -> dict:  # type: ignore[no-untyped-def]
     """The grant numbers that bound the requests in flight (frontend_stats.max_in_flight
     says how many really were)."""
@@ -324,7 +392,9 @@ def _budget(info) -> dict:  # type: ignore[no-untyped-def]
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("--size-mib", type=click.IntRange(16, 8192), default=256, show_default=True, help="Image size.")
 @click.option("--seconds", type=click.FloatRange(0.2, 600), default=2.0, show_default=True,
-              help="Minimum duration of each measurement.")
+              help="Minimum duration of each figure, split over the rounds.")
+@click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Rounds of every figure, interleaved; the medians are reported.")
 @click.option("--queues", type=click.IntRange(1, 4), default=1, show_default=True)
 @click.option("--ring-page-order", type=click.IntRange(0, 4), default=4, show_default=True)
 @click.option("--seq-depth", type=click.IntRange(1, 256), default=8, show_default=True,
@@ -332,7 +402,7 @@ def _budget(info) -> dict:  # type: ignore[no-untyped-def]
 @click.option("--rand-depth", type=click.IntRange(1, 512), default=32, show_default=True,
               help="4 KiB reads in flight.")
 @click.option("--no-persistent", is_flag=True, help="Grants per request instead of persistent grants.")
-def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_order: int,
+def bench(as_json: bool, size_mib: int, seconds: float, rounds: int, queues: int, ring_page_order: int,
           seq_depth: int, rand_depth: int, no_persistent: bool) -> None:
     """Measure blkfront reads against raw pread of the same image (see --json)."""
     size = size_mib * MIB
@@ -362,14 +432,10 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
             try:
                 raw_seq(fd, size, 0)  # one pass: the image is in the page cache for both sides
                 batch_seq(dev, size, seq_lanes, 0)  # and the backend's persistent grants are mapped
-                seq_raw = raw_seq(fd, size, seconds)
-                seq_blk, seq_cpu = _metered(meter, dev, lambda: batch_seq(dev, size, seq_lanes, seconds))
-                seq_pool, seq_pool_cpu = _metered(
-                    meter, dev, lambda: batch_seq(dev, size, seq_lanes, seconds, into_pool=True))
-                seq_fut, seq_fut_cpu = _metered(meter, dev, lambda: blk_seq(dev, size, seq_depth, seconds))
-                rand_raw = raw_rand(fd, offsets, seconds)
-                rand_blk, rand_cpu = _metered(meter, dev, lambda: batch_rand(dev, offsets, rand_depth, seconds))
-                rand_fut, rand_fut_cpu = _metered(meter, dev, lambda: blk_rand(dev, offsets, rand_depth, seconds))
+                per_round = [
+                    _one_round(meter, dev, fd, size, offsets, seq_lanes, seq_depth, rand_depth, seconds / rounds)
+                    for _ in range(rounds)
+                ]
             finally:
                 os.close(fd)
             stats = dict(dev.stats)
@@ -379,24 +445,7 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
         events = event_round_trip(rig.xen.root_dir)
     from xentools.tools.bench_memory import memory_figures, memory_summary  # it uses this module's
     memory = memory_figures(min(seconds, 1.0))
-    result = {
-        "seq_read_1m_mbps": round(seq_blk, 1),
-        "seq_read_1m_raw_pread_mbps": round(seq_raw, 1),
-        "seq_read_1m_ratio": round(seq_blk / seq_raw, 3),
-        "seq_read_1m_cpu_us_per_request": seq_cpu,
-        "seq_read_1m_into_pool_mbps": round(seq_pool, 1),
-        "seq_read_1m_into_pool_ratio": round(seq_pool / seq_raw, 3),
-        "seq_read_1m_into_pool_cpu_us_per_request": seq_pool_cpu,
-        "seq_read_1m_futures_mbps": round(seq_fut, 1),
-        "seq_read_1m_futures_ratio": round(seq_fut / seq_raw, 3),
-        "seq_read_1m_futures_cpu_us_per_request": seq_fut_cpu,
-        "rand_read_4k_qd32_iops": round(rand_blk),
-        "rand_read_4k_raw_pread_iops": round(rand_raw),
-        "rand_read_4k_qd32_ratio": round(rand_blk / rand_raw, 3),
-        "rand_read_4k_cpu_us_per_request": rand_cpu,
-        "rand_read_4k_qd32_futures_iops": round(rand_fut),
-        "rand_read_4k_qd32_futures_ratio": round(rand_fut / rand_raw, 3),
-        "rand_read_4k_futures_cpu_us_per_request": rand_fut_cpu,
+    result = {**_combined(per_round), "rounds": per_round,
         "evtchn": events,
         "memory": memory,
         "targets": TARGETS,
@@ -407,6 +456,11 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
             "backend_ring_loop": "compiled (cffi)" if compiled() is not None else "pure Python",
             "image_mib": size_mib,
             "seconds_per_measurement": seconds,
+            "rounds": rounds,
+            "figures": f"each the median of {rounds} interleaved rounds of {seconds / rounds:.2f} s per measurement "
+                       "(every round: a reference, then the figures divided by it); ratios: the median of the "
+                       "rounds' ratios; CPU per request: the round whose total is the median; `rounds`: each "
+                       "round's figures",
             "seq_depth": seq_depth,
             "seq_batch_lanes": seq_lanes,
             "rand_depth": rand_depth,
@@ -439,17 +493,23 @@ def bench(as_json: bool, size_mib: int, seconds: float, queues: int, ring_page_o
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return
-    click.echo(f"seq read 1 MiB, batch x{seq_lanes}: {seq_blk:.0f} MB/s (into the pool: {seq_pool:.0f}; futures "
-               f"x{seq_depth}: {seq_fut:.0f}); raw pread {seq_raw:.0f} MB/s; ratio {seq_blk / seq_raw:.3f} "
-               f"(into the pool {seq_pool / seq_raw:.3f}, futures {seq_fut / seq_raw:.3f}; target "
+    r = result
+    click.echo(f"seq read 1 MiB, batch x{seq_lanes}: {r['seq_read_1m_mbps']:.0f} MB/s (into the pool: "
+               f"{r['seq_read_1m_into_pool_mbps']:.0f}; futures x{seq_depth}: {r['seq_read_1m_futures_mbps']:.0f}); "
+               f"raw pread {r['seq_read_1m_raw_pread_mbps']:.0f} MB/s; ratio {r['seq_read_1m_ratio']:.3f} (into the "
+               f"pool {r['seq_read_1m_into_pool_ratio']:.3f}, futures {r['seq_read_1m_futures_ratio']:.3f}; target "
                f"{TARGETS['seq_read_1m_ratio']})")
-    click.echo(f"rand read 4 KiB, batch x{rand_depth}: {rand_blk:.0f} IOPS (futures: {rand_fut:.0f}); raw pread loop "
-               f"{rand_raw:.0f} IOPS; ratio {rand_blk / rand_raw:.3f} (futures {rand_fut / rand_raw:.3f}; target "
-               f"{TARGETS['rand_read_4k_qd32_ratio']})")
-    for what, cpu in (("seq 1 MiB batch", seq_cpu), ("seq 1 MiB into the pool", seq_pool_cpu),
-                      ("seq 1 MiB futures", seq_fut_cpu), ("rand 4 KiB batch", rand_cpu),
-                      ("rand 4 KiB futures", rand_fut_cpu)):
-        click.echo(f"CPU per request, {what}: " + ", ".join(f"{k} {v:.1f} us" for k, v in cpu.items()))
+    click.echo(f"rand read 4 KiB, batch x{rand_depth}: {r['rand_read_4k_qd32_iops']:.0f} IOPS (futures: "
+               f"{r['rand_read_4k_qd32_futures_iops']:.0f}); raw pread loop {r['rand_read_4k_raw_pread_iops']:.0f} "
+               f"IOPS; ratio {r['rand_read_4k_qd32_ratio']:.3f} (futures {r['rand_read_4k_qd32_futures_ratio']:.3f}; "
+               f"target {TARGETS['rand_read_4k_qd32_ratio']})")
+    click.echo(f"medians of {rounds} interleaved rounds; every round's figures are in --json")
+    for what, key in (("seq 1 MiB batch", "seq_read_1m_cpu_us_per_request"),
+                      ("seq 1 MiB into the pool", "seq_read_1m_into_pool_cpu_us_per_request"),
+                      ("seq 1 MiB futures", "seq_read_1m_futures_cpu_us_per_request"),
+                      ("rand 4 KiB batch", "rand_read_4k_cpu_us_per_request"),
+                      ("rand 4 KiB futures", "rand_read_4k_futures_cpu_us_per_request")):
+        click.echo(f"CPU per request, {what}: " + ", ".join(f"{k} {v:.1f} us" for k, v in r[key].items()))
     click.echo(memory_summary(memory))
     click.echo(f"event channel round trip: {events['event_round_trip_us']:.1f} us; socketpair "
                f"ping-pong {events['socketpair_round_trip_us']:.1f} us; ratio "
