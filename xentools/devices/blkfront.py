@@ -1109,6 +1109,10 @@ class BlkFront:
                 self.drain(cfg.close_timeout)
         self._completion.stop(cfg.close_timeout)
         with self._lock:
+            while self._event_waiter is not None:  # a batch's compiled wait uses the ring: <= 50 ms
+                state = self._lock._release_save()  # type: ignore[attr-defined]
+                time.sleep(0.001)
+                self._lock._acquire_restore(state)  # type: ignore[attr-defined]
             if self._connected and self._rings.busy():
                 self._fail("device.closed", "closed with requests in flight")
             try:
