@@ -189,6 +189,7 @@ class BatchLanes:
         self._reg: list[memoryview] = []  # registered read buffers per lane (register)
         self._reg_keep: list[Any] = []
         self.compiled = False
+        self._evt: Any = None  # struct xt_evt while the direct event channel is attached (compiled)
         self.compiled_fills = 0  # requests written by the compiled fill
         self.compiled_reaps = 0  # responses completed by the compiled reap
         if module is not None:
@@ -236,7 +237,6 @@ class BatchLanes:
         self._index = ffi.new("uint32_t *")
         self._cons = ffi.new("uint32_t *")  # wait_compiled's (a fill on another thread uses _index)
         self._flags = ffi.new("uint32_t *")
-        self._evt: Any = None  # struct xt_evt while the direct event channel is attached
         self._sring = self._address(self.queue.ring.shared.buf)
         self._pointers: list[Any] = [None] * count  # (from_buffer object, buffer) of reads in flight
         self._held = 0  # how many of them are set
