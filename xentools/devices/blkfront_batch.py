@@ -24,6 +24,15 @@ Fewer Python steps per request: register one buffer per lane once, then read by 
     io.register_buffers([bytearray(4096) for _ in range(32)])
     tags = io.read_sectors([s1, s2, ...])       # request_bytes each, into buffers[tag]
     done, failed = io.reap_tags(1)              # tags; (tag, status) of the failed ones
+Waiting: on the software Xen (a handle whose only port is this queue's:
+SoftwareEventChannels.direct_link) a reap that must wait makes one compiled call
+(blkfront_ringloop.c, xt_front_wait) that reaps, arms rsp_event at the response that makes
+`min_done` (ring.h's final check; never past what is in flight), sleeps on the doorbell,
+takes and unmasks the event, and reaps again; read_sectors and the submits publish and
+notify through xt_front_push. A larger `min_done` means fewer wake-ups per request. What is
+not plainly valid comes back to Python as before (the response judged by take_responses;
+an event-channel state for the Python handle; an event with nothing behind it, counted and
+throttled as the completion thread does, XSA-391). Real Xen keeps the Python wait.
 Zeroing (XSA-403: zero pages before sharing them; never share a page that also holds
 unrelated data). A lane's pages come zeroed from the pool (fresh pages are zero, and
 blkfront_pool zeroes a run when it is given back) and go back zeroed at close(); in
