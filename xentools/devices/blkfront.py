@@ -1034,7 +1034,9 @@ class BlkFront:
             return
         for queue in self._rings.queues:
             for entry in queue.shadow:
-                if entry is not None and entry.deadline and entry.deadline < now:
+                # Read once: a batch's compiled wait completes its lanes without the lock.
+                deadline = entry.deadline if entry is not None else 0
+                if deadline and deadline < now:
                     self._fail(
                         "response.timeout",
                         f"queue {queue.index}: no response to request {entry.id:#x} "

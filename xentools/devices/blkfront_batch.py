@@ -888,6 +888,8 @@ class BatchIO:
         finally:
             lock._acquire_restore(state)  # type: ignore[attr-defined]
             dev._event_waiter = None
+        if dev._failure is not None:  # failed meanwhile (BlkFront._fail forgot what was in flight)
+            return
         lanes.settle_compiled(got)
         after = lanes.event_counts()
         self.waits += after[0] - sleeps
