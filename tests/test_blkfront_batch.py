@@ -10,6 +10,9 @@ in this process, blkback (`python -m xentools blkback serve`) in its own, one so
 - Bad requests raise before anything is submitted.
 - A backend that stops answering fails the device (the lanes' deadlines count) and the
   batch says so (DeviceFailed), never hangs.
+- On the software Xen the reap sleeps in one compiled call (xt_front_wait): rsp_event armed
+  at the response that makes min_done, the event taken and unmasked there, the port's word
+  left clean.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 
 import pytest
 
@@ -259,6 +263,8 @@ def test_a_hostile_response_met_by_a_waiting_caller_fails_the_device(xen, backen
                             assert bytes(buf) == known_data(seed, sector * 512, 4096), (kind, sector)
             assert err.value.rule.startswith(("response.", "ring.")), err.value
             assert io.waits > 0 and io.events_taken > 0
+            # The handle holds two ports here (direct_link refuses): the Python wait.
+            assert not io.lanes.events_attached  # two ports on the handle: the Python wait
             io.close()
     finally:
         done = backend.wait_done(20)
@@ -329,3 +335,79 @@ def test_registered_reads_refuse_bad_input_in_one_line(rig) -> None:
                 assert err.value.rule == rule, (bad, err.value)
             assert dev.stats["requests"] == before
             assert io.reap_tags(0, 5) == ([], [])
+
+
+def test_the_compiled_wait_arms_rsp_event_takes_the_event_and_leaves_the_word_clean(rig, monkeypatch) -> None:
+    """reap_tags(min_done) on the software Xen sleeps in one compiled call (xt_front_wait):
+    it arms rsp_event at the response that makes min_done (ring.h's final check, never
+    beyond the requests in flight), takes and unmasks the event itself, and leaves the
+    port's word with nothing ready, pending or masked; every read holds the image's bytes."""
+    from xentools.platform.sim.evtchn_channel import MASKED, PENDING, READY
+
+    module = _compiled_module()
+    assert module is not None, "the compiled ring loop is not built: run `make venv`"
+    monkeypatch.setattr(blkfront_batch, "compiled_module", lambda: module)
+    rng = random.Random(5)
+    depth = 16
+    with rig.attach(_config(num_queues=1)) as dev:  # one port on the handle: direct_link gives it
+        with dev.batch_io(depth=depth, request_bytes=4096) as io:
+            buffers = [bytearray(4096) for _ in range(depth)]
+            io.register_buffers(buffers)
+            ring = io.lanes.queue.ring
+            armed_at_min_done = 0
+            for _ in range(40):
+                sectors = [rng.randrange(DISK // 512 - 8) for _ in range(depth)]
+                tags = io.read_sectors(sectors)
+                cons = ring.rsp_cons
+                done, failed = io.reap_tags(depth, 30)
+                assert sorted(done) == sorted(tags) and not failed
+                for tag, sector in zip(tags, sectors):
+                    assert bytes(buffers[tag]) == rig.shadow[sector * 512 : sector * 512 + 4096]
+                armed = ring.shared.rsp_event
+                # Armed in this round: at the depth-th response from where it started; else
+                # earlier (never ahead of what was in flight).
+                # (the first round may be the Python wait's, which arms one past what it took)
+                assert (armed - cons) & 0xFFFFFFFF <= depth + 1 or (cons - armed) & 0xFFFFFFFF < 1 << 31, (cons, armed)
+                armed_at_min_done += armed == (cons + depth) & 0xFFFFFFFF
+            assert io.lanes.events_attached and io.waits > 0 and io.events_taken > 0
+            assert armed_at_min_done > 0
+        evtchn = dev._evtchn
+        link = evtchn._links[io.lanes.queue.port]
+        for _ in range(100):  # the completion thread may hold an event a moment
+            if not link.page.word(link.end) & (READY | PENDING | MASKED):
+                break
+            time.sleep(0.01)
+        assert not link.page.word(link.end) & (READY | PENDING | MASKED), hex(link.page.word(link.end))
+        assert dev.read(0, 8) == rig.shadow[:4096]
+
+
+def test_the_compiled_wait_leaves_a_bad_response_to_the_python_path(rig, monkeypatch) -> None:
+    """A response the compiled wait cannot take (an id no lane waits for) ends it: the
+    Python path judges it and fails the device with the rule."""
+    module = _compiled_module()
+    assert module is not None, "the compiled ring loop is not built: run `make venv`"
+    monkeypatch.setattr(blkfront_batch, "compiled_module", lambda: module)
+    with rig.attach(_config(request_timeout=5.0, num_queues=1)) as dev:  # one port: direct_link
+        io = dev.batch_io(depth=8, request_bytes=4096)
+        io.register_buffers([bytearray(4096) for _ in range(8)])
+        for _ in range(20):  # attached at the first wait after the handle linked the port
+            tags = io.read_sectors(list(range(0, 64, 8)))
+            assert sorted(io.reap_tags(8, 10)[0]) == sorted(tags)
+            if io.lanes.events_attached:
+                break
+        assert io.lanes.events_attached
+        os.kill(rig.backend.pid, signal.SIGSTOP)
+        try:
+            io.read_sectors([8])
+            queue = io.lanes.queue
+            ring = queue.ring
+            prod = ring.shared.rsp_prod
+            # What a misbehaving backend writes: a response to a request never sent.
+            ring.shared.write_slot(prod, queue.codec.response_bytes(0xDEAD0000, 0, 0))
+            ring.shared.rsp_prod = (prod + 1) & 0xFFFFFFFF
+            with pytest.raises(DeviceFailed) as err:
+                io.reap_tags(1, 10)
+            assert err.value.rule.startswith("response."), err.value
+        finally:
+            os.kill(rig.backend.pid, signal.SIGCONT)
+        io.close()

@@ -299,7 +299,8 @@ def test_the_fill_and_reap_take_every_offset_from_the_one_codec(abi) -> None:
     assert "struct blkif" not in source and "#include <xen" not in source
     defines = {name: int(value) for name, value in re.findall(r"#define XF_(\w+) (\d+)u?\b", source)}
     assert defines == {
-        "PAGE": PAGE_SIZE, "HEADER": RING_HEADER_SIZE, "RSP_PROD": 2 * 4,  # ring.h: the third RING_IDX
+        "PAGE": PAGE_SIZE, "HEADER": RING_HEADER_SIZE,
+        "REQ_PROD": 0, "REQ_EVENT": 4, "RSP_PROD": 2 * 4, "RSP_EVENT": 3 * 4,  # ring.h: the four RING_IDX
         "MAX_SEGS": blkif.BLKIF_MAX_SEGMENTS_PER_REQUEST,
         "MAX_INDIRECT_PAGES": blkif.BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, "SLOT_MAX": 128,
         "OP_READ": BLKIF_OP_READ, "OP_WRITE": BLKIF_OP_WRITE, "OP_INDIRECT": BLKIF_OP_INDIRECT,

@@ -870,7 +870,7 @@ static void xt_push(uint8_t *sring, uint32_t new_prod, int *notify)
         *notify = 1;
 }
 
-static int xt_evt_notify(struct xt_evt *E);
+int xt_evt_notify(struct xt_evt *E);
 
 /* ring.h's consumer loop: serve until the ring is empty after arming req_event
  * (RING_FINAL_CHECK_FOR_REQUESTS) or a request is not the loop's (*stop as xt_serve, or 4:
@@ -956,7 +956,7 @@ uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const str
 
 enum { XT_W_STOP = 1, XT_W_WAKE = 2, XT_W_TIMEOUT = 4, XT_W_EVTCHN = 8, XT_W_NOTIFY = 16, XT_W_UNMASK = 32 };
 
-static void xt_ring_bell(int fd)
+void xt_ring_bell(int fd)
 {
     ssize_t r;
     do
@@ -964,14 +964,14 @@ static void xt_ring_bell(int fd)
     while (r < 0 && errno == EINTR); /* EAGAIN: the reader is awake anyway; EPIPE: nobody to wake */
 }
 
-static int xt_cas(uint32_t *word, uint32_t *old, uint32_t new)
+int xt_cas(uint32_t *word, uint32_t *old, uint32_t new)
 {
     return __atomic_compare_exchange_n(word, old, new, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 
 /* A notify to the peer: 0 done (delivered, or nothing to do), -1 Python's (relink, or the
  * word fought over). */
-static int xt_evt_notify(struct xt_evt *E)
+int xt_evt_notify(struct xt_evt *E)
 {
     uint32_t own = __atomic_load_n(E->own_word, __ATOMIC_SEQ_CST);
     if ((own & E->closed) || !(own & E->bound))
@@ -995,7 +995,7 @@ static int xt_evt_notify(struct xt_evt *E)
 
 /* Take a delivered event and unmask it: 1 taken (and unmasked), 0 none (a stray byte),
  * -1 Python's (*flags says what it owes). */
-static int xt_evt_take(struct xt_evt *E, uint32_t *flags)
+int xt_evt_take(struct xt_evt *E, uint32_t *flags)
 {
     char byte[256];
     ssize_t r = read(E->doorbell, byte, 1);

@@ -64,6 +64,14 @@ struct xt_evt {
     uint64_t spin_ns;          /* the watch now (xt_wait adapts it) */
     uint64_t sleeps, events, notifies, rounds, spins;  /* counters for the profile */
 };
+/* The direct event channel's transitions (blkback_ringloop.c; blkfront_ringloop.c's wait uses
+ * them too): ring a doorbell; a compare-and-swap on a state word; notify the peer (0 done,
+ * -1 Python's); take a delivered event and unmask it (1 taken, 0 none, -1 Python's: *flags
+ * gets WAIT_EVTCHN, and WAIT_UNMASK when the unmask is owed). */
+void xt_ring_bell(int fd);
+int xt_cas(uint32_t *word, uint32_t *old, uint32_t new);
+int xt_evt_notify(struct xt_evt *E);
+int xt_evt_take(struct xt_evt *E, uint32_t *flags);
 uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
                  uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
                  int fd, struct xt_image *img, uint64_t inline_bytes, struct xt_stats *stats, int *stop,

@@ -1034,7 +1034,9 @@ class BlkFront:
             return
         for queue in self._rings.queues:
             for entry in queue.shadow:
-                if entry is not None and entry.deadline and entry.deadline < now:
+                # Read once: a batch's compiled wait completes its lanes without the lock.
+                deadline = entry.deadline if entry is not None else 0
+                if deadline and deadline < now:
                     self._fail(
                         "response.timeout",
                         f"queue {queue.index}: no response to request {entry.id:#x} "
@@ -1109,6 +1111,10 @@ class BlkFront:
                 self.drain(cfg.close_timeout)
         self._completion.stop(cfg.close_timeout)
         with self._lock:
+            while self._event_waiter is not None:  # a batch's compiled wait uses the ring: <= 50 ms
+                state = self._lock._release_save()  # type: ignore[attr-defined]
+                time.sleep(0.001)
+                self._lock._acquire_restore(state)  # type: ignore[attr-defined]
             if self._connected and self._rings.busy():
                 self._fail("device.closed", "closed with requests in flight")
             try:

@@ -24,6 +24,15 @@ Fewer Python steps per request: register one buffer per lane once, then read by 
     io.register_buffers([bytearray(4096) for _ in range(32)])
     tags = io.read_sectors([s1, s2, ...])       # request_bytes each, into buffers[tag]
     done, failed = io.reap_tags(1)              # tags; (tag, status) of the failed ones
+Waiting: on the software Xen (a handle whose only port is this queue's:
+SoftwareEventChannels.direct_link) a reap that must wait makes one compiled call
+(blkfront_ringloop.c, xt_front_wait) that reaps, arms rsp_event at the response that makes
+`min_done` (ring.h's final check; never past what is in flight), sleeps on the doorbell,
+takes and unmasks the event, and reaps again; read_sectors and the submits publish and
+notify through xt_front_push. A larger `min_done` means fewer wake-ups per request. What is
+not plainly valid comes back to Python as before (the response judged by take_responses;
+an event-channel state for the Python handle; an event with nothing behind it, counted and
+throttled as the completion thread does, XSA-391). Real Xen keeps the Python wait.
 Zeroing (XSA-403: zero pages before sharing them; never share a page that also holds
 unrelated data). A lane's pages come zeroed from the pool (fresh pages are zero, and
 blkfront_pool zeroes a run when it is given back) and go back zeroed at close(); in
@@ -56,14 +65,16 @@ from xentools.core.blkif import (
     Abi,
     indirect_pages_for,
 )
+from xentools.devices.blkback_ringloop import WAIT_EVTCHN, WAIT_STOP, WAIT_UNMASK
 from xentools.devices.blkback_ringloop import compiled as compiled_module
 from xentools.devices.blkfront_queue import BlkfrontQueue, InFlight
 from xentools.devices.blkfront_types import BlkfrontError, DeviceFailed
-from xentools.platform.interface import PAGE_SIZE
+from xentools.platform.interface import PAGE_SIZE, PlatformError
 
 __all__ = ["BatchIO", "BatchLanes", "Lane", "flayout_of"]
 
 _STOP_PYTHON = 1  # xt_front_reap: the next response is the Python path's to judge
+WAIT_SPURIOUS = 64  # xt_front_wait: an event with nothing behind it (beside blkback's WAIT_*)
 
 
 def flayout_of(module: Any, abi: Abi) -> Any:
@@ -187,6 +198,7 @@ class BatchLanes:
         self._reg: list[memoryview] = []  # registered read buffers per lane (register)
         self._reg_keep: list[Any] = []
         self.compiled = False
+        self._evt: Any = None  # struct xt_evt while the direct event channel is attached (compiled)
         self.compiled_fills = 0  # requests written by the compiled fill
         self.compiled_reaps = 0  # responses completed by the compiled reap
         if module is not None:
@@ -232,6 +244,8 @@ class BatchLanes:
         self._out_status_view = memoryview(ffi.buffer(self._out_status)).cast("h")
         self._stop = ffi.new("int *")
         self._index = ffi.new("uint32_t *")
+        self._cons = ffi.new("uint32_t *")  # wait_compiled's (a fill on another thread uses _index)
+        self._flags = ffi.new("uint32_t *")
         self._sring = self._address(self.queue.ring.shared.buf)
         self._pointers: list[Any] = [None] * count  # (from_buffer object, buffer) of reads in flight
         self._held = 0  # how many of them are set
@@ -402,15 +416,70 @@ class BatchLanes:
         lane's request (at most `limit`, if given); stop at anything else and leave it for
         the Python path."""
         ring = self.queue.ring
-        self._index[0] = ring.rsp_cons
+        self._cons[0] = ring.rsp_cons
         got = self._lib.xt_front_reap(
-            self._layout, self._sring, self.queue.size, self._index, self._c_shadow, self._c_lanes,
+            self._layout, self._sring, self.queue.size, self._cons, self._c_shadow, self._c_lanes,
             len(self.lanes), self._out_lane, self._out_status, limit or len(self.lanes), self._stop,
         )
+        return self.settle_compiled(got)
+
+    # -- the direct event channel (software Xen) --------------------------------------------
+
+    def attach_events(self, link: Any) -> None:
+        """Let push_compiled and wait_compiled send, take and unmask the queue's events
+        themselves through `link` (SoftwareEventChannels.direct_link; None: they cannot,
+        the device's Python handle does)."""
+        if link is None:
+            self._evt = None
+            return
+        ffi = self._ffi
+        evt = ffi.new("struct xt_evt *")
+        evt.doorbell, evt.own_ring, evt.peer_ring = link.doorbell, link.own_ring, link.peer_ring
+        evt.own_word = ffi.cast("uint32_t *", link.own_word)
+        evt.peer_word = ffi.cast("uint32_t *", link.peer_word)
+        evt.pending, evt.masked, evt.ready, evt.bound, evt.closed = (
+            link.pending, link.masked, link.ready, link.bound, link.closed)
+        evt.tries = link.tries
+        evt.wake_fds = [-1, -1]
+        if self._evt is not None:  # the counters go on
+            evt.sleeps, evt.events, evt.notifies = self._evt.sleeps, self._evt.events, self._evt.notifies
+        self._evt = evt
+
+    @property
+    def events_attached(self) -> bool:
+        return self._evt is not None
+
+    def event_counts(self) -> tuple[int, int]:
+        """(sleeps, events taken) of the compiled wait, ever."""
+        evt = self._evt
+        return (0, 0) if evt is None else (int(evt.sleeps), int(evt.events))
+
+    def push_compiled(self) -> int:
+        """Publish the requests filled so far and notify the backend if it asked
+        (xt_front_push): 0 no notify owed, 1 sent, -1 owed and the Python handle's to send."""
+        self.queue.unpushed = False
+        return int(self._lib.xt_front_push(self._sring, self.queue.ring.req_prod_pvt,
+                                            self._evt if self._evt is not None else self._ffi.NULL))
+
+    def wait_compiled(self, want: int, timeout_ms: int) -> tuple[int, int]:
+        """xt_front_wait: reap, and sleep on the event channel until `want` responses came
+        (at most the requests in flight). Called without the device lock by the thread that
+        owns the queue's responses and events (BatchIO._wait_compiled): touches no Python
+        state; `settle_compiled(got)` under the lock then hands the completions over.
+        Returns (responses reaped, WAIT_* flags)."""
+        self._cons[0] = self.queue.ring.rsp_cons
+        got = self._lib.xt_front_wait(
+            self._layout, self._sring, self.queue.size, self._cons, self._c_shadow, self._c_lanes,
+            len(self.lanes), self._out_lane, self._out_status, len(self.lanes), min(want, self.busy), self._stop,
+            self._evt, timeout_ms, self._flags,
+        )
+        return got, int(self._flags[0])
+
+    def settle_compiled(self, got: int) -> int:
+        """Hand over the `got` completions a compiled reap or wait left in the out arrays."""
         if not got:
             return 0
-        ring.rsp_cons = self._index[0]
-        ffi = self._ffi
+        self.queue.ring.rsp_cons = self._cons[0]
         lanes = self._out_lane_view[:got].tolist()
         self.done_lanes += lanes
         self.done_status += self._out_status_view[:got].tolist()
@@ -572,6 +641,7 @@ class BatchIO:
             self.depth = depth
             self.polled = 0  # responses the caller's thread took (BatchIO.reap)
             self._poller: Any = None  # the event channel, for _wait_event
+            self._link_generation = -1  # the handle's links_changed when the lanes were attached
             self.waits = 0  # sleeps on the event channel in the caller's thread (_wait_event)
             self.events_taken = 0  # events the caller's thread took (the completion thread's others)
             self._poll_bytes = 256 * 1024  # what one poll copies at most (unless more are asked)
@@ -622,9 +692,20 @@ class BatchIO:
         stats["requests"] += used
         stats["indirect_requests"] += indirect
         stats["direct_requests"] += used - indirect
-        queue = self.lanes.queue
+        lanes = self.lanes
+        queue = lanes.queue
         if queue.in_flight > stats["max_in_flight"]:
             stats["max_in_flight"] = queue.in_flight
+        if queue.unpushed and self._direct_events():
+            notified = lanes.push_compiled()
+            if notified:
+                stats["notifications"] += 1
+            if notified < 0:  # the channel needs the Python handle
+                try:
+                    dev._evtchn.notify(queue.port)
+                except PlatformError as err:
+                    dev._fail("evtchn.notify", f"queue {queue.index}: {err}")
+                    return
         dev._push_all()
 
     def register_buffers(self, buffers: list[Any]) -> None:
@@ -719,6 +800,12 @@ class BatchIO:
                 have = len(lanes.done_lanes)
                 if have >= min_done or not lanes.busy:
                     return lanes.take_completed() if take is None else take()
+                if lanes.compiled and self._owns_queue() and self._direct_events():
+                    left = None if deadline is None else deadline - time.monotonic()
+                    self._wait_compiled(min_done - have, left)
+                    if left is not None and left <= 0 and len(lanes.done_lanes) < min_done and lanes.busy:
+                        raise BlkfrontError("future.timeout", f"fewer than {min_done} requests complete after {timeout} s")
+                    continue
                 if lanes.compiled and dev._connected and self._poll(min_done - have):
                     continue
                 left = None if deadline is None else deadline - time.monotonic()
@@ -766,6 +853,71 @@ class BatchIO:
         queue = self.lanes.queue
         return (dev._connected and dev._event_waiter is None and queue.in_flight == self.lanes.busy
                 and not queue.backlog)
+
+    def _direct_events(self) -> bool:
+        """True when the compiled wait may take, unmask and send the queue's events itself
+        (the software Xen's direct event channels): the lanes are (re)attached whenever
+        the handle relinked its ports."""
+        lanes = self.lanes
+        evtchn = self.dev._evtchn
+        changed = getattr(evtchn, "links_changed", None)
+        if not lanes.compiled or changed is None:  # real Xen: the Python wait
+            return False
+        if changed != self._link_generation:
+            lanes.attach_events(evtchn.direct_link(lanes.queue.port))
+            self._link_generation = changed
+        return lanes.events_attached
+
+    def _wait_compiled(self, want: int, left: float | None) -> None:
+        """Reap and sleep in one compiled call (xt_front_wait) until `want` responses came,
+        without the device lock (while every request of the queue is the batch's, as
+        _wait_event), at most 50 ms. It returns early with what is the Python path's, which
+        is handled here as the completion thread would: a response the compiled reap leaves
+        (judged by take_responses, which may fail the device with its rule), an event the
+        Python handle must take or unmask, an event with nothing behind it (counted; a
+        storm of them throttled, XSA-391)."""
+        dev = self.dev
+        lanes = self.lanes
+        queue = lanes.queue
+        lock = dev._lock
+        sleeps, events = lanes.event_counts()
+        dev._event_waiter = self
+        state = lock._release_save()  # type: ignore[attr-defined]
+        try:
+            got, flags = lanes.wait_compiled(want, 50 if left is None else max(0, min(50, int(left * 1000) + 1)))
+        finally:
+            lock._acquire_restore(state)  # type: ignore[attr-defined]
+            dev._event_waiter = None
+        if dev._failure is not None:  # failed meanwhile (BlkFront._fail forgot what was in flight)
+            return
+        lanes.settle_compiled(got)
+        after = lanes.event_counts()
+        self.waits += after[0] - sleeps
+        taken = after[1] - events
+        self.events_taken += taken
+        stats = dev.stats
+        stats["events"] += taken
+        stats["responses"] += got
+        self.polled += got
+        if got:
+            dev._spurious_streak = 0
+        if flags & WAIT_STOP:  # the head is not a plain lane response: the Python path judges it
+            dev._process(queue)
+        ports: list[int] = []
+        if flags & WAIT_SPURIOUS:
+            stats["spurious_events"] += 1
+            dev._spurious_streak += 1
+        if flags & WAIT_EVTCHN:  # the handle's: pending() finds the port (its byte was rung back)
+            ports = dev._pass(False, own=queue) or []
+            self.events_taken += len(ports)
+            if flags & WAIT_UNMASK:
+                ports.append(queue.port)
+        if ports or flags & WAIT_SPURIOUS:
+            state = lock._release_save()  # type: ignore[attr-defined]
+            try:
+                dev._unmask_events(ports)  # sleeps first while events storm (XSA-391)
+            finally:
+                lock._acquire_restore(state)  # type: ignore[attr-defined]
 
     def _wait_event(self, left: float | None) -> None:
         """Sleep on the event channel on the caller's thread (under the device lock, which

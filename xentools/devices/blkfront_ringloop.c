@@ -13,20 +13,31 @@
  * at the first response that is anything else (a broken rule, or a response to a request
  * the Python path made) and leaves it unconsumed:
  * the Python path judges it and fails the device with the rule (Violation), the authority.
+ * On the software Xen's direct event channels it also publishes req_prod and notifies
+ * (xt_front_push), and waits: reap, arm rsp_event (ring.h's final check), sleep on the
+ * doorbell, take and unmask the event, reap again (xt_front_wait), returning to Python with
+ * the completions or with what is Python's (a response to judge, an event-channel state, an
+ * event with nothing behind it, the timeout).
  * Must not: describe a blkif struct (every offset comes from xentools.core.blkif's Abi
- * through struct xt_flayout), publish req_prod or arm rsp_event (the Python FrontRing does,
- * with its barriers), notify, or grant anything.
+ * through struct xt_flayout), change an event word but through blkback_ringloop.c's
+ * transitions (xt_evt_notify, xt_evt_take), or grant anything.
  */
 
+#include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #include "blkback_ringloop.h"
 #include "blkfront_ringloop.h"
 
 #define XF_PAGE 4096u
 #define XF_HEADER 64u            /* struct sring header before the entries (ring.h) */
+#define XF_REQ_PROD 0u           /* offsetof(struct sring, req_prod) */
+#define XF_REQ_EVENT 4u          /* offsetof(struct sring, req_event) */
 #define XF_RSP_PROD 8u           /* offsetof(struct sring, rsp_prod) */
+#define XF_RSP_EVENT 12u         /* offsetof(struct sring, rsp_event) */
 #define XF_MAX_SEGS 11u          /* BLKIF_MAX_SEGMENTS_PER_REQUEST */
 #define XF_MAX_INDIRECT_PAGES 8u /* BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST */
 #define XF_SLOT_MAX 128u         /* larger than any blkif entry (112 / 108 bytes) */
@@ -98,14 +109,15 @@ uint32_t xt_front_fill(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_e
                 xf_put32(slot + L->indirect_grefs + 4 * i, lane->ind_grefs[i]);
         }
         memcpy(sring + XF_HEADER + (size_t)(prod & (nr_ents - 1)) * L->entry_size, slot, L->request_size);
-        s->id = id;
-        s->deadline = deadline;
-        s->lane = (int32_t)lane_of[done];
-        s->op = wire;
-        s->rsp_op = (uint8_t)op;
         lane->op = op;
         lane->nbytes = size;
         lane->dest = op == XF_OP_READ ? buf : NULL;
+        s->id = id;
+        s->deadline = deadline;
+        s->op = wire;
+        s->rsp_op = (uint8_t)op;
+        /* Last: a reap on another thread (xt_front_wait) sees the lane whole or not at all. */
+        __atomic_store_n(&s->lane, (int32_t)lane_of[done], __ATOMIC_RELEASE);
         prod++;
     }
     __atomic_thread_fence(__ATOMIC_RELEASE); /* slots written before req_prod moves */
@@ -141,7 +153,7 @@ uint32_t xt_front_reap(const struct xt_flayout *L, const uint8_t *sring, uint32_
         memcpy(&status, rsp + L->rsp_status, 2);
         uint8_t op = rsp[L->rsp_operation];
         struct xt_shadow *s = &shadow[id & (nr_ents - 1)];
-        if (s->lane < 0 || (uint32_t)s->lane >= nlanes || s->id != id ||
+        if (__atomic_load_n(&s->lane, __ATOMIC_ACQUIRE) < 0 || (uint32_t)s->lane >= nlanes || s->id != id ||
             (op != s->rsp_op && !(s->op == XF_OP_INDIRECT && op == XF_OP_INDIRECT)) ||
             (status != 0 && status != -1 && status != -2)) {
             *stop = 1;
@@ -159,4 +171,109 @@ uint32_t xt_front_reap(const struct xt_flayout *L, const uint8_t *sring, uint32_
     }
     *rsp_cons = cons;
     return got;
+}
+
+/* ---- the frontend's side of the direct event channels (software Xen) ----
+ *
+ * xt_front_push publishes the requests filled so far and notifies the backend if it asked
+ * (RING_PUSH_REQUESTS_AND_CHECK_NOTIFY, then xt_evt_notify); xt_front_wait reaps, and while
+ * fewer than `want` responses came, arms rsp_event and sleeps on the event channel
+ * (RING_FINAL_CHECK_FOR_RESPONSES, then poll(2) on the doorbell, xt_evt_take: the event
+ * taken and unmasked), so that a round of the batch API costs one call. The transitions on
+ * the event words are blkback_ringloop.c's (xt_evt_notify, xt_evt_take), written once. */
+
+/* What ended an xt_front_wait (*flags; the values of blkback_ringloop.py's WAIT_*, which
+ * xt_evt_take sets too: WAIT_EVTCHN 8, WAIT_UNMASK 32). */
+enum { XF_W_STOP = 1, XF_W_WAKE = 2, XF_W_TIMEOUT = 4, XF_W_SPURIOUS = 64 };
+
+static uint32_t *xf_index(uint8_t *sring, uint32_t at) { return (uint32_t *)(void *)(sring + at); }
+
+/* Publish req_prod_pvt; 0 no notify owed, 1 notified through E, -1 owed and E (NULL, or
+ * its channel Python's) cannot send it. */
+int xt_front_push(uint8_t *sring, uint32_t req_prod_pvt, struct xt_evt *E)
+{
+    uint32_t old = __atomic_load_n(xf_index(sring, XF_REQ_PROD), __ATOMIC_RELAXED);
+    if (old == req_prod_pvt)
+        return 0;
+    __atomic_store_n(xf_index(sring, XF_REQ_PROD), req_prod_pvt, __ATOMIC_RELEASE); /* slots first */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the backend sees them before we read req_event */
+    uint32_t event = __atomic_load_n(xf_index(sring, XF_REQ_EVENT), __ATOMIC_RELAXED);
+    if ((uint32_t)(req_prod_pvt - event) >= (uint32_t)(req_prod_pvt - old))
+        return 0;
+    return E && xt_evt_notify(E) == 0 ? 1 : -1;
+}
+
+static int64_t xf_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Reap (xt_front_reap, into out_lane / out_status from 0, at most max) until `want` came;
+ * meanwhile arm rsp_event at the response that makes `want` (never beyond it: the caller
+ * passes at most the requests in flight, each of which gets a response) and sleep on E's
+ * doorbell, taking and unmasking each event. Returns the responses reaped, and in *flags
+ * what ended it early: XF_W_STOP (*stop 1: the next response is the Python path's), an
+ * event the Python handle must handle (WAIT_EVTCHN, WAIT_UNMASK), XF_W_SPURIOUS (an event
+ * with nothing behind it: the caller throttles, XSA-391), XF_W_TIMEOUT (timeout_ms passed),
+ * XF_W_WAKE (a signal: Python runs its handlers). */
+uint32_t xt_front_wait(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_ents, uint32_t *rsp_cons,
+                       struct xt_shadow *shadow, struct xt_lane *lanes, uint32_t nlanes,
+                       uint32_t *out_lane, int16_t *out_status, uint32_t max, uint32_t want, int *stop,
+                       struct xt_evt *E, int timeout_ms, uint32_t *flags)
+{
+    uint32_t got = 0, mark = 0;
+    int woken = 0;
+    int64_t until = xf_now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+    struct pollfd fd = {.fd = E->doorbell, .events = POLLIN};
+    *flags = 0;
+    if (want > max)
+        want = max;
+    for (;;) {
+        got += xt_front_reap(L, sring, nr_ents, rsp_cons, shadow, lanes, nlanes, out_lane + got, out_status + got,
+                             max - got, stop);
+        if (*stop == 1) {
+            *flags |= XF_W_STOP;
+            return got;
+        }
+        if (got >= want || *stop == 2)
+            return got;
+        /* RING_FINAL_CHECK_FOR_RESPONSES, the event asked for at the response that makes want. */
+        __atomic_store_n(xf_index(sring, XF_RSP_EVENT), *rsp_cons + (want - got), __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(xf_index(sring, XF_RSP_PROD), __ATOMIC_ACQUIRE) != *rsp_cons)
+            continue; /* they came meanwhile */
+        if (woken && got == mark) {
+            *flags |= XF_W_SPURIOUS;
+            return got;
+        }
+        woken = 0;
+        /* An event delivered while we reaped is taken without a sleep. */
+        if (!(__atomic_load_n(E->own_word, __ATOMIC_ACQUIRE) & E->ready)) {
+            int64_t left = until - xf_now_ms();
+            if (left <= 0) {
+                *flags |= XF_W_TIMEOUT;
+                return got;
+            }
+            E->sleeps++;
+            fd.revents = 0;
+            int n = poll(&fd, 1, (int)left);
+            if (n < 0 && errno == EINTR) {
+                *flags |= XF_W_WAKE;
+                return got;
+            }
+            if (n <= 0) {
+                *flags |= XF_W_TIMEOUT;
+                return got;
+            }
+        }
+        int taken = xt_evt_take(E, flags);
+        if (taken < 0)
+            return got;
+        if (taken > 0) {
+            woken = 1;
+            mark = got;
+        }
+    }
 }

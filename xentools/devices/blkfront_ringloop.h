@@ -49,3 +49,10 @@ uint32_t xt_front_fill(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_e
 uint32_t xt_front_reap(const struct xt_flayout *L, const uint8_t *sring, uint32_t nr_ents, uint32_t *rsp_cons,
                        struct xt_shadow *shadow, struct xt_lane *lanes, uint32_t nlanes,
                        uint32_t *out_lane, int16_t *out_status, uint32_t max, int *stop);
+/* The direct event channels of the software Xen (struct xt_evt, blkback_ringloop.h): publish
+ * and notify; reap and sleep until `want` responses came (blkfront_ringloop.c says how). */
+int xt_front_push(uint8_t *sring, uint32_t req_prod_pvt, struct xt_evt *E);
+uint32_t xt_front_wait(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_ents, uint32_t *rsp_cons,
+                       struct xt_shadow *shadow, struct xt_lane *lanes, uint32_t nlanes,
+                       uint32_t *out_lane, int16_t *out_status, uint32_t max, uint32_t want, int *stop,
+                       struct xt_evt *E, int timeout_ms, uint32_t *flags);
