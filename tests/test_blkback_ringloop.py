@@ -750,6 +750,58 @@ def test_the_compiled_wait_loop_takes_an_event_that_comes_while_it_watches(tmp_p
             q.close()
 
 
+def test_the_compiled_wait_loop_does_not_watch_after_large_requests(tmp_path) -> None:
+    """After a round whose requests averaged more than watch_bytes, xt_wait sleeps without
+    watching its event word (the frontend answers large reads only once it has handled their
+    data) and that sleep leaves the watch's length as it was; the next round of small
+    requests watches again. The watch starts at its longest when events are attached."""
+    from xentools.devices.blkback_ringloop import SPIN_US, WATCH_BYTES
+
+    size, image, content = _image(tmp_path, "large.img", 11)
+    with SoftwareXen(domains=(0, 1)) as xen:
+        q = _MappedReads(xen, image, size)
+        side, worker = q.side, q.side.worker
+        try:
+            assert q.read(8)[0] == 0
+            backend_evtchn = worker._evtchn  # noqa: SLF001
+            while (port := backend_evtchn.pending()) is not None:
+                backend_evtchn.unmask(port)
+            assert worker._direct_events()  # noqa: SLF001
+            fast = worker._fast  # noqa: SLF001
+            evt = fast._evt  # noqa: SLF001
+            assert evt.watch_bytes == WATCH_BYTES and evt.spin_ns == evt.spin_max_ns == SPIN_US * 1000
+
+            def one_read(sector: int) -> None:
+                side.front.put_request(q.read_slot(sector))
+                side.front.push_requests_and_check_notify()
+                side.front.final_check_for_responses()
+                side.evtchn.notify(side.port)
+                worker._wait_compiled(300)  # noqa: SLF001 - serves, then sleeps to the timeout
+                assert side.front.unconsumed_responses() == 1
+                rsp = side.front.get_response()
+                assert struct.unpack_from("<h", rsp, q.abi.rsp_status)[0] == 0
+                assert bytes(q.pool.buf[:PAGE_SIZE]) == content[sector * 512 : sector * 512 + PAGE_SIZE]
+                while side.evtchn.pending() is not None:
+                    side.evtchn.unmask(side.port)
+
+            evt.watch_bytes = PAGE_SIZE // 2  # so a 4 KiB read counts as large here
+            before = fast.wait_profile
+            one_read(48)
+            after = fast.wait_profile
+            assert evt.large == 1
+            # (the notify's event, delivered before the wait, is taken after the first sleep)
+            assert after["unwatched"] - before["unwatched"] >= 1 and after["spins"] == before["spins"]
+            assert evt.spin_ns == SPIN_US * 1000  # a 300 ms sleep, yet not halved
+            evt.watch_bytes = WATCH_BYTES  # 4 KiB is small again: the watch comes back
+            before = fast.wait_profile
+            one_read(56)
+            after = fast.wait_profile
+            assert evt.large == 0 and after["unwatched"] == before["unwatched"]
+            assert evt.spin_ns == SPIN_US * 1000 // 2  # watched, then slept 300 ms: halved
+        finally:
+            q.close()
+
+
 def test_a_barrier_elsewhere_wakes_a_queue_waiting_in_the_compiled_loop(tmp_path, monkeypatch) -> None:
     """A queue's ring thread holds its gate lock while it serves in xt_wait; a barrier on
     another queue (DeviceGate.acquire_all) wakes it, and gets the lock at once, not at the

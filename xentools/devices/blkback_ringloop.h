@@ -63,6 +63,9 @@ struct xt_evt {
     uint64_t spin_max_ns;      /* the longest watch of own_word before a sleep (0: none) */
     uint64_t spin_ns;          /* the watch now (xt_wait adapts it) */
     uint64_t sleeps, events, notifies, rounds, spins;  /* counters for the profile */
+    uint32_t watch_bytes;      /* no watch after requests that averaged more bytes (0: always) */
+    int large;                 /* the last requests served averaged more than watch_bytes */
+    uint64_t unwatched;        /* sleeps without a watch because of that (profile) */
 };
 uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const struct xt_table *T,
                  uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
