@@ -25,6 +25,7 @@ covers them (tests/test_blkback_raw_frontend.py sends one to a blkback process).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -693,6 +695,28 @@ def test_the_compiled_wait_loop_keeps_xens_event_channel_rules(tmp_path) -> None
             q.close()
 
 
+@contextlib.contextmanager
+def _direct_wait(tmp_path: Path, name: str, seed: int) -> Iterator[tuple]:
+    """A queue over an image `name` (content from `seed`) whose ring thread waits in xt_wait:
+    one read through the Python path (it caches the ref), the bind's first event taken.
+    Yields (the _MappedReads, the image's bytes, the backend's EventChannels, the compiled
+    loop, its struct xt_evt)."""
+    size, image, content = _image(tmp_path, name, seed)
+    with SoftwareXen(domains=(0, 1)) as xen:
+        q = _MappedReads(xen, image, size)
+        try:
+            worker = q.side.worker
+            assert q.read(8)[0] == 0
+            backend_evtchn = worker._evtchn  # noqa: SLF001
+            while (port := backend_evtchn.pending()) is not None:
+                backend_evtchn.unmask(port)
+            assert worker._direct_events()  # noqa: SLF001
+            fast = worker._fast  # noqa: SLF001
+            yield q, content, backend_evtchn, fast, fast._evt  # noqa: SLF001
+        finally:
+            q.close()
+
+
 def test_the_compiled_wait_loop_takes_an_event_that_comes_while_it_watches(tmp_path) -> None:
     """Before it sleeps, xt_wait watches its event word (spin_ns): a notify that comes then is
     taken without a sleep, with the same transitions as after one (word left clean, the
@@ -701,53 +725,81 @@ def test_the_compiled_wait_loop_takes_an_event_that_comes_while_it_watches(tmp_p
     from xentools.devices.blkback_ringloop import SPIN_US
     from xentools.platform.sim.evtchn_channel import MASKED, PENDING, READY
 
-    size, image, content = _image(tmp_path, "spin.img", 10)
-    with SoftwareXen(domains=(0, 1)) as xen:
-        q = _MappedReads(xen, image, size)
+    with _direct_wait(tmp_path, "spin.img", 10) as (q, content, backend_evtchn, fast, evt):
         side, worker = q.side, q.side.worker
-        try:
-            assert q.read(8)[0] == 0
-            backend_evtchn = worker._evtchn  # noqa: SLF001
-            while (port := backend_evtchn.pending()) is not None:
-                backend_evtchn.unmask(port)
-            assert worker._direct_events()  # noqa: SLF001
-            fast = worker._fast  # noqa: SLF001
-            evt = fast._evt  # noqa: SLF001
-            assert evt.spin_max_ns == SPIN_US * 1000 > 0
-            evt.spin_ns = 1_000_000_000  # a watch of 1 s, so the notify below comes during it
-            before = fast.wait_profile
-            served_before = worker.compiled_served
-            waiter = threading.Thread(target=worker._wait_compiled, args=(300,))  # noqa: SLF001
-            waiter.start()
-            time.sleep(0.2)
-            side.front.put_request(q.read_slot(40))
+        assert evt.spin_max_ns == SPIN_US * 1000 > 0
+        evt.spin_ns = 1_000_000_000  # a watch of 1 s, so the notify below comes during it
+        before = fast.wait_profile
+        served_before = worker.compiled_served
+        waiter = threading.Thread(target=worker._wait_compiled, args=(300,))  # noqa: SLF001
+        waiter.start()
+        time.sleep(0.2)
+        side.front.put_request(q.read_slot(40))
+        side.front.push_requests_and_check_notify()
+        side.front.final_check_for_responses()
+        side.evtchn.notify(side.port)
+        waiter.join(30)
+        assert not waiter.is_alive()
+        after = fast.wait_profile
+        assert after["spins"] - before["spins"] == 1 and after["events"] - before["events"] == 1
+        assert after["sleeps"] - before["sleeps"] == 1  # only once the second watch found nothing
+        assert worker.compiled_served == served_before + 1
+        assert side.front.unconsumed_responses() == 1
+        rsp = side.front.get_response()
+        assert struct.unpack_from("<h", rsp, q.abi.rsp_status)[0] == 0
+        assert bytes(q.pool.buf[:PAGE_SIZE]) == content[40 * 512 : 40 * 512 + PAGE_SIZE]
+        link = backend_evtchn._links[worker.port]  # noqa: SLF001
+        assert link.page.word(link.end) & (PENDING | MASKED | READY) == 0
+        assert side.evtchn.pending() == side.port
+        side.evtchn.unmask(side.port)
+        # That sleep lasted the timeout (300 ms > spin_max_ns): the watch was halved.
+        assert evt.spin_ns == 500_000_000
+        # A short sleep grows it, up to spin_max_ns.
+        evt.spin_ns = 0
+        side.evtchn.notify(side.port)  # a stray event: wakes the sleep at once
+        worker._wake()  # noqa: SLF001
+        worker._wait_compiled(300)  # noqa: SLF001
+        assert 0 < evt.spin_ns <= evt.spin_max_ns
+
+
+def test_the_compiled_wait_loop_does_not_watch_after_large_requests(tmp_path) -> None:
+    """After a round whose requests averaged more than watch_bytes, xt_wait sleeps without
+    watching its event word (the frontend answers large reads only once it has handled their
+    data) and that sleep leaves the watch's length as it was; the next round of small
+    requests watches again. The watch starts at its longest when events are attached."""
+    from xentools.devices.blkback_ringloop import SPIN_US, WATCH_BYTES
+
+    with _direct_wait(tmp_path, "large.img", 11) as (q, content, backend_evtchn, fast, evt):
+        side, worker = q.side, q.side.worker
+        assert evt.watch_bytes == WATCH_BYTES and evt.spin_ns == evt.spin_max_ns == SPIN_US * 1000
+
+        def one_read(sector: int) -> None:
+            side.front.put_request(q.read_slot(sector))
             side.front.push_requests_and_check_notify()
             side.front.final_check_for_responses()
             side.evtchn.notify(side.port)
-            waiter.join(30)
-            assert not waiter.is_alive()
-            after = fast.wait_profile
-            assert after["spins"] - before["spins"] == 1 and after["events"] - before["events"] == 1
-            assert after["sleeps"] - before["sleeps"] == 1  # only once the second watch found nothing
-            assert worker.compiled_served == served_before + 1
+            worker._wait_compiled(300)  # noqa: SLF001 - serves, then sleeps to the timeout
             assert side.front.unconsumed_responses() == 1
             rsp = side.front.get_response()
             assert struct.unpack_from("<h", rsp, q.abi.rsp_status)[0] == 0
-            assert bytes(q.pool.buf[:PAGE_SIZE]) == content[40 * 512 : 40 * 512 + PAGE_SIZE]
-            link = backend_evtchn._links[worker.port]  # noqa: SLF001
-            assert link.page.word(link.end) & (PENDING | MASKED | READY) == 0
-            assert side.evtchn.pending() == side.port
-            side.evtchn.unmask(side.port)
-            # That sleep lasted the timeout (300 ms > spin_max_ns): the watch was halved.
-            assert evt.spin_ns == 500_000_000
-            # A short sleep grows it, up to spin_max_ns.
-            evt.spin_ns = 0
-            side.evtchn.notify(side.port)  # a stray event: wakes the sleep at once
-            worker._wake()  # noqa: SLF001
-            worker._wait_compiled(300)  # noqa: SLF001
-            assert 0 < evt.spin_ns <= evt.spin_max_ns
-        finally:
-            q.close()
+            assert bytes(q.pool.buf[:PAGE_SIZE]) == content[sector * 512 : sector * 512 + PAGE_SIZE]
+            while side.evtchn.pending() is not None:
+                side.evtchn.unmask(side.port)
+
+        evt.watch_bytes = PAGE_SIZE // 2  # so a 4 KiB read counts as large here
+        before = fast.wait_profile
+        one_read(48)
+        after = fast.wait_profile
+        assert evt.large == 1
+        # (the notify's event, delivered before the wait, is taken after the first sleep)
+        assert after["unwatched"] - before["unwatched"] >= 1 and after["spins"] == before["spins"]
+        assert evt.spin_ns == SPIN_US * 1000  # a 300 ms sleep, yet not halved
+        evt.watch_bytes = WATCH_BYTES  # 4 KiB is small again: the watch comes back
+        before = fast.wait_profile
+        one_read(56)
+        after = fast.wait_profile
+        assert evt.large == 0 and after["unwatched"] == before["unwatched"]
+        assert evt.spin_ns == SPIN_US * 1000 // 2  # watched, then slept 300 ms: halved
 
 
 def test_a_barrier_elsewhere_wakes_a_queue_waiting_in_the_compiled_loop(tmp_path, monkeypatch) -> None:

@@ -63,6 +63,9 @@ struct xt_evt {
     uint64_t spin_max_ns;      /* the longest watch of own_word before a sleep (0: none) */
     uint64_t spin_ns;          /* the watch now (xt_wait adapts it) */
     uint64_t sleeps, events, notifies, rounds, spins;  /* counters for the profile */
+    uint32_t watch_bytes;      /* no watch after requests that averaged more bytes (0: always) */
+    int large;                 /* the last requests served averaged more than watch_bytes */
+    uint64_t unwatched;        /* sleeps without a watch because of that (profile) */
 };
 /* The direct event channel's transitions (blkback_ringloop.c; blkfront_ringloop.c's wait uses
  * them too): ring a doorbell; a compare-and-swap on a state word; notify the peer (0 done,
