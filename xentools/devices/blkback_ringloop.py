@@ -41,7 +41,7 @@ from xentools.core.blkif import BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE
 __all__ = [
     "MAP_WINDOW", "MAP_WINDOWS", "STOP_ERROR", "STOP_PYTHON", "STOP_RING", "STOP_WAIT", "WAIT_EVTCHN", "WAIT_NOTIFY",
     "WAIT_STOP", "WAIT_TIMEOUT", "WAIT_UNMASK", "WAIT_WAKE", "CompiledRing", "GrefTable",
-    "READS_CHOICES", "READS_ENV", "SPIN_ENV", "SPIN_US_RANGE", "choose_reads", "compiled", "layout_of", "map_usage",
+    "READS_CHOICES", "READS_ENV", "SPIN_ENV", "SPIN_US_RANGE", "choose_reads", "compiled", "evt_of", "layout_of", "map_usage",
     "reads_setting", "set_map_budget", "set_reads", "set_spin", "source_hash",
 ]
 
@@ -163,6 +163,25 @@ def compiled() -> Any:
 
 
 _WAIT_COUNTERS = ("sleeps", "events", "notifies", "rounds", "spins", "unwatched")  # struct xt_evt's
+
+
+def evt_of(ffi: Any, link: Any, wake_fds: tuple[int, int], previous: Any) -> Any:
+    """A struct xt_evt for the compiled event transitions (xt_evt_take, xt_evt_notify) over
+    `link` (the software Xen's SoftwareEventChannels.direct_link: its words, doorbell and
+    bits), `wake_fds` readable ending a wait, the counters going on from `previous` (or
+    None). blkback's wait loop and blkfront's batch wait both build theirs here."""
+    evt = ffi.new("struct xt_evt *")
+    evt.doorbell, evt.own_ring, evt.peer_ring = link.doorbell, link.own_ring, link.peer_ring
+    evt.own_word = ffi.cast("uint32_t *", link.own_word)
+    evt.peer_word = ffi.cast("uint32_t *", link.peer_word)
+    evt.pending, evt.masked, evt.ready, evt.bound, evt.closed = (
+        link.pending, link.masked, link.ready, link.bound, link.closed)
+    evt.tries = link.tries
+    evt.wake_fds = list(wake_fds)
+    if previous is not None:
+        for name in _WAIT_COUNTERS:
+            setattr(evt, name, getattr(previous, name))
+    return evt
 
 
 def layout_of(module: Any, abi: Abi) -> Any:
@@ -334,22 +353,12 @@ class CompiledRing:
     def attach_events(self, link: Any, wake_fds: tuple[int, int]) -> None:
         """Let wait() take, unmask and send the ring's events itself through `link` (the
         software Xen's SoftwareEventChannels.direct_link); `wake_fds` readable end a wait."""
-        evt = self._ffi.new("struct xt_evt *")
-        evt.doorbell, evt.own_ring, evt.peer_ring = link.doorbell, link.own_ring, link.peer_ring
-        evt.own_word = self._ffi.cast("uint32_t *", link.own_word)
-        evt.peer_word = self._ffi.cast("uint32_t *", link.peer_word)
-        evt.pending, evt.masked, evt.ready, evt.bound, evt.closed = (
-            link.pending, link.masked, link.ready, link.bound, link.closed)
-        evt.tries = link.tries
-        evt.wake_fds = list(wake_fds)
+        evt = evt_of(self._ffi, link, wake_fds, self._evt)  # the counters go on
         # The watch starts at its longest: from 0 it grows only after short sleeps, and a
         # frontend that waits for a sleeping backend's wake-ups sleeps long (a batch of 32
         # 4 KiB reads: ~200 us on 2 vCPUs), so it could stay at 0.
         evt.spin_max_ns = evt.spin_ns = SPIN_US * 1000
         evt.watch_bytes = WATCH_BYTES
-        if self._evt is not None:  # the counters go on
-            for name in _WAIT_COUNTERS:
-                setattr(evt, name, getattr(self._evt, name))
         self._evt = evt
         self.link_generation = link.generation
         self._flags = self._ffi.new("uint32_t *")

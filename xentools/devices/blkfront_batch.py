@@ -65,7 +65,7 @@ from xentools.core.blkif import (
     Abi,
     indirect_pages_for,
 )
-from xentools.devices.blkback_ringloop import WAIT_EVTCHN, WAIT_STOP, WAIT_UNMASK
+from xentools.devices.blkback_ringloop import WAIT_EVTCHN, WAIT_STOP, WAIT_UNMASK, evt_of
 from xentools.devices.blkback_ringloop import compiled as compiled_module
 from xentools.devices.blkfront_queue import BlkfrontQueue, InFlight
 from xentools.devices.blkfront_types import BlkfrontError, DeviceFailed
@@ -432,18 +432,7 @@ class BatchLanes:
         if link is None:
             self._evt = None
             return
-        ffi = self._ffi
-        evt = ffi.new("struct xt_evt *")
-        evt.doorbell, evt.own_ring, evt.peer_ring = link.doorbell, link.own_ring, link.peer_ring
-        evt.own_word = ffi.cast("uint32_t *", link.own_word)
-        evt.peer_word = ffi.cast("uint32_t *", link.peer_word)
-        evt.pending, evt.masked, evt.ready, evt.bound, evt.closed = (
-            link.pending, link.masked, link.ready, link.bound, link.closed)
-        evt.tries = link.tries
-        evt.wake_fds = [-1, -1]
-        if self._evt is not None:  # the counters go on
-            evt.sleeps, evt.events, evt.notifies = self._evt.sleeps, self._evt.events, self._evt.notifies
-        self._evt = evt
+        self._evt = evt_of(self._ffi, link, (-1, -1), self._evt)  # xt_front_wait does not watch
 
     @property
     def events_attached(self) -> bool:
