@@ -3,7 +3,8 @@
 Owns: `start_grantd` (a grantd of its own in a short directory, checked to leave nothing
 behind), `short_tmpdir` (unix socket paths hold 107 bytes: tmp_path is too long), and `Peer`
 (a domain in another process: a small script driven by one JSON object per line on
-stdin/stdout, so that memory and event channels really cross process boundaries).
+stdin/stdout, so that memory and event channels really cross process boundaries), and
+`stopped` (a process held stopped, every thread of it, for the length of a block).
 Must not: define pytest fixtures (tests/conftest.py does, on these helpers) or import
 anything from a test module.
 """
@@ -15,9 +16,11 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 
 from xentools.platform.sim.launcher import GRANTD_MODULE
@@ -102,3 +105,27 @@ class Peer:
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None and not f.closed:
                 f.close()
+
+
+@contextlib.contextmanager
+def stopped(pid: int, timeout: float = 10.0) -> Iterator[None]:
+    """Process `pid` stopped (SIGSTOP) until the block ends (SIGCONT). kill() returns before
+    the signal has stopped threads running on another CPU (a ring thread watching its event
+    word serves meanwhile), so this waits until /proc says every thread is stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            states = []
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/stat", "rb") as f:
+                    stat = f.read()
+                    states.append(stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3])
+            if all(state in (b"T", b"t", b"Z") for state in states):
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"process {pid} not stopped {timeout} s after SIGSTOP: {states}")
+            time.sleep(0.001)
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)

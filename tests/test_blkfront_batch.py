@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
 
 import pytest
+from support import stopped
 
 from xentools.devices import blkfront_batch
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError, DeviceFailed
@@ -185,14 +185,11 @@ def test_bad_requests_raise_before_anything_is_sent(rig) -> None:
 def test_a_backend_that_stops_answering_fails_the_batch(rig) -> None:
     with rig.attach(_config(request_timeout=1.0)) as dev:
         io = dev.batch_io(depth=8, request_bytes=4096)
-        os.kill(rig.backend.pid, signal.SIGSTOP)
-        try:
+        with stopped(rig.backend.pid):
             io.submit_reads([(sector * 8, 8) for sector in range(8)])
             with pytest.raises(DeviceFailed) as err:
                 io.reap(8, 20)
             assert err.value.rule == "response.timeout"
-        finally:
-            os.kill(rig.backend.pid, signal.SIGCONT)
         io.close()
         with pytest.raises(DeviceFailed):
             io.submit_reads([(0, 8)])
@@ -396,8 +393,7 @@ def test_the_compiled_wait_leaves_a_bad_response_to_the_python_path(rig, monkeyp
             if io.lanes.events_attached:
                 break
         assert io.lanes.events_attached
-        os.kill(rig.backend.pid, signal.SIGSTOP)
-        try:
+        with stopped(rig.backend.pid):  # it answers nothing while the test forges
             io.read_sectors([8])
             queue = io.lanes.queue
             ring = queue.ring
@@ -408,6 +404,4 @@ def test_the_compiled_wait_leaves_a_bad_response_to_the_python_path(rig, monkeyp
             with pytest.raises(DeviceFailed) as err:
                 io.reap_tags(1, 10)
             assert err.value.rule.startswith("response."), err.value
-        finally:
-            os.kill(rig.backend.pid, signal.SIGCONT)
         io.close()
