@@ -11,11 +11,11 @@ between two processes of the software Xen, against a socketpair ping-pong betwee
 two processes in the same run. The image is read once first, so both sides read from the
 page cache. Every figure is measured in interleaved rounds (a reference, then the figures
 divided by it), and the medians are reported: one measurement swings with where the two
-vCPUs' threads run, a median of rounds much less. The configuration says whether blkback served the rings through its compiled
-ring loop and blkfront filled and reaped them through its compiled fill and reap, or both
-took their pure-Python paths (XENTOOLS_RINGLOOP=python asks for the latter), and the grant
-budget: the frontend's pool (lanes included) never exceeds the backend's persistent-grant
-cache. With `--json`, one JSON object on stdout with the figures, the ratios and the
+vCPUs' threads run, a median of rounds much less. The configuration says whether blkback
+served the rings through its compiled ring loop and blkfront filled and reaped them through
+its compiled fill and reap, or both took their pure-Python paths (XENTOOLS_RINGLOOP=python
+asks for the latter), and the grant budget: the frontend's pool (lanes included) never
+exceeds the backend's persistent-grant cache. With `--json`, one JSON object on stdout with the figures, the ratios and the
 configuration used.
 Must not: be a test: nothing here asserts a target; it measures and reports.
 """
@@ -310,23 +310,17 @@ def _metered(meter: CpuMeter, dev: BlkFront, measure: Callable[[], float]) -> tu
     return figure, meter.per_request_us(dev.stats["requests"] - before)
 
 
-# The figures of one round: (key, reference key or None); ratios are "<key minus _mbps/_iops>_ratio".
+# The figures of one round: (key, reference key or None, CPU key or None); a ratio's key is
+# "<key less its _mbps/_iops>_ratio".
 _FIGURES = (
-    ("seq_read_1m_raw_pread_mbps", None),
-    ("seq_read_1m_mbps", "seq_read_1m_raw_pread_mbps"),
-    ("seq_read_1m_into_pool_mbps", "seq_read_1m_raw_pread_mbps"),
-    ("seq_read_1m_futures_mbps", "seq_read_1m_raw_pread_mbps"),
-    ("rand_read_4k_raw_pread_iops", None),
-    ("rand_read_4k_qd32_iops", "rand_read_4k_raw_pread_iops"),
-    ("rand_read_4k_qd32_futures_iops", "rand_read_4k_raw_pread_iops"),
+    ("seq_read_1m_raw_pread_mbps", None, None),
+    ("seq_read_1m_mbps", "seq_read_1m_raw_pread_mbps", "seq_read_1m_cpu_us_per_request"),
+    ("seq_read_1m_into_pool_mbps", "seq_read_1m_raw_pread_mbps", "seq_read_1m_into_pool_cpu_us_per_request"),
+    ("seq_read_1m_futures_mbps", "seq_read_1m_raw_pread_mbps", "seq_read_1m_futures_cpu_us_per_request"),
+    ("rand_read_4k_raw_pread_iops", None, None),
+    ("rand_read_4k_qd32_iops", "rand_read_4k_raw_pread_iops", "rand_read_4k_cpu_us_per_request"),
+    ("rand_read_4k_qd32_futures_iops", "rand_read_4k_raw_pread_iops", "rand_read_4k_futures_cpu_us_per_request"),
 )
-_CPU_OF = {
-    "seq_read_1m_mbps": "seq_read_1m_cpu_us_per_request",
-    "seq_read_1m_into_pool_mbps": "seq_read_1m_into_pool_cpu_us_per_request",
-    "seq_read_1m_futures_mbps": "seq_read_1m_futures_cpu_us_per_request",
-    "rand_read_4k_qd32_iops": "rand_read_4k_cpu_us_per_request",
-    "rand_read_4k_qd32_futures_iops": "rand_read_4k_futures_cpu_us_per_request",
-}
 
 
 def _ratio_key(key: str) -> str:
@@ -347,14 +341,14 @@ def _one_round(meter: CpuMeter, dev: BlkFront, fd: int, size: int, offsets: list
         "rand_read_4k_qd32_iops": lambda: batch_rand(dev, offsets, rand_depth, seconds),
         "rand_read_4k_qd32_futures_iops": lambda: blk_rand(dev, offsets, rand_depth, seconds),
     }
-    for key, reference in _FIGURES:
+    for key, reference, cpu_key in _FIGURES:
         if reference is None:
             figures[key] = round(measures[key](), 1)
             continue
         figure, cpu = _metered(meter, dev, measures[key])
         figures[key] = round(figure, 1)
         figures[_ratio_key(key)] = round(figures[key] / figures[reference], 3)
-        figures[_CPU_OF[key]] = cpu
+        figures[cpu_key] = cpu
     return figures
 
 
@@ -364,14 +358,13 @@ def _combined(rounds: list[dict]) -> dict:
     figures), and each CPU breakdown the one of the round whose total is the median (so its
     parts add up to its total)."""
     out: dict = {}
-    for key, reference in _FIGURES:
-        out[key] = round(statistics.median(one[key] for one in rounds), 1)
+    for key, reference, cpu_key in _FIGURES:
+        median = statistics.median(one[key] for one in rounds)
+        out[key] = round(median) if key.endswith("_iops") else round(median, 1)
         if reference is not None:
             out[_ratio_key(key)] = round(statistics.median(one[_ratio_key(key)] for one in rounds), 3)
-            by_total = sorted(rounds, key=lambda one: one[_CPU_OF[key]]["total"])
-            out[_CPU_OF[key]] = by_total[(len(by_total) - 1) // 2][_CPU_OF[key]]
-    for key in ("rand_read_4k_qd32_iops", "rand_read_4k_raw_pread_iops", "rand_read_4k_qd32_futures_iops"):
-        out[key] = round(out[key])
+            by_total = sorted(rounds, key=lambda one: one[cpu_key]["total"])
+            out[cpu_key] = by_total[(len(by_total) - 1) // 2][cpu_key]
     return out
 
 
