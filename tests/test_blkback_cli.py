@@ -127,6 +127,14 @@ def test_bad_option_values_are_usage_errors(tmp_path) -> None:
         assert result.returncode == 2 and "Traceback" not in result.stderr, extra
 
 
+@pytest.mark.parametrize("value", ["fast", "-1", "1001", "2.5"])
+def test_a_bad_real_xen_watch_in_the_environment_is_one_line_and_exit_2(tmp_path, value) -> None:
+    ok = image(tmp_path, "ok.img", 4096)
+    result = run("cli", "--backend-path", BACKEND_PATH, "--image", ok, env={"XENTOOLS_BLKBACK_XEN_SPIN_US": value})
+    line = one_line(result, "XENTOOLS_BLKBACK_XEN_SPIN_US")
+    assert result.returncode == 2 and repr(value) in line, line
+
+
 def test_backend_directory_without_toolstack_keys(tmp_path, xen) -> None:
     result = run("cli", "--sim-dir", xen.root_dir, "--backend-path", "/local/domain/0/backend/vbd/1/999",
                  "--image", image(tmp_path, "ok.img", 4096))

@@ -281,3 +281,18 @@ def test_a_receiver_blocking_its_doorbell_cannot_block_the_notifier(path):  # no
     assert readable(front, 5) and front.pending() == bound
     back.close()
     front.close()
+
+
+def test_a_direct_link_is_of_kind_words_for_a_handles_only_bound_port(fresh_xen):
+    back = fresh_xen.platform(0).open_evtchn()
+    front = fresh_xen.platform(1).open_evtchn()
+    try:
+        offered = back.bind_unbound(1)
+        bound = front.bind_interdomain(0, offered)
+        link = front.direct_link(bound)
+        assert link is not None and link.kind == "words" and link.generation == front.links_changed
+        other = front.bind_unbound(2)  # a second port on the handle: no link (whose event is pending?)
+        assert front.direct_link(bound) is None and front.direct_link(other) is None
+    finally:
+        back.close()
+        front.close()

@@ -39,9 +39,10 @@ The ring thread (ring.h's consumer loop, one notification per batch):
   above (`_serve_compiled`); what it served is counted in the report as accepted;
 - publishes responses and notifies if the frontend asked (RING_PUSH_RESPONSES_AND_CHECK_
   NOTIFY), then RING_FINAL_CHECK_FOR_REQUESTS before sleeping;
-- with the compiled loop on the software Xen's direct event channels, sleeps in the compiled
-  wait loop instead (`_wait_compiled`, blkback_ringloop.c's xt_wait): it takes and unmasks
-  the ring's events, serves, publishes every DEFAULT_PUBLISH_EVERY responses (or
+- with the compiled loop on direct event channels (the software Xen's words, or real Xen's
+  libxenevtchn handle: EventChannels.direct_link), sleeps in the compiled wait loop instead
+  (`_wait_compiled`, blkback_ringloop.c's xt_wait): it takes and unmasks the ring's events,
+  serves, publishes every DEFAULT_PUBLISH_EVERY responses (or
   PUBLISH_BYTES) so the frontend reaps while the rest are served, and notifies, with no
   Python between wake-ups; it returns here for whatever is Python's (a request it leaves, an
   I/O completion, a stop, a barrier on another queue: DeviceGate wakes every queue, the
@@ -91,6 +92,7 @@ from xentools.devices.blkback_grants import DEFAULT_MAX_PERSISTENT_GRANTS, PageS
 from xentools.devices.blkback_image import ImageFile
 from xentools.devices.blkback_ringloop import (
     STOP_RING,
+    WAIT_EVTCHN,
     WAIT_NOTIFY,
     WAIT_UNMASK,
     WAIT_WAKE,
@@ -454,17 +456,19 @@ class QueueWorker:
 
     def _direct_events(self) -> bool:
         """True when the compiled loop may take, unmask and send this ring's events itself
-        (the software Xen's direct event channels, no --fault): its link is (re)attached
-        here whenever the handle relinked the port."""
+        (EventChannels.direct_link: the software Xen's words, or real Xen's libxenevtchn
+        handle, whose only port is this ring's; no --fault): its link is (re)attached here
+        whenever the handle's links changed. The handle is closed only after this thread
+        ended (stop, then _release), so the compiled loop never uses a freed one."""
         fast = self._fast
         if fast is None or self.faults is not None or self.publish_every < 0:
             return False
         evtchn = self._evtchn
-        changed = getattr(evtchn, "links_changed", None)
-        if changed is None:  # not the software Xen: the Python wait loop
+        if evtchn is None:
             return False
+        changed = evtchn.links_changed
         if changed != fast.link_generation or not fast.events_attached:
-            link = evtchn.direct_link(self.port)  # type: ignore[union-attr]
+            link = evtchn.direct_link(self.port)  # type: ignore[arg-type]
             if link is None:
                 fast.detach_events()
                 fast.link_generation = changed
@@ -497,6 +501,10 @@ class QueueWorker:
                 self.report.accepted(wire_op, op, segments, nbytes, count=count)
         if flags & WAIT_UNMASK:
             self._evtchn.unmask(self.port)  # type: ignore[union-attr]
+        if flags & WAIT_EVTCHN:
+            foreign = fast.take_foreign()  # real Xen: another port's event, taken: unmasked as pending() would be
+            if foreign is not None:
+                self._evtchn.unmask(foreign)  # type: ignore[union-attr]
         if flags & WAIT_NOTIFY:
             self._notify()
         if flags & WAIT_WAKE:

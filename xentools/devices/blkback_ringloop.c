@@ -952,7 +952,10 @@ uint32_t xt_pass(const struct xt_layout *L, const struct xt_policy *P, const str
  * leaves (*stop), a readable wake fd (an I/O completion, a stop, a barrier elsewhere), the
  * timeout. Responses are published every `publish_every` requests (0: once per round) or
  * once the requests served moved `publish_bytes`, and the frontend notified then if it
- * asked, so it can reap and refill while this thread serves the rest. */
+ * asked, so it can reap and refill while this thread serves the rest.
+ * On real Xen (struct xt_evt of kind XT_EVT_XENEVTCHN) the same loop sleeps in poll(2) on the
+ * libxenevtchn handle's fd and takes, unmasks and notifies through the library's own
+ * functions (xt_xce_take, xt_evt_notify); what fails goes back to Python as above. */
 
 enum { XT_W_STOP = 1, XT_W_WAKE = 2, XT_W_TIMEOUT = 4, XT_W_EVTCHN = 8, XT_W_NOTIFY = 16, XT_W_UNMASK = 32 };
 
@@ -970,9 +973,16 @@ int xt_cas(uint32_t *word, uint32_t *old, uint32_t new)
 }
 
 /* A notify to the peer: 0 done (delivered, or nothing to do), -1 Python's (relink, or the
- * word fought over). */
+ * word fought over; real Xen: xenevtchn_notify failed, the Python handle redoes it and says
+ * why). */
 int xt_evt_notify(struct xt_evt *E)
 {
+    if (E->kind == XT_EVT_XENEVTCHN) {
+        if (E->xce_notify(E->xce, E->port) != 0)
+            return -1;
+        E->notifies++;
+        return 0;
+    }
     uint32_t own = __atomic_load_n(E->own_word, __ATOMIC_SEQ_CST);
     if ((own & E->closed) || !(own & E->bound))
         return -1;
@@ -993,10 +1003,38 @@ int xt_evt_notify(struct xt_evt *E)
     return -1;
 }
 
+/* Real Xen's take: xenevtchn_pending (the fd is non-blocking: EAGAIN is "none"), which must
+ * be our port, then xenevtchn_unmask. A failure of either, or another port (bound on the
+ * handle since the link was taken: left masked in E->foreign), is Python's: its handle
+ * redoes the call and says what went wrong. */
+static int xt_xce_take(struct xt_evt *E, uint32_t *flags)
+{
+    int port = E->xce_pending(E->xce);
+    if (port < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+            return 0;
+        *flags |= XT_W_EVTCHN;
+        return -1;
+    }
+    if ((uint32_t)port != E->port) {
+        E->foreign = port;
+        *flags |= XT_W_EVTCHN;
+        return -1;
+    }
+    E->events++;
+    if (E->xce_unmask(E->xce, E->port) != 0) {
+        *flags |= XT_W_EVTCHN | XT_W_UNMASK;
+        return -1;
+    }
+    return 1;
+}
+
 /* Take a delivered event and unmask it: 1 taken (and unmasked), 0 none (a stray byte),
  * -1 Python's (*flags says what it owes). */
 int xt_evt_take(struct xt_evt *E, uint32_t *flags)
 {
+    if (E->kind == XT_EVT_XENEVTCHN)
+        return xt_xce_take(E, flags);
     char byte[256];
     ssize_t r = read(E->doorbell, byte, 1);
     if (r <= 0)
@@ -1101,10 +1139,19 @@ uint32_t xt_wait(const struct xt_layout *L, const struct xt_policy *P, const str
         } else if (E->spin_ns) {
             uint64_t until = xt_now_ns() + E->spin_ns;
             int taken = 0;
+            /* Real Xen's pending state is in the hypervisor (a system call to look): watch
+             * req_prod instead, and serve what comes; its event, if the frontend sent one,
+             * is taken after that (the fd stays readable). */
+            uint32_t seen = __atomic_load_n(xt_index(sring, XT_REQ_PROD), __ATOMIC_ACQUIRE);
             do {
+                if (E->kind == XT_EVT_XENEVTCHN) {
+                    if (__atomic_load_n(xt_index(sring, XT_REQ_PROD), __ATOMIC_ACQUIRE) != seen) {
+                        taken = 1;
+                        break;
+                    }
                 /* READY comes just before its doorbell byte: read until the byte is there. */
-                if ((__atomic_load_n(E->own_word, __ATOMIC_ACQUIRE) & E->ready) &&
-                    (taken = xt_evt_take(E, flags)) != 0)
+                } else if ((__atomic_load_n(E->own_word, __ATOMIC_ACQUIRE) & E->ready) &&
+                           (taken = xt_evt_take(E, flags)) != 0)
                     break;
 #if defined(__x86_64__) || defined(__i386__)
                 __builtin_ia32_pause();

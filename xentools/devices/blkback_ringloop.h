@@ -48,9 +48,17 @@ uint32_t xt_serve(const struct xt_layout *L, const struct xt_policy *P, const st
                   uint8_t *sring, uint32_t nr_ents, uint32_t *req_cons, uint32_t *rsp_prod_pvt,
                   uint32_t available, int fd, struct xt_image *img, uint64_t inline_bytes,
                   struct xt_stats *stats, int *stop);
-/* A direct event channel of the software Xen (xentools/platform/sim/evtchn.py): this
- * handle's doorbell, its state word and the peer's, the bits of those words (filled from
- * evtchn_channel's constants, never written here). xt_wait uses it; NULL-free. */
+/* A direct event channel (EventChannels.direct_link; built by blkback_ringloop.evt_of only),
+ * of one of two kinds:
+ * XT_EVT_WORDS, the software Xen's (xentools/platform/sim/evtchn.py): this handle's doorbell,
+ * its state word and the peer's, the bits of those words (filled from evtchn_channel's
+ * constants, never written here);
+ * XT_EVT_XENEVTCHN, real Xen's: a libxenevtchn handle with exactly one port bound, its fd (in
+ * `doorbell`), and the library's own xenevtchn_pending / _unmask / _notify (function pointers
+ * handed from Python: the extension does not link libxenevtchn). own_word and peer_word
+ * then point to `zero` (always 0), the ring fds are -1.
+ * xt_wait uses it; NULL-free. */
+enum { XT_EVT_WORDS = 0, XT_EVT_XENEVTCHN = 1 };
 struct xt_evt {
     int doorbell;              /* the handle's doorbell, read end (one byte per delivery) */
     int own_ring;              /* its write end (an unmask that delivers rings it) */
@@ -66,11 +74,20 @@ struct xt_evt {
     uint32_t watch_bytes;      /* no watch after requests that averaged more bytes (0: always) */
     int large;                 /* the last requests served averaged more than watch_bytes */
     uint64_t unwatched;        /* sleeps without a watch because of that (profile) */
+    /* Added at the end (blkfront_ringloop.c uses the fields above). */
+    int kind;                  /* XT_EVT_WORDS (0) or XT_EVT_XENEVTCHN */
+    void *xce;                 /* XT_EVT_XENEVTCHN: the xenevtchn_handle */
+    int (*xce_pending)(void *xce);               /* a port, or -1 (errno) */
+    int (*xce_unmask)(void *xce, uint32_t port); /* 0, or -1 */
+    int (*xce_notify)(void *xce, uint32_t port); /* 0, or -1 */
+    uint32_t port;             /* the local port, the handle's only one */
+    uint32_t zero;             /* always 0: own_word and peer_word point here */
+    int foreign;               /* a pending port not ours that xt_evt_take took (masked), or -1 */
 };
 /* The direct event channel's transitions (blkback_ringloop.c; blkfront_ringloop.c's wait uses
  * them too): ring a doorbell; a compare-and-swap on a state word; notify the peer (0 done,
  * -1 Python's); take a delivered event and unmask it (1 taken, 0 none, -1 Python's: *flags
- * gets WAIT_EVTCHN, and WAIT_UNMASK when the unmask is owed). */
+ * gets WAIT_EVTCHN, and WAIT_UNMASK when the unmask is owed). Both kinds. */
 void xt_ring_bell(int fd);
 int xt_cas(uint32_t *word, uint32_t *old, uint32_t new);
 int xt_evt_notify(struct xt_evt *E);

@@ -20,9 +20,10 @@ What the loop serves (blkback_ringloop.c): READ/WRITE requests, direct or INDIRE
 parse_indirect_segments) and whose refs, indirect pages included, are all cached; it stops at the first
 other request and leaves it unconsumed. Each call (`CompiledRing.run`, xt_pass) also reads
 req_prod, publishes the responses and arms req_event as ring.h's consumer loop does, and says
-whether to notify. `CompiledRing.wait` (xt_wait) is the ring thread's wait loop on the software
-Xen's direct event channels (`attach_events` with SoftwareEventChannels.direct_link): it
-watches its event word for a while (`set_spin`, SPIN_US), sleeps, takes and unmasks events,
+whether to notify. `CompiledRing.wait` (xt_wait) is the ring thread's wait loop on direct event
+channels (`attach_events` with EventChannels.direct_link: the software Xen's words, or real
+Xen's libxenevtchn handle): it watches its event word (real Xen: req_prod) for a while
+(`set_spin`, SPIN_US; real Xen XEN_SPIN_US, off by default), sleeps, takes and unmasks events,
 serves (xt_pass's loop), publishes every few responses and notifies, returning WAIT_* flags for
 what is Python's. tests/test_blkback_ringloop.py feeds the same random and hostile rings to both
 paths and requires the same responses, data and report.
@@ -41,8 +42,8 @@ from xentools.core.blkif import BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE
 __all__ = [
     "MAP_WINDOW", "MAP_WINDOWS", "STOP_ERROR", "STOP_PYTHON", "STOP_RING", "STOP_WAIT", "WAIT_EVTCHN", "WAIT_NOTIFY",
     "WAIT_STOP", "WAIT_TIMEOUT", "WAIT_UNMASK", "WAIT_WAKE", "CompiledRing", "GrefTable",
-    "READS_CHOICES", "READS_ENV", "SPIN_ENV", "SPIN_US_RANGE", "choose_reads", "compiled", "evt_of", "layout_of", "map_usage",
-    "reads_setting", "set_map_budget", "set_reads", "set_spin", "source_hash",
+    "READS_CHOICES", "READS_ENV", "SPIN_ENV", "SPIN_US_RANGE", "XEN_SPIN_ENV", "choose_reads", "compiled", "evt_of", "layout_of", "map_usage",
+    "reads_setting", "set_map_budget", "set_reads", "set_spin", "set_xen_spin", "source_hash", "xen_spin_from_env",
 ]
 
 STOP_PYTHON = 1  # a request for the Python path (another operation, a broken rule, a ref not cached)
@@ -74,6 +75,11 @@ SPIN_US_RANGE = (0, 1000)
 # need (1 MiB sequential: 0.53-0.57 of raw pread with the watch, 0.84 without, on 2 vCPUs).
 WATCH_BYTES = 64 << 10
 SPIN_ENV = "XENTOOLS_BLKBACK_SPIN_US"
+# On real Xen (a link of kind "xenevtchn") the watch looks at the ring's req_prod instead of an
+# event word (the pending bit is the hypervisor's), and is off unless asked: XEN_SPIN_US, or
+# $XENTOOLS_BLKBACK_XEN_SPIN_US read once at start (xen_spin_from_env).
+XEN_SPIN_US = 0
+XEN_SPIN_ENV = "XENTOOLS_BLKBACK_XEN_SPIN_US"
 
 # How the loop reads a regular image file (`blkback serve --reads`, else $XENTOOLS_BLKBACK_READS,
 # else "auto"): "windows" copies from mapped windows (above), "preadv" reads straight into the
@@ -167,16 +173,33 @@ _WAIT_COUNTERS = ("sleeps", "events", "notifies", "rounds", "spins", "unwatched"
 
 def evt_of(ffi: Any, link: Any, wake_fds: tuple[int, int], previous: Any) -> Any:
     """A struct xt_evt for the compiled event transitions (xt_evt_take, xt_evt_notify) over
-    `link` (the software Xen's SoftwareEventChannels.direct_link: its words, doorbell and
-    bits), `wake_fds` readable ending a wait, the counters going on from `previous` (or
-    None). blkback's wait loop and blkfront's batch wait both build theirs here."""
+    `link` (EventChannels.direct_link: kind "words", the software Xen's words, doorbell and
+    bits; kind "xenevtchn", real Xen's libxenevtchn handle, fd, port and the library's
+    functions), `wake_fds` readable ending a wait, the counters going on from `previous` (or
+    None). blkback's wait loop and blkfront's batch wait both build theirs here. The struct
+    holds raw addresses: the link's handle must outlive its use."""
     evt = ffi.new("struct xt_evt *")
-    evt.doorbell, evt.own_ring, evt.peer_ring = link.doorbell, link.own_ring, link.peer_ring
-    evt.own_word = ffi.cast("uint32_t *", link.own_word)
-    evt.peer_word = ffi.cast("uint32_t *", link.peer_word)
-    evt.pending, evt.masked, evt.ready, evt.bound, evt.closed = (
-        link.pending, link.masked, link.ready, link.bound, link.closed)
-    evt.tries = link.tries
+    evt.foreign = -1
+    if link.kind == "xenevtchn":
+        evt.kind = ffi.integer_const("XT_EVT_XENEVTCHN")
+        evt.doorbell, evt.own_ring, evt.peer_ring = link.fd, -1, -1
+        evt.xce = ffi.cast("void *", link.handle)
+        evt.xce_pending = ffi.cast("int (*)(void *)", link.pending_fn)
+        evt.xce_unmask = ffi.cast("int (*)(void *, uint32_t)", link.unmask_fn)
+        evt.xce_notify = ffi.cast("int (*)(void *, uint32_t)", link.notify_fn)
+        evt.port = link.port
+        evt.own_word = evt.peer_word = ffi.addressof(evt[0], "zero")  # never set: no watch of it
+        evt.tries = 1
+    elif link.kind == "words":
+        evt.kind = ffi.integer_const("XT_EVT_WORDS")
+        evt.doorbell, evt.own_ring, evt.peer_ring = link.doorbell, link.own_ring, link.peer_ring
+        evt.own_word = ffi.cast("uint32_t *", link.own_word)
+        evt.peer_word = ffi.cast("uint32_t *", link.peer_word)
+        evt.pending, evt.masked, evt.ready, evt.bound, evt.closed = (
+            link.pending, link.masked, link.ready, link.bound, link.closed)
+        evt.tries = link.tries
+    else:
+        raise ValueError(f"an event channel link of kind {link.kind!r} is neither words nor xenevtchn")
     evt.wake_fds = list(wake_fds)
     if previous is not None:
         for name in _WAIT_COUNTERS:
@@ -200,6 +223,31 @@ def set_spin(us: int) -> None:
     if not low <= us <= high:
         raise ValueError(f"a watch of {us} us before sleeping is outside {low}..{high} us")
     SPIN_US = us
+
+
+def set_xen_spin(us: int) -> None:
+    """set_spin's watch for rings on real Xen's event channels (XEN_SPIN_US)."""
+    global XEN_SPIN_US
+    low, high = SPIN_US_RANGE
+    if not low <= us <= high:
+        raise ValueError(f"a watch of {us} us before sleeping is outside {low}..{high} us")
+    XEN_SPIN_US = us
+
+
+def xen_spin_from_env() -> None:
+    """Take $XENTOOLS_BLKBACK_XEN_SPIN_US (microseconds, SPIN_US_RANGE) when set; ValueError,
+    one line naming the variable, for anything else."""
+    value = os.environ.get(XEN_SPIN_ENV, "").strip()
+    if not value:
+        return
+    low, high = SPIN_US_RANGE
+    try:
+        us = int(value)
+        if not low <= us <= high:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{XEN_SPIN_ENV}={value!r} is not a whole number of microseconds in {low}..{high}") from None
+    set_xen_spin(us)
 
 
 def set_map_budget(mib: int) -> None:
@@ -351,13 +399,13 @@ class CompiledRing:
         return served, self._stop[0], bool(self._notify[0])
 
     def attach_events(self, link: Any, wake_fds: tuple[int, int]) -> None:
-        """Let wait() take, unmask and send the ring's events itself through `link` (the
-        software Xen's SoftwareEventChannels.direct_link); `wake_fds` readable end a wait."""
+        """Let wait() take, unmask and send the ring's events itself through `link`
+        (EventChannels.direct_link, either kind); `wake_fds` readable end a wait."""
         evt = evt_of(self._ffi, link, wake_fds, self._evt)  # the counters go on
         # The watch starts at its longest: from 0 it grows only after short sleeps, and a
         # frontend that waits for a sleeping backend's wake-ups sleeps long (a batch of 32
         # 4 KiB reads: ~200 us on 2 vCPUs), so it could stay at 0.
-        evt.spin_max_ns = evt.spin_ns = SPIN_US * 1000
+        evt.spin_max_ns = evt.spin_ns = (XEN_SPIN_US if link.kind == "xenevtchn" else SPIN_US) * 1000
         evt.watch_bytes = WATCH_BYTES
         self._evt = evt
         self.link_generation = link.generation
@@ -370,6 +418,15 @@ class CompiledRing:
     @property
     def events_attached(self) -> bool:
         return self._evt is not None
+
+    def take_foreign(self) -> int | None:
+        """A port other than the ring's that wait() took on real Xen and left masked (bound
+        on the handle after the link was taken), once; None when there is none."""
+        evt = self._evt
+        if evt is None or evt.foreign < 0:
+            return None
+        port, evt.foreign = int(evt.foreign), -1
+        return port
 
     def wait(self, ring: Any, timeout_ms: int, publish_every: int, publish_bytes: int) -> tuple[int, int, int]:
         """xt_wait over BackRing `ring`: serve, publish every `publish_every` responses (or

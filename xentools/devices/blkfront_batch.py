@@ -845,15 +845,19 @@ class BatchIO:
 
     def _direct_events(self) -> bool:
         """True when the compiled wait may take, unmask and send the queue's events itself
-        (the software Xen's direct event channels): the lanes are (re)attached whenever
-        the handle relinked its ports."""
+        (EventChannels.direct_link of kind "words": the software Xen's direct event
+        channels): the lanes are (re)attached whenever the handle's links changed.
+        Real Xen's links (kind "xenevtchn") are not attached: this wait runs without the
+        device lock, and a close of the device meanwhile would close the libxenevtchn
+        handle under it (a freed handle used); there the Python wait takes the events."""
         lanes = self.lanes
         evtchn = self.dev._evtchn
-        changed = getattr(evtchn, "links_changed", None)
-        if not lanes.compiled or changed is None:  # real Xen: the Python wait
+        if not lanes.compiled or evtchn is None:
             return False
+        changed = evtchn.links_changed
         if changed != self._link_generation:
-            lanes.attach_events(evtchn.direct_link(lanes.queue.port))
+            link = evtchn.direct_link(lanes.queue.port)
+            lanes.attach_events(link if link is not None and link.kind == "words" else None)
             self._link_generation = changed
         return lanes.events_attached
 

@@ -115,7 +115,16 @@ class EventChannels(abc.ABC):
 
     Delivery follows Xen: a notified port becomes pending and is masked until unmask(); the
     handle's fd becomes readable while a port is pending.
+
+    A compiled wait loop (blkback_ringloop.c's xt_wait) may take, unmask and send a port's
+    events itself: `direct_link(port)` hands it what it needs, or None where this handle
+    cannot (the default); a link is valid while `links_changed` (a counter moved by every
+    bind, unbind, relink and close) has the value the link's `generation` holds. Every link
+    has a `kind`: "words" (the software Xen's channel words, evtchn_channel.py) or
+    "xenevtchn" (libxenevtchn's handle and functions, real Xen).
     """
+
+    links_changed: int = 0
 
     @abc.abstractmethod
     def fileno(self) -> int:
@@ -148,6 +157,11 @@ class EventChannels(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Unbind every port and release the handle."""
+
+    def direct_link(self, port: int):  # -> a link with `kind` and `generation`, or None
+        """The raw parts of bound `port` for a compiled wait loop, or None: this handle
+        cannot hand them (the default), or not for this port now."""
+        return None
 
 
 class Platform(abc.ABC):

@@ -36,6 +36,7 @@ from xentools.devices.blkback_ringloop import (
     set_map_budget,
     set_reads,
     set_spin,
+    xen_spin_from_env,
 )
 from xentools.tools.options import resolve_disk
 
@@ -91,7 +92,8 @@ def serve_cmd(
     """Serve the vbd at BACKEND_PATH (its params image) until stopped or the vbd is removed."""
     try:
         fault_specs = parse_faults(faults)  # refused before anything is served
-    except FaultSpecError as err:
+        xen_spin_from_env()  # $XENTOOLS_BLKBACK_XEN_SPIN_US: real Xen's watch before a sleep
+    except (FaultSpecError, ValueError) as err:
         click.echo(f"xentools: error: {err}", err=True)
         ctx.exit(2)
     logging.basicConfig(

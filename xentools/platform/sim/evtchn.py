@@ -75,6 +75,7 @@ class DirectLink:
     bound: int = BOUND
     closed: int = CLOSED
     tries: int = MAX_TRIES
+    kind: str = "words"  # EventChannels.direct_link's kinds: the channel words themselves
 
 
 class _Link:

@@ -368,9 +368,31 @@ class XenGrantMapper(GrantMapper):
             self._handle = None
 
 
+@dataclass(frozen=True)
+class XenDirectLink:
+    """A bound port's raw parts for a compiled wait loop (XenEventChannels.direct_link): the
+    libxenevtchn handle, its fd (non-blocking), the C addresses of xenevtchn_pending,
+    xenevtchn_unmask and xenevtchn_notify (the loaded library's own functions), the local
+    port, and the handle's links_changed when it was taken."""
+
+    handle: int
+    fd: int
+    pending_fn: int
+    unmask_fn: int
+    notify_fn: int
+    port: int
+    generation: int
+    kind: str = "xenevtchn"
+
+
 class XenEventChannels(EventChannels):
     """A libxenevtchn handle. Its fd is made non-blocking so that pending() never blocks;
-    wait for events with select/poll on fileno() and your own timeout."""
+    wait for events with select/poll on fileno() and your own timeout.
+
+    `direct_link(port)` offers a compiled wait loop (blkback_ringloop.c's xt_wait) the handle
+    and libxenevtchn's own functions, when `port` is the only port bound on it (so every
+    event the handle delivers is that port's); `links_changed` moves on bind, unbind and
+    close. The caller must stop using a link before close(): the handle is freed there."""
 
     def __init__(self) -> None:
         self._lib = _lib(EVTCHN_SONAME)
@@ -383,6 +405,7 @@ class XenEventChannels(EventChannels):
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         self._ports: set[int] = set()
         self._lock = threading.Lock()
+        self.links_changed = 0
 
     def _live(self):
         if self._handle is None:
@@ -405,6 +428,7 @@ class XenEventChannels(EventChannels):
             if port < 0:
                 _raise(EventChannelError, f"xenevtchn_bind_unbound_port(remote domid {remote_domid})")
             self._ports.add(port)
+            self.links_changed += 1
             return port
 
     def bind_interdomain(self, remote_domid: int, remote_port: int) -> int:
@@ -414,6 +438,7 @@ class XenEventChannels(EventChannels):
                 _raise(EventChannelError,
                        f"xenevtchn_bind_interdomain(remote domid {remote_domid}, port {remote_port})")
             self._ports.add(port)
+            self.links_changed += 1
             return port
 
     def notify(self, port: int) -> None:
@@ -438,6 +463,22 @@ class XenEventChannels(EventChannels):
             if self._lib.xenevtchn_unbind(self._live(), port) != 0:
                 _raise(EventChannelError, f"xenevtchn_unbind(port {port})")
             self._ports.discard(port)
+            self.links_changed += 1
+
+    def direct_link(self, port: int) -> XenDirectLink | None:
+        """The handle and libxenevtchn's functions for a compiled wait loop, or None unless
+        `port` is the only port bound on this handle (a pending port is then always it)."""
+        with self._lock:
+            if self._handle is None or self._ports != {port}:
+                return None
+            lib = self._lib
+            return XenDirectLink(
+                handle=int(ffi.cast("uintptr_t", self._handle)), fd=self._fd,
+                pending_fn=int(ffi.cast("uintptr_t", lib.xenevtchn_pending)),
+                unmask_fn=int(ffi.cast("uintptr_t", lib.xenevtchn_unmask)),
+                notify_fn=int(ffi.cast("uintptr_t", lib.xenevtchn_notify)),
+                port=port, generation=self.links_changed,
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -447,6 +488,7 @@ class XenEventChannels(EventChannels):
             self._lib.xenevtchn_close(self._handle)
             self._handle = None
             self._ports.clear()
+            self.links_changed += 1
 
 
 def _is_dom0() -> bool:
