@@ -21,7 +21,8 @@ one vCPU: a run without idle is CPU-bound, and what each side costs decides it) 
 blkback and QEMU, the backend process's CPU seconds (interrupt work of the kernel frontend
 that lands while the backend runs is charged to it too); our blkback also reports its ring
 threads' wake-ups, compiled-loop passes, events sent, CPU seconds and reads copied from
-mapped windows of the image (its --verbose profile line).
+mapped windows of the image (its --verbose profile line), and its compiled wait loop's counters
+(`compiled_wait`: sleeps, events taken and notifies sent without Python).
 Ratios: B/A (targets: seq >= 1.0, rand >= 0.8), C/A (target >= 0.9) and C/D (target >= 1.0:
 ours at least as fast as qdisk); D/A is printed beside them. They are reported, never asserted: this is a measurement. Only a wrong answer fails (a read whose data differs
 from the image, a frontend that leaks grants), with a non-zero exit.
@@ -417,6 +418,7 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
             report = backend.report()
             served = ring_loop_counts(backend.stderr())
             profile = ring_profile(backend.stderr())
+            profile["compiled_wait"] = backend.compiled_wait()
         timings["detach_s"] = round(time.monotonic() - t, 1)
     finally:
         if loaded:

@@ -28,6 +28,7 @@ beyond the helpers' own preconditions (each raises AssertionError with what it s
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -274,6 +275,19 @@ class OurBlkback:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def compiled_wait(self) -> dict[str, int]:
+        """The compiled wait loop's counters (CompiledRing.wait_profile: sleeps, events taken,
+        notifies sent, serving rounds, ...) summed over the queues, from the line each queue
+        logs when it stops (--verbose); {} when no queue logged one."""
+        totals: dict[str, int] = {}
+        for line in self.stderr().splitlines():
+            _, found, rest = line.partition(": compiled wait loop: ")
+            if found:
+                counts = ast.literal_eval(rest.split("; reads: ", 1)[0])
+                for name, value in counts.items():
+                    totals[name] = totals.get(name, 0) + int(value)
+        return totals
 
     def wait_state(self, xs, states: set[int], timeout: float = 60.0) -> int:  # type: ignore[no-untyped-def]
         """Until the backend's state is one of `states`; fails early if the process died."""

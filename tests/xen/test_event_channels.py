@@ -1,7 +1,11 @@
 """Event channels on real Xen: a loopback pair inside dom0 through libxenevtchn.
 
 Owns: proof that XenEventChannels binds, notifies, reports pending ports, masks until
-unmask, wakes select() on its fd, and unbinds, against the Linux evtchn driver.
+unmask, wakes select() on its fd, and unbinds, against the Linux evtchn driver; and that its
+direct link (EventChannels.direct_link, kind "xenevtchn") lets the compiled loop's
+xt_evt_take / xt_evt_notify (blkback_ringloop.c) take, unmask and send events through
+libxenevtchn itself, offered only for a handle's only port, with every failure left to the
+Python handle.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import time
 
 import pytest
 
+from xentools.devices.blkback_ringloop import WAIT_EVTCHN, compiled, evt_of
 from xentools.platform.interface import EventChannelError
 
 DOM0 = 0
@@ -97,3 +102,75 @@ def test_close_then_use_is_refused(platform):
     assert channels.ports == frozenset()
     with pytest.raises(EventChannelError, match="closed"):
         channels.fileno()
+
+
+def readable(channels, timeout: float = 10.0) -> bool:
+    return bool(select.select([channels.fileno()], [], [], timeout)[0])
+
+
+def test_the_compiled_loop_takes_unmasks_and_notifies_through_the_direct_link(platform):
+    module = compiled()
+    assert module is not None, "the compiled ring loop is built for the nested suite"
+    ffi, lib = module.ffi, module.lib
+    a = platform.open_evtchn()
+    b = platform.open_evtchn()
+    try:
+        port_a = a.bind_unbound(DOM0)
+        assert a.direct_link(port_a).kind == "xenevtchn"  # its only port, though unbound yet
+        before = b.links_changed
+        port_b = b.bind_interdomain(DOM0, port_a)
+        assert b.links_changed != before
+        link = b.direct_link(port_b)
+        assert link is not None and link.kind == "xenevtchn" and link.port == port_b
+        assert link.fd == b.fileno() and link.generation == b.links_changed
+        evt = evt_of(ffi, link, (-1, -1), None)
+        flags = ffi.new("uint32_t *")
+
+        # The bind's own event (see above), taken and unmasked in C; then nothing.
+        assert readable(b)
+        assert lib.xt_evt_take(evt, flags) == 1 and flags[0] == 0
+        assert lib.xt_evt_take(evt, flags) == 0 and b.pending() is None
+        # Unmasked: every notify of the peer arrives, one after the other.
+        for _ in range(3):
+            a.notify(port_a)
+            assert readable(b), "an event after the compiled unmask did not arrive"
+            assert lib.xt_evt_take(evt, flags) == 1 and flags[0] == 0
+        # The compiled notify reaches the peer.
+        assert lib.xt_evt_notify(evt) == 0
+        assert wait_pending(a) == port_a
+        a.unmask(port_a)
+        assert (evt.events, evt.notifies) == (4, 1)
+        assert evt.own_word[0] == 0 and evt.peer_word[0] == 0  # the always-0 field: no word to watch
+
+        # A second port on the handle: no link for either (whose would a pending event be?).
+        port_a2 = a.bind_unbound(DOM0)
+        port_b2 = b.bind_interdomain(DOM0, port_a2)  # raised at once by the bind
+        assert b.direct_link(port_b) is None and b.direct_link(port_b2) is None
+        # A loop still holding the old link takes the other port's event: Python's, left masked.
+        assert readable(b)
+        flags[0] = 0
+        assert lib.xt_evt_take(evt, flags) == -1 and flags[0] == WAIT_EVTCHN and evt.foreign == port_b2
+        b.unmask(port_b2)  # what blkback_queue does with CompiledRing.take_foreign()
+        b.unbind(port_b2)
+        link2 = b.direct_link(port_b)
+        assert link2 is not None and link2.generation > link.generation
+
+        # Failures are Python's: with the stale link's port unbound, the notify fails, and the
+        # Python handle's redone notify says why.
+        b.unbind(port_b)
+        assert lib.xt_evt_notify(evt) == -1 and evt.notifies == 1
+        with pytest.raises(EventChannelError):
+            b.notify(port_b)
+        b.close()
+        assert b.links_changed > link2.generation and b.direct_link(port_b) is None  # close moves it too
+    finally:
+        b.close()
+        a.close()
+
+
+def test_a_handle_with_two_ports_offers_no_direct_link(evtchn):
+    local = evtchn.bind_unbound(DOM0)
+    peer = evtchn.bind_interdomain(DOM0, local)
+    assert evtchn.direct_link(local) is None and evtchn.direct_link(peer) is None
+    evtchn.unbind(local)
+    assert evtchn.direct_link(peer) is not None and evtchn.direct_link(local) is None
