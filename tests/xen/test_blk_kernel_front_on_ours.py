@@ -122,6 +122,7 @@ def test_linux_blkfront_in_a_domu_reads_and_writes_through_our_blkback(tmp_path,
         print(f"\nour blkback's conformance report for Linux {kernel.version} blkfront: "
               f"{json.dumps(report, indent=1, sort_keys=True)}")
         print(f"our blkback: {connected[0] if connected else 'no connect line'}")
+        print(f"our blkback's compiled wait loop: {wait}")
     assert report["backend"] == paths.backend
     # Clean, and "clean" comes with what was checked: Linux's frontend connected once, read
     # (indirect: 64 KiB requests), wrote and flushed, and every request passed every check.
