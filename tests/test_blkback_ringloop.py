@@ -55,7 +55,7 @@ from xentools.devices.blkback_conformance import ConformanceReport
 from xentools.devices.blkback_image import open_image
 from xentools.devices.blkback_queue import DeviceGate, QueueWorker
 from xentools.devices import blkback_ringloop
-from xentools.devices.blkback_ringloop import compiled, layout_of
+from xentools.devices.blkback_ringloop import compiled, evt_of, layout_of
 from xentools.devices.blkback_validate import RequestPolicy
 from xentools.platform.sim.launcher import SoftwareXen
 
@@ -633,6 +633,15 @@ def test_a_sparse_image_is_read_without_mapping_its_holes(windows, tmp_path) -> 
 # -- the compiled wait loop (xt_wait) on the software Xen's direct event channels ----------
 
 
+def test_a_link_of_another_kind_is_refused_by_the_one_builder_of_struct_xt_evt() -> None:
+    from types import SimpleNamespace
+
+    module = compiled()
+    assert module is not None, "the compiled ring loop is not built: run `make venv`"
+    with pytest.raises(ValueError, match="kind 'bits'"):
+        evt_of(module.ffi, SimpleNamespace(kind="bits"), (-1, -1), None)
+
+
 def test_the_compiled_wait_loop_keeps_xens_event_channel_rules(tmp_path) -> None:
     """xt_wait takes, unmasks and sends the ring's events itself, with the transitions of
     evtchn_channel: a notify while it sleeps wakes it and is taken (the frontend's word
@@ -676,6 +685,7 @@ def test_the_compiled_wait_loop_keeps_xens_event_channel_rules(tmp_path) -> None
             after = fast.wait_profile
             assert after["events"] - before["events"] == 2 and after["notifies"] - before["notifies"] == 2
             assert link.own_word and backend_evtchn.links_changed == link.generation
+            assert link.kind == "words" and fast._evt.kind == 0 and fast._evt.foreign == -1  # noqa: SLF001 - XT_EVT_WORDS
             # A wake fd ends a wait at once (a stop, a barrier elsewhere).
             worker._wake()  # noqa: SLF001
             started = time.monotonic()
