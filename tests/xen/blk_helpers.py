@@ -246,8 +246,10 @@ class OurBlkback:
     process; stdout (the report it prints at exit) and stderr go to files in `workdir`.
     Always stopped on exit from the with-block (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, backend_path: str, image: Path, workdir: Path, *extra: str) -> None:
+    def __init__(self, backend_path: str, image: Path, workdir: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         self.backend_path = backend_path
+        self.env = {**os.environ, **env} if env else None  # added to this process's environment
         self.report_path = Path(workdir) / f"blkback-report-{os.getpid()}-{time.monotonic_ns()}.json"
         self.stdout_path = self.report_path.with_suffix(".out")
         self.stderr_path = self.report_path.with_suffix(".err")
@@ -259,7 +261,8 @@ class OurBlkback:
 
     def __enter__(self) -> OurBlkback:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=REPO)
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=REPO,
+                                         env=self.env)
         return self
 
     def __exit__(self, *exc: object) -> None:
