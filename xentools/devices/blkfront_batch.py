@@ -810,6 +810,8 @@ class BatchIO:
             self.pages = depth * (ndata + nind)
             self.registered = False  # register_buffers() was called
             self._stream: Stream | None = None  # the read_many running
+            self.streamed = 0  # responses the compiled stream took (read_many)
+            self.gave_way = 0  # times read_many left the compiled stream for another thread's request
 
     @property
     def compiled(self) -> bool:
@@ -1006,6 +1008,7 @@ class BatchIO:
             if dev._failure is not None:  # failed meanwhile (BlkFront._fail forgot what was in flight)
                 continue
             filled, reaped = lanes.settle_stream(st)
+            self.streamed += reaped
             self._account(filled, filled if indirect else 0, lanes.notifies() - sent, bool(flags & STREAM_NOTIFY))
             self._after_compiled(reaped, flags, sleeps, events, int(st.c.quiet) - quiet)
             quiet = int(st.c.quiet)
@@ -1014,6 +1017,7 @@ class BatchIO:
                 raise BlkfrontError("batch.fill", "the compiled stream's fill refused a request")
         lanes.stream_leave(st)
         if st.give_way:
+            self.gave_way += 1
             dev._run_backlogs()
             dev._push_all()
 
