@@ -3,8 +3,9 @@
 Owns: `BatchLanes` (the lanes of one queue: fixed runs of persistent-grant pages, each
 carrying one request at a time; filling a batch of READ/WRITE requests into the ring and
 completing their responses, through the compiled fill and reap of blkfront_ringloop.c where
-it is built, else in Python with the same results), `BatchIO` (the device-facing API over
-them: submit many, reap many, one push and at most one notification per batch) and
+it is built, else in Python with the same results; a read_many's rounds), `Stream` (one
+read_many's state), `BatchIO` (the device-facing API over them: submit many, reap many,
+one push and at most one notification per batch; read_many) and
 `flayout_of` (struct xt_flayout from xentools.core.blkif's Abi: the C code has no layout of
 its own).
 Must not: judge a response the compiled reap left (BlkfrontQueue.take_responses does, and
@@ -24,6 +25,13 @@ Fewer Python steps per request: register one buffer per lane once, then read by 
     io.register_buffers([bytearray(4096) for _ in range(32)])
     tags = io.read_sectors([s1, s2, ...])       # request_bytes each, into buffers[tag]
     done, failed = io.reap_tags(1)              # tags; (tag, status) of the failed ones
+Many reads into one buffer, the ring kept full until all are done (a quiet batch):
+    io.read_many(sectors, into)     # the k-th into into[k * request_bytes : (k + 1) * request_bytes]
+  On the software Xen one compiled call (xt_front_stream) fills the free lanes once half
+  are free, publishes and notifies, sleeps and reaps, round after round (`Stream` holds its
+  state); it comes back to Python for what is Python's (as the wait below), for another
+  thread's request on the queue (it gives way: the rest goes on in the Python loop beside
+  the futures) and every 50 ms. Elsewhere the same loop runs in Python over fill and reap.
 Waiting: on the software Xen (a handle whose only port is this queue's:
 SoftwareEventChannels.direct_link) a reap that must wait makes one compiled call
 (blkfront_ringloop.c, xt_front_wait) that reaps, arms rsp_event at the response that makes

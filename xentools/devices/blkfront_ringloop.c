@@ -17,7 +17,8 @@
  * (xt_front_push), and waits: reap, arm rsp_event (ring.h's final check), sleep on the
  * doorbell, take and unmask the event, reap again (xt_front_wait), returning to Python with
  * the completions or with what is Python's (a response to judge, an event-channel state, an
- * event with nothing behind it, the timeout).
+ * event with nothing behind it, the timeout). For BatchIO.read_many it also runs the whole
+ * loop (xt_front_stream: fill, push, wait, reap, round after round, through those same four).
  * Must not: describe a blkif struct (every offset comes from xentools.core.blkif's Abi
  * through struct xt_flayout), change an event word but through blkback_ringloop.c's
  * transitions (xt_evt_notify, xt_evt_take), or grant anything.
