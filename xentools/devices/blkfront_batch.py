@@ -177,9 +177,8 @@ class Stream:
         self.index_of = [0] * depth  # per lane: the request it carries (Python loop)
         self._next = self._done = 0
         self._failed: tuple[int, int] | None = None
-        self.stop = False  # no more fills (closing)
         self.give_way = False  # another thread's request waits: leave the compiled stream
-        self.closing = False  # BatchIO.close() from another thread
+        self.closing = False  # BatchIO.close() from another thread: no more fills
         self.owner = 0  # the thread running read_many
         self.c: Any = None
         self.keep: list[Any] = []  # what the C struct points to
@@ -213,7 +212,7 @@ class Stream:
     def wants_fill(self, free: int) -> int:
         """How many requests the next fill takes with `free` lanes free (0: none yet)."""
         left = self.count - self.next
-        if self.stop or self.failed is not None or not left or not free or (free < self.refill and free < left):
+        if self.closing or self.failed is not None or not left or not free or (free < self.refill and free < left):
             return 0
         return min(free, left)
 
@@ -268,6 +267,7 @@ class BatchLanes:
         self._reg_keep: list[Any] = []
         self.compiled = False
         self.stream: Stream | None = None  # the read_many the compiled stream carries (stream_begin)
+        self.pins: list[Any] = []  # what reads in flight still copy into after read_many left (detach drops)
         self._evt: Any = None  # struct xt_evt while the direct event channel is attached (compiled)
         self.compiled_fills = 0  # requests written by the compiled fill
         self.compiled_reaps = 0  # responses completed by the compiled reap
@@ -737,6 +737,7 @@ class BatchLanes:
                 c.reg = self._ffi.NULL
         self._reg_keep = []
         self._reg = []
+        self.pins = []
         for entry in self.entries:
             if queue.shadow[entry.slot] is entry:
                 queue.shadow[entry.slot] = None
@@ -975,6 +976,9 @@ class BatchIO:
                 self._stream_python(st)
             finally:
                 lanes.stream_leave(st)
+                if lanes.busy:  # left by an exception: reads in flight still go into `into`
+                    lanes.pins.append(st.keep)
+                st.keep = []
                 self._stream = None
                 self.cond.notify_all()
             if st.closing:
@@ -1038,14 +1042,12 @@ class BatchIO:
         indirect = self.request_bytes > BLKIF_MAX_SEGMENTS_PER_REQUEST * PAGE_SIZE
         take = lambda: lanes.stream_take(st)  # noqa: E731
         while True:
-            if st.closing:
-                st.stop = True
             filled = lanes.stream_fill(st, time.monotonic() + dev.config.request_timeout)
             if filled:
                 self._account(filled, filled if indirect else 0)
             if not lanes.busy:
                 return
-            draining = st.stop or st.failed is not None or st.next == st.count
+            draining = st.closing or st.failed is not None or st.next == st.count
             self.reap(lanes.busy if draining else max(1, st.refill - len(lanes.free)), None, take)
 
     def buffer(self, tag: int) -> memoryview:
