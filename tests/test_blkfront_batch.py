@@ -558,6 +558,11 @@ def test_close_from_another_thread_ends_read_many(rig, path, monkeypatch) -> Non
             assert io.lanes.busy == 8
             if path == "compiled":
                 assert io._stream.c is not None  # the compiled stream carries it
+            for call in (lambda: io.submit_reads([(0, 8)]), lambda: io.reap(1, 1),
+                         lambda: io.read_many([0], bytearray(4096))):
+                with pytest.raises(BlkfrontError) as err:  # the lanes are read_many's meanwhile
+                    call()
+                assert err.value.rule == "batch.busy", err.value
             closer.start()
             time.sleep(0.2)
             assert closer.is_alive() and thread.is_alive()  # the 8 in flight are not answered yet
