@@ -25,7 +25,7 @@ import pytest
 from support import stopped
 
 from xentools.devices import blkfront_batch
-from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError, DeviceFailed
+from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError, DeviceFailed, RequestFailed
 from xentools.tools.demo import MIB, LocalRig
 
 DISK = 24 * MIB
@@ -405,3 +405,287 @@ def test_the_compiled_wait_leaves_a_bad_response_to_the_python_path(rig, monkeyp
                 io.reap_tags(1, 10)
             assert err.value.rule.startswith("response."), err.value
         io.close()
+
+
+# -- read_many -------------------------------------------------------------------------------
+
+
+def _path(path: str, monkeypatch):  # type: ignore[no-untyped-def]
+    """Pick the compiled fill and reap (and stream) or the pure-Python path for batches."""
+    module = _compiled_module()
+    if path == "compiled":
+        assert module is not None, "the compiled ring loop is not built: run `make venv`"
+    monkeypatch.setattr(blkfront_batch, "compiled_module", lambda: module if path == "compiled" else None)
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+@pytest.mark.parametrize("request_bytes,depth,count", [(4096, 32, 3000), (44 * 1024, 8, 150), (MIB, 3, 12)],
+                         ids=["4k", "44k", "1m"])
+def test_read_many_reads_every_request_into_its_place(rig, path, request_bytes, depth, count, monkeypatch) -> None:
+    """read_many(sectors, into): the k-th read lands at into[k * size : (k + 1) * size], every
+    byte the image's (sectors repeat, a view at an odd offset works, nothing is written past
+    the last place); on the software Xen the compiled stream carries it."""
+    _path(path, monkeypatch)
+    rng = random.Random(request_bytes + count + (path == "python"))
+    nsect = request_bytes // 512
+    with rig.attach(_config(num_queues=1)) as dev:  # one port on the handle: the direct channel
+        with dev.batch_io(depth=depth, request_bytes=request_bytes) as io:
+            for attempt in range(3):
+                sectors = [rng.randrange(DISK // 512 - nsect) for _ in range(count)]
+                sectors[-1] = sectors[0]
+                backing = bytearray(count * request_bytes + 4096 + 7)
+                into = memoryview(backing)[7 : 7 + count * request_bytes] if attempt == 2 else backing
+                io.read_many(sectors, into)
+                for k, sector in enumerate(sectors):
+                    got = bytes(into[k * request_bytes : (k + 1) * request_bytes])
+                    assert got == rig.shadow[sector * 512 : sector * 512 + request_bytes], (attempt, k, sector)
+                if attempt < 2:
+                    assert not any(backing[count * request_bytes :])
+            assert not io.lanes.busy and dev.stats["responses"] == dev.stats["requests"]
+            if path == "compiled":
+                assert io.streamed > 0 and io.lanes.compiled_fills and io.lanes.compiled_reaps
+            else:
+                assert io.streamed == 0
+            # The other API works on the same lanes afterwards.
+            tags = io.submit_reads([(0, nsect)])
+            assert io.reap(1, 30) == [(tags[0], 0)]
+            assert bytes(io.view(tags[0])) == rig.shadow[:request_bytes]
+
+
+def test_read_many_refuses_bad_input_in_one_line(rig) -> None:
+    with rig.attach(_config()) as dev:
+        io = dev.batch_io(depth=4, request_bytes=8192)
+        before = dev.stats["requests"]
+        buf = bytearray(3 * 8192)
+        for sectors, into, rule in (
+            ([0, DISK // 512 - 8], buf, "request.range"),
+            ([0, -1], buf, "request.range"),
+            ([0, 1.5], buf, "request.range"),
+            ([0, 16, 32, 48], buf, "request.buffer"),  # 4 reads need 32 KiB
+            ([0], b"x" * 8192, "request.buffer"),  # read-only
+            ([0], 12, "request.buffer"),  # not a buffer
+        ):
+            with pytest.raises(BlkfrontError) as err:
+                io.read_many(sectors, into)
+            assert err.value.rule == rule and "\n" not in str(err.value), (sectors, err.value)
+        io.submit_reads([(0, 16)])
+        with pytest.raises(BlkfrontError) as err:
+            io.read_many([0], buf)  # a read in flight
+        assert err.value.rule == "batch.busy"
+        assert io.reap(1, 30)[0][1] == 0
+        io.read_many([], buf)  # nothing to do
+        assert dev.stats["requests"] == before + 1
+        io.close()
+        with pytest.raises(BlkfrontError) as err:
+            io.read_many([0], buf)
+        assert err.value.rule == "batch.closed"
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_read_many_gives_way_to_futures_on_its_queue(rig, path, monkeypatch) -> None:
+    """Futures submitted on the queue while read_many runs wait in the backlog until the
+    compiled stream gives way (within a round), then share the queue: every future and
+    every read_many returns the image's bytes, nothing fails as stalled."""
+    import threading
+
+    _path(path, monkeypatch)
+    rng = random.Random(23)
+    count = 4000
+    with rig.attach(_config(num_queues=1)) as dev:
+        with dev.batch_io(depth=32, request_bytes=4096) as io:
+            io.read_many([0] * 64, bytearray(64 * 4096))  # the direct channel is attached by now
+            sectors = [rng.randrange(DISK // 512 - 8) for _ in range(count)]
+            into = bytearray(count * 4096)
+            stop = threading.Event()
+            errors: list[BaseException] = []
+            passes = [0]
+
+            def reader() -> None:
+                try:
+                    while not stop.is_set() or not passes[0]:
+                        io.read_many(sectors, into)
+                        passes[0] += 1
+                except BaseException as err:  # noqa: BLE001 - reported by the test
+                    errors.append(err)
+
+            thread = threading.Thread(target=reader)
+            thread.start()
+            try:
+                for _ in range(40):
+                    sector = rng.randrange(DISK // 512 - 16)
+                    assert dev.submit_read(sector, 16).result(30) == rig.shadow[sector * 512 : (sector + 16) * 512]
+            finally:
+                stop.set()
+                thread.join(60)
+            assert not thread.is_alive() and not errors, errors
+            for k, sector in enumerate(sectors):
+                assert into[k * 4096 : (k + 1) * 4096] == rig.shadow[sector * 512 : sector * 512 + 4096], k
+            if path == "compiled":
+                assert io.gave_way > 0  # the compiled stream carried it, then gave way
+        assert dev.stats["responses"] == dev.stats["requests"]
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_close_from_another_thread_ends_read_many(rig, path, monkeypatch) -> None:
+    """io.close() on another thread while read_many waits: read_many fills no more, waits
+    for what is in flight (their bytes land) and raises "batch.closed"; close() returns
+    after it, and the device serves futures again."""
+    import threading
+
+    _path(path, monkeypatch)
+    with rig.attach(_config(num_queues=1, request_timeout=30.0)) as dev:
+        io = dev.batch_io(depth=8, request_bytes=4096)
+        io.read_many([0] * 16, bytearray(16 * 4096))  # the direct channel is attached by now
+        count = 2000
+        sectors = [(k * 8) % (DISK // 512 - 8) for k in range(count)]
+        into = bytearray(count * 4096)
+        outcome: list[BaseException | None] = []
+
+        def reader() -> None:
+            try:
+                io.read_many(sectors, into)
+                outcome.append(None)
+            except BaseException as err:  # noqa: BLE001 - checked below
+                outcome.append(err)
+
+        thread = threading.Thread(target=reader)
+        closer = threading.Thread(target=io.close)
+        with stopped(rig.backend.pid):
+            thread.start()
+            deadline = time.monotonic() + 10
+            while io.lanes.busy < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert io.lanes.busy == 8
+            if path == "compiled":
+                assert io._stream.c is not None  # the compiled stream carries it
+            for call in (lambda: io.submit_reads([(0, 8)]), lambda: io.reap(1, 1),
+                         lambda: io.read_many([0], bytearray(4096))):
+                with pytest.raises(BlkfrontError) as err:  # the lanes are read_many's meanwhile
+                    call()
+                assert err.value.rule == "batch.busy", err.value
+            closer.start()
+            time.sleep(0.2)
+            assert closer.is_alive() and thread.is_alive()  # the 8 in flight are not answered yet
+        thread.join(30)
+        closer.join(30)
+        assert not thread.is_alive() and not closer.is_alive()
+        assert isinstance(outcome[0], BlkfrontError) and outcome[0].rule == "batch.closed", outcome
+        assert io.closed
+        for k in range(8):
+            assert into[k * 4096 : (k + 1) * 4096] == rig.shadow[sectors[k] * 512 : sectors[k] * 512 + 4096]
+        assert not any(into[8 * 4096 :])
+        with pytest.raises(BlkfrontError) as err:
+            io.read_many([0], into)
+        assert err.value.rule == "batch.closed"
+        assert dev.read(0, 8) == rig.shadow[:4096]
+
+
+def test_the_compiled_stream_leaves_a_bad_response_to_the_python_path(rig, monkeypatch) -> None:
+    """A response the compiled stream cannot take (an id no lane waits for) ends its call:
+    the Python path judges it and fails the device with the rule; read_many raises it."""
+    import threading
+
+    _path("compiled", monkeypatch)
+    with rig.attach(_config(request_timeout=30.0, num_queues=1)) as dev:
+        io = dev.batch_io(depth=8, request_bytes=4096)
+        into = bytearray(64 * 4096)
+        for _ in range(5):
+            io.read_many(list(range(0, 512, 8)), into)
+        assert io.streamed > 0  # the compiled stream carries it
+        outcome: list[BaseException | None] = []
+
+        def reader() -> None:
+            try:
+                io.read_many(list(range(0, 512, 8)), into)
+                outcome.append(None)
+            except BaseException as err:  # noqa: BLE001 - checked below
+                outcome.append(err)
+
+        thread = threading.Thread(target=reader)
+        with stopped(rig.backend.pid):  # it answers nothing while the test forges
+            thread.start()
+            deadline = time.monotonic() + 10
+            while io.lanes.busy < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            queue = io.lanes.queue
+            ring = queue.ring
+            prod = ring.shared.rsp_prod
+            ring.shared.write_slot(prod, queue.codec.response_bytes(0xDEAD0000, 0, 0))
+            ring.shared.rsp_prod = (prod + 1) & 0xFFFFFFFF
+            thread.join(20)
+        assert not thread.is_alive()
+        assert isinstance(outcome[0], DeviceFailed) and outcome[0].rule.startswith("response."), outcome
+        io.close()
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_read_many_reports_a_failed_read_after_the_others(xen, backend, xs0, path, monkeypatch) -> None:
+    """A read answered BLKIF_RSP_ERROR: read_many fills no more, waits for those in flight
+    and raises RequestFailed naming the sector and the request; the reads before it hold
+    the image's bytes, the failed one's place is untouched, and the batch reads again."""
+    import re
+
+    from hostile_backend import known_data, make_vbd, remove_vbd
+
+    _path(path, monkeypatch)
+    devid = 340 + (path == "python")
+    seed = devid * 7919
+    be, fe = make_vbd(xs0, backend_domid=0, frontend_domid=1, devid=devid)
+    backend.serve(be, offer={"persistent": True, "max_ring_page_order": 1},
+                  image={"sectors": 4096, "seed": seed},
+                  hostile={"seed": seed, "honest": 40, "nonfatal": ["error_garbage"], "fatal": None, "extra": 0},
+                  session_timeout=15)
+    try:
+        with BlkFront.attach(xen.platform(1), devid, config=BlkfrontConfig(ring_page_order=1, request_timeout=5.0)) as dev:
+            io = dev.batch_io(depth=4, request_bytes=4096)
+            sectors = [(k * 24) % 4088 for k in range(100)]
+            into = bytearray(100 * 4096)
+            with pytest.raises(RequestFailed) as err:
+                io.read_many(sectors, into)
+            found = re.search(r"at sector (\d+) \(request (\d+) of read_many's 100, status -1\)", str(err.value))
+            assert err.value.rule == "response.error" and found, err.value
+            index = int(found[2])
+            assert sectors[index] == int(found[1]) and index == 40
+            for k in range(index):
+                assert into[k * 4096 : (k + 1) * 4096] == known_data(seed, sectors[k] * 512, 4096), k
+            assert not any(into[index * 4096 : (index + 1) * 4096])  # an ERROR's pages are not copied
+            assert not io.lanes.busy
+            io.read_many(sectors[:20], into)  # the batch is quiet again
+            for k in range(20):
+                assert into[k * 4096 : (k + 1) * 4096] == known_data(seed, sectors[k] * 512, 4096), k
+            io.close()
+    finally:
+        backend.wait_done(20)
+        remove_vbd(xs0, be, fe)
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+@pytest.mark.parametrize("kind", ["bad_id", "wrong_op", "garbage_status"])
+def test_a_hostile_response_fails_read_many(xen, backend, xs0, kind, path, monkeypatch) -> None:
+    """A malformed response during read_many is judged by the Python path: read_many
+    raises DeviceFailed with the rule, the reads answered before it hold the image's bytes."""
+    from hostile_backend import known_data, make_vbd, remove_vbd
+
+    _path(path, monkeypatch)
+    devid = 350 + 2 * ["bad_id", "wrong_op", "garbage_status"].index(kind) + (path == "python")
+    seed = devid * 7919
+    be, fe = make_vbd(xs0, backend_domid=0, frontend_domid=1, devid=devid)
+    backend.serve(be, offer={"persistent": True, "max_ring_page_order": 1},
+                  image={"sectors": 4096, "seed": seed},
+                  hostile={"seed": seed, "honest": 30, "nonfatal": ["storm"], "fatal": kind, "extra": 0},
+                  session_timeout=15)
+    try:
+        with BlkFront.attach(xen.platform(1), devid, config=BlkfrontConfig(ring_page_order=1, request_timeout=5.0)) as dev:
+            io = dev.batch_io(depth=4, request_bytes=4096)
+            sectors = [(k * 24) % 4088 for k in range(100)]
+            into = bytearray(100 * 4096)
+            with pytest.raises(DeviceFailed) as err:
+                io.read_many(sectors, into)
+            assert err.value.rule.startswith(("response.", "ring.")), err.value
+            for k in range(28):
+                assert into[k * 4096 : (k + 1) * 4096] == known_data(seed, sectors[k] * 512, 4096), (kind, k)
+            io.close()
+    finally:
+        done = backend.wait_done(20)
+        remove_vbd(xs0, be, fe)
+    assert done["fatal_sent"], done

@@ -14,6 +14,8 @@ lane already answered or idle, a wrong operation, a status blkif does not know, 
 past the ring) and random bytes in the pages a read shares. take_responses then runs on
 both; everything it returns and leaves behind is compared. After a violation both sides
 start again (a device would fail). Both ABIs, 512- and 4096-byte sectors: 10,000 states.
+read_many's compiled stream (xt_front_stream, in its one-round mode) is held against its
+Python loop the same way: 4,000 more states.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import pytest
 from xentools.core import blkif
 from xentools.core.blkif import BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE, PAGE_SIZE, codec_for
 from xentools.core.ring import RING_HEADER_SIZE
+from xentools.devices import blkfront_batch
 from xentools.devices.blkfront_batch import BatchLanes, Lane, flayout_of
 from xentools.devices.blkfront_queue import BlkfrontQueue, InFlight
 
@@ -306,3 +309,130 @@ def test_the_fill_and_reap_take_every_offset_from_the_one_codec(abi) -> None:
         "OP_READ": BLKIF_OP_READ, "OP_WRITE": BLKIF_OP_WRITE, "OP_INDIRECT": BLKIF_OP_INDIRECT,
     }, defines
     assert defines["SLOT_MAX"] >= max(blkif.X86_64.entry_size, blkif.X86_32.entry_size)
+
+
+# -- read_many: xt_front_stream's one round against the Python loop ------------------------
+
+STREAM_STATES = 1000  # per case: 4,000 in all
+
+
+def _stream_round(side: Side, st, compiled_round: bool) -> dict:
+    """One round of read_many's loop on `side`: xt_front_stream with timeout 0 (fill, push,
+    reap) then take_responses for what it leaves (it must leave nothing unless it stopped),
+    or the Python loop's fill, push and take_responses. Then the completions go to `st`."""
+    lanes, queue = side.lanes, side.queue
+    stopped = True
+    if compiled_round:
+        flags = lanes.stream_compiled(st, 123.0, 0)
+        lanes.settle_stream(st)
+        # It stops at what is not plainly its own, and reaps nothing while no lane is busy.
+        stopped = bool(flags & blkfront_batch.WAIT_STOP) or st.c.nfree == LANES
+        assert not flags & (blkfront_batch.STREAM_REFUSED | blkfront_batch.STREAM_GIVE_WAY), flags
+    else:
+        lanes.stream_fill(st, 123.0)
+        queue.push()
+    cons = queue.ring.rsp_cons
+    done, violation = queue.take_responses()
+    if not stopped:  # the compiled round took every plain response there was
+        assert queue.ring.rsp_cons == cons and not done and violation is None and not lanes.completed
+    lanes.stream_take(st)
+    free = [int(lane) for lane in st.c.free[0 : st.c.nfree]] if st.c is not None else list(lanes.free)
+    return {
+        "done": [(entry.slot, entry.id, status) for entry, status in done],
+        "violation": None if violation is None else (violation.rule, violation.detail),
+        "next": st.next, "count_done": st.done, "failed": st.failed,
+        "free": free,
+        "carrying": sorted((lane, st.index(lane)) for lane in range(LANES) if lane not in free),
+        "expected": [lanes.expected(lane) for lane in range(LANES)],
+        "ring": side.ring_mem, "pool": side.pool, "into": st.into.obj,
+        "rsp_cons": queue.ring.rsp_cons, "req_prod_pvt": queue.ring.req_prod_pvt,
+        "in_flight": queue.in_flight, "busy": lanes.busy, "free_slots": sorted(queue.free_slots),
+    }
+
+
+def _stream_case(abi: blkif.Abi, unit: int, seed: int) -> tuple[int, int, int, int]:
+    """(states, violations, reads that failed, responses taken by the compiled stream)."""
+    rng = random.Random(seed)
+    codec = codec_for(abi)
+    states = violations = failures = reaped = 0
+    while states < STREAM_STATES:
+        pool_seed = rng.getrandbits(32)
+        fast, slow = Side(abi, unit, True, pool_seed), Side(abi, unit, False, pool_seed)
+        backend = Backend(rng, codec, fast.queue.size)
+        pages = rng.choice((1, 1, 2, 11, 12, DATA_PAGES))
+        nbytes = rng.randrange(max(unit, (pages - 1) * PAGE_SIZE + unit), pages * PAGE_SIZE + 1, unit)
+        count = rng.randrange(1, 40)
+        sectors = [rng.randrange(1 << 40) if rng.random() < 0.9 else rng.getrandbits(64) for _ in range(count)]
+        start = rng.randbytes(count * nbytes)
+        st_fast = blkfront_batch.Stream(sectors, memoryview(bytearray(start)), nbytes, LANES)
+        st_slow = blkfront_batch.Stream(sectors, memoryview(bytearray(start)), nbytes, LANES)
+        fast.lanes.stream_begin(st_fast)
+        seen: set[int] = set()
+        pending: list[tuple[int, int, int]] = []
+        while states < STREAM_STATES:
+            states += 1
+            if st_fast.c is not None and rng.random() < 0.02:
+                fast.lanes.stream_leave(st_fast)  # it gave way: the Python loop goes on (compiled fill and reap)
+            got_fast = _stream_round(fast, st_fast, st_fast.c is not None)
+            got_slow = _stream_round(slow, st_slow, False)
+            for key in got_fast:
+                a, b = got_fast[key], got_slow[key]
+                if isinstance(a, (bytes, bytearray)) and a != b:
+                    at = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
+                    raise AssertionError(f"state {states}: {key} differs from byte {at}")
+                assert a == b, (states, key, a, b)
+            if got_fast["violation"] is not None:
+                violations += 1
+                break
+            if got_fast["busy"] == 0 and (st_fast.next == count or st_fast.failed is not None):
+                failures += st_fast.failed is not None
+                break
+            # The requests filled in this round: the backend's data in their pages, then some answers.
+            for lane in range(LANES):
+                req_id, wire, rsp_op, _ = fast.lanes.expected(lane)
+                if req_id >= 0 and req_id not in seen:
+                    seen.add(req_id)
+                    pending.append((req_id, wire, rsp_op))
+                    if rng.random() < 0.8:
+                        noise = rng.randbytes(nbytes)
+                        fast.lanes.lanes[lane].data[:nbytes] = noise
+                        slow.lanes.lanes[lane].data[:nbytes] = noise
+            if rng.random() < 0.1:
+                plain_op = rng.choice((blkif.BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ))
+                a, b = fast.plain(plain_op), slow.plain(plain_op)
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert a.id == b.id
+                    pending.append((a.id, plain_op, plain_op))
+            rng.shuffle(pending)
+            take = rng.randrange(0, len(pending) + 1)
+            answers, pending = pending[:take], pending[take:]
+            responses = [backend.response(*answer) for answer in answers]
+            if rng.random() < 0.01:
+                responses.append(rng.randbytes(abi.response_size))
+            overflow = 0
+            if rng.random() < 0.005:
+                overflow = rng.choice((fast.queue.size + 1, (1 << 32) - 1, rng.randrange(1 << 32)))
+            fast.respond(responses, overflow)
+            slow.respond(responses, overflow)
+        reaped += fast.lanes.compiled_reaps
+    return states, violations, failures, reaped
+
+
+@pytest.mark.parametrize(
+    "abi,unit",
+    [(blkif.X86_64, 512), (blkif.X86_64, 4096), (blkif.X86_32, 512), (blkif.X86_32, 4096)],
+    ids=["x86_64-512", "x86_64-4096", "x86_32-512", "x86_32-4096"],
+)
+def test_the_compiled_stream_answers_as_the_python_loop(abi, unit, capsys) -> None:
+    """read_many's compiled stream (xt_front_stream, one round: fill, push, reap) against
+    its Python loop (fill, push, take_responses) over the same random and hostile states:
+    the same slots, ids, lanes, data in the caller's buffer, completions, first failed read
+    and Violation; now and then the compiled side leaves the stream mid-way (give way) and
+    goes on as the Python loop with the compiled fill and reap."""
+    assert compiled() is not None, "the compiled ring loop is not built: run `make venv`"
+    states, violations, failures, reaped = _stream_case(abi, unit, SEED * 3 + unit + (abi is blkif.X86_32))
+    with capsys.disabled():
+        print(f"\nblkfront stream {abi.name} {unit}: {states} states, {violations} violations and {failures} "
+              f"failed reads judged alike, {reaped} responses taken by the compiled stream and reap")
+    assert states == STREAM_STATES and violations > 5 and failures > 5 and reaped > STREAM_STATES // 2

@@ -202,8 +202,13 @@ def test_bench_json_keys():
     proc = xentools("bench", "--json", "--size-mib", "16", "--seconds", "0.2", timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    for key in ("seq_read_1m_mbps", "seq_read_1m_ratio", "rand_read_4k_qd32_iops", "rand_read_4k_qd32_ratio"):
+    for key in ("seq_read_1m_mbps", "seq_read_1m_ratio", "rand_read_4k_qd32_iops", "rand_read_4k_qd32_ratio",
+                "rand_read_4k_qd32_rounds_iops", "rand_read_4k_qd32_rounds_ratio"):
         assert isinstance(result[key], (int, float)) and result[key] > 0
+    # The headline 4 KiB figure is read_many's, its sampled places checked against pread.
+    assert result["wrong_data"] == 0 and result["checked_reads"] >= 3 * 64
+    for key in ("rand_read_4k_cpu_us_per_request", "rand_read_4k_rounds_cpu_us_per_request"):
+        assert result[key]["total"] > 0 and {"frontend", "backend"} <= set(result[key])
     assert result["config"]["image_mib"] == 16 and result["config"]["rand_depth"] == 32
     # The headline figures are the medians of the interleaved rounds, each listed.
     rounds = result["rounds"]

@@ -778,7 +778,10 @@ class BlkFront:
     def _check_stalled(self) -> None:
         """Requests wait for slots or pages that only a response can free: if nothing is on
         any ring, no response will come, and waiting would be forever (the platform refused
-        to share more pages). Fail instead of hanging."""
+        to share more pages). Fail instead of hanging. Not while a read_many's compiled
+        stream carries a queue: it gives way within a round, and the backlog starts then."""
+        if any(queue.batch is not None and queue.batch.stream is not None for queue in self._rings.queues):
+            return
         waiting = False
         for queue in self._rings.queues:
             if queue.backlog:
@@ -793,7 +796,12 @@ class BlkFront:
 
     def _start(self, queue: BlkfrontQueue, entry: InFlight) -> bool:
         """Give `entry` a slot and pages and put it on the ring (or, without persistent
-        grants, on the grant-DMA layer's wait list). False: wait in the backlog."""
+        grants, on the grant-DMA layer's wait list). False: wait in the backlog (also while
+        a read_many's compiled stream carries the queue: it is told to give way)."""
+        batch = queue.batch
+        if batch is not None and batch.stream is not None:
+            batch.give_way()
+            return False
         if not queue.claim_slot(entry):
             return False
         if queue.in_flight > self.stats["max_in_flight"]:

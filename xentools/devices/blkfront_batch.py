@@ -3,8 +3,9 @@
 Owns: `BatchLanes` (the lanes of one queue: fixed runs of persistent-grant pages, each
 carrying one request at a time; filling a batch of READ/WRITE requests into the ring and
 completing their responses, through the compiled fill and reap of blkfront_ringloop.c where
-it is built, else in Python with the same results), `BatchIO` (the device-facing API over
-them: submit many, reap many, one push and at most one notification per batch) and
+it is built, else in Python with the same results; a read_many's rounds), `Stream` (one
+read_many's state), `BatchIO` (the device-facing API over them: submit many, reap many,
+one push and at most one notification per batch; read_many) and
 `flayout_of` (struct xt_flayout from xentools.core.blkif's Abi: the C code has no layout of
 its own).
 Must not: judge a response the compiled reap left (BlkfrontQueue.take_responses does, and
@@ -24,6 +25,13 @@ Fewer Python steps per request: register one buffer per lane once, then read by 
     io.register_buffers([bytearray(4096) for _ in range(32)])
     tags = io.read_sectors([s1, s2, ...])       # request_bytes each, into buffers[tag]
     done, failed = io.reap_tags(1)              # tags; (tag, status) of the failed ones
+Many reads into one buffer, the ring kept full until all are done (a quiet batch):
+    io.read_many(sectors, into)     # the k-th into into[k * request_bytes : (k + 1) * request_bytes]
+  On the software Xen one compiled call (xt_front_stream) fills the free lanes once half
+  are free, publishes and notifies, sleeps and reaps, round after round (`Stream` holds its
+  state); it comes back to Python for what is Python's (as the wait below), for another
+  thread's request on the queue (it gives way: the rest goes on in the Python loop beside
+  the futures) and every 50 ms. Elsewhere the same loop runs in Python over fill and reap.
 Waiting: on the software Xen (a handle whose only port is this queue's:
 SoftwareEventChannels.direct_link) a reap that must wait makes one compiled call
 (blkfront_ringloop.c, xt_front_wait) that reaps, arms rsp_event at the response that makes
@@ -62,19 +70,22 @@ from xentools.core.blkif import (
     BLKIF_OP_INDIRECT,
     BLKIF_OP_READ,
     BLKIF_OP_WRITE,
+    BLKIF_RSP_EOPNOTSUPP,
     Abi,
     indirect_pages_for,
 )
 from xentools.devices.blkback_ringloop import WAIT_EVTCHN, WAIT_STOP, WAIT_UNMASK, evt_of
 from xentools.devices.blkback_ringloop import compiled as compiled_module
 from xentools.devices.blkfront_queue import BlkfrontQueue, InFlight
-from xentools.devices.blkfront_types import BlkfrontError, DeviceFailed
+from xentools.devices.blkfront_types import BlkfrontError, DeviceFailed, RequestFailed
 from xentools.platform.interface import PAGE_SIZE, PlatformError
 
-__all__ = ["BatchIO", "BatchLanes", "Lane", "flayout_of"]
+__all__ = ["BatchIO", "BatchLanes", "Lane", "Stream", "flayout_of"]
 
 _STOP_PYTHON = 1  # xt_front_reap: the next response is the Python path's to judge
 WAIT_SPURIOUS = 64  # xt_front_wait: an event with nothing behind it (beside blkback's WAIT_*)
+# What else ends an xt_front_stream (blkfront_ringloop.c's XS_*).
+STREAM_FAILED, STREAM_NOTIFY, STREAM_GIVE_WAY, STREAM_REFUSED, STREAM_DONE = 128, 256, 512, 1024, 2048
 
 
 def flayout_of(module: Any, abi: Abi) -> Any:
@@ -149,6 +160,63 @@ class _LaneEntry(InFlight):
     deadline = property(lambda self: self._lanes.expected(self.lane)[3])  # type: ignore[assignment]
 
 
+class Stream:
+    """One read_many: `count` READs of `nbytes` at `sectors`, the k-th into
+    into[k * nbytes : (k + 1) * nbytes]. While the compiled stream carries it (`c`, the
+    struct xt_stream of BatchLanes.stream_begin) its state is there; else here (the Python
+    loop over fill and reap). `next`: the next request to fill; `done`: completed OKAY;
+    `failed`: (request index, status) of the first read that failed (no more fills then).
+    A fill takes the free lanes once `refill` of them are free or the rest fits."""
+
+    def __init__(self, sectors: list[int], into: memoryview, nbytes: int, depth: int) -> None:
+        self.sectors = array("Q", sectors)
+        self.into = into
+        self.nbytes = nbytes
+        self.count = len(sectors)
+        self.refill = max(1, depth // 2)
+        self.index_of = [0] * depth  # per lane: the request it carries (Python loop)
+        self._next = self._done = 0
+        self._failed: tuple[int, int] | None = None
+        self.give_way = False  # another thread's request waits: leave the compiled stream
+        self.closing = False  # BatchIO.close() from another thread: no more fills
+        self.owner = 0  # the thread running read_many
+        self.c: Any = None
+        self.keep: list[Any] = []  # what the C struct points to
+
+    next = property(lambda self: int(self.c.next) if self.c is not None else self._next)
+    done = property(lambda self: int(self.c.done) if self.c is not None else self._done)
+
+    @property
+    def failed(self) -> tuple[int, int] | None:
+        c = self.c
+        if c is not None and c.failed_lane >= 0:
+            return int(c.failed_index), int(c.failed_status)
+        return self._failed
+
+    def completed(self, index: int, status: int, lane: int) -> None:
+        """Request `index` (on `lane`) completed with `status`."""
+        c = self.c
+        if c is not None:
+            if status == 0:
+                c.done += 1
+            elif c.failed_lane < 0:
+                c.failed_lane, c.failed_index, c.failed_status = lane, index, status
+        elif status == 0:
+            self._done += 1
+        elif self._failed is None:
+            self._failed = (index, status)
+
+    def index(self, lane: int) -> int:
+        return int(self.c.index_of[lane]) if self.c is not None else self.index_of[lane]
+
+    def wants_fill(self, free: int) -> int:
+        """How many requests the next fill takes with `free` lanes free (0: none yet)."""
+        left = self.count - self.next
+        if self.closing or self.failed is not None or not left or not free or (free < self.refill and free < left):
+            return 0
+        return min(free, left)
+
+
 class BatchLanes:
     """The lanes of one BlkfrontQueue (attached as `queue.batch` until `detach()`). Each
     lane holds one shadow slot of the queue for its life.
@@ -198,6 +266,8 @@ class BatchLanes:
         self._reg: list[memoryview] = []  # registered read buffers per lane (register)
         self._reg_keep: list[Any] = []
         self.compiled = False
+        self.stream: Stream | None = None  # the read_many the compiled stream carries (stream_begin)
+        self.pins: list[Any] = []  # what reads in flight still copy into after read_many left (detach drops)
         self._evt: Any = None  # struct xt_evt while the direct event channel is attached (compiled)
         self.compiled_fills = 0  # requests written by the compiled fill
         self.compiled_reaps = 0  # responses completed by the compiled reap
@@ -443,6 +513,11 @@ class BatchLanes:
         evt = self._evt
         return (0, 0) if evt is None else (int(evt.sleeps), int(evt.events))
 
+    def notifies(self) -> int:
+        """Notifications the compiled calls sent through the direct channel, ever."""
+        evt = self._evt
+        return 0 if evt is None else int(evt.notifies)
+
     def push_compiled(self) -> int:
         """Publish the requests filled so far and notify the backend if it asked
         (xt_front_push): 0 no notify owed, 1 sent, -1 owed and the Python handle's to send."""
@@ -486,32 +561,137 @@ class BatchLanes:
         self.on_settle()
         return got
 
+    # -- streaming reads (BatchIO.read_many) -------------------------------------------------
+
+    def stream_fill(self, st: Stream, deadline: float) -> int:
+        """The Python loop's fill: the next requests of `st` on the free lanes, when
+        Stream.wants_fill says so, each into its place in st.into. Returns how many."""
+        n = st.wants_fill(len(self.free))
+        if not n:
+            return 0
+        first, size, into, sectors = st._next, st.nbytes, st.into, st.sectors
+        used = self.fill(BLKIF_OP_READ, [(sectors[i], size, into[i * size : (i + 1) * size])
+                                         for i in range(first, first + n)], deadline)
+        for k, lane in enumerate(used):
+            st.index_of[lane] = first + k
+        st._next += len(used)
+        return len(used)
+
+    def stream_take(self, st: Stream) -> int:
+        """Hand the completions so far (as take_completed) to `st`; their lanes are free
+        again (on the compiled stream's stack while it carries `st`). Returns how many."""
+        lanes, status = self._take()
+        for lane, one in zip(lanes, status):
+            st.completed(st.index(lane), one, lane)
+        c = st.c
+        if c is not None:
+            for lane in self.free:  # only these: the stack holds the others
+                c.free[c.nfree] = lane
+                c.nfree += 1
+            self.free = []
+        return len(lanes)
+
+    def stream_begin(self, st: Stream) -> None:
+        """Let the compiled stream (xt_front_stream) carry `st`: the free lanes (all of
+        them: read_many starts on a quiet batch) move onto its stack."""
+        ffi = self._ffi
+        count = len(self.lanes)
+        c = ffi.new("struct xt_stream *")
+        sector = ffi.from_buffer("uint64_t[]", st.sectors)
+        into = ffi.from_buffer(st.into, require_writable=True)
+        index_of = ffi.new("uint64_t[]", count)
+        free = ffi.new("uint32_t[]", count)
+        st.keep = [sector, into, index_of, free]
+        c.next, c.count, c.done = st._next, st.count, st._done
+        c.sector, c.into, c.nbytes, c.refill = sector, into, st.nbytes, st.refill
+        c.index_of, c.free = index_of, free
+        for i, lane in enumerate(self.free):
+            free[i] = lane
+            index_of[lane] = st.index_of[lane]
+        c.nfree = len(self.free)
+        self.free = []
+        c.handle, c.unit = self.handle, self.unit
+        c.lane_of, c.sectors, c.sizes, c.bufs = self._c_lane_of, self._c_sector, self._c_nbytes, self._c_bufs
+        self._uniform_nbytes = -1
+        c.out_lane, c.out_status = self._out_lane, self._out_status
+        c.failed_lane = -1  # read_many starts it before any completion
+        st.c = c
+        self.stream = st
+
+    def stream_compiled(self, st: Stream, deadline: float, timeout_ms: int) -> int:
+        """xt_front_stream over `st` (stream_begin) for at most `timeout_ms` (0: one round
+        without a wait). Called as wait_compiled (without the device lock, by the thread
+        that owns the queue's responses and events): touches no Python state; settle_stream
+        under the lock then. Returns its flags (WAIT_*, STREAM_*)."""
+        c = st.c
+        ring = self.queue.ring
+        c.req_prod_pvt, c.rsp_cons = ring.req_prod_pvt, ring.rsp_cons
+        c.seq, c.deadline = self.queue.reserve_ids(0), deadline
+        return int(self._lib.xt_front_stream(
+            self._layout, self._sring, self.queue.size, self._c_shadow, self._c_lanes, len(self.lanes), c,
+            self._evt if self._evt is not None else self._ffi.NULL, timeout_ms,
+        ))
+
+    def settle_stream(self, st: Stream) -> tuple[int, int]:
+        """After xt_front_stream (under the device lock): the ring's indices, the queue's id
+        sequence and the counts follow what it filled (and published) and reaped. Returns
+        (filled, reaped)."""
+        c = st.c
+        queue = self.queue
+        ring = queue.ring
+        filled, reaped = int(c.filled), int(c.reaped)
+        ring.req_prod_pvt = c.req_prod_pvt
+        if reaped:
+            ring.rsp_cons = c.rsp_cons
+        queue.reserve_ids(int(c.seq) - queue.reserve_ids(0))
+        queue.unpushed = False  # every round publishes what it filled
+        queue.requests += filled
+        queue.in_flight += filled - reaped
+        self.busy += filled - reaped
+        self.compiled_fills += filled
+        self.compiled_reaps += reaped
+        return filled, reaped
+
+    def stream_leave(self, st: Stream) -> None:
+        """The compiled stream stops carrying `st`: its state and free lanes come back here
+        (the lanes in flight complete through the compiled reap or finish() as any)."""
+        c = st.c
+        if c is None:
+            return
+        st._next, st._done, st._failed = int(c.next), int(c.done), st.failed
+        st.index_of = [int(index) for index in c.index_of[0 : len(self.lanes)]]
+        self.free = [int(lane) for lane in c.free[0 : c.nfree]]
+        st.c = None
+        self.stream = None
+
+    def give_way(self) -> None:
+        """Another thread's request waits for the queue (BlkFront._start): the compiled
+        stream returns at its next round, and read_many goes on in the Python loop."""
+        st = self.stream
+        if st is not None:
+            st.give_way = True
+            st.c.give_way = 1
+
     def finish(self, entry: InFlight, status: int) -> None:
         """Complete a lane's request whose response the Python path judged (what
-        xt_front_reap does for the responses it takes)."""
+        xt_front_reap does for the responses it takes): a read's data is copied into the
+        lane's destination, if it has one."""
         lane = entry.lane
+        data = self.lanes[lane].data
         if self.compiled:
             c = self._c_lanes[lane]
             self._c_shadow[entry.slot].lane = -1
-            op, nbytes = c.op, c.nbytes
-            held = self._pointers[lane]
-            if held is not None:
-                dest = held[1]
-            elif c.dest != self._ffi.NULL:  # a read into the lane's registered buffer
-                dest = self._reg[lane]
-            else:
-                dest = None
-        else:
-            self._id[lane] = -1
-            op, nbytes, dest = self._op[lane], self._nbytes[lane], self._dest[lane]
-        if op == BLKIF_OP_READ and status == 0 and dest is not None:
-            memoryview(dest).cast("B")[:nbytes] = self.lanes[lane].data[:nbytes]
-        if self.compiled:
+            if c.op == BLKIF_OP_READ and status == 0 and c.dest != self._ffi.NULL:
+                self._ffi.memmove(c.dest, data[: c.nbytes], c.nbytes)  # the one copy
             c.dest = self._ffi.NULL
             if self._pointers[lane] is not None:
                 self._pointers[lane] = None
                 self._held -= 1
         else:
+            self._id[lane] = -1
+            op, nbytes, dest = self._op[lane], self._nbytes[lane], self._dest[lane]
+            if op == BLKIF_OP_READ and status == 0 and dest is not None:
+                memoryview(dest).cast("B")[:nbytes] = data[:nbytes]
             self._dest[lane] = None
         self.queue.in_flight -= 1
         self.busy -= 1
@@ -557,6 +737,7 @@ class BatchLanes:
                 c.reg = self._ffi.NULL
         self._reg_keep = []
         self._reg = []
+        self.pins = []
         for entry in self.entries:
             if queue.shadow[entry.slot] is entry:
                 queue.shadow[entry.slot] = None
@@ -637,6 +818,9 @@ class BatchIO:
             self.request_bytes = request_bytes
             self.pages = depth * (ndata + nind)
             self.registered = False  # register_buffers() was called
+            self._stream: Stream | None = None  # the read_many running
+            self.streamed = 0  # responses the compiled stream took (read_many)
+            self.gave_way = 0  # times read_many left the compiled stream for another thread's request
 
     @property
     def compiled(self) -> bool:
@@ -671,22 +855,31 @@ class BatchIO:
         dev._check_usable()
         if self.closed:
             raise BlkfrontError("batch.closed", "the batch is closed")
+        self._check_no_stream()
         if op == BLKIF_OP_WRITE and dev.info.readonly:
             raise BlkfrontError("request.readonly", "the disk is read-only")
 
-    def _account(self, used: int, indirect: int) -> None:
-        """Count `used` requests just filled (`indirect` of them INDIRECT) and push them."""
+    def _check_no_stream(self) -> None:
+        stream = self._stream
+        if stream is not None and stream.owner != threading.get_ident():
+            raise BlkfrontError("batch.busy", "a read_many runs on this batch (in another thread)")
+
+    def _account(self, used: int, indirect: int, sent: int = 0, owed: bool = False) -> None:
+        """Count `used` requests just filled (`indirect` of them INDIRECT) and push them
+        (the compiled stream pushed its own: `sent` notifications, and `owed` one it could
+        not send, which goes through the Python handle)."""
         dev = self.dev
         stats = dev.stats
         stats["requests"] += used
         stats["indirect_requests"] += indirect
         stats["direct_requests"] += used - indirect
+        stats["notifications"] += sent
         lanes = self.lanes
         queue = lanes.queue
         if queue.in_flight > stats["max_in_flight"]:
             stats["max_in_flight"] = queue.in_flight
-        if queue.unpushed and self._direct_events():
-            notified = lanes.push_compiled()
+        if owed or (queue.unpushed and self._direct_events()):
+            notified = -1 if owed else lanes.push_compiled()
             if notified:
                 stats["notifications"] += 1
             if notified < 0:  # the channel needs the Python handle
@@ -735,6 +928,128 @@ class BatchIO:
             self._account(len(used), len(used) if nbytes > BLKIF_MAX_SEGMENTS_PER_REQUEST * PAGE_SIZE else 0)
             return used
 
+    def read_many(self, sectors: list[int], into: Any) -> None:
+        """Read `request_bytes` at each of `sectors`, the k-th into
+        into[k * request_bytes : (k + 1) * request_bytes] (`into`: a writable contiguous
+        buffer), keeping the ring full (every lane) and returning when all are done. On the
+        software Xen it runs in one compiled loop (xt_front_stream) that comes back to
+        Python only for what is Python's; elsewhere (or once it gave way) the same loop runs
+        here over fill and reap. Needs a quiet batch (nothing in flight or unreaped).
+        Futures submitted on the same queue meanwhile wait in the backlog until the
+        compiled loop gives way (within a round), then share the queue as with any batch.
+        Raises RequestFailed for a read that failed (once the others in flight are done),
+        BlkfrontError "batch.closed" when close() is called from another thread meanwhile,
+        DeviceFailed when the device fails."""
+        dev = self.dev
+        lanes = self.lanes
+        size = self.request_bytes
+        with dev._lock:
+            self._check_open(BLKIF_OP_READ)
+            try:
+                view = memoryview(into)
+            except TypeError:
+                raise BlkfrontError("request.buffer", f"read_many reads into a buffer, not {type(into).__name__}") from None
+            if view.readonly or not view.c_contiguous:
+                raise BlkfrontError("request.buffer", "read_many needs a writable contiguous buffer")
+            view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+            sectors = list(sectors)
+            count = len(sectors)
+            if view.nbytes < count * size:
+                raise BlkfrontError("request.buffer", f"{count} reads of {size} bytes need {count * size} bytes: "
+                                                      f"the buffer holds {view.nbytes}")
+            if sectors and (set(map(type, sectors)) != {int} or min(sectors) < 0
+                            or max(sectors) + size // dev._requests.sector_size > dev._disk.sectors):
+                for sector in sectors:
+                    self._check(sector, size)  # says which, in one line
+            if lanes.busy or lanes.completed:
+                raise BlkfrontError("batch.busy", f"read_many needs a quiet batch: {lanes.busy} requests in "
+                                                  f"flight, {lanes.completed} not reaped")
+            if not count:
+                return
+            st = Stream(sectors, view, size, self.depth)
+            st.owner = threading.get_ident()
+            self._stream = st
+            try:
+                if lanes.compiled and self._owns_queue() and self._direct_events():
+                    lanes.stream_begin(st)
+                    self._stream_compiled(st)
+                self._stream_python(st)
+            finally:
+                lanes.stream_leave(st)
+                if lanes.busy:  # left by an exception: reads in flight still go into `into`
+                    lanes.pins.append(st.keep)
+                st.keep = []
+                self._stream = None
+                self.cond.notify_all()
+            if st.closing:
+                raise BlkfrontError("batch.closed", "the batch was closed during read_many (from another thread)")
+            if st.failed is not None:
+                index, status = st.failed
+                raise RequestFailed("response.eopnotsupp" if status == BLKIF_RSP_EOPNOTSUPP else "response.error",
+                                    f"the backend failed a read at sector {st.sectors[index]} (request {index} of "
+                                    f"read_many's {count}, status {status})")
+
+    def _stream_compiled(self, st: Stream) -> None:
+        """read_many in the compiled stream, without the device lock while it runs (every
+        request of the queue is the batch's, as _wait_compiled), until all are done or it
+        must go on in the Python loop: a read failed (the rest in flight drained there),
+        another thread's request (give way: the backlog is started here) or close()."""
+        dev = self.dev
+        lanes = self.lanes
+        lock = dev._lock
+        indirect = self.request_bytes > BLKIF_MAX_SEGMENTS_PER_REQUEST * PAGE_SIZE
+        quiet = 0
+        while True:
+            if lanes.future.error is not None:
+                raise lanes.future.error
+            if dev._failure is not None:
+                raise DeviceFailed(*dev._failure)
+            if (st.give_way or st.failed is not None or (st.next == st.count and not lanes.busy)
+                    or not self._owns_queue() or not self._direct_events()):
+                break
+            sleeps, events = lanes.event_counts()
+            sent = lanes.notifies()
+            deadline = time.monotonic() + dev.config.request_timeout
+            dev._event_waiter = self
+            state = lock._release_save()  # type: ignore[attr-defined]
+            try:
+                flags = lanes.stream_compiled(st, deadline, 50)
+            finally:
+                lock._acquire_restore(state)  # type: ignore[attr-defined]
+                dev._event_waiter = None
+            if dev._failure is not None:  # failed meanwhile (BlkFront._fail forgot what was in flight)
+                continue
+            filled, reaped = lanes.settle_stream(st)
+            self.streamed += reaped
+            self._account(filled, filled if indirect else 0, lanes.notifies() - sent, bool(flags & STREAM_NOTIFY))
+            self._after_compiled(reaped, flags, sleeps, events, int(st.c.quiet) - quiet)
+            quiet = int(st.c.quiet)
+            lanes.stream_take(st)  # what the Python path completed
+            if flags & STREAM_REFUSED:  # a value read_many should have refused: our bug, not the peer's
+                raise BlkfrontError("batch.fill", "the compiled stream's fill refused a request")
+        lanes.stream_leave(st)
+        if st.give_way:
+            self.gave_way += 1
+            dev._run_backlogs()
+            dev._push_all()
+
+    def _stream_python(self, st: Stream) -> None:
+        """read_many's loop over fill and reap (the same rounds as xt_front_stream): all of
+        it without the compiled stream, else what is left after it gave way, or the drain
+        after a failed read or close()."""
+        dev = self.dev
+        lanes = self.lanes
+        indirect = self.request_bytes > BLKIF_MAX_SEGMENTS_PER_REQUEST * PAGE_SIZE
+        take = lambda: lanes.stream_take(st)  # noqa: E731
+        while True:
+            filled = lanes.stream_fill(st, time.monotonic() + dev.config.request_timeout)
+            if filled:
+                self._account(filled, filled if indirect else 0)
+            if not lanes.busy:
+                return
+            draining = st.closing or st.failed is not None or st.next == st.count
+            self.reap(lanes.busy if draining else max(1, st.refill - len(lanes.free)), None, take)
+
     def buffer(self, tag: int) -> memoryview:
         """The registered buffer of `tag` (register_buffers)."""
         return self.lanes._reg[tag]
@@ -781,6 +1096,7 @@ class BatchIO:
         with dev._lock:
             if dev._on_completion_thread():
                 raise BlkfrontError("future.wait_in_callback", "a completion callback cannot wait")
+            self._check_no_stream()
             while True:
                 if lanes.future.error is not None:
                     raise lanes.future.error
@@ -864,14 +1180,10 @@ class BatchIO:
     def _wait_compiled(self, want: int, left: float | None) -> None:
         """Reap and sleep in one compiled call (xt_front_wait) until `want` responses came,
         without the device lock (while every request of the queue is the batch's, as
-        _wait_event), at most 50 ms. It returns early with what is the Python path's, which
-        is handled here as the completion thread would: a response the compiled reap leaves
-        (judged by take_responses, which may fail the device with its rule), an event the
-        Python handle must take or unmask, an event with nothing behind it (counted; a
-        storm of them throttled, XSA-391)."""
+        _wait_event), at most 50 ms. It returns early with what is the Python path's,
+        handled by _after_compiled."""
         dev = self.dev
         lanes = self.lanes
-        queue = lanes.queue
         lock = dev._lock
         sleeps, events = lanes.event_counts()
         dev._event_waiter = self
@@ -884,6 +1196,21 @@ class BatchIO:
         if dev._failure is not None:  # failed meanwhile (BlkFront._fail forgot what was in flight)
             return
         lanes.settle_compiled(got)
+        self._after_compiled(got, flags, sleeps, events)
+
+    def _after_compiled(self, got: int, flags: int, sleeps: int, events: int, quiet: int = 0) -> None:
+        """Under the device lock, after a compiled wait or stream call that reaped `got`
+        responses (already settled) and returned `flags`; `sleeps` and `events`: the
+        lanes' event_counts() before it, `quiet`: events it took quietly (they followed
+        responses already reaped; counted for the storm logic). The counts, and what is
+        the Python path's, handled as the completion thread would: a response the compiled
+        reap left (judged by take_responses, which may fail the device with its rule), an
+        event the Python handle must take or unmask, an event with nothing behind it
+        (counted; a storm of them throttled, XSA-391)."""
+        dev = self.dev
+        lanes = self.lanes
+        queue = lanes.queue
+        lock = dev._lock
         after = lanes.event_counts()
         self.waits += after[0] - sleeps
         taken = after[1] - events
@@ -891,6 +1218,8 @@ class BatchIO:
         stats = dev.stats
         stats["events"] += taken
         stats["responses"] += got
+        stats["spurious_events"] += quiet
+        dev._spurious_streak += quiet
         self.polled += got
         if got:
             dev._spurious_streak = 0
@@ -958,6 +1287,13 @@ class BatchIO:
         if self.closed:
             return
         dev = self.dev
+        with dev._lock:
+            stream = self._stream
+            if stream is not None and stream.owner != threading.get_ident():
+                stream.closing = True  # read_many stops filling, drains and raises "batch.closed"
+                self.lanes.give_way()
+                while self._stream is stream:
+                    self.cond.wait(1.0)
         try:
             while self.lanes.busy and dev._failure is None:
                 self.reap(self.lanes.busy, timeout if timeout is not None else dev.config.request_timeout + 5)

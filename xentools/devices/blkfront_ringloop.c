@@ -17,7 +17,8 @@
  * (xt_front_push), and waits: reap, arm rsp_event (ring.h's final check), sleep on the
  * doorbell, take and unmask the event, reap again (xt_front_wait), returning to Python with
  * the completions or with what is Python's (a response to judge, an event-channel state, an
- * event with nothing behind it, the timeout).
+ * event with nothing behind it, the timeout). For BatchIO.read_many it also runs the whole
+ * loop (xt_front_stream: fill, push, wait, reap, round after round, through those same four).
  * Must not: describe a blkif struct (every offset comes from xentools.core.blkif's Abi
  * through struct xt_flayout), change an event word but through blkback_ringloop.c's
  * transitions (xt_evt_notify, xt_evt_take), or grant anything.
@@ -276,4 +277,110 @@ uint32_t xt_front_wait(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_e
             mark = got;
         }
     }
+}
+
+/* ---- streaming reads (BatchIO.read_many) ----
+ *
+ * xt_front_stream keeps the lanes busy on its own: a round fills the free lanes with the next
+ * requests once half the lanes (S->refill) are free or the rest fits (xt_front_fill, into
+ * their places in S->into), publishes and notifies (xt_front_push), sleeps until enough
+ * lanes are free again (xt_front_wait; without a channel or with timeout_ms 0, a plain
+ * xt_front_reap) and takes the completions. It returns to Python (flags, blkback_ringloop.py's
+ * WAIT_* and these) on anything that is Python's: a response the reap leaves (XF_W_STOP), an
+ * event-channel state (WAIT_EVTCHN, WAIT_UNMASK), an event with nothing behind it that did
+ * not follow responses already reaped (XF_W_SPURIOUS; one that did is taken quietly and
+ * counted in S->quiet), a signal (XF_W_WAKE), the time limit (XF_W_TIMEOUT: timeout_ms, at
+ * most XS_LIMIT_MS), a read that failed (XS_FAILED: no more fills, Python drains), a notify
+ * it could not send (XS_NOTIFY), another thread's request (XS_GIVE_WAY), a fill the C fill
+ * refused (XS_REFUSED: the caller's bug), and when every request is done (XS_DONE). */
+enum { XS_FAILED = 128, XS_NOTIFY = 256, XS_GIVE_WAY = 512, XS_REFUSED = 1024, XS_DONE = 2048, XS_LIMIT_MS = 50 };
+
+uint32_t xt_front_stream(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_ents,
+                         struct xt_shadow *shadow, struct xt_lane *lanes, uint32_t nlanes,
+                         struct xt_stream *S, struct xt_evt *E, int timeout_ms)
+{
+    uint32_t flags = 0;
+    if (timeout_ms > XS_LIMIT_MS || timeout_ms < 0)
+        timeout_ms = XS_LIMIT_MS;
+    int64_t until = xf_now_ms() + timeout_ms;
+    S->filled = S->reaped = 0;
+    for (;;) {
+        if (__atomic_load_n(&S->give_way, __ATOMIC_ACQUIRE)) {
+            flags |= XS_GIVE_WAY;
+            break;
+        }
+        uint64_t left = S->count - S->next;
+        if (S->failed_lane < 0 && left && S->nfree && (S->nfree >= S->refill || S->nfree >= left)) {
+            uint32_t n = left < S->nfree ? (uint32_t)left : S->nfree;
+            for (uint32_t k = 0; k < n; k++) { /* from the top of the stack, as BatchLanes._claim */
+                S->lane_of[k] = S->free[S->nfree - 1 - k];
+                S->sectors[k] = S->sector[S->next + k];
+                S->sizes[k] = S->nbytes;
+                S->bufs[k] = S->into + (size_t)(S->next + k) * S->nbytes;
+            }
+            uint32_t written = xt_front_fill(L, sring, nr_ents, &S->req_prod_pvt, shadow, lanes, nlanes, S->lane_of,
+                                             S->sectors, S->sizes, S->bufs, n, XF_OP_READ, S->seq, S->deadline,
+                                             S->handle, S->unit, 0);
+            for (uint32_t k = 0; k < written; k++)
+                S->index_of[S->lane_of[k]] = S->next + k;
+            S->nfree -= written;
+            S->next += written;
+            S->seq += written;
+            S->filled += written;
+            if (written != n)
+                flags |= XS_REFUSED;
+        }
+        if (xt_front_push(sring, S->req_prod_pvt, E) < 0)
+            flags |= XS_NOTIFY;
+        uint32_t in_flight = nlanes - S->nfree;
+        if (!in_flight) {
+            if (S->next == S->count)
+                flags |= XS_DONE;
+            break;
+        }
+        uint32_t got, wflags = 0;
+        int stop = 0;
+        if (timeout_ms == 0 || !E || flags) {
+            got = xt_front_reap(L, sring, nr_ents, &S->rsp_cons, shadow, lanes, nlanes, S->out_lane, S->out_status,
+                                nlanes, &stop);
+            if (stop == 1)
+                wflags = XF_W_STOP;
+        } else {
+            /* Until refill lanes are free; every one in flight once no more will be filled. */
+            uint32_t want = S->failed_lane >= 0 || S->next == S->count ? in_flight
+                          : S->refill > S->nfree ? S->refill - S->nfree : 1;
+            int64_t ms = until - xf_now_ms();
+            got = xt_front_wait(L, sring, nr_ents, &S->rsp_cons, shadow, lanes, nlanes, S->out_lane, S->out_status,
+                                nlanes, want > in_flight ? in_flight : want, &stop, E, ms > 0 ? (int)ms : 0, &wflags);
+        }
+        for (uint32_t i = 0; i < got; i++) {
+            uint32_t lane = S->out_lane[i];
+            S->free[S->nfree++] = lane;
+            if (S->out_status[i] == 0) {
+                S->done++;
+            } else if (S->failed_lane < 0) {
+                S->failed_lane = (int32_t)lane;
+                S->failed_index = S->index_of[lane];
+                S->failed_status = S->out_status[i];
+                flags |= XS_FAILED;
+            }
+        }
+        S->reaped += got;
+        if (got)
+            S->reaped_since_quiet = 1;
+        if (wflags == XF_W_SPURIOUS && S->reaped_since_quiet) {
+            /* The event of responses taken before it came (reaped while the backend sent it). */
+            S->quiet++;
+            S->reaped_since_quiet = 0;
+            wflags = 0;
+        }
+        flags |= wflags;
+        if (flags || timeout_ms == 0)
+            break;
+        if (xf_now_ms() >= until) {
+            flags |= XF_W_TIMEOUT;
+            break;
+        }
+    }
+    return flags;
 }

@@ -56,3 +56,43 @@ uint32_t xt_front_wait(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_e
                        struct xt_shadow *shadow, struct xt_lane *lanes, uint32_t nlanes,
                        uint32_t *out_lane, int16_t *out_status, uint32_t max, uint32_t want, int *stop,
                        struct xt_evt *E, int timeout_ms, uint32_t *flags);
+/* One read_many (blkfront_batch.BatchIO.read_many) in flight: `count` READs of `nbytes` at
+ * sector[0..count), the k-th into into + k * nbytes, carried by every lane of the batch
+ * (free: the stack of lanes without a request; the others carry request index_of[lane]).
+ * The fill's and reap's argument arrays (nlanes each) are the lanes' own. Python sets up
+ * and reads back the rest between calls (req_prod_pvt, rsp_cons, seq, deadline). */
+struct xt_stream {
+    uint64_t next;            /* the next request to fill */
+    uint64_t count;           /* requests in all */
+    uint64_t done;            /* requests completed with OKAY */
+    const uint64_t *sector;   /* count sectors */
+    uint8_t *into;            /* the destination of request 0 */
+    uint32_t nbytes;          /* bytes per request */
+    uint32_t refill;          /* fill once this many lanes are free (or the rest fits) */
+    uint64_t *index_of;       /* per lane: the request it carries */
+    uint32_t *free;           /* the free lanes, a stack */
+    uint32_t nfree;
+    uint16_t handle;
+    uint32_t unit;
+    uint64_t seq;             /* the id sequence: a fill of n takes the n after it */
+    double deadline;          /* of the requests filled in a call */
+    uint32_t req_prod_pvt, rsp_cons;
+    uint32_t *lane_of;        /* the fill's arguments */
+    uint64_t *sectors;
+    uint32_t *sizes;
+    uint8_t **bufs;
+    uint32_t *out_lane;       /* the reap's results */
+    int16_t *out_status;
+    int32_t give_way;         /* set by another thread: return at the next round */
+    int32_t failed_lane;      /* -1, or the lane of the first read that failed */
+    int16_t failed_status;
+    uint64_t failed_index;
+    uint32_t filled, reaped;  /* in the last call */
+    uint64_t quiet;           /* events taken quietly: they came after their responses were reaped */
+    int32_t reaped_since_quiet;
+};
+/* Fill -> push -> wait -> reap until every request is done or something is Python's
+ * (blkfront_ringloop.c says what); timeout_ms 0: exactly one round, without a wait. */
+uint32_t xt_front_stream(const struct xt_flayout *L, uint8_t *sring, uint32_t nr_ents,
+                         struct xt_shadow *shadow, struct xt_lane *lanes, uint32_t nlanes,
+                         struct xt_stream *S, struct xt_evt *E, int timeout_ms);

@@ -4,7 +4,9 @@ Owns: the `bench` command and its measurements: sequential 1 MiB reads (MB/s, di
 plain os.pread loop over the same image file) and random 4 KiB reads at queue depth 32
 (IOPS, divided by a plain Python os.pread loop over the same offsets), each through
 blkfront's batch API (BlkFront.batch_io: the headline figures; sequential reads also with
-the data left in the granted pages) and through its future API; the CPU time each
+the data left in the granted pages; random reads through read_many, every offset in one
+call into one buffer, sampled places checked against pread, and through the API's rounds
+of read_sectors and reap_tags) and through its future API; the CPU time each
 process of the rig (frontend, backend, grantd, xenstored) spent per request in each
 measurement, from /proc/<pid>/stat; and an event channel round trip A->B->A
 between two processes of the software Xen, against a socketpair ping-pong between the same
@@ -302,6 +304,30 @@ def batch_rand(dev: BlkFront, offsets: list[int], depth: int, duration: float) -
     return ops / seconds
 
 
+# Sampled places of every read_many pass compared with os.pread of the image (bench.wrong_data).
+STREAM_SAMPLES = 64
+
+
+def stream_rand(dev: BlkFront, fd: int, offsets: list[int], depth: int, duration: float, into: bytearray,
+                checks: dict[str, int]) -> float:
+    """IOPS of 4 KiB reads at `offsets` through BatchIO.read_many (`depth` lanes; one call
+    per pass over them all, into `into`, len(offsets) * 4 KiB). After each pass
+    STREAM_SAMPLES places are compared with os.pread of the image: checks["checked"] and
+    checks["wrong_data"] count them (a mismatch is an error: bench() raises)."""
+    sectors = [offset // 512 for offset in offsets]
+    rng = random.Random(len(offsets))
+    with dev.batch_io(depth=depth, request_bytes=4096) as io:
+        def one_pass() -> int:
+            io.read_many(sectors, into)
+            for k in rng.sample(range(len(offsets)), min(STREAM_SAMPLES, len(offsets))):
+                checks["checked"] += 1
+                checks["wrong_data"] += into[k * 4096 : (k + 1) * 4096] != os.pread(fd, 4096, offsets[k])
+            return len(offsets)
+
+        ops, seconds = _timed(duration, one_pass)
+    return ops / seconds
+
+
 def _metered(meter: CpuMeter, dev: BlkFront, measure: Callable[[], float]) -> tuple[float, dict[str, float]]:
     """measure() and the CPU microseconds each process spent per request meanwhile."""
     meter.start()
@@ -319,6 +345,7 @@ _FIGURES = (
     ("seq_read_1m_futures_mbps", "seq_read_1m_raw_pread_mbps", "seq_read_1m_futures_cpu_us_per_request"),
     ("rand_read_4k_raw_pread_iops", None, None),
     ("rand_read_4k_qd32_iops", "rand_read_4k_raw_pread_iops", "rand_read_4k_cpu_us_per_request"),
+    ("rand_read_4k_qd32_rounds_iops", "rand_read_4k_raw_pread_iops", "rand_read_4k_rounds_cpu_us_per_request"),
     ("rand_read_4k_qd32_futures_iops", "rand_read_4k_raw_pread_iops", "rand_read_4k_futures_cpu_us_per_request"),
 )
 
@@ -328,7 +355,7 @@ def _ratio_key(key: str) -> str:
 
 
 def _one_round(meter: CpuMeter, dev: BlkFront, fd: int, size: int, offsets: list[int], seq_lanes: int,
-               seq_depth: int, rand_depth: int, seconds: float) -> dict:
+               seq_depth: int, rand_depth: int, seconds: float, into: bytearray, checks: dict[str, int]) -> dict:
     """Every figure once, each reference measured just before the figures divided by it, so
     that a round's ratios share the machine's state (its load, where the vCPUs run)."""
     figures: dict = {}
@@ -338,7 +365,8 @@ def _one_round(meter: CpuMeter, dev: BlkFront, fd: int, size: int, offsets: list
         "seq_read_1m_into_pool_mbps": lambda: batch_seq(dev, size, seq_lanes, seconds, into_pool=True),
         "seq_read_1m_futures_mbps": lambda: blk_seq(dev, size, seq_depth, seconds),
         "rand_read_4k_raw_pread_iops": lambda: raw_rand(fd, offsets, seconds),
-        "rand_read_4k_qd32_iops": lambda: batch_rand(dev, offsets, rand_depth, seconds),
+        "rand_read_4k_qd32_iops": lambda: stream_rand(dev, fd, offsets, rand_depth, seconds, into, checks),
+        "rand_read_4k_qd32_rounds_iops": lambda: batch_rand(dev, offsets, rand_depth, seconds),
         "rand_read_4k_qd32_futures_iops": lambda: blk_rand(dev, offsets, rand_depth, seconds),
     }
     for key, reference, cpu_key in _FIGURES:
@@ -426,12 +454,19 @@ def bench(as_json: bool, size_mib: int, seconds: float, rounds: int, queues: int
             try:
                 raw_seq(fd, size, 0)  # one pass: the image is in the page cache for both sides
                 batch_seq(dev, size, seq_lanes, 0)  # and the backend's persistent grants are mapped
+                into = bytearray(len(offsets) * 4096)  # read_many's destination, ~80 MB
+                checks = {"checked": 0, "wrong_data": 0}
                 per_round = [
-                    _one_round(meter, dev, fd, size, offsets, seq_lanes, seq_depth, rand_depth, seconds / rounds)
+                    _one_round(meter, dev, fd, size, offsets, seq_lanes, seq_depth, rand_depth, seconds / rounds,
+                               into, checks)
                     for _ in range(rounds)
                 ]
+                del into
             finally:
                 os.close(fd)
+            if checks["wrong_data"]:
+                raise DemoError("bench.wrong_data", f"{checks['wrong_data']} of {checks['checked']} sampled 4 KiB reads "
+                                                    "of read_many differ from pread of the image")
             stats = dict(dev.stats)
         finally:
             dev.close()
@@ -439,7 +474,8 @@ def bench(as_json: bool, size_mib: int, seconds: float, rounds: int, queues: int
         events = event_round_trip(rig.xen.root_dir)
     from xentools.tools.bench_memory import memory_figures, memory_summary  # it uses this module's
     memory = memory_figures(min(seconds, 1.0))
-    result = {**_combined(per_round), "rounds": per_round,
+    result = {**_combined(per_round), "rounds": per_round, "wrong_data": checks["wrong_data"],
+        "checked_reads": checks["checked"],
         "evtchn": events,
         "memory": memory,
         "targets": TARGETS,
@@ -463,6 +499,11 @@ def bench(as_json: bool, size_mib: int, seconds: float, rounds: int, queues: int
                          "one push per batch; reads copied once into the caller's buffers (registered, "
                          "one per lane: register_buffers, read_sectors, reap_tags(min_done=depth/4)); on the "
                          "software Xen the reap sleeps in one compiled call (blkfront_ringloop.c xt_front_wait)",
+                "rand_read_4k_qd32": "BatchIO.read_many: every offset in one call, into one buffer (~80 MB), the "
+                                     "ring kept full by the compiled stream (blkfront_ringloop.c xt_front_stream) "
+                                     f"on the software Xen; {STREAM_SAMPLES} sampled places per pass checked against "
+                                     "pread (wrong_data)",
+                "rand_read_4k_qd32_rounds": "the batch API's rounds: read_sectors, reap_tags(min_done=depth/4)",
                 "into_pool": "the same, the data left in the lanes' granted pages (no copy)",
                 "futures": "submit_read with a completion callback per read (BlkFuture)",
             },
@@ -494,15 +535,18 @@ def bench(as_json: bool, size_mib: int, seconds: float, rounds: int, queues: int
                f"raw pread {r['seq_read_1m_raw_pread_mbps']:.0f} MB/s; ratio {r['seq_read_1m_ratio']:.3f} (into the "
                f"pool {r['seq_read_1m_into_pool_ratio']:.3f}, futures {r['seq_read_1m_futures_ratio']:.3f}; target "
                f"{TARGETS['seq_read_1m_ratio']})")
-    click.echo(f"rand read 4 KiB, batch x{rand_depth}: {r['rand_read_4k_qd32_iops']:.0f} IOPS (futures: "
-               f"{r['rand_read_4k_qd32_futures_iops']:.0f}); raw pread loop {r['rand_read_4k_raw_pread_iops']:.0f} "
-               f"IOPS; ratio {r['rand_read_4k_qd32_ratio']:.3f} (futures {r['rand_read_4k_qd32_futures_ratio']:.3f}; "
-               f"target {TARGETS['rand_read_4k_qd32_ratio']})")
+    click.echo(f"rand read 4 KiB, read_many x{rand_depth}: {r['rand_read_4k_qd32_iops']:.0f} IOPS (batch rounds: "
+               f"{r['rand_read_4k_qd32_rounds_iops']:.0f}; futures: {r['rand_read_4k_qd32_futures_iops']:.0f}); raw "
+               f"pread loop {r['rand_read_4k_raw_pread_iops']:.0f} IOPS; ratio {r['rand_read_4k_qd32_ratio']:.3f} "
+               f"(rounds {r['rand_read_4k_qd32_rounds_ratio']:.3f}, futures {r['rand_read_4k_qd32_futures_ratio']:.3f}; "
+               f"target {TARGETS['rand_read_4k_qd32_ratio']}); {r['wrong_data']} of {r['checked_reads']} sampled "
+               "reads wrong")
     click.echo(f"medians of {rounds} interleaved rounds; every round's figures are in --json")
     for what, key in (("seq 1 MiB batch", "seq_read_1m_cpu_us_per_request"),
                       ("seq 1 MiB into the pool", "seq_read_1m_into_pool_cpu_us_per_request"),
                       ("seq 1 MiB futures", "seq_read_1m_futures_cpu_us_per_request"),
-                      ("rand 4 KiB batch", "rand_read_4k_cpu_us_per_request"),
+                      ("rand 4 KiB read_many", "rand_read_4k_cpu_us_per_request"),
+                      ("rand 4 KiB batch rounds", "rand_read_4k_rounds_cpu_us_per_request"),
                       ("rand 4 KiB futures", "rand_read_4k_futures_cpu_us_per_request")):
         click.echo(f"CPU per request, {what}: " + ", ".join(f"{k} {v:.1f} us" for k, v in r[key].items()))
     click.echo(memory_summary(memory))
