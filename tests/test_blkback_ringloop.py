@@ -642,6 +642,69 @@ def test_a_link_of_another_kind_is_refused_by_the_one_builder_of_struct_xt_evt()
         evt_of(module.ffi, SimpleNamespace(kind="bits"), (-1, -1), None)
 
 
+def test_the_xenevtchn_take_and_notify_leave_every_failure_to_python() -> None:
+    """Real Xen's kind of struct xt_evt, over stand-ins for libxenevtchn's pending, unmask
+    and notify (C callbacks with the library's signatures): nothing pending is "none"; our
+    port is taken and unmasked; another port is left to Python in `foreign`; a failed
+    pending, unmask or notify is Python's, with WAIT_UNMASK owed when only the unmask
+    failed. Real Xen's own calls are tested in tests/xen/test_event_channels.py."""
+    import errno
+    from types import SimpleNamespace
+
+    from xentools.devices.blkback_ringloop import WAIT_EVTCHN, WAIT_UNMASK
+
+    module = compiled()
+    assert module is not None, "the compiled ring loop is not built: run `make venv`"
+    ffi, lib = module.ffi, module.lib
+    script = {"pending": [], "unmask": 0, "notify": 0}
+    calls: list[tuple] = []
+
+    @ffi.callback("int (*)(void *)")
+    def pending(xce):  # type: ignore[no-untyped-def]
+        calls.append(("pending",))
+        port, err = script["pending"].pop(0)
+        if port < 0:
+            ffi.errno = err
+        return port
+
+    @ffi.callback("int (*)(void *, uint32_t)")
+    def unmask(xce, port):  # type: ignore[no-untyped-def]
+        calls.append(("unmask", port))
+        return script["unmask"]
+
+    @ffi.callback("int (*)(void *, uint32_t)")
+    def notify(xce, port):  # type: ignore[no-untyped-def]
+        calls.append(("notify", port))
+        return script["notify"]
+
+    def address(fn) -> int:  # type: ignore[no-untyped-def]
+        return int(ffi.cast("uintptr_t", fn))
+
+    link = SimpleNamespace(kind="xenevtchn", handle=0x1000, fd=-1, port=7, generation=0,
+                           pending_fn=address(pending), unmask_fn=address(unmask), notify_fn=address(notify))
+    evt = evt_of(ffi, link, (-1, -1), None)
+    flags = ffi.new("uint32_t *")
+
+    def take(*answers) -> tuple:  # type: ignore[no-untyped-def]
+        script["pending"] = list(answers)
+        calls.clear()
+        flags[0] = 0
+        return lib.xt_evt_take(evt, flags), flags[0], evt.foreign, list(calls)
+
+    assert take((-1, errno.EAGAIN)) == (0, 0, -1, [("pending",)])
+    assert take((7, 0)) == (1, 0, -1, [("pending",), ("unmask", 7)])
+    assert take((9, 0)) == (-1, WAIT_EVTCHN, 9, [("pending",)])  # another port's: left masked
+    evt.foreign = -1
+    assert take((-1, errno.EBADF)) == (-1, WAIT_EVTCHN, -1, [("pending",)])
+    script["unmask"] = -1
+    assert take((7, 0)) == (-1, WAIT_EVTCHN | WAIT_UNMASK, -1, [("pending",), ("unmask", 7)])
+    assert evt.events == 2  # the two of our port's events taken
+    calls.clear()
+    assert lib.xt_evt_notify(evt) == 0 and calls == [("notify", 7)] and evt.notifies == 1
+    script["notify"] = -1
+    assert lib.xt_evt_notify(evt) == -1 and evt.notifies == 1
+
+
 def test_the_compiled_wait_loop_keeps_xens_event_channel_rules(tmp_path) -> None:
     """xt_wait takes, unmasks and sends the ring's events itself, with the transitions of
     evtchn_channel: a notify while it sleeps wakes it and is taken (the frontend's word

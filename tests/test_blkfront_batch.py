@@ -17,6 +17,7 @@ in this process, blkback (`python -m xentools blkback serve`) in its own, one so
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -618,6 +619,32 @@ def test_the_compiled_stream_leaves_a_bad_response_to_the_python_path(rig, monke
         io.close()
 
 
+@contextlib.contextmanager
+def _hostile_read_many(xen, backend, xs0, devid: int, hostile: dict):  # type: ignore[no-untyped-def]
+    """One hostile backend (`hostile`: its honest count, nonfatal and fatal kinds) serving a
+    4096-sector image seeded from devid, our device on it, and a batch of depth 4 with 100
+    reads to do: yields (io, sectors, into, known) where known(k) is the image's 4 KiB at
+    sectors[k]. Ends by waiting for the backend and removing the vbd; the backend's
+    report is left in the returned list."""
+    from hostile_backend import known_data, make_vbd, remove_vbd
+
+    seed = devid * 7919
+    be, fe = make_vbd(xs0, backend_domid=0, frontend_domid=1, devid=devid)
+    backend.serve(be, offer={"persistent": True, "max_ring_page_order": 1},
+                  image={"sectors": 4096, "seed": seed},
+                  hostile={"seed": seed, "extra": 0, **hostile}, session_timeout=15)
+    sectors = [(k * 24) % 4088 for k in range(100)]
+    report: list[dict] = []
+    try:
+        with BlkFront.attach(xen.platform(1), devid, config=BlkfrontConfig(ring_page_order=1, request_timeout=5.0)) as dev:
+            io = dev.batch_io(depth=4, request_bytes=4096)
+            yield io, sectors, bytearray(100 * 4096), lambda k: known_data(seed, sectors[k] * 512, 4096), report
+            io.close()
+    finally:
+        report.append(backend.wait_done(20))
+        remove_vbd(xs0, be, fe)
+
+
 @pytest.mark.parametrize("path", ["compiled", "python"])
 def test_read_many_reports_a_failed_read_after_the_others(xen, backend, xs0, path, monkeypatch) -> None:
     """A read answered BLKIF_RSP_ERROR: read_many fills no more, waits for those in flight
@@ -625,38 +652,22 @@ def test_read_many_reports_a_failed_read_after_the_others(xen, backend, xs0, pat
     the image's bytes, the failed one's place is untouched, and the batch reads again."""
     import re
 
-    from hostile_backend import known_data, make_vbd, remove_vbd
-
     _path(path, monkeypatch)
-    devid = 340 + (path == "python")
-    seed = devid * 7919
-    be, fe = make_vbd(xs0, backend_domid=0, frontend_domid=1, devid=devid)
-    backend.serve(be, offer={"persistent": True, "max_ring_page_order": 1},
-                  image={"sectors": 4096, "seed": seed},
-                  hostile={"seed": seed, "honest": 40, "nonfatal": ["error_garbage"], "fatal": None, "extra": 0},
-                  session_timeout=15)
-    try:
-        with BlkFront.attach(xen.platform(1), devid, config=BlkfrontConfig(ring_page_order=1, request_timeout=5.0)) as dev:
-            io = dev.batch_io(depth=4, request_bytes=4096)
-            sectors = [(k * 24) % 4088 for k in range(100)]
-            into = bytearray(100 * 4096)
-            with pytest.raises(RequestFailed) as err:
-                io.read_many(sectors, into)
-            found = re.search(r"at sector (\d+) \(request (\d+) of read_many's 100, status -1\)", str(err.value))
-            assert err.value.rule == "response.error" and found, err.value
-            index = int(found[2])
-            assert sectors[index] == int(found[1]) and index == 40
-            for k in range(index):
-                assert into[k * 4096 : (k + 1) * 4096] == known_data(seed, sectors[k] * 512, 4096), k
-            assert not any(into[index * 4096 : (index + 1) * 4096])  # an ERROR's pages are not copied
-            assert not io.lanes.busy
-            io.read_many(sectors[:20], into)  # the batch is quiet again
-            for k in range(20):
-                assert into[k * 4096 : (k + 1) * 4096] == known_data(seed, sectors[k] * 512, 4096), k
-            io.close()
-    finally:
-        backend.wait_done(20)
-        remove_vbd(xs0, be, fe)
+    hostile = {"honest": 40, "nonfatal": ["error_garbage"], "fatal": None}
+    with _hostile_read_many(xen, backend, xs0, 340 + (path == "python"), hostile) as (io, sectors, into, known, _):
+        with pytest.raises(RequestFailed) as err:
+            io.read_many(sectors, into)
+        found = re.search(r"at sector (\d+) \(request (\d+) of read_many's 100, status -1\)", str(err.value))
+        assert err.value.rule == "response.error" and found, err.value
+        index = int(found[2])
+        assert sectors[index] == int(found[1]) and index == 40
+        for k in range(index):
+            assert into[k * 4096 : (k + 1) * 4096] == known(k), k
+        assert not any(into[index * 4096 : (index + 1) * 4096])  # an ERROR's pages are not copied
+        assert not io.lanes.busy
+        io.read_many(sectors[:20], into)  # the batch is quiet again
+        for k in range(20):
+            assert into[k * 4096 : (k + 1) * 4096] == known(k), k
 
 
 @pytest.mark.parametrize("path", ["compiled", "python"])
@@ -664,28 +675,13 @@ def test_read_many_reports_a_failed_read_after_the_others(xen, backend, xs0, pat
 def test_a_hostile_response_fails_read_many(xen, backend, xs0, kind, path, monkeypatch) -> None:
     """A malformed response during read_many is judged by the Python path: read_many
     raises DeviceFailed with the rule, the reads answered before it hold the image's bytes."""
-    from hostile_backend import known_data, make_vbd, remove_vbd
-
     _path(path, monkeypatch)
     devid = 350 + 2 * ["bad_id", "wrong_op", "garbage_status"].index(kind) + (path == "python")
-    seed = devid * 7919
-    be, fe = make_vbd(xs0, backend_domid=0, frontend_domid=1, devid=devid)
-    backend.serve(be, offer={"persistent": True, "max_ring_page_order": 1},
-                  image={"sectors": 4096, "seed": seed},
-                  hostile={"seed": seed, "honest": 30, "nonfatal": ["storm"], "fatal": kind, "extra": 0},
-                  session_timeout=15)
-    try:
-        with BlkFront.attach(xen.platform(1), devid, config=BlkfrontConfig(ring_page_order=1, request_timeout=5.0)) as dev:
-            io = dev.batch_io(depth=4, request_bytes=4096)
-            sectors = [(k * 24) % 4088 for k in range(100)]
-            into = bytearray(100 * 4096)
-            with pytest.raises(DeviceFailed) as err:
-                io.read_many(sectors, into)
-            assert err.value.rule.startswith(("response.", "ring.")), err.value
-            for k in range(28):
-                assert into[k * 4096 : (k + 1) * 4096] == known_data(seed, sectors[k] * 512, 4096), (kind, k)
-            io.close()
-    finally:
-        done = backend.wait_done(20)
-        remove_vbd(xs0, be, fe)
-    assert done["fatal_sent"], done
+    hostile = {"honest": 30, "nonfatal": ["storm"], "fatal": kind}
+    with _hostile_read_many(xen, backend, xs0, devid, hostile) as (io, sectors, into, known, report):
+        with pytest.raises(DeviceFailed) as err:
+            io.read_many(sectors, into)
+        assert err.value.rule.startswith(("response.", "ring.")), err.value
+        for k in range(28):
+            assert into[k * 4096 : (k + 1) * 4096] == known(k), (kind, k)
+    assert report[0]["fatal_sent"], report

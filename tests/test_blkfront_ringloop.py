@@ -172,6 +172,43 @@ class Backend:
         return bytes(raw)
 
 
+def _same_outcome(got_fast: dict, got_slow: dict, states: int) -> None:
+    """The compiled side's outcome equals the Python side's, key by key (bytes: the first
+    differing byte is named)."""
+    for key in got_fast:
+        a, b = got_fast[key], got_slow[key]
+        if isinstance(a, (bytes, bytearray)) and a != b:
+            at = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
+            raise AssertionError(f"state {states}: {key} differs from byte {at}")
+        assert a == b, (states, key, a, b)
+
+
+def _backend_acts(rng: random.Random, fast: Side, slow: Side, backend: Backend, pending: list,
+                  *, plain: float, overflow: float) -> tuple[list, int]:
+    """The backend's turn on both sides alike: perhaps a plain request (probability `plain`),
+    then answers to some of what waits, in any order, perhaps with garbage, and perhaps an
+    overflowing rsp_prod (probability `overflow`). Returns (what still waits, the overflow)."""
+    if rng.random() < plain:
+        plain_op = rng.choice((blkif.BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ))
+        a, b = fast.plain(plain_op), slow.plain(plain_op)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.id == b.id
+            pending.append((a.id, plain_op, plain_op))
+    rng.shuffle(pending)
+    take = rng.randrange(0, len(pending) + 1)
+    answers, pending = pending[:take], pending[take:]
+    responses = [backend.response(*answer) for answer in answers]
+    if rng.random() < 0.01:
+        responses.append(rng.randbytes(fast.codec.abi.response_size))
+    over = 0
+    if rng.random() < overflow:
+        over = rng.choice((fast.queue.size + 1, (1 << 32) - 1, rng.randrange(1 << 32)))
+    fast.respond(responses, over)
+    slow.respond(responses, over)
+    return pending, over
+
+
 def _case(abi: blkif.Abi, unit: int, seed: int) -> tuple[int, int, int]:
     """(states, violations, responses the compiled reap took)."""
     rng = random.Random(seed)
@@ -216,32 +253,9 @@ def _case(abi: blkif.Abi, unit: int, seed: int) -> tuple[int, int, int]:
                     noise = rng.randbytes(nbytes)
                     data[:nbytes] = noise
                     slow.lanes.lanes[lane].data[:nbytes] = noise
-            if rng.random() < 0.2:
-                plain_op = rng.choice((blkif.BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ))
-                a, b = fast.plain(plain_op), slow.plain(plain_op)
-                assert (a is None) == (b is None)
-                if a is not None:
-                    assert a.id == b.id
-                    pending.append((a.id, plain_op, plain_op))
-            # The backend answers some of what waits, in any order, perhaps with garbage.
-            rng.shuffle(pending)
-            take = rng.randrange(0, len(pending) + 1)
-            answers, pending = pending[:take], pending[take:]
-            responses = [backend.response(*answer) for answer in answers]
-            if rng.random() < 0.01:
-                responses.append(rng.randbytes(abi.response_size))
-            overflow = 0
-            if rng.random() < 0.01:
-                overflow = rng.choice((fast.queue.size + 1, (1 << 32) - 1, rng.randrange(1 << 32)))
-            fast.respond(responses, overflow)
-            slow.respond(responses, overflow)
+            pending, overflow = _backend_acts(rng, fast, slow, backend, pending, plain=0.2, overflow=0.01)
             got_fast, got_slow = fast.outcome(), slow.outcome()
-            for key in got_fast:
-                a, b = got_fast[key], got_slow[key]
-                if isinstance(a, (bytes, bytearray)) and a != b:
-                    at = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
-                    raise AssertionError(f"state {states}: {key} differs from byte {at}")
-                assert a == b, (states, key, a, b)
+            _same_outcome(got_fast, got_slow, states)
             if got_fast["violation"] is not None or overflow:
                 violations += got_fast["violation"] is not None
                 break
@@ -375,12 +389,7 @@ def _stream_case(abi: blkif.Abi, unit: int, seed: int) -> tuple[int, int, int, i
                 fast.lanes.stream_leave(st_fast)  # it gave way: the Python loop goes on (compiled fill and reap)
             got_fast = _stream_round(fast, st_fast, st_fast.c is not None)
             got_slow = _stream_round(slow, st_slow, False)
-            for key in got_fast:
-                a, b = got_fast[key], got_slow[key]
-                if isinstance(a, (bytes, bytearray)) and a != b:
-                    at = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
-                    raise AssertionError(f"state {states}: {key} differs from byte {at}")
-                assert a == b, (states, key, a, b)
+            _same_outcome(got_fast, got_slow, states)
             if got_fast["violation"] is not None:
                 violations += 1
                 break
@@ -397,24 +406,7 @@ def _stream_case(abi: blkif.Abi, unit: int, seed: int) -> tuple[int, int, int, i
                         noise = rng.randbytes(nbytes)
                         fast.lanes.lanes[lane].data[:nbytes] = noise
                         slow.lanes.lanes[lane].data[:nbytes] = noise
-            if rng.random() < 0.1:
-                plain_op = rng.choice((blkif.BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ))
-                a, b = fast.plain(plain_op), slow.plain(plain_op)
-                assert (a is None) == (b is None)
-                if a is not None:
-                    assert a.id == b.id
-                    pending.append((a.id, plain_op, plain_op))
-            rng.shuffle(pending)
-            take = rng.randrange(0, len(pending) + 1)
-            answers, pending = pending[:take], pending[take:]
-            responses = [backend.response(*answer) for answer in answers]
-            if rng.random() < 0.01:
-                responses.append(rng.randbytes(abi.response_size))
-            overflow = 0
-            if rng.random() < 0.005:
-                overflow = rng.choice((fast.queue.size + 1, (1 << 32) - 1, rng.randrange(1 << 32)))
-            fast.respond(responses, overflow)
-            slow.respond(responses, overflow)
+            pending, _ = _backend_acts(rng, fast, slow, backend, pending, plain=0.1, overflow=0.005)
         reaped += fast.lanes.compiled_reaps
     return states, violations, failures, reaped
 
