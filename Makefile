@@ -129,7 +129,7 @@ test-xen: $(STAMP) debs-xen $(RINGLOOP)
 # 1 MiB sequential and 4 KiB QD32 random reads; prints one JSON line with the figures and ratios (also build/nested/run-*/results/
 # bench-blk.json). Ratios are reported, not asserted. BENCH_SECONDS: per measurement;
 # BENCH_ROUNDS: interleaved rounds, ratios the median of the rounds' (single rounds under TCG
-# range from 0.36 to 1.37 for the same code: 9 rounds of 3 s take about 6 minutes).
+# range from 0.36 to 1.77 for the same code: 9 rounds of 3 s take about 6 minutes).
 # BENCH_TIMEOUT: the nested boot's limit in seconds (run.py's --timeout; 9 rounds took 6.2 minutes).
 BENCH_SECONDS ?= 3
 BENCH_ROUNDS ?= 9

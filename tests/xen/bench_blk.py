@@ -15,8 +15,8 @@ harness set it):
 Each does a 1 MiB sequential read at queue depth 1 (what `dd iflag=direct bs=1M` does) and a
 4 KiB random read at queue depth 32. The kernel frontend is driven by fio (O_DIRECT; psync
 for the sequential read, libaio for the random one), ours by BlkFront (readinto at depth 1;
-the batch API's read_many with 32 lanes in flight, as `xentools bench`'s 4 KiB headline;
-until session 10 it was a future per read with completion callbacks, the slow path).
+the batch API's read_many with 32 lanes in flight, as `xentools bench`'s 4 KiB headline: a
+future per read with a completion callback costs far more Python per request).
 Where time goes: each kernel-frontend figure comes with dom0's idle share during it (dom0 has
 one vCPU: a run without idle is CPU-bound, and what each side costs decides it) and, for our
 blkback and QEMU, the backend process's CPU seconds (interrupt work of the kernel frontend
