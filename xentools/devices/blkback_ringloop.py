@@ -215,23 +215,25 @@ def layout_of(module: Any, abi: Abi) -> Any:
     return layout
 
 
+def _spin_in_range(us: int) -> int:
+    """`us` when it is in SPIN_US_RANGE; ValueError otherwise (both watches' one check)."""
+    low, high = SPIN_US_RANGE
+    if not low <= us <= high:
+        raise ValueError(f"a watch of {us} us before sleeping is outside {low}..{high} us")
+    return us
+
+
 def set_spin(us: int) -> None:
     """The longest watch of the event word before wait() sleeps, in microseconds (0: never
     watch), for rings attached afterwards; ValueError outside SPIN_US_RANGE."""
     global SPIN_US
-    low, high = SPIN_US_RANGE
-    if not low <= us <= high:
-        raise ValueError(f"a watch of {us} us before sleeping is outside {low}..{high} us")
-    SPIN_US = us
+    SPIN_US = _spin_in_range(us)
 
 
 def set_xen_spin(us: int) -> None:
     """set_spin's watch for rings on real Xen's event channels (XEN_SPIN_US)."""
     global XEN_SPIN_US
-    low, high = SPIN_US_RANGE
-    if not low <= us <= high:
-        raise ValueError(f"a watch of {us} us before sleeping is outside {low}..{high} us")
-    XEN_SPIN_US = us
+    XEN_SPIN_US = _spin_in_range(us)
 
 
 def xen_spin_from_env() -> None:
@@ -240,14 +242,11 @@ def xen_spin_from_env() -> None:
     value = os.environ.get(XEN_SPIN_ENV, "").strip()
     if not value:
         return
-    low, high = SPIN_US_RANGE
     try:
-        us = int(value)
-        if not low <= us <= high:
-            raise ValueError
+        set_xen_spin(int(value))
     except ValueError:
+        low, high = SPIN_US_RANGE
         raise ValueError(f"{XEN_SPIN_ENV}={value!r} is not a whole number of microseconds in {low}..{high}") from None
-    set_xen_spin(us)
 
 
 def set_map_budget(mib: int) -> None:
