@@ -25,7 +25,10 @@ threads' wake-ups, compiled-loop passes, events sent, CPU seconds and reads copi
 mapped windows of the image (its --verbose profile line), and its compiled wait loop's counters
 (`compiled_wait`: sleeps, events taken and notifies sent without Python).
 Ratios: B/A (targets: seq >= 1.0, rand >= 0.8), C/A (target >= 0.9) and C/D (target >= 1.0:
-ours at least as fast as qdisk); D/A is printed beside them. They are reported, never asserted: this is a measurement. Only a wrong answer fails (a read whose data differs
+ours at least as fast as qdisk); D/A is printed beside them. Each target also gets a verdict
+from its rounds (xentools.tools.bench_verdict: met, missed or undecided, with the median's
+confidence interval), a line of it on stderr each. They are reported, never asserted: this is
+a measurement. Only a wrong answer fails (a read whose data differs
 from the image, a frontend that leaks grants), with a non-zero exit.
 Must not: run under pytest by itself (tests/xen/test_blk_bench.py calls run()), or leave a
 vbd, loop device, backend process (ours or QEMU) or the xen-blkfront module (if it loaded it)
@@ -46,6 +49,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +78,7 @@ from guests import self_attach_kernel_vbd  # noqa: E402
 from xentools.devices.blkback_ringloop import compiled  # noqa: E402
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError  # noqa: E402
 from xentools.tools.bench_memory import rss_mib  # noqa: E402
+from xentools.tools.bench_verdict import verdict, verdict_line  # noqa: E402
 from xentools.core.vbd import decode_vbd  # noqa: E402
 from xentools.devices.toolstack import create_vbd, destroy_vbd  # noqa: E402
 from xentools.platform.xen.platform import XenPlatform  # noqa: E402
@@ -312,12 +317,6 @@ RATIOS = {
 FIGURES = {"seq": ("seq_1m", "seq_1m_mbps"), "rand": ("rand_4k_qd32", "rand_4k_qd32_iops")}
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, rounds: int = 1,
         blkback_args: tuple[str, ...] = ()) -> dict:
     """Attach A, B, C and D at once (each over its own copy of the image), then measure
@@ -424,13 +423,13 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
     for setup in SETUPS:
         figures[setup] = {}
         for kind, (_, key) in FIGURES.items():
-            value = _median([one[setup][key] for one in per_round])
+            value = statistics.median([one[setup][key] for one in per_round])
             figures[setup][key] = round(value, 1) if kind == "seq" else round(value)
         for extra in ("dom0_idle", "backend_cpu_s"):
             if extra in per_round[0][setup]:
                 figures[setup][extra] = {kind: round(sum(one[setup][extra][kind] for one in per_round), 3)
                                          if extra == "backend_cpu_s" else
-                                         _median([one[setup][extra][kind] for one in per_round])
+                                         statistics.median([one[setup][extra][kind] for one in per_round])
                                          for kind in FIGURES}
     figures[SETUPS[2]]["backend_memory_mib"] = memory
     ratios_per_round: dict[str, list[float]] = {}
@@ -440,8 +439,9 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
 
     return {
         **figures,
-        "ratios": {name: round(_median(values), 3) for name, values in ratios_per_round.items()},
+        "ratios": {name: round(statistics.median(values), 3) for name, values in ratios_per_round.items()},
         "ratios_per_round": ratios_per_round,
+        "verdicts": {name: verdict(ratios_per_round[name], target) for name, target in TARGETS.items()},
         "rounds": per_round,
         "targets": TARGETS,
         "our_blkback_violations": report.get("total"),
@@ -487,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, AssertionError) as err:
         print(f"bench_blk: error: {err}", file=sys.stderr)
         return 1
+    for name, judged in result["verdicts"].items():
+        print(f"bench_blk: {verdict_line(name, judged)}", file=sys.stderr)
     line = json.dumps(result, sort_keys=True)
     print(line, flush=True)
     results = os.environ.get("NESTED_RESULTS")

@@ -6,8 +6,8 @@ blkback, QEMU's qdisk and our blkback side by side for the kernel blkfront) and 
 ratios (they are noisy under nested TCG and are NOT asserted against their targets), and
 asserting what a benchmark must get right: every figure was measured (positive), the data
 read through each frontend matched the image (bench_blk checks it and raises otherwise),
-our frontend released its grants (checked inside), and our blkback saw no violation by the
-Linux frontend. The line also says how many of that frontend's requests our blkback's compiled
+our frontend released its grants (checked inside), our blkback saw no violation by the
+Linux frontend, and every target has a verdict, "undecided" after one round. The line also says how many of that frontend's requests our blkback's compiled
 ring loop served (reported, not asserted). `make bench-xen` runs the longer version on its own.
 """
 
@@ -41,5 +41,9 @@ def test_benchmark_runs_and_prints_its_ratios(tmp_path, capsys):
         assert result[setup]["seq_1m_mbps"] > 0 and result[setup]["rand_4k_qd32_iops"] > 0, (setup, result[setup])
     assert all(value > 0 for value in ratios.values()), ratios
     assert result["our_blkback_violations"] == 0
+    # Every target is judged, and one round decides none of them (its interval covers nothing).
+    verdicts = result["verdicts"]
+    assert set(verdicts) == set(bench_blk.TARGETS)
+    assert all(judged["verdict"] == "undecided" and judged["rounds"] == 1 for judged in verdicts.values()), verdicts
     # The benchmark loads dom0's xen-blkfront for its kernel-frontend runs and unloads it.
     assert Path("/sys/module/xen_blkfront").exists() == blkfront_before

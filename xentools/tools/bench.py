@@ -13,7 +13,8 @@ between two processes of the software Xen, against a socketpair ping-pong betwee
 two processes in the same run. The image is read once first, so both sides read from the
 page cache. Every figure is measured in interleaved rounds (a reference, then the figures
 divided by it), and the medians are reported: one measurement swings with where the two
-vCPUs' threads run, a median of rounds much less. The configuration says whether blkback
+vCPUs' threads run, a median of rounds much less. Each target is judged from its rounds
+(bench_verdict: met, missed or undecided, with the median's confidence interval). The configuration says whether blkback
 served the rings through its compiled ring loop and blkfront filled and reaped them through
 its compiled fill and reap, or both took their pure-Python paths (XENTOOLS_RINGLOOP=python
 asks for the latter), and the grant budget: the frontend's pool (lanes included) never
@@ -45,6 +46,7 @@ from xentools.devices.blkback_ringloop import compiled
 from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkFuture
 from xentools.devices.blkfront_batch import BatchIO
 from xentools.platform.interface import EventChannels
+from xentools.tools.bench_verdict import verdict, verdict_line
 from xentools.tools.demo import BACKEND_DOMID, FRONTEND_DOMID, MIB, DemoError, LocalRig
 
 TARGETS = {
@@ -52,6 +54,7 @@ TARGETS = {
     "rand_read_4k_qd32_ratio": 0.35,
     "rand_read_4k_cpu_us_per_request_total": 3.0,
 }
+LOWER_IS_BETTER = {"rand_read_4k_cpu_us_per_request_total"}  # the other targets are floors
 EVENT_ROUND_TRIPS = 2000
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -402,6 +405,18 @@ def _combined(rounds: list[dict]) -> dict:
     return out
 
 
+def _verdicts(rounds: list[dict]) -> dict:
+    """Each target judged on its per-round values (bench_verdict: met, missed or undecided)."""
+    out = {}
+    for key, target in TARGETS.items():
+        if key.endswith("_total"):  # a CPU breakdown's total
+            values = [one[key.removesuffix("_total")]["total"] for one in rounds]
+        else:
+            values = [one[key] for one in rounds]
+        out[key] = verdict(values, target, higher_is_better=key not in LOWER_IS_BETTER)
+    return out
+
+
 def _budget(info) -> dict:  # type: ignore[no-untyped-def]
     """The grant numbers that bound the requests in flight (frontend_stats.max_in_flight
     says how many really were)."""
@@ -419,10 +434,11 @@ def _budget(info) -> dict:  # type: ignore[no-untyped-def]
 @click.command("bench")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("--size-mib", type=click.IntRange(16, 8192), default=256, show_default=True, help="Image size.")
-@click.option("--seconds", type=click.FloatRange(0.2, 600), default=2.0, show_default=True,
+@click.option("--seconds", type=click.FloatRange(0.2, 600), default=6.0, show_default=True,
               help="Minimum duration of each figure, split over the rounds.")
-@click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
-              help="Rounds of every figure, interleaved; the medians are reported.")
+@click.option("--rounds", type=click.IntRange(1, 20), default=9, show_default=True,
+              help="Rounds of every figure, interleaved; the medians are reported, and each target's "
+                   "verdict (6 rounds or more can decide one).")
 @click.option("--queues", type=click.IntRange(1, 4), default=1, show_default=True)
 @click.option("--ring-page-order", type=click.IntRange(0, 4), default=4, show_default=True)
 @click.option("--seq-depth", type=click.IntRange(1, 256), default=8, show_default=True,
@@ -480,7 +496,8 @@ def bench(as_json: bool, size_mib: int, seconds: float, rounds: int, queues: int
         events = event_round_trip(rig.xen.root_dir)
     from xentools.tools.bench_memory import memory_figures, memory_summary  # it uses this module's
     memory = memory_figures(min(seconds, 1.0))
-    result = {**_combined(per_round), "rounds": per_round, "wrong_data": checks["wrong_data"],
+    result = {**_combined(per_round), "rounds": per_round, "verdicts": _verdicts(per_round),
+        "wrong_data": checks["wrong_data"],
         "checked_reads": checks["checked"],
         "evtchn": events,
         "memory": memory,
@@ -548,6 +565,8 @@ def bench(as_json: bool, size_mib: int, seconds: float, rounds: int, queues: int
                f"target {TARGETS['rand_read_4k_qd32_ratio']}); {r['wrong_data']} of {r['checked_reads']} sampled "
                "reads wrong")
     click.echo(f"medians of {rounds} interleaved rounds; every round's figures are in --json")
+    for key, judged in r["verdicts"].items():
+        click.echo(verdict_line(key, judged))
     for what, key in (("seq 1 MiB batch", "seq_read_1m_cpu_us_per_request"),
                       ("seq 1 MiB into the pool", "seq_read_1m_into_pool_cpu_us_per_request"),
                       ("seq 1 MiB futures", "seq_read_1m_futures_cpu_us_per_request"),
