@@ -401,8 +401,11 @@ def boot(args: argparse.Namespace) -> int:
     output = results / "output"
     if output.exists():
         # The console copy above may interleave kernel messages; this file is exact.
-        last = [line for line in output.read_text(errors="replace").splitlines() if line.strip()][-1:]
-        log(f"command's last line: {last[0] if last else '(no output)'}  [{output}]")
+        lines = [line for line in output.read_text(errors="replace").splitlines() if line.strip()]
+        if args.show_output:
+            for line in lines[:-1]:
+                log(f"command: {line}")
+        log(f"command's last line: {lines[-1] if lines else '(no output)'}  [{output}]")
 
     dmesg = results / "dom0-dmesg.log"
     if dmesg.exists():
@@ -451,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--console", action="store_true",
                         help="echo the whole console (Xen and dom0 boot too), not only the command's lines")
     parser.add_argument("--tail", type=int, default=60, help="console lines shown on failure")
+    parser.add_argument("--show-output", action="store_true",
+                        help="show every line of the command's output at the end, not only its last one")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="command to run in dom0 (after --)")
     args = parser.parse_args(argv)
     if args.command[:1] == ["--"]:
