@@ -84,7 +84,7 @@ def test_the_software_bench_judges_its_targets_from_its_rounds():
     rng = random.Random(1)
     rounds = [
         {"seq_read_1m_ratio": 0.8 + rng.random() / 10, "rand_read_4k_qd32_ratio": 0.2 + rng.random() / 10,
-         "rand_read_4k_cpu_us_per_request": {"frontend": 1.0, "backend": 1.2, "total": 2.2 + rng.random()}}
+         "rand_read_4k_cpu_us_per_request": {"frontend": 1.0, "backend": 1.2, "total": 2.2 + rng.random() / 2}}
         for _ in range(7)
     ]
     judged = _verdicts(rounds)
@@ -95,4 +95,4 @@ def test_the_software_bench_judges_its_targets_from_its_rounds():
     assert cpu["better"] == "lower" and cpu["target"] == 3.0
     totals = sorted(one["rand_read_4k_cpu_us_per_request"]["total"] for one in rounds)
     assert cpu["interval"] == [round(totals[0], 3), round(totals[-1], 3)]  # 7 rounds: min to max, 98%
-    assert cpu["verdict"] == ("met" if totals[-1] <= 3.0 else "undecided")
+    assert cpu["verdict"] == "met"  # 2.2-2.7 against at most 3

@@ -27,7 +27,7 @@ mapped windows of the image (its --verbose profile line), and its compiled wait 
 Ratios: B/A (targets: seq >= 1.0, rand >= 0.8), C/A (target >= 0.9) and C/D (target >= 1.0:
 ours at least as fast as qdisk); D/A is printed beside them. Each target also gets a verdict
 from its rounds (xentools.tools.bench_verdict: met, missed or undecided, with the median's
-confidence interval), a line of it on stderr each. They are reported, never asserted: this is
+confidence interval), each also one line on stderr. They are reported, never asserted: this is
 a measurement. Only a wrong answer fails (a read whose data differs
 from the image, a frontend that leaks grants), with a non-zero exit.
 Must not: run under pytest by itself (tests/xen/test_blk_bench.py calls run()), or leave a

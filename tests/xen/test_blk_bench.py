@@ -7,8 +7,9 @@ ratios (they are noisy under nested TCG and are NOT asserted against their targe
 asserting what a benchmark must get right: every figure was measured (positive), the data
 read through each frontend matched the image (bench_blk checks it and raises otherwise),
 our frontend released its grants (checked inside), our blkback saw no violation by the
-Linux frontend, and every target has a verdict, "undecided" after one round. The line also says how many of that frontend's requests our blkback's compiled
-ring loop served (reported, not asserted). `make bench-xen` runs the longer version on its own.
+Linux frontend, and every target has a verdict, "undecided" after one round. The line also
+says how many of that frontend's requests our blkback's compiled ring loop served (reported,
+not asserted). `make bench-xen` runs the longer version on its own.
 """
 
 from __future__ import annotations

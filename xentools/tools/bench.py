@@ -14,8 +14,8 @@ two processes in the same run. The image is read once first, so both sides read 
 page cache. Every figure is measured in interleaved rounds (a reference, then the figures
 divided by it), and the medians are reported: one measurement swings with where the two
 vCPUs' threads run, a median of rounds much less. Each target is judged from its rounds
-(bench_verdict: met, missed or undecided, with the median's confidence interval). The configuration says whether blkback
-served the rings through its compiled ring loop and blkfront filled and reaped them through
+(bench_verdict: met, missed or undecided, with the median's confidence interval). The
+configuration says whether blkback served the rings through its compiled ring loop and blkfront filled and reaped them through
 its compiled fill and reap, or both took their pure-Python paths (XENTOOLS_RINGLOOP=python
 asks for the latter), and the grant budget: the frontend's pool (lanes included) never
 exceeds the backend's persistent-grant cache. With `--json`, one JSON object on stdout with the figures, the ratios and the

@@ -4,7 +4,7 @@ Owns: `median_interval` (a confidence interval for the median of a figure's per-
 from order statistics: the interval between the k-th smallest and the k-th largest value
 holds the true median with probability 1 - 2 * P(B < k), B ~ Binomial(n, 1/2), whatever
 the shape of the noise; under QEMU's TCG single rounds of one ratio ranged from 0.36 to 1.77,
-far from any normal distribution) and `verdict` (the median, that interval, its coverage and
+far from any normal distribution), `verdict` (the median, that interval, its coverage and
 "met", "missed" or "undecided" against a target) and `verdict_line` (one line of it for people).
 Used by `xentools bench` (the software Xen) and tests/xen/bench_blk.py (real Xen), so both
 benchmarks judge their targets the same way.
