@@ -17,10 +17,10 @@ Each does a 1 MiB sequential read at queue depth 1 (what `dd iflag=direct bs=1M`
 for the sequential read, libaio for the random one), ours by BlkFront (readinto at depth 1;
 the batch API's read_many with 32 lanes in flight, as `xentools bench`'s 4 KiB headline: a
 future per read with a completion callback costs far more Python per request).
-On a dom0 of several vCPUs every interrupt of dom0's xen-blkfront is moved to the last vCPU
-before the rounds, for every setup alike, and put back after (place_frontend_interrupts: in real
-use that frontend is in a domU, and where its interrupt work lands beside the backends decided
-the 2-vCPU sequential ratios); the config says where they were.
+On a dom0 of several vCPUs the last vCPU stands for the guest before the rounds, for every
+setup alike, and everything is put back after (Placement: the frontends' threads and interrupts
+there, the backends' on the others; in real use the frontend is in a domU, and where its work
+landed beside the backends decided the 2-vCPU sequential ratios); the config says where.
 Where time goes: each kernel-frontend figure comes with dom0's idle share during it (dom0 has
 one vCPU: a run without idle is CPU-bound, and what each side costs decides it) and, for our
 blkback and QEMU, the backend process's CPU seconds (interrupt work of the kernel frontend
@@ -175,39 +175,132 @@ def kernel_front(disk: Path, kind: str, size: int, seconds: float, backend_pid: 
                     backend_pid)
 
 
-def place_frontend_interrupts() -> tuple[str, dict[str, str]]:
-    """On a dom0 of more than one vCPU, move every interrupt of dom0's xen-blkfront ("blkif" in
-    /proc/interrupts: the queues of A, C and D alike) to the last vCPU. In real use the kernel
-    frontend is in a domU, and its interrupt work never runs beside the backend; here Linux
-    puts its queues' interrupts on the vCPUs in turn, beside whichever backend thread runs there,
-    and that placement decided the 2-vCPU sequential ratio (Linux's blkfront on ours against
-    xen-blkback, 1 MiB reads: 0.70 and 0.82 where Linux put them, 0.98-1.17 with all of them on
-    vCPU 1). Returns what the config says and {irq: its previous smp_affinity_list}, for
-    restore_interrupts. BenchError when an interrupt cannot be moved."""
-    cpus = os.cpu_count() or 1
-    if cpus < 2:
-        return "one vCPU: where Linux put them", {}
-    last = str(cpus - 1)
-    moved: dict[str, str] = {}
-    for line in Path("/proc/interrupts").read_text().splitlines():
-        if line.split()[-1:] == ["blkif"] and ":" in line:
-            irq = line.split(":", 1)[0].strip()
-            path = Path(f"/proc/irq/{irq}/smp_affinity_list")
-            try:
-                moved[irq] = path.read_text().strip()
-                path.write_text(last + "\n")
-            except OSError as err:
-                restore_interrupts(moved)
-                raise BenchError(f"cannot move interrupt {irq} of xen-blkfront to vCPU {last}: {err}") from err
-    return f"all {len(moved)} on vCPU {last} (the last), for every setup", moved
+def interrupt_names() -> dict[str, str]:
+    """{irq: its name} of every numbered interrupt in /proc/interrupts."""
+    names: dict[str, str] = {}
+    for line in Path("/proc/interrupts").read_text().splitlines()[1:]:
+        head, _, rest = line.partition(":")
+        if head.strip().isdigit() and rest.split():
+            names[head.strip()] = rest.split()[-1]
+    return names
 
 
-def restore_interrupts(moved: dict[str, str]) -> None:
-    """Put the interrupts place_frontend_interrupts moved back where they were (one that is gone
-    meanwhile is skipped)."""
-    for irq, cpus in moved.items():
-        with contextlib.suppress(OSError):
-            Path(f"/proc/irq/{irq}/smp_affinity_list").write_text(cpus + "\n")
+class Placement:
+    """Where each side runs on a dom0 of several vCPUs: the last vCPU stands for the guest,
+    the others for dom0. In real use the frontend is in a domU and none of its work runs beside
+    the backends; here every frontend is dom0's own (dom0's xen-blkfront for A, C and D, this
+    process for B), and where Linux put its work beside the backends decided the 2-vCPU
+    sequential ratios (Linux's blkfront on ours against xen-blkback, 1 MiB reads, 4 profile
+    rounds of 5 s each: 0.67-0.73 with our blkback free to run on the frontend's vCPU, where the
+    scheduler put it beside that frontend's interrupts, 0.88-1.19 with it kept off that vCPU;
+    moving only the interrupts gave 0.739 over a 15-round run). So, for every setup alike:
+    - the guest's vCPU (the last): every thread of this process (our blkfront, and fio, which it
+      starts), and the frontends' interrupts: xen-blkfront's ("blkif") and our blkfront's
+      event channels;
+    - dom0's vCPUs (the others): every thread of our blkback and of QEMU, xen-blkback's threads
+      (blkback_threads) and interrupts ("blkif-backend"), our blkback's and QEMU's event channels,
+      and the workers of unbound workqueues, the loop devices' among them
+      (/sys/devices/virtual/workqueue/cpumask).
+    `new_interrupts(before, frontend=)` sorts the interrupts a setup's attach created; `apply`
+    moves everything and says what the config records; `restore` puts it all back (what is
+    gone meanwhile is skipped). On one vCPU nothing moves. BenchError names what could not be
+    moved (after putting back what was)."""
+
+    WORKQUEUE_MASK = Path("/sys/devices/virtual/workqueue/cpumask")
+
+    def __init__(self) -> None:
+        cpus = os.cpu_count() or 1
+        self.active = cpus >= 2
+        self.guest = {cpus - 1}
+        self.dom0 = set(range(cpus - 1))
+        self.irqs: dict[str, set[int]] = {}
+        self.backend_pids: list[int] = []
+        self._irqs_saved: dict[str, str] = {}
+        self._tasks_saved: dict[int, set[int]] = {}
+        self._mask_saved: str | None = None
+
+    def new_interrupts(self, before: dict[str, str], *, frontend: bool) -> None:
+        """The interrupts created since `before` (interrupt_names()): xen-blkfront's go to the
+        guest's vCPU, xen-blkback's to dom0's, any other (a process's event channels) to the
+        guest's if `frontend` (our blkfront's), else to dom0's (our blkback's, QEMU's)."""
+        for irq, name in interrupt_names().items():
+            if irq not in before:
+                guest = name == "blkif" or (name != "blkif-backend" and frontend)
+                self.irqs[irq] = self.guest if guest else self.dom0
+
+    def apply(self) -> str:
+        if not self.active:
+            return "one vCPU: everything where Linux put it"
+        guest, dom0 = _cpu_list(self.guest), _cpu_list(self.dom0)
+        kthreads = blkback_threads()
+        try:
+            for irq, cpus in self.irqs.items():
+                path = Path(f"/proc/irq/{irq}/smp_affinity_list")
+                self._irqs_saved[irq] = path.read_text().strip()
+                path.write_text(_cpu_list(cpus) + "\n")
+            self._mask_saved = self.WORKQUEUE_MASK.read_text().strip()
+            self.WORKQUEUE_MASK.write_text(f"{sum(1 << cpu for cpu in self.dom0):x}\n")
+            self._move_tasks(os.getpid(), self.guest)
+            for pid in self.backend_pids:
+                self._move_tasks(pid, self.dom0)
+            for pid in kthreads:
+                self._move(pid, self.dom0)
+        except OSError as err:
+            self.restore()
+            raise BenchError(f"cannot place the bench's threads and interrupts on vCPUs {guest} and {dom0}: "
+                             f"{err}") from err
+        front = sum(1 for cpus in self.irqs.values() if cpus == self.guest)
+        return (f"vCPU {guest} stands for the guest: this process (our blkfront, fio) and the frontends' "
+                f"{front} interrupts; vCPU {dom0}: our blkback, QEMU, xen-blkback's {len(kthreads)} threads, "
+                f"unbound workqueues (the loop devices') and the backends' {len(self.irqs) - front} interrupts")
+
+    def _move_tasks(self, pid: int, cpus: set[int]) -> None:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            self._move(int(task.name), cpus)
+
+    def _move(self, tid: int, cpus: set[int]) -> None:
+        try:
+            previous = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:
+            return  # gone meanwhile
+        self._tasks_saved.setdefault(tid, previous)
+
+    def restore(self) -> None:
+        for irq, cpus in self._irqs_saved.items():
+            with contextlib.suppress(OSError):
+                Path(f"/proc/irq/{irq}/smp_affinity_list").write_text(cpus + "\n")
+        for tid, cpus in self._tasks_saved.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpus)
+        if self._mask_saved is not None:
+            with contextlib.suppress(OSError):
+                self.WORKQUEUE_MASK.write_text(self._mask_saved + "\n")
+        self._irqs_saved, self._tasks_saved, self._mask_saved = {}, {}, None
+
+
+def blkback_threads() -> list[int]:
+    """The pids of xen-blkback's ring threads: kernel threads (no command line) that sleep in
+    xen_blkif_schedule or are named as it names them ("<domid>.<device>-<ring>", e.g. 0.xvdg-0)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if _read(proc / "cmdline"):
+            continue
+        where = _read(proc / "wchan") + _read(proc / "stack")
+        if "xen_blkif_schedule" in where or re.fullmatch(r"\d+\.[^-\s]+-\d+", _read(proc / "comm").strip()):
+            found.append(int(proc.name))
+    return found
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    return ",".join(str(cpu) for cpu in sorted(cpus))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def image_bytes(image: Path, offset: int, length: int) -> bytes:
@@ -380,17 +473,23 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
         loaded = kernel_blkfront()
         with contextlib.ExitStack() as stack:
             t = time.monotonic()
+            placement = Placement()
             disks: dict[str, Path] = {}
+            before = interrupt_names()
             kk = stack.enter_context(KernelFrontVbd(xs, images[SETUPS[0]], DEVID_KERNEL_KERNEL, size))
             assert kk.disk is not None
             disks[SETUPS[0]] = kk.disk
+            placement.new_interrupts(before, frontend=False)
 
+            before = interrupt_names()
             platform = CheckedPlatform()
             vbd = stack.enter_context(self_attach_kernel_vbd(xs, images[SETUPS[1]], devid=DEVID_OURS_KERNEL))
             dev = BlkFront.attach(platform, vbd.paths.frontend, config=FRONTEND)
             stack.callback(dev.close)
             info = dev.info
             assert info is not None
+            placement.new_interrupts(before, frontend=True)
+            before = interrupt_names()
 
             paths = our_vbd(xs, images[SETUPS[2]], frontend_domid=DOM0, devid=DEVID_KERNEL_OURS)
             stack.callback(destroy_vbd, xs, paths)
@@ -410,8 +509,10 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
             for setup, disk in disks.items():
                 check_kernel_disk(disk, size, images[setup])
             timings["attach_s"] = round(time.monotonic() - t, 1)
-            placed, moved = place_frontend_interrupts()
-            stack.callback(restore_interrupts, moved)
+            placement.new_interrupts(before, frontend=False)
+            placement.backend_pids = [backend.pid] + ([qemu.proc.pid] if qemu.proc else [])
+            placed = placement.apply()
+            stack.callback(placement.restore)
 
             pids = {SETUPS[2]: backend.pid, SETUPS[3]: qemu.proc.pid if qemu.proc else None}
             per_round: list[dict[str, dict]] = []
@@ -507,7 +608,7 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
                 "segments_per_request": info.segments_per_request, "persistent": info.persistent,
             },
             "kernel": os.uname().release,
-            "kernel_frontend_interrupts": placed,
+            "placement": placed,
             "cpus": os.cpu_count(),
             "mbps_unit": "10^6 bytes per second",
         },
