@@ -129,7 +129,8 @@ test-xen: $(STAMP) debs-xen $(RINGLOOP)
 # 1 MiB sequential and 4 KiB QD32 random reads; prints one JSON line with the figures and ratios (also build/nested/run-*/results/
 # bench-blk.json), after one line per target with its verdict (met, missed or undecided: the
 # median's 96% interval against the target). Ratios are reported, not asserted. NESTED_SMP=2
-# gives dom0 two vCPUs. BENCH_SECONDS: per measurement;
+# gives dom0 two vCPUs (the last then stands for the guest: the frontends' threads and interrupts
+# there, the backends' on the other; bench_blk's Placement). BENCH_SECONDS: per measurement;
 # BENCH_ROUNDS: interleaved rounds, ratios the median of the rounds' (single rounds under TCG
 # range from 0.36 to 1.77 for the same code: 9 rounds of 3 s take about 6 minutes).
 # BENCH_TIMEOUT: the nested boot's limit in seconds (run.py's --timeout; 9 rounds took 6.2 minutes).
