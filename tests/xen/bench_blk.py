@@ -201,7 +201,8 @@ class Placement:
       (blkback_threads) and interrupts ("blkif-backend"), our blkback's and QEMU's event channels,
       and the workers of unbound workqueues, the loop devices' among them
       (/sys/devices/virtual/workqueue/cpumask).
-    `new_interrupts(before, frontend=)` sorts the interrupts a setup's attach created; `apply`
+    `new_interrupts(frontend=)` sorts the interrupts created since it was last called (or since
+    the Placement was made), i.e. those of the setup attached meanwhile; `apply`
     moves everything and says what the config records; `restore` puts it all back (what is
     gone meanwhile is skipped). On one vCPU nothing moves. BenchError names what could not be
     moved (after putting back what was)."""
@@ -210,7 +211,6 @@ class Placement:
 
     def __init__(self) -> None:
         cpus = os.cpu_count() or 1
-        self.active = cpus >= 2
         self.guest = {cpus - 1}
         self.dom0 = set(range(cpus - 1))
         self.irqs: dict[str, set[int]] = {}
@@ -218,18 +218,21 @@ class Placement:
         self._irqs_saved: dict[str, str] = {}
         self._tasks_saved: dict[int, set[int]] = {}
         self._mask_saved: str | None = None
+        self._seen = interrupt_names()
 
-    def new_interrupts(self, before: dict[str, str], *, frontend: bool) -> None:
-        """The interrupts created since `before` (interrupt_names()): xen-blkfront's go to the
-        guest's vCPU, xen-blkback's to dom0's, any other (a process's event channels) to the
-        guest's if `frontend` (our blkfront's), else to dom0's (our blkback's, QEMU's)."""
-        for irq, name in interrupt_names().items():
-            if irq not in before:
+    def new_interrupts(self, *, frontend: bool) -> None:
+        """The interrupts created since the last call: xen-blkfront's go to the guest's vCPU,
+        xen-blkback's to dom0's, any other (a process's event channels) to the guest's if
+        `frontend` (our blkfront's), else to dom0's (our blkback's, QEMU's)."""
+        now = interrupt_names()
+        for irq, name in now.items():
+            if irq not in self._seen:
                 guest = name == "blkif" or (name != "blkif-backend" and frontend)
                 self.irqs[irq] = self.guest if guest else self.dom0
+        self._seen = now
 
     def apply(self) -> str:
-        if not self.active:
+        if not self.dom0:
             return "one vCPU: everything where Linux put it"
         guest, dom0 = _cpu_list(self.guest), _cpu_list(self.dom0)
         kthreads = blkback_threads()
@@ -475,21 +478,18 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
             t = time.monotonic()
             placement = Placement()
             disks: dict[str, Path] = {}
-            before = interrupt_names()
             kk = stack.enter_context(KernelFrontVbd(xs, images[SETUPS[0]], DEVID_KERNEL_KERNEL, size))
             assert kk.disk is not None
             disks[SETUPS[0]] = kk.disk
-            placement.new_interrupts(before, frontend=False)
+            placement.new_interrupts(frontend=False)
 
-            before = interrupt_names()
             platform = CheckedPlatform()
             vbd = stack.enter_context(self_attach_kernel_vbd(xs, images[SETUPS[1]], devid=DEVID_OURS_KERNEL))
             dev = BlkFront.attach(platform, vbd.paths.frontend, config=FRONTEND)
             stack.callback(dev.close)
             info = dev.info
             assert info is not None
-            placement.new_interrupts(before, frontend=True)
-            before = interrupt_names()
+            placement.new_interrupts(frontend=True)
 
             paths = our_vbd(xs, images[SETUPS[2]], frontend_domid=DOM0, devid=DEVID_KERNEL_OURS)
             stack.callback(destroy_vbd, xs, paths)
@@ -509,12 +509,12 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
             for setup, disk in disks.items():
                 check_kernel_disk(disk, size, images[setup])
             timings["attach_s"] = round(time.monotonic() - t, 1)
-            placement.new_interrupts(before, frontend=False)
-            placement.backend_pids = [backend.pid] + ([qemu.proc.pid] if qemu.proc else [])
+            pids = {SETUPS[2]: backend.pid, SETUPS[3]: qemu.proc.pid if qemu.proc else None}
+            placement.new_interrupts(frontend=False)
+            placement.backend_pids = [pid for pid in pids.values() if pid is not None]
             placed = placement.apply()
             stack.callback(placement.restore)
 
-            pids = {SETUPS[2]: backend.pid, SETUPS[3]: qemu.proc.pid if qemu.proc else None}
             per_round: list[dict[str, dict]] = []
             t = time.monotonic()
             for number in range(rounds):
