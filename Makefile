@@ -9,9 +9,13 @@ APT_STAMP := $(VENV)/.apt-installed
 
 # Debian packages the host-side tests need: the authoritative headers (struct layout checks),
 # a 32-bit compiler for the x86_32 ABI probe, and Xen's C xenstore tools as a test peer;
-# gcc and Python's headers build blkback's compiled ring loop (bindings/build_ringloop.py).
-HOST_DEBS := libxen-dev gcc-multilib xenstore-utils gcc python3-dev
+# gcc and Python's headers build blkback's compiled ring loop (bindings/build_ringloop.py),
+# and libc6-dev's static libc the guest bench's load generator (bench-xen-guest).
+HOST_DEBS := libxen-dev gcc-multilib xenstore-utils gcc libc6-dev python3-dev
 RINGLOOP := $(VENV)/.ringloop-built
+# The guest bench's load generator (tests/xen/guest_load.c, static), for bench-xen-guest and
+# the nested suite's short run of it.
+GUEST_LOAD := build/guest-load
 
 .PHONY: all venv debs ringloop test test-host test-host-pure demo bench clean
 
@@ -65,7 +69,7 @@ test-host-pure: $(STAMP) $(APT_STAMP) $(RINGLOOP)
 # The nested QEMU runs on one core (tests/nested/run.py: -smp 1), so the host suite, on both
 # data paths, runs beside it on the other; its output goes to build/test-host.log and is
 # printed when both are done. Exit status: non-zero if either failed.
-test: $(STAMP) $(APT_STAMP) $(RINGLOOP) debs-xen
+test: $(STAMP) $(APT_STAMP) $(RINGLOOP) $(GUEST_LOAD) debs-xen
 	@mkdir -p build; \
 	echo "make test: the host suite (compiled, then pure-Python data path) runs beside the nested suite; its log: build/test-host.log"; \
 	( export PYTEST_ADDOPTS="-p no:cacheprovider"; $(MAKE) --no-print-directory test-host; a=$$?; \
@@ -119,7 +123,7 @@ debs-xen:
 # pytest's exit code 5 (no tests collected) is a failure here too.
 # Bytecode is compiled on the host first: dom0's Python runs ~18x slower, and with
 # PYTHONDONTWRITEBYTECODE (set on these machines) it would compile every module each start.
-test-xen: $(STAMP) debs-xen $(RINGLOOP)
+test-xen: $(STAMP) debs-xen $(RINGLOOP) $(GUEST_LOAD)
 	@$(PY) -m compileall -q -j 2 xentools tests >/dev/null
 	@NESTED_TIMEOUT=$${NESTED_TIMEOUT:-2400} $(PY) tests/nested/run.py -- $(PY) -m pytest -q --durations=30 tests/xen; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests in dom0" >&2; exit 1; fi; exit $$rc
@@ -141,6 +145,22 @@ BENCH_TIMEOUT ?= 1800
 bench-xen: $(STAMP) debs-xen $(RINGLOOP)
 	@$(PY) -m compileall -q -j 2 xentools tests >/dev/null
 	@$(PY) tests/nested/run.py --show-output --timeout $(BENCH_TIMEOUT) -- $(PY) tests/xen/bench_blk.py --seconds $(BENCH_SECONDS) --rounds $(BENCH_ROUNDS)
+
+# ---- bench-xen-guest: tests/xen/bench_guest.py in dom0 (one nested boot, two CPUs under Xen):
+# a PV guest's own xen-blkfront reads disks on Linux's xen-blkback, on our blkback and on
+# QEMU's qdisk, 1 MiB sequential and 4 KiB QD32 random reads (build/guest-load, from
+# tests/xen/guest_load.c, static: no fio in the guest), dom0 pinned to CPU 0 and the guest to
+# CPU 1; one JSON line (also build/nested/run-*/results/bench-guest.json) after one verdict
+# line per target. BENCH_SECONDS and BENCH_ROUNDS as for bench-xen; GUEST_BENCH_SMP: the
+# nested machine's CPUs (1: dom0 and the guest share one).
+GUEST_BENCH_SMP ?= 2
+$(GUEST_LOAD): tests/xen/guest_load.c | $(APT_STAMP)
+	@mkdir -p build
+	gcc -O2 -Wall -Wextra -static -o $@ tests/xen/guest_load.c
+.PHONY: bench-xen-guest
+bench-xen-guest: $(STAMP) debs-xen $(RINGLOOP) $(GUEST_LOAD)
+	@$(PY) -m compileall -q -j 2 xentools tests >/dev/null
+	@$(PY) tests/nested/run.py --smp $(GUEST_BENCH_SMP) --show-output --timeout $(BENCH_TIMEOUT) -- $(PY) tests/xen/bench_guest.py --seconds $(BENCH_SECONDS) --rounds $(BENCH_ROUNDS)
 
 # ---- fault-matrix: tests/xen/test_fault_matrix.py with every fault kind and the default
 # pairwise configuration matrix (one nested boot; `make test` runs a fixed subset of both).

@@ -99,10 +99,11 @@ TARGETS = {
 # xvdg, xvdh, xvdi, xvdj: not used by the tests, so a left-over of theirs cannot collide.
 DEVID_KERNEL_KERNEL, DEVID_OURS_KERNEL, DEVID_KERNEL_OURS, DEVID_KERNEL_QDISK = 51808, 51824, 51840, 51856
 # Debian's qemu-system-xen: the device model libxl starts, and the dom0 disk backend
-# (xen-qemu-dom0-disk-backend.service runs it with these arguments, less -daemonize/-pidfile).
+# (xen-qemu-dom0-disk-backend.service runs it with qemu_args(0), less -daemonize/-pidfile).
 QEMU_XEN = Path("/usr/libexec/xen-qemu-system-i386")
-QEMU_DOM0_ARGS = ["-xen-domid", "0", "-xen-attach", "-name", "dom0", "-nographic", "-M", "xenpv",
-                  "-monitor", "none", "-serial", "none", "-parallel", "none", "-nodefaults", "-no-user-config"]
+QEMU_XENPV_ARGS = ["-xen-attach", "-nographic", "-M", "xenpv", "-monitor", "none", "-serial", "none",
+                   "-parallel", "none", "-nodefaults", "-no-user-config"]
+
 RAND_DEPTH = 32
 READ_MANY_CHUNK = 256  # ours: 4 KiB reads per read_many call (0.1-0.2 s each in nested dom0)
 FRONTEND = BlkfrontConfig(ring_page_order=4, num_queues=2, max_indirect_segments=256, persistent=True)
@@ -362,20 +363,29 @@ def ours_rand(dev: BlkFront, size: int, seconds: float, image: Path) -> float:
         io.close()
 
 
-class QemuDom0Backend:
-    """QEMU's qdisk backend for dom0's own frontends: a `-M xenpv` QEMU attached to dom0
-    (its xen-bus watches /local/domain/0/backend/qdisk/ and serves what the toolstack
-    writes there), stopped with SIGTERM on exit. Its stderr goes to `log`."""
+def qemu_args(domid: int) -> list[str]:
+    """QEMU's arguments as a qdisk backend for domain `domid`'s frontends (dom0's: as Debian's
+    xen-qemu-dom0-disk-backend service runs it; a guest's: as libxl runs it for a PV guest's
+    qdisk disks)."""
+    return ["-xen-domid", str(domid), "-name", "dom0" if domid == DOM0 else f"domain{domid}", *QEMU_XENPV_ARGS]
 
-    def __init__(self, log: Path) -> None:
+
+class QemuDom0Backend:
+    """QEMU's qdisk backend in dom0 for the frontends of domain `domid` (dom0's own by
+    default): a `-M xenpv` QEMU attached to it (its xen-bus watches
+    /local/domain/0/backend/qdisk/<domid>/ and serves what the toolstack writes there),
+    stopped with SIGTERM on exit. Its stderr goes to `log`."""
+
+    def __init__(self, log: Path, domid: int = DOM0) -> None:
         if not QEMU_XEN.exists():
             raise BenchError(f"{QEMU_XEN} is missing: install Debian's qemu-system-xen (make debs-xen)")
         self.log = log
+        self.domid = domid
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> QemuDom0Backend:
         with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen([str(QEMU_XEN), *QEMU_DOM0_ARGS], stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([str(QEMU_XEN), *qemu_args(self.domid)], stdin=subprocess.DEVNULL,
                                          stdout=err, stderr=err)
         return self
 
@@ -396,14 +406,14 @@ class QemuDom0Backend:
         self.proc = None
 
 
-def qdisk_vbd(xs, image: Path, devid: int):  # type: ignore[no-untyped-def]
-    """The vbd libxl writes for `backendtype=qdisk` (raw image), for dom0's kernel frontend:
-    backend/qdisk/0/<devid> with params "aio:<image>" (raw), type qdisk, and the `dev` and
+def qdisk_vbd(xs, image: Path, devid: int, frontend_domid: int = DOM0):  # type: ignore[no-untyped-def]
+    """The vbd libxl writes for `backendtype=qdisk` (raw image), for the kernel frontend of
+    `frontend_domid` (dom0's by default): backend/qdisk/<domid>/<devid> with params "aio:<image>" (raw), type qdisk, and the `dev` and
     `device-type` keys QEMU's xen-block device needs. Writable, as the other setups are
     (Debian's QEMU 7.2 refuses a read-only xen-disk: "Block node is read-only"); the bench
     only reads."""
     return create_vbd(
-        xs, backend_domid=DOM0, frontend_domid=DOM0, devid=devid, params=f"aio:{image}", mode="w",
+        xs, backend_domid=DOM0, frontend_domid=frontend_domid, devid=devid, params=f"aio:{image}", mode="w",
         type="qdisk", backend_kind="qdisk",
         extra_backend={"dev": decode_vbd(devid), "device-type": "disk"},
     )
@@ -609,7 +619,7 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
             "rand": f"4 KiB random reads, depth {RAND_DEPTH} (fio libaio O_DIRECT; BatchIO.read_many, {READ_MANY_CHUNK} reads per call)",
             "order": "each round: " + ", ".join(ORDER) + " (sequential, then random); reversed every other round",
             "images": "one copy of the same bytes per setup, all attached at once",
-            "qdisk": f"{QEMU_XEN} {' '.join(QEMU_DOM0_ARGS)}; params aio:<image>, mode w",
+            "qdisk": f"{QEMU_XEN} {' '.join(qemu_args(DOM0))}; params aio:<image>, mode w",
             "our_frontend": {
                 "ring_page_order": info.ring_page_order, "num_queues": info.num_queues,
                 "segments_per_request": info.segments_per_request, "persistent": info.persistent,
@@ -637,14 +647,26 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, AssertionError) as err:
         print(f"bench_blk: error: {err}", file=sys.stderr)
         return 1
-    for name, judged in result["verdicts"].items():
-        print(f"bench_blk: {verdict_line(name, judged)}", file=sys.stderr)
-    line = json.dumps(result, sort_keys=True)
-    print(line, flush=True)
+    publish(result, "bench_blk", "bench-blk.json")
+    return 0
+
+
+def keep_result(line: str, filename: str) -> None:
+    """Keep a result's JSON line as $NESTED_RESULTS/<filename>, when the nested harness set
+    that directory (the host keeps it after dom0 powers off)."""
     results = os.environ.get("NESTED_RESULTS")
     if results and Path(results).is_dir():
-        Path(results, "bench-blk.json").write_text(line + "\n")
-    return 0
+        Path(results, filename).write_text(line + "\n")
+
+
+def publish(result: dict, who: str, filename: str) -> None:
+    """A bench's output: one line per verdict on stderr ("<who>: <target>: met ..."), then the
+    result as ONE JSON line on stdout, also kept as `filename` (keep_result)."""
+    for name, judged in result["verdicts"].items():
+        print(f"{who}: {verdict_line(name, judged)}", file=sys.stderr)
+    line = json.dumps(result, sort_keys=True)
+    print(line, flush=True)
+    keep_result(line, filename)
 
 
 if __name__ == "__main__":

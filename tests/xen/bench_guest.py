@@ -1,0 +1,271 @@
+"""Benchmark on real Xen, run in dom0, with the frontend where users have it: in a guest.
+
+Owns: one PV guest (dom0's Debian kernel, the test initramfs with the "bench" scenario and
+/bin/guest-load, tests/xen/guest_load.c built static) whose own xen-blkfront reads three
+disks, each its own copy of one RAW image (the same bytes):
+  A. xvdb on Linux's xen-blkback (a loop device, guests.KernelVbd);
+  C. xvdc on our blkback (`python -m xentools blkback serve`, its own process);
+  D. xvdd on QEMU's qdisk (Debian's qemu-system-xen attached to the guest, `-M xenpv`, as
+     libxl runs it for a PV guest's backendtype=qdisk disks);
+measured in rounds by the guest (each round every disk's 1 MiB sequential reads at depth 1,
+then every disk's 4 KiB random reads at depth 32; the order A, C, D, reversed every other
+round), and the ratios C/A (target >= 0.9) and C/D (target >= 1.0) of each round, their
+medians and verdicts (xentools.tools.bench_verdict), printed as ONE JSON line (also
+$NESTED_RESULTS/bench-guest.json), each verdict also one line on stderr.
+Where it runs: with two physical CPUs under Xen (tests/nested/run.py --smp 2), dom0's vCPUs
+are pinned to CPU 0 and the guest's to CPU 1 (`xl vcpu-pin`; dom0's put back after), so the
+backends have dom0's CPU and the frontend its own, as on a host; with one, they share it.
+Why beside bench_blk.py: there every frontend is dom0's own, so each of our blkback's
+wake-ups also switches dom0's one vCPU between the frontend's process and ours; here the
+guest's kernel is the frontend, as in the boot-test.
+Reported, never asserted: only a wrong answer fails (a disk whose first MiB differs from its
+image, a guest-load that fails, a guest that does not finish), with a non-zero exit.
+Must not: run under pytest, or leave the guest, a vbd, a loop device or a backend process
+behind (Guest.destroy and its cleanups).
+
+Usage in dom0:  python tests/xen/bench_guest.py [--seconds S] [--rounds R] [--size-mib N]
+From the host:  make bench-xen-guest  (builds build/guest-load, boots with NESTED_SMP=2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_blk import QemuDom0Backend, publish, qdisk_vbd, ring_loop_counts, ring_profile  # noqa: E402
+from blk_helpers import INIT_WAIT, MiB, OurBlkback, our_vbd  # noqa: E402
+from guests import (  # noqa: E402
+    RERUNS,
+    Guest,
+    GuestError,
+    build_initramfs,
+    guest_extra,
+    guest_kernel,
+    guest_lines,
+    pv_guest,
+    unique_name,
+)
+
+from xentools.core.vbd import encode_vbd  # noqa: E402
+from xentools.devices.blkback_ringloop import compiled  # noqa: E402
+from xentools.devices.toolstack import destroy_vbd  # noqa: E402
+from xentools.platform.xen.platform import XenPlatform  # noqa: E402
+from xentools.tools.bench_verdict import verdict  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+LOAD = REPO / "build" / "guest-load"  # make bench-xen-guest builds it from tests/xen/guest_load.c
+DISKS = {"kernel_back": "xvdb", "ours_back": "xvdc", "qdisk": "xvdd"}  # A, C, D, in measuring order
+DEPTH = 32
+TARGETS = {
+    "ours_vs_kernel_back_seq_1m": 0.9,
+    "ours_vs_kernel_back_rand_4k_qd32": 0.9,
+    "ours_vs_qdisk_seq_1m": 1.0,
+    "ours_vs_qdisk_rand_4k_qd32": 1.0,
+}
+RATIOS = {"ours_vs_kernel_back": ("ours_back", "kernel_back"), "ours_vs_qdisk": ("ours_back", "qdisk"),
+          "qdisk_vs_kernel_back": ("qdisk", "kernel_back")}
+KINDS = {"seq": "seq_1m", "rand": "rand_4k_qd32"}
+_LOAD_LINE = re.compile(r"load (\d+) (\w+) (seq|rand) ([0-9.]+)$")
+
+
+class BenchError(Exception):
+    """A measurement could not be made or read wrong data; the message says which."""
+
+
+def fnv1a64(data: bytes) -> str:
+    """guest-load's sum: FNV-1a 64 of `data`, 16 hex digits."""
+    h = 0xCBF29CE484222325
+    for byte in data:
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def xl(*argv: str) -> None:
+    result = subprocess.run(["xl", *argv], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise BenchError(f"xl {' '.join(argv)} exited {result.returncode}: {result.stderr.strip()[-300:]}")
+
+
+def physical_cpus() -> int:
+    """Xen's physical CPUs (`xl info` nr_cpus)."""
+    out = subprocess.run(["xl", "info"], capture_output=True, text=True, timeout=60, check=True).stdout
+    found = re.search(r"^nr_cpus\s*:\s*(\d+)", out, re.M)
+    if not found:
+        raise BenchError("xl info printed no nr_cpus")
+    return int(found.group(1))
+
+
+def parse(lines: list[str], rounds: int) -> list[dict[str, dict[str, float]]]:
+    """Each round's figures {setup: {"seq_1m_mbps"|"rand_4k_qd32_iops": value}} from the
+    guest's "load" lines; BenchError when one is missing."""
+    by_disk = {disk: setup for setup, disk in DISKS.items()}
+    per_round: list[dict[str, dict[str, float]]] = [{setup: {} for setup in DISKS} for _ in range(rounds)]
+    for line in lines:
+        found = _LOAD_LINE.match(line)
+        if found and int(found.group(1)) < rounds and found.group(2) in by_disk:
+            key = f"{KINDS[found.group(3)]}_{'mbps' if found.group(3) == 'seq' else 'iops'}"
+            per_round[int(found.group(1))][by_disk[found.group(2)]][key] = float(found.group(4))
+    for number, one in enumerate(per_round):
+        for setup, figures in one.items():
+            if len(figures) != len(KINDS):
+                raise BenchError(f"round {number}: the guest printed no figure for {setup} ({DISKS[setup]})")
+    return per_round
+
+
+def run(seconds: float, rounds: int, size_mib: int, workdir: Path) -> dict:
+    if not LOAD.is_file():
+        raise BenchError(f"no {LOAD}: run `make bench-xen-guest` (it builds it from tests/xen/guest_load.c "
+                         "with gcc -static)")
+    size = size_mib * MiB
+    data = random.Random(5).randbytes(size)
+    want = fnv1a64(data[:MiB])
+    images = {setup: workdir / f"guest-{setup}.raw" for setup in DISKS}
+    for image in images.values():
+        image.write_bytes(data)
+    del data
+    kernel = guest_kernel()
+    initramfs = build_initramfs(workdir / "initramfs.cpio", kernel=kernel, scenarios=("bench",),
+                                modules=("xen-blkfront",), extra_files={"bin/guest-load": LOAD.read_bytes()},
+                                executables=("bin/guest-load",))
+    extra = guest_extra("bench", disks="+".join(DISKS.values()), rounds=rounds, seconds=seconds, depth=DEPTH)
+    cfg = pv_guest(unique_name("xt-bench"), kernel.image, initramfs, extra)
+    cpus = physical_cpus()
+    timings: dict[str, float] = {}
+    xs = XenPlatform().open_xenstore(timeout=30.0)
+    started = time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            guest = stack.enter_context(Guest(cfg, workdir))
+            domid = guest.domid
+            assert domid is not None
+            guest.attach_kernel_vbd(xs, images["kernel_back"], devid=encode_vbd(DISKS["kernel_back"]))
+
+            # Each backend goes when the guest does (Guest.destroy's cleanups): its vbd
+            # removed first (ours then exits by itself, writing its report), then the process.
+            paths = our_vbd(xs, images["ours_back"], frontend_domid=domid, devid=encode_vbd(DISKS["ours_back"]))
+            backend = OurBlkback(paths.backend, images["ours_back"], workdir, "--verbose")
+
+            def release_ours() -> None:
+                destroy_vbd(xs, paths)
+                with contextlib.suppress(AssertionError):
+                    backend.wait_exit()
+                backend.stop()
+
+            guest.after_destroy(release_ours)
+            backend.__enter__()
+            backend.wait_state(xs, {INIT_WAIT})
+
+            qemu = QemuDom0Backend(workdir / "qemu-qdisk.log", domid)
+            qpaths = qdisk_vbd(xs, images["qdisk"], encode_vbd(DISKS["qdisk"]), frontend_domid=domid)
+
+            def release_qdisk() -> None:
+                destroy_vbd(xs, qpaths)
+                qemu.__exit__(None, None, None)
+
+            guest.after_destroy(release_qdisk)
+            qemu.__enter__()
+
+            if cpus >= 2:
+                xl("vcpu-pin", "0", "all", "0")
+                stack.callback(subprocess.run, ["xl", "vcpu-pin", "0", "all", "all"], capture_output=True, timeout=60)
+                xl("vcpu-pin", str(domid), "all", "1")
+                placed = "dom0's vCPUs on CPU 0, the guest's on CPU 1 (xl vcpu-pin)"
+            else:
+                placed = "one CPU: dom0 and the guest share it"
+            guest.unpause()
+            per_measurement = 2 * len(DISKS) * rounds * (seconds + 3)
+            guest.wait_for("GUEST: done bench", timeout=120 + per_measurement)
+            timings["guest_s"] = round(time.monotonic() - started, 1)
+            qemu.check_alive()
+            lines = guest_lines(guest.console())
+            failed = [line for line in lines if line.startswith("FAIL")]
+            if failed:
+                raise BenchError(f"the guest said: {failed[0]}")
+            for setup, disk in DISKS.items():
+                if f"sum {disk} {want}" not in lines:
+                    raise BenchError(f"{disk} ({setup}): the guest read a first MiB that differs from the image "
+                                     f"(want FNV-1a {want}; the guest's lines: {[x for x in lines if x.startswith('sum')]})")
+            per_round = parse(lines, rounds)
+            guest.destroy()
+            backend.wait_exit()
+            backend.exited_cleanly()
+            report = backend.report()
+            served = ring_loop_counts(backend.stderr())
+            profile = ring_profile(backend.stderr())
+            profile["compiled_wait"] = backend.compiled_wait()
+    finally:
+        xs.close()
+    timings["total_s"] = round(time.monotonic() - started, 1)
+
+    ratios_per_round: dict[str, list[float]] = {}
+    for name, (top, bottom) in RATIOS.items():
+        for kind, suffix in KINDS.items():
+            key = f"{suffix}_{'mbps' if kind == 'seq' else 'iops'}"
+            ratios_per_round[f"{name}_{suffix}"] = [
+                round(one[top][key] / one[bottom][key], 3) if one[bottom][key] else 0.0 for one in per_round
+            ]
+    figures = {setup: {key: statistics.median(one[setup][key] for one in per_round) for key in per_round[0][setup]}
+               for setup in DISKS}
+    return {
+        **figures,
+        "ratios": {name: round(statistics.median(values), 3) for name, values in ratios_per_round.items()},
+        "ratios_per_round": ratios_per_round,
+        "verdicts": {name: verdict(ratios_per_round[name], target) for name, target in TARGETS.items()},
+        "rounds": per_round,
+        "targets": TARGETS,
+        "our_blkback_violations": report.get("total"),
+        "our_blkback_requests": {"served": served[0], "by_compiled_loop": served[1],
+                                 "ring_loop": "compiled" if compiled() is not None else "pure Python", **profile},
+        "reruns": list(RERUNS),
+        "config": {
+            "frontend": f"the guest's xen-blkfront (Linux {kernel.version}, PV guest, 1 vCPU, {cfg.memory_mb} MiB)",
+            "disks": {setup: disk for setup, disk in DISKS.items()},
+            "seq": "1 MiB O_DIRECT reads at depth 1 (guest-load seq: pread)",
+            "rand": f"4 KiB O_DIRECT random reads at depth {DEPTH} (guest-load rand: io_submit)",
+            "order": "each round: " + ", ".join(DISKS.values()) + " (sequential, then random); reversed every other round",
+            "image_mib": size_mib,
+            "seconds_per_measurement": seconds,
+            "rounds": rounds,
+            "placement": placed,
+            "physical_cpus": cpus,
+            "figures": "per setup, the median over the rounds; ratios: the median of each round's ratios",
+            "mbps_unit": "10^6 bytes per second",
+        },
+        "timings": timings,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement (default 3)")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds of measurements (default 9)")
+    parser.add_argument("--size-mib", type=int, default=64, help="image size in MiB (default 64)")
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.rounds < 1 or args.size_mib < 1:
+        print("bench_guest: error: --seconds must be positive, --rounds and --size-mib at least 1", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="bench-guest-"))
+    try:
+        result = run(args.seconds, args.rounds, args.size_mib, workdir)
+    except (BenchError, GuestError, AssertionError) as err:
+        print(f"bench_guest: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    publish(result, "bench_guest", "bench-guest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
