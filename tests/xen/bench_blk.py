@@ -63,11 +63,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_front import FRONTEND_CONFIG, RAND_DEPTH, READ_MANY_CHUNK, BenchError, ours_rand, ours_seq  # noqa: E402
 from blk_helpers import (  # noqa: E402
     DOM0,
     INIT_WAIT,
     MiB,
-    SECTOR,
     CheckedPlatform,
     KernelFrontVbd,
     OurBlkback,
@@ -81,7 +81,7 @@ from blk_helpers import (  # noqa: E402
 from guests import self_attach_kernel_vbd  # noqa: E402
 
 from xentools.devices.blkback_ringloop import compiled  # noqa: E402
-from xentools.devices.blkfront import BlkFront, BlkfrontConfig, BlkfrontError  # noqa: E402
+from xentools.devices.blkfront import BlkFront, BlkfrontConfig  # noqa: E402
 from xentools.tools.bench_memory import rss_mib  # noqa: E402
 from xentools.tools.bench_verdict import verdict, verdict_line  # noqa: E402
 from xentools.core.vbd import decode_vbd  # noqa: E402
@@ -103,14 +103,7 @@ DEVID_KERNEL_KERNEL, DEVID_OURS_KERNEL, DEVID_KERNEL_OURS, DEVID_KERNEL_QDISK = 
 QEMU_XEN = Path("/usr/libexec/xen-qemu-system-i386")
 QEMU_XENPV_ARGS = ["-xen-attach", "-nographic", "-M", "xenpv", "-monitor", "none", "-serial", "none",
                    "-parallel", "none", "-nodefaults", "-no-user-config"]
-
-RAND_DEPTH = 32
-READ_MANY_CHUNK = 256  # ours: 4 KiB reads per read_many call (0.1-0.2 s each in nested dom0)
-FRONTEND = BlkfrontConfig(ring_page_order=4, num_queues=2, max_indirect_segments=256, persistent=True)
-
-
-class BenchError(Exception):
-    """A measurement could not be made or read wrong data; the message says which."""
+FRONTEND = BlkfrontConfig(**FRONTEND_CONFIG)
 
 
 def fio(disk: Path, *, rw: str, bs: int, depth: int, seconds: float, size: int) -> dict:
@@ -313,56 +306,6 @@ def image_bytes(image: Path, offset: int, length: int) -> bytes:
         return os.pread(f.fileno(), length, offset)
 
 
-def ours_seq(dev: BlkFront, size: int, seconds: float, image: Path) -> float:
-    """MB/s of 1 MiB readinto calls one after the other (depth 1), wrapping at the end."""
-    buf = bytearray(MiB)
-    per = MiB // SECTOR
-    dev.readinto(0, buf)
-    if buf != image_bytes(image, 0, MiB):
-        raise BenchError("the first MiB read through our frontend differs from the image")
-    done = 0
-    sector = 0
-    end = size // SECTOR
-    started = time.perf_counter()
-    deadline = started + seconds
-    while True:
-        dev.readinto(sector, buf)
-        done += MiB
-        sector = (sector + per) % end
-        now = time.perf_counter()
-        if now >= deadline:
-            return done / (now - started) / 1e6
-
-
-def ours_rand(dev: BlkFront, size: int, seconds: float, image: Path) -> float:
-    """IOPS of 4 KiB reads at random 4 KiB-aligned offsets through the batch API's read_many
-    (RAND_DEPTH lanes in flight on queue 0, READ_MANY_CHUNK reads per call into one buffer)
-    until the time is up; the first and last read of every call are checked against the image."""
-    rng = random.Random(11)
-    pages = size // 4096
-    offsets = [rng.randrange(pages) * 8 for _ in range(8192)]  # in sectors
-    into = bytearray(READ_MANY_CHUNK * 4096)
-    io = dev.batch_io(depth=RAND_DEPTH, request_bytes=4096)
-    try:
-        done = 0
-        started = time.perf_counter()
-        deadline = started + seconds
-        while True:
-            chunk = [offsets[(done + k) % len(offsets)] for k in range(READ_MANY_CHUNK)]
-            io.read_many(chunk, into)
-            done += READ_MANY_CHUNK
-            now = time.perf_counter()
-            for k in (0, READ_MANY_CHUNK - 1):
-                if into[k * 4096 : (k + 1) * 4096] != image_bytes(image, chunk[k] * SECTOR, 4096):
-                    raise BenchError(f"the 4 KiB at {chunk[k] * SECTOR} read by read_many differ from the image")
-            if now >= deadline:
-                return done / (now - started)
-    except BlkfrontError as err:
-        raise BenchError(f"random reads through read_many: {err}") from err
-    finally:
-        io.close()
-
-
 def qemu_args(domid: int) -> list[str]:
     """QEMU's arguments as a qdisk backend for domain `domid`'s frontends (dom0's: as Debian's
     xen-qemu-dom0-disk-backend service runs it; a guest's: as libxl runs it for a PV guest's
@@ -540,7 +483,7 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
                     for setup in order:
                         if setup == SETUPS[1]:
                             measure = ours_seq if kind == "seq" else ours_rand
-                            figure = measure(dev, size, seconds, images[setup])
+                            figure = measure(dev, size, seconds, lambda o, n, i=images[setup]: image_bytes(i, o, n))
                             one[setup][FIGURES[kind][1]] = round(figure, 1 if kind == "seq" else None)
                             continue
                         got = kernel_front(disks[setup], kind, size, seconds, pids.get(setup))

@@ -1,30 +1,38 @@
-"""Benchmark on real Xen, run in dom0, with the frontend where users have it: in a guest.
+"""Benchmark on real Xen, run in dom0, with the frontends where users have them: in a guest.
 
-Owns: one PV guest (dom0's Debian kernel, the test initramfs with the "bench" scenario and
-/bin/guest-load, tests/xen/guest_load.c built static) whose own xen-blkfront reads three
-disks, each its own copy of one RAW image (the same bytes):
-  A. xvdb on Linux's xen-blkback (a loop device, guests.KernelVbd);
-  C. xvdc on our blkback (`python -m xentools blkback serve`, its own process);
-  D. xvdd on QEMU's qdisk (Debian's qemu-system-xen attached to the guest, `-M xenpv`, as
-     libxl runs it for a PV guest's backendtype=qdisk disks);
-measured in rounds by the guest (each round every disk's 1 MiB sequential reads at depth 1,
-then every disk's 4 KiB random reads at depth 32; the order A, C, D, reversed every other
-round), and the ratios C/A (target >= 0.9) and C/D (target >= 1.0) of each round, their
-medians and verdicts (xentools.tools.bench_verdict), printed as ONE JSON line (also
-$NESTED_RESULTS/bench-guest.json), each verdict also one line on stderr.
+Owns: one PV guest (dom0's Debian kernel; the domU initramfs of tests/xen/domu.py, which
+carries this repository's Python, plus xen-blkfront and /bin/guest-load, tests/xen/guest_load.c
+built static) that reads four disks, each its own copy of one RAW image (the same bytes):
+  A. xvdb: the guest's xen-blkfront on Linux's xen-blkback (a loop device, guests.KernelVbd);
+  B. our blkfront in the guest (domu_guest.py's "bench" task) on Linux's xen-blkback, its
+     frontend directory under xentools-frontend/vbd/, where the guest's xen-blkfront does
+     not look;
+  C. xvdc: the guest's xen-blkfront on our blkback (`python -m xentools blkback serve`);
+  D. xvdd: the guest's xen-blkfront on QEMU's qdisk (Debian's qemu-system-xen attached to
+     the guest, `-M xenpv`, as libxl runs it for a PV guest's backendtype=qdisk disks);
+measured in rounds by the guest (each round every setup's 1 MiB sequential reads at depth 1,
+then every setup's 4 KiB random reads at depth 32; the order B, A, C, D, so that the two
+setups of every ratio are measured one after the other, reversed every other round), and the
+ratios B/A (targets: seq >= 1.0, rand >= 0.8), C/A (>= 0.9) and C/D (>= 1.0) of each round,
+their medians and verdicts (xentools.tools.bench_verdict), printed as ONE JSON line (also
+$NESTED_RESULTS/bench-guest.json), each verdict also one line on stderr. The kernel frontend
+reads with guest-load (what fio does in bench_blk.py: psync 1 MiB, libaio 4 KiB), ours with
+bench_front (readinto; read_many), as in bench_blk.py.
 Where it runs: with two physical CPUs under Xen (tests/nested/run.py --smp 2), dom0's vCPUs
 are pinned to CPU 0 and the guest's to CPU 1 (`xl vcpu-pin`; dom0's put back after), so the
-backends have dom0's CPU and the frontend its own, as on a host; with one, they share it.
+backends have dom0's CPU and the frontends the guest's, as on a host; with one, they share it.
 Why beside bench_blk.py: there every frontend is dom0's own, so each of our blkback's
-wake-ups also switches dom0's one vCPU between the frontend's process and ours; here the
-guest's kernel is the frontend, as in the boot-test.
+wake-ups also switches dom0's vCPU between the frontend's process and ours (a pipe round trip
+between two processes costs 244 us in the nested dom0, between two threads 180 us, a system
+call 17 us); here the frontends are the guest's, as in the boot-test.
 Reported, never asserted: only a wrong answer fails (a disk whose first MiB differs from its
-image, a guest-load that fails, a guest that does not finish), with a non-zero exit.
-Must not: run under pytest, or leave the guest, a vbd, a loop device or a backend process
-behind (Guest.destroy and its cleanups).
+image, a read of ours that differs from it, a guest-load that fails, a guest that does not
+finish), with a non-zero exit.
+Must not: run under pytest by itself (tests/xen/test_guest_bench.py calls run()), or leave
+the guest, a vbd, a loop device or a backend process behind (Guest.destroy and its cleanups).
 
 Usage in dom0:  python tests/xen/bench_guest.py [--seconds S] [--rounds R] [--size-mib N]
-From the host:  make bench-xen-guest  (builds build/guest-load, boots with NESTED_SMP=2)
+From the host:  make bench-xen-guest  (builds build/guest-load, boots with two CPUs)
 """
 
 from __future__ import annotations
@@ -44,18 +52,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_blk import QemuDom0Backend, publish, qdisk_vbd, ring_loop_counts, ring_profile  # noqa: E402
+from bench_front import RAND_DEPTH, BenchError  # noqa: E402
 from blk_helpers import INIT_WAIT, MiB, OurBlkback, our_vbd  # noqa: E402
-from guests import (  # noqa: E402
-    RERUNS,
-    Guest,
-    GuestError,
-    build_initramfs,
-    guest_extra,
-    guest_kernel,
-    guest_lines,
-    pv_guest,
-    unique_name,
-)
+from domu import domu_config, domu_initramfs  # noqa: E402
+from domu_guest import BENCH_FRONTEND_DIR  # noqa: E402
+from guests import RERUNS, Guest, GuestError, guest_kernel, guest_lines, unique_name  # noqa: E402
 
 from xentools.core.vbd import encode_vbd  # noqa: E402
 from xentools.devices.blkback_ringloop import compiled  # noqa: E402
@@ -65,22 +66,26 @@ from xentools.tools.bench_verdict import verdict  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 LOAD = REPO / "build" / "guest-load"  # make bench-xen-guest builds it from tests/xen/guest_load.c
-DISKS = {"kernel_back": "xvdb", "ours_back": "xvdc", "qdisk": "xvdd"}  # A, C, D, in measuring order
-DEPTH = 32
+# Setup -> what the guest calls it: our frontend "ours", the kernel frontend's disks by name;
+# in measuring order (B, A, C, D).
+SETUPS = {"ours_front": "ours", "kernel_back": "xvdb", "ours_back": "xvdc", "qdisk": "xvdd"}
+OURS_FRONT_DEVID = encode_vbd("xvde")  # B's vbd number, under xentools-frontend/vbd/ in the guest
+SEED = 5  # the images' bytes: random.Random(SEED).randbytes(size), as the guest computes them
+GUEST_MEMORY = 384  # MiB: the initramfs (~50 MB, in RAM), Python, and the image's bytes to check against
 TARGETS = {
-    "ours_vs_kernel_back_seq_1m": 0.9,
-    "ours_vs_kernel_back_rand_4k_qd32": 0.9,
-    "ours_vs_qdisk_seq_1m": 1.0,
-    "ours_vs_qdisk_rand_4k_qd32": 1.0,
+    "ours_front_vs_kernel_front_seq_1m": 1.0,
+    "ours_front_vs_kernel_front_rand_4k_qd32": 0.8,
+    "ours_back_vs_kernel_back_seq_1m": 0.9,
+    "ours_back_vs_kernel_back_rand_4k_qd32": 0.9,
+    "ours_back_vs_qdisk_seq_1m": 1.0,
+    "ours_back_vs_qdisk_rand_4k_qd32": 1.0,
 }
-RATIOS = {"ours_vs_kernel_back": ("ours_back", "kernel_back"), "ours_vs_qdisk": ("ours_back", "qdisk"),
+RATIOS = {"ours_front_vs_kernel_front": ("ours_front", "kernel_back"),
+          "ours_back_vs_kernel_back": ("ours_back", "kernel_back"),
+          "ours_back_vs_qdisk": ("ours_back", "qdisk"),
           "qdisk_vs_kernel_back": ("qdisk", "kernel_back")}
-KINDS = {"seq": "seq_1m", "rand": "rand_4k_qd32"}
+FIGURES = {"seq": "seq_1m_mbps", "rand": "rand_4k_qd32_iops"}
 _LOAD_LINE = re.compile(r"load (\d+) (\w+) (seq|rand) ([0-9.]+)$")
-
-
-class BenchError(Exception):
-    """A measurement could not be made or read wrong data; the message says which."""
 
 
 def fnv1a64(data: bytes) -> str:
@@ -91,16 +96,17 @@ def fnv1a64(data: bytes) -> str:
     return f"{h:016x}"
 
 
-def xl(*argv: str) -> None:
+def xl(*argv: str) -> str:
+    """`xl ARGV`'s output; BenchError with its stderr when it fails."""
     result = subprocess.run(["xl", *argv], capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         raise BenchError(f"xl {' '.join(argv)} exited {result.returncode}: {result.stderr.strip()[-300:]}")
+    return result.stdout
 
 
 def physical_cpus() -> int:
     """Xen's physical CPUs (`xl info` nr_cpus)."""
-    out = subprocess.run(["xl", "info"], capture_output=True, text=True, timeout=60, check=True).stdout
-    found = re.search(r"^nr_cpus\s*:\s*(\d+)", out, re.M)
+    found = re.search(r"^nr_cpus\s*:\s*(\d+)", xl("info"), re.M)
     if not found:
         raise BenchError("xl info printed no nr_cpus")
     return int(found.group(1))
@@ -109,17 +115,16 @@ def physical_cpus() -> int:
 def parse(lines: list[str], rounds: int) -> list[dict[str, dict[str, float]]]:
     """Each round's figures {setup: {"seq_1m_mbps"|"rand_4k_qd32_iops": value}} from the
     guest's "load" lines; BenchError when one is missing."""
-    by_disk = {disk: setup for setup, disk in DISKS.items()}
-    per_round: list[dict[str, dict[str, float]]] = [{setup: {} for setup in DISKS} for _ in range(rounds)]
+    by_name = {name: setup for setup, name in SETUPS.items()}
+    per_round: list[dict[str, dict[str, float]]] = [{setup: {} for setup in SETUPS} for _ in range(rounds)]
     for line in lines:
         found = _LOAD_LINE.match(line)
-        if found and int(found.group(1)) < rounds and found.group(2) in by_disk:
-            key = f"{KINDS[found.group(3)]}_{'mbps' if found.group(3) == 'seq' else 'iops'}"
-            per_round[int(found.group(1))][by_disk[found.group(2)]][key] = float(found.group(4))
+        if found and int(found.group(1)) < rounds and found.group(2) in by_name:
+            per_round[int(found.group(1))][by_name[found.group(2)]][FIGURES[found.group(3)]] = float(found.group(4))
     for number, one in enumerate(per_round):
         for setup, figures in one.items():
-            if len(figures) != len(KINDS):
-                raise BenchError(f"round {number}: the guest printed no figure for {setup} ({DISKS[setup]})")
+            if len(figures) != len(FIGURES):
+                raise BenchError(f"round {number}: the guest printed no figure for {setup} ({SETUPS[setup]})")
     return per_round
 
 
@@ -128,18 +133,19 @@ def run(seconds: float, rounds: int, size_mib: int, workdir: Path) -> dict:
         raise BenchError(f"no {LOAD}: run `make bench-xen-guest` (it builds it from tests/xen/guest_load.c "
                          "with gcc -static)")
     size = size_mib * MiB
-    data = random.Random(5).randbytes(size)
+    data = random.Random(SEED).randbytes(size)
     want = fnv1a64(data[:MiB])
-    images = {setup: workdir / f"guest-{setup}.raw" for setup in DISKS}
+    images = {setup: workdir / f"guest-{setup}.raw" for setup in SETUPS}
     for image in images.values():
         image.write_bytes(data)
     del data
     kernel = guest_kernel()
-    initramfs = build_initramfs(workdir / "initramfs.cpio", kernel=kernel, scenarios=("bench",),
-                                modules=("xen-blkfront",), extra_files={"bin/guest-load": LOAD.read_bytes()},
-                                executables=("bin/guest-load",))
-    extra = guest_extra("bench", disks="+".join(DISKS.values()), rounds=rounds, seconds=seconds, depth=DEPTH)
-    cfg = pv_guest(unique_name("xt-bench"), kernel.image, initramfs, extra)
+    initramfs = domu_initramfs(workdir / "initramfs.cpio", kernel, modules=("xen-blkfront", "xen-gntalloc", "xen-evtchn"),
+                               extra_files={"bin/guest-load": LOAD.read_bytes()}, executables=("bin/guest-load",))
+    disks = [name for setup, name in SETUPS.items() if setup != "ours_front"]
+    cfg = domu_config(unique_name("xt-bench"), kernel, initramfs, memory=GUEST_MEMORY, task="bench",
+                      load="xen-blkfront+xen-gntalloc+xen-evtchn", disks="+".join(disks), ours=OURS_FRONT_DEVID,
+                      rounds=rounds, seconds=seconds, size_mib=size_mib, seed=SEED)
     cpus = physical_cpus()
     timings: dict[str, float] = {}
     xs = XenPlatform().open_xenstore(timeout=30.0)
@@ -149,11 +155,13 @@ def run(seconds: float, rounds: int, size_mib: int, workdir: Path) -> dict:
             guest = stack.enter_context(Guest(cfg, workdir))
             domid = guest.domid
             assert domid is not None
-            guest.attach_kernel_vbd(xs, images["kernel_back"], devid=encode_vbd(DISKS["kernel_back"]))
+            guest.attach_kernel_vbd(xs, images["kernel_back"], devid=encode_vbd(SETUPS["kernel_back"]))
+            guest.attach_kernel_vbd(xs, images["ours_front"], devid=OURS_FRONT_DEVID,
+                                    frontend_dir=f"/local/domain/{domid}/{BENCH_FRONTEND_DIR}/{OURS_FRONT_DEVID}")
 
             # Each backend goes when the guest does (Guest.destroy's cleanups): its vbd
             # removed first (ours then exits by itself, writing its report), then the process.
-            paths = our_vbd(xs, images["ours_back"], frontend_domid=domid, devid=encode_vbd(DISKS["ours_back"]))
+            paths = our_vbd(xs, images["ours_back"], frontend_domid=domid, devid=encode_vbd(SETUPS["ours_back"]))
             backend = OurBlkback(paths.backend, images["ours_back"], workdir, "--verbose")
 
             def release_ours() -> None:
@@ -167,7 +175,7 @@ def run(seconds: float, rounds: int, size_mib: int, workdir: Path) -> dict:
             backend.wait_state(xs, {INIT_WAIT})
 
             qemu = QemuDom0Backend(workdir / "qemu-qdisk.log", domid)
-            qpaths = qdisk_vbd(xs, images["qdisk"], encode_vbd(DISKS["qdisk"]), frontend_domid=domid)
+            qpaths = qdisk_vbd(xs, images["qdisk"], encode_vbd(SETUPS["qdisk"]), frontend_domid=domid)
 
             def release_qdisk() -> None:
                 destroy_vbd(xs, qpaths)
@@ -184,21 +192,20 @@ def run(seconds: float, rounds: int, size_mib: int, workdir: Path) -> dict:
             else:
                 placed = "one CPU: dom0 and the guest share it"
             guest.unpause()
-            per_measurement = 2 * len(DISKS) * rounds * (seconds + 3)
-            guest.wait_for("GUEST: done bench", timeout=120 + per_measurement)
+            measuring = 2 * len(SETUPS) * rounds * (seconds + 4)
+            guest.wait_for("GUEST: python exited", timeout=300 + measuring)
             timings["guest_s"] = round(time.monotonic() - started, 1)
             qemu.check_alive()
             lines = guest_lines(guest.console())
             failed = [line for line in lines if line.startswith("FAIL")]
-            if failed:
-                raise BenchError(f"the guest said: {failed[0]}")
-            for setup, disk in DISKS.items():
+            if failed or "python exited 0" not in lines:
+                raise BenchError(f"the guest said: {failed[0] if failed else [x for x in lines if 'exited' in x]}")
+            for disk in disks:
                 if f"sum {disk} {want}" not in lines:
-                    raise BenchError(f"{disk} ({setup}): the guest read a first MiB that differs from the image "
-                                     f"(want FNV-1a {want}; the guest's lines: {[x for x in lines if x.startswith('sum')]})")
+                    raise BenchError(f"{disk}: the guest read a first MiB that differs from the image (want FNV-1a "
+                                     f"{want}; the guest's lines: {[x for x in lines if x.startswith('sum')]})")
             per_round = parse(lines, rounds)
             guest.destroy()
-            backend.wait_exit()
             backend.exited_cleanly()
             report = backend.report()
             served = ring_loop_counts(backend.stderr())
@@ -210,13 +217,12 @@ def run(seconds: float, rounds: int, size_mib: int, workdir: Path) -> dict:
 
     ratios_per_round: dict[str, list[float]] = {}
     for name, (top, bottom) in RATIOS.items():
-        for kind, suffix in KINDS.items():
-            key = f"{suffix}_{'mbps' if kind == 'seq' else 'iops'}"
-            ratios_per_round[f"{name}_{suffix}"] = [
+        for key in FIGURES.values():
+            ratios_per_round[f"{name}_{key.rsplit('_', 1)[0]}"] = [
                 round(one[top][key] / one[bottom][key], 3) if one[bottom][key] else 0.0 for one in per_round
             ]
-    figures = {setup: {key: statistics.median(one[setup][key] for one in per_round) for key in per_round[0][setup]}
-               for setup in DISKS}
+    figures = {setup: {key: statistics.median(one[setup][key] for one in per_round) for key in FIGURES.values()}
+               for setup in SETUPS}
     return {
         **figures,
         "ratios": {name: round(statistics.median(values), 3) for name, values in ratios_per_round.items()},
@@ -229,11 +235,17 @@ def run(seconds: float, rounds: int, size_mib: int, workdir: Path) -> dict:
                                  "ring_loop": "compiled" if compiled() is not None else "pure Python", **profile},
         "reruns": list(RERUNS),
         "config": {
-            "frontend": f"the guest's xen-blkfront (Linux {kernel.version}, PV guest, 1 vCPU, {cfg.memory_mb} MiB)",
-            "disks": {setup: disk for setup, disk in DISKS.items()},
-            "seq": "1 MiB O_DIRECT reads at depth 1 (guest-load seq: pread)",
-            "rand": f"4 KiB O_DIRECT random reads at depth {DEPTH} (guest-load rand: io_submit)",
-            "order": "each round: " + ", ".join(DISKS.values()) + " (sequential, then random); reversed every other round",
+            "guest": f"PV, 1 vCPU, {cfg.memory_mb} MiB, Linux {kernel.version}",
+            "setups": {
+                "ours_front": "our blkfront in the guest (BlkFront, bench_front) on xen-blkback",
+                "kernel_back": f"the guest's xen-blkfront ({SETUPS['kernel_back']}) on xen-blkback",
+                "ours_back": f"the guest's xen-blkfront ({SETUPS['ours_back']}) on our blkback",
+                "qdisk": f"the guest's xen-blkfront ({SETUPS['qdisk']}) on QEMU's qdisk",
+            },
+            "seq": "1 MiB O_DIRECT reads at depth 1 (guest-load seq: pread; BlkFront.readinto)",
+            "rand": f"4 KiB O_DIRECT random reads at depth {RAND_DEPTH} (guest-load rand: io_submit; "
+                    "BatchIO.read_many)",
+            "order": "each round: " + ", ".join(SETUPS) + " (sequential, then random); reversed every other round",
             "image_mib": size_mib,
             "seconds_per_measurement": seconds,
             "rounds": rounds,

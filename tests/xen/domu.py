@@ -146,7 +146,10 @@ def unchecked_pyc(pyc: bytes, source: Path) -> bytes | None:
     return pyc[:4] + (1).to_bytes(4, "little") + pyc[8:]
 
 
-def domu_initramfs(out: Path, kernel: Kernel) -> Path:
+def domu_initramfs(out: Path, kernel: Kernel, *, modules: tuple[str, ...] = DOMU_MODULES,
+                   extra_files: dict[str, bytes] | None = None, executables: tuple[str, ...] = ()) -> Path:
+    """The domU's initramfs: the python scenario, `modules`, the interpreter and everything it
+    loads (python_files), plus `extra_files` (`executables` among them made executable)."""
     files = python_files()
     bodies = {}
     for inner, path in files.items():
@@ -158,16 +161,18 @@ def domu_initramfs(out: Path, kernel: Kernel) -> Path:
                 continue
         bodies[inner] = body
     elves = [inner for inner, body in bodies.items() if body[:4] == b"\x7fELF"]
-    return build_initramfs(out, kernel=kernel, scenarios=(SCENARIO,), modules=DOMU_MODULES,
-                           extra_files=bodies, executables=elves)
+    return build_initramfs(out, kernel=kernel, scenarios=(SCENARIO,), modules=modules,
+                           extra_files={**bodies, **(extra_files or {})}, executables=(*elves, *executables))
 
 
-def domu_config(name: str, kernel: Kernel, initramfs: Path, **params: object) -> GuestConfig:
-    """A domU that runs domu_guest.py with this process's interpreter (the repository's
-    .venv) from its initramfs. `params` go to the kernel command line as xentools.KEY=VALUE
-    (task, vbds, seed, good, denied, load, hide: see domu_guest.py and guest_init/python.sh)."""
+def domu_config(name: str, kernel: Kernel, initramfs: Path, *, memory: int = DOMU_MEMORY,
+                **params: object) -> GuestConfig:
+    """A domU of `memory` MiB that runs domu_guest.py with this process's interpreter (the
+    repository's .venv) from its initramfs. `params` go to the kernel command line as
+    xentools.KEY=VALUE (task, vbds, seed, good, denied, load, hide, and the bench task's: see
+    domu_guest.py and guest_init/python.sh)."""
     extra = guest_extra(SCENARIO, python=PYTHON, script=PROGRAM, cwd=REPO, **params)
-    return pv_guest(name, kernel.image, initramfs, extra, memory=DOMU_MEMORY)
+    return pv_guest(name, kernel.image, initramfs, extra, memory=memory)
 
 
 def acknowledge(xs, domid: int, devid: int) -> None:  # type: ignore[no-untyped-def]

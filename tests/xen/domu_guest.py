@@ -12,6 +12,12 @@ Owns:
   flush), closing it, and then handing over to dom0: it prints the grant refs and event
   channel ports it used and waits until dom0 has checked, from Xen's own tables, that the
   backend let go of them (the xenstore node data/xentools-ack carries dom0's answer);
+- the "bench" task (tests/xen/bench_guest.py): the guest's side of the guest benchmark. Our
+  BlkFront on the vbd `ours` (a frontend directory under xentools-frontend/vbd/, where the
+  guest's own xen-blkfront, loaded for the other disks, does not look) is measured by
+  bench_front, the kernel frontend's `disks` by /bin/guest-load (tests/xen/guest_load.c), in
+  rounds: each round every setup's 1 MiB sequential reads, then every setup's 4 KiB random
+  reads, in the order ours, then `disks`, reversed every other round;
 - the "bad-input" task: `xentools doctor` and `xentools blk info` in a domU without gntalloc,
   on a vbd it has no permission on, and without /dev/xen/xenbus; each one's exit status,
   stdout and stderr printed for dom0 to judge (task_bad_input).
@@ -27,6 +33,9 @@ good, denied (task_bad_input). Output lines start with "GUEST: " (guests.guest_l
   GUEST: released DEVID {"refs": [...], "ports": [...], "close_report": {...}, "gntalloc_maps": N}
   GUEST: checked DEVID                  dom0 answered; the next vbd follows
   GUEST: cli LABEL rc=RC stdout=JSON stderr=JSON   (task bad-input)
+  GUEST: sum DISK HEX                  (task bench) FNV-1a 64 of a kernel disk's first MiB
+  GUEST: load ROUND SETUP seq|rand VALUE   (task bench) MB/s or IOPS; SETUP "ours" or a disk
+  GUEST: note guest-load killed by signal N, running it again   (task bench: an emulator fault)
   GUEST: note read at ...               a read that differed from the model: how (diagnose)
   GUEST: FAIL reason
 """
@@ -41,6 +50,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+import bench_front
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -224,6 +235,64 @@ def task_blkfront(params: dict[str, str]) -> None:
         say(f"checked {devid}")
 
 
+# The bench task: where our frontend's vbd is (relative to the domain's directory), the load
+# generator in the initramfs, and how long its disks may take to appear.
+BENCH_FRONTEND_DIR = "xentools-frontend/vbd"
+GUEST_LOAD = "/bin/guest-load"
+DISK_TIMEOUT = 120.0
+
+
+def wait_for_disk(name: str) -> None:
+    deadline = time.monotonic() + DISK_TIMEOUT
+    size = Path(f"/sys/class/block/{name}/size")
+    while not (size.is_file() and size.read_text().strip() not in ("", "0")):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no /dev/{name} after {DISK_TIMEOUT:.0f} s")
+        time.sleep(0.1)
+
+
+def guest_load(*argv: str) -> str:
+    """guest-load's one line, without its first word; run again when a signal killed it
+    before it printed (an emulator fault, said in a note line that dom0 records)."""
+    for _ in range(3):
+        result = subprocess.run([GUEST_LOAD, *argv], capture_output=True, text=True, timeout=600)
+        if result.returncode >= 0:
+            break
+        say(f"note guest-load killed by signal {-result.returncode}, running it again")
+    if result.returncode != 0 or not result.stdout.strip():
+        raise AssertionError(f"guest-load {' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}")
+    return result.stdout.split()[1]
+
+
+def task_bench(params: dict[str, str]) -> None:
+    from xentools.devices.blkfront import BlkFront, BlkfrontConfig
+    from xentools.platform.xen.platform import XenPlatform
+
+    disks = params["disks"].split("+")
+    rounds, seconds = int(params["rounds"]), float(params["seconds"])
+    size = int(params["size_mib"]) * MiB
+    content = random.Random(int(params["seed"])).randbytes(size)  # what every disk holds
+    for disk in disks:
+        wait_for_disk(disk)
+        say(f"sum {disk} {guest_load('sum', f'/dev/{disk}')}")
+    platform = XenPlatform()
+    path = f"/local/domain/{platform.domid}/{BENCH_FRONTEND_DIR}/{int(params['ours'])}"
+    dev = BlkFront.attach(platform, path, config=BlkfrontConfig(**bench_front.FRONTEND_CONFIG, connect_timeout=60.0))
+    try:
+        order = ["ours", *disks]
+        for number in range(rounds):
+            for kind in ("seq", "rand"):
+                for setup in order if number % 2 == 0 else order[::-1]:
+                    if setup == "ours":
+                        measure = bench_front.ours_seq if kind == "seq" else bench_front.ours_rand
+                        value = f"{measure(dev, size, seconds, lambda o, n: content[o : o + n]):.1f}"
+                    else:
+                        value = guest_load(kind, f"/dev/{setup}", str(seconds), str(bench_front.RAND_DEPTH))
+                    say(f"load {number} {setup} {kind} {value}")
+    finally:
+        dev.close()
+
+
 def cli(label: str, *argv: str) -> None:
     """`xentools ARGV` in this process, as its console script runs it (exit status and
     stderr are what a user sees; one Python start in the domU costs several seconds)."""
@@ -270,6 +339,8 @@ def main() -> int:
             task_blkfront(params)
         elif task == "bad-input":
             task_bad_input(params)
+        elif task == "bench":
+            task_bench(params)
         else:
             say(f"FAIL unknown xentools.task={task!r}")
             return 2

@@ -427,13 +427,15 @@ class Guest:
         self.timings["create"] = time.monotonic() - began
         return domid
 
-    def attach_kernel_vbd(self, xs, image: Path, *, devid: int = encode_vbd("xvda"), mode: str = "w") -> KernelVbd:  # type: ignore[no-untyped-def]
+    def attach_kernel_vbd(self, xs, image: Path, *, devid: int = encode_vbd("xvda"), mode: str = "w",  # type: ignore[no-untyped-def]
+                          frontend_dir: str | None = None) -> KernelVbd:
         """Serve `image` to this guest as vbd `devid` from Linux's blkback (call before
-        unpause, so the guest's blkfront finds it at boot). Detached after destroy."""
+        unpause, so the guest's blkfront finds it at boot; `frontend_dir`: elsewhere than
+        device/vbd/, for a userspace frontend in the guest). Detached after destroy."""
         if self.domid is None:
             raise GuestError("attach_kernel_vbd before create")
         began = time.monotonic()
-        vbd = KernelVbd(xs, image, frontend_domid=self.domid, devid=devid, mode=mode)
+        vbd = KernelVbd(xs, image, frontend_domid=self.domid, devid=devid, mode=mode, frontend_dir=frontend_dir)
         vbd.attach()
         self.vbds.append(vbd)
         self.after_destroy(vbd.detach)

@@ -1,11 +1,12 @@
 """The guest benchmark (tests/xen/bench_guest.py), once, short, inside the real-Xen suite.
 
-Owns: running bench_guest.run() with one-second measurements and one round (a PV guest's own
-xen-blkfront reading its disks on xen-blkback, on our blkback and on qdisk), printing its JSON
+Owns: running bench_guest.run() with one-second measurements and one round (in a PV guest, its
+own xen-blkfront reading disks on xen-blkback, on our blkback and on qdisk, and our blkfront
+reading one on xen-blkback), printing its JSON
 line and ratios (NOT asserted against their targets: one round under nested TCG decides
 nothing), and asserting what a benchmark must get right: every figure was measured
-(positive), each disk's first MiB read in the guest matched the image (bench_guest checks it
-and raises otherwise), our blkback saw no violation by the guest's frontend and exited
+(positive), each kernel disk's first MiB read in the guest matched the image, and so did our
+frontend's reads (bench_guest and the guest check them and fail otherwise), our blkback saw no violation by the guest's frontend and exited
 cleanly, its compiled ring loop served the guest's requests (the first ones, on grants not yet
 in its persistent cache, are the Python path's), and every target has a verdict,
 "undecided" after one round. `make bench-xen-guest` runs the longer version, with the guest
@@ -33,7 +34,7 @@ def test_guest_benchmark_runs_and_prints_its_ratios(tmp_path, capsys):
         print("bench-guest ratios (target, not asserted): " + ", ".join(
             f"{name} {value}" + (f" (>= {bench_guest.TARGETS[name]})" if name in bench_guest.TARGETS else "")
             for name, value in sorted(ratios.items())))
-    for setup in bench_guest.DISKS:
+    for setup in bench_guest.SETUPS:
         assert result[setup]["seq_1m_mbps"] > 0 and result[setup]["rand_4k_qd32_iops"] > 0, (setup, result[setup])
     assert all(value > 0 for value in ratios.values()), ratios
     assert result["our_blkback_violations"] == 0

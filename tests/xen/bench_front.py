@@ -1,0 +1,82 @@
+"""Our blkfront's two measurements for the real-Xen benches, wherever the frontend runs: in dom0
+(bench_blk.py) or in a guest (domu_guest.py's "bench" task, for bench_guest.py).
+
+Owns: what is measured through our BlkFront and how its data is checked (`ours_seq`: 1 MiB
+readinto calls at depth 1; `ours_rand`: 4 KiB reads at depth RAND_DEPTH through the batch
+API's read_many), the frontend configuration the benches ask for (FRONTEND_CONFIG), the
+random reads' depth for every frontend (RAND_DEPTH), and BenchError.
+Must not: import anything of dom0's (it runs in a guest too, whose Python is ~18x slower and
+carries only what it imports), or decide a verdict.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+MiB = 1 << 20
+SECTOR = 512
+RAND_DEPTH = 32
+READ_MANY_CHUNK = 256  # ours: 4 KiB reads per read_many call (0.1-0.2 s each in nested dom0)
+FRONTEND_CONFIG = {"ring_page_order": 4, "num_queues": 2, "max_indirect_segments": 256, "persistent": True}
+# expect(offset, length): the bytes the disk holds there (the image's), to check reads against.
+Expect = Callable[[int, int], bytes]
+
+
+class BenchError(Exception):
+    """A measurement could not be made or read wrong data; the message says which."""
+
+
+def ours_seq(dev: Any, size: int, seconds: float, expect: Expect) -> float:
+    """MB/s of 1 MiB readinto calls one after the other (depth 1), wrapping at the end; the
+    first is checked against expect()."""
+    buf = bytearray(MiB)
+    per = MiB // SECTOR
+    dev.readinto(0, buf)
+    if buf != expect(0, MiB):
+        raise BenchError("the first MiB read through our frontend differs from the image")
+    done = 0
+    sector = 0
+    end = size // SECTOR
+    started = time.perf_counter()
+    deadline = started + seconds
+    while True:
+        dev.readinto(sector, buf)
+        done += MiB
+        sector = (sector + per) % end
+        now = time.perf_counter()
+        if now >= deadline:
+            return done / (now - started) / 1e6
+
+
+def ours_rand(dev: Any, size: int, seconds: float, expect: Expect) -> float:
+    """IOPS of 4 KiB reads at random 4 KiB-aligned offsets through the batch API's read_many
+    (RAND_DEPTH lanes in flight on queue 0, READ_MANY_CHUNK reads per call into one buffer)
+    until the time is up; the first and last read of every call are checked against expect()."""
+    from xentools.devices.blkfront import BlkfrontError
+
+    rng = random.Random(11)
+    pages = size // 4096
+    offsets = [rng.randrange(pages) * 8 for _ in range(8192)]  # in sectors
+    into = bytearray(READ_MANY_CHUNK * 4096)
+    io = dev.batch_io(depth=RAND_DEPTH, request_bytes=4096)
+    try:
+        done = 0
+        started = time.perf_counter()
+        deadline = started + seconds
+        while True:
+            chunk = [offsets[(done + k) % len(offsets)] for k in range(READ_MANY_CHUNK)]
+            io.read_many(chunk, into)
+            done += READ_MANY_CHUNK
+            now = time.perf_counter()
+            for k in (0, READ_MANY_CHUNK - 1):
+                if into[k * 4096 : (k + 1) * 4096] != expect(chunk[k] * SECTOR, 4096):
+                    raise BenchError(f"the 4 KiB at {chunk[k] * SECTOR} read by read_many differ from the image")
+            if now >= deadline:
+                return done / (now - started)
+    except BlkfrontError as err:
+        raise BenchError(f"random reads through read_many: {err}") from err
+    finally:
+        io.close()
