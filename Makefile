@@ -147,10 +147,10 @@ bench-xen: $(STAMP) debs-xen $(RINGLOOP)
 	@$(PY) tests/nested/run.py --show-output --timeout $(BENCH_TIMEOUT) -- $(PY) tests/xen/bench_blk.py --seconds $(BENCH_SECONDS) --rounds $(BENCH_ROUNDS)
 
 # ---- bench-xen-guest: tests/xen/bench_guest.py in dom0 (one nested boot, two CPUs under Xen):
-# a PV guest's own xen-blkfront reads disks on Linux's xen-blkback, on our blkback and on
-# QEMU's qdisk, 1 MiB sequential and 4 KiB QD32 random reads (build/guest-load, from
-# tests/xen/guest_load.c, static: no fio in the guest), dom0 pinned to CPU 0 and the guest to
-# CPU 1; one JSON line (also build/nested/run-*/results/bench-guest.json) after one verdict
+# in a PV guest, its own xen-blkfront reads disks on Linux's xen-blkback, on our blkback and on
+# QEMU's qdisk (build/guest-load, from tests/xen/guest_load.c, static: no fio in the guest), and
+# our blkfront one on xen-blkback; 1 MiB sequential and 4 KiB QD32 random reads; dom0 pinned
+# to CPU 0 and the guest to CPU 1; one JSON line (also build/nested/run-*/results/bench-guest.json) after one verdict
 # line per target. BENCH_SECONDS and BENCH_ROUNDS as for bench-xen; GUEST_BENCH_SMP: the
 # nested machine's CPUs (1: dom0 and the guest share one).
 GUEST_BENCH_SMP ?= 2

@@ -63,7 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_front import FRONTEND_CONFIG, RAND_DEPTH, READ_MANY_CHUNK, BenchError, ours_rand, ours_seq  # noqa: E402
+from bench_front import RAND_DEPTH, READ_MANY_CHUNK, BenchError, frontend_config, ours_rand, ours_seq  # noqa: E402
 from blk_helpers import (  # noqa: E402
     DOM0,
     INIT_WAIT,
@@ -103,7 +103,7 @@ DEVID_KERNEL_KERNEL, DEVID_OURS_KERNEL, DEVID_KERNEL_OURS, DEVID_KERNEL_QDISK = 
 QEMU_XEN = Path("/usr/libexec/xen-qemu-system-i386")
 QEMU_XENPV_ARGS = ["-xen-attach", "-nographic", "-M", "xenpv", "-monitor", "none", "-serial", "none",
                    "-parallel", "none", "-nodefaults", "-no-user-config"]
-FRONTEND = BlkfrontConfig(**FRONTEND_CONFIG)
+FRONTEND = BlkfrontConfig(**frontend_config(os.cpu_count() or 1))
 
 
 def fio(disk: Path, *, rw: str, bs: int, depth: int, seconds: float, size: int) -> dict:

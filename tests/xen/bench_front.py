@@ -3,7 +3,7 @@
 
 Owns: what is measured through our BlkFront and how its data is checked (`ours_seq`: 1 MiB
 readinto calls at depth 1; `ours_rand`: 4 KiB reads at depth RAND_DEPTH through the batch
-API's read_many), the frontend configuration the benches ask for (FRONTEND_CONFIG), the
+API's read_many), the frontend configuration the benches ask for (frontend_config), the
 random reads' depth for every frontend (RAND_DEPTH), and BenchError.
 Must not: import anything of dom0's (it runs in a guest too, whose Python is ~18x slower and
 carries only what it imports), or decide a verdict.
@@ -21,6 +21,13 @@ SECTOR = 512
 RAND_DEPTH = 32
 READ_MANY_CHUNK = 256  # ours: 4 KiB reads per read_many call (0.1-0.2 s each in nested dom0)
 FRONTEND_CONFIG = {"ring_page_order": 4, "num_queues": 2, "max_indirect_segments": 256, "persistent": True}
+
+
+def frontend_config(cpus: int) -> dict:
+    """FRONTEND_CONFIG for a frontend whose domain has `cpus` vCPUs: no more queues than
+    vCPUs, as Linux's xen-blkfront chooses (min(xen_blkif_max_queues, online CPUs)), so our
+    frontend and the kernel's in one domain ask for the same."""
+    return {**FRONTEND_CONFIG, "num_queues": max(1, min(FRONTEND_CONFIG["num_queues"], cpus))}
 # expect(offset, length): the bytes the disk holds there (the image's), to check reads against.
 Expect = Callable[[int, int], bytes]
 

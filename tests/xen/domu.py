@@ -7,7 +7,7 @@ Owns:
   repository's .venv), every Python module the domU program imports (with its bytecode),
   and every shared library they load, each at the path dom0 has it (`python_files`: found
   by running that interpreter on the program's imports and reading its /proc/self/maps);
-- the domU's xl.cfg and kernel command line (`domu_config`: 256 MiB, runs
+- the domU's xl.cfg and kernel command line (`domu_config`: 256 MiB by default, runs
   tests/xen/domu_guest.py with xentools.* parameters);
 - `XenTables`: the hypervisor's grant table and event channel dumps (debug keys 'g' and 'e'
   read back with `xl dmesg`, the console ring cleared first so that it holds nothing else),

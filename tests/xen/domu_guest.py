@@ -277,7 +277,8 @@ def task_bench(params: dict[str, str]) -> None:
         say(f"sum {disk} {guest_load('sum', f'/dev/{disk}')}")
     platform = XenPlatform()
     path = f"/local/domain/{platform.domid}/{BENCH_FRONTEND_DIR}/{int(params['ours'])}"
-    dev = BlkFront.attach(platform, path, config=BlkfrontConfig(**bench_front.FRONTEND_CONFIG, connect_timeout=60.0))
+    config = BlkfrontConfig(**bench_front.frontend_config(os.cpu_count() or 1), connect_timeout=60.0)
+    dev = BlkFront.attach(platform, path, config=config)
     try:
         order = ["ours", *disks]
         for number in range(rounds):

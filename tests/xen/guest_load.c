@@ -1,5 +1,5 @@
-/* GUEST SIDE load generator of tests/xen/bench_guest.py, run by the "bench" guest scenario
- * (tests/xen/guest_init/bench.sh) on the guest's own xen-blkfront disks.
+/* GUEST SIDE load generator of tests/xen/bench_guest.py, run by the guest's bench task
+ * (tests/xen/domu_guest.py task_bench) on the guest's own xen-blkfront disks.
  *
  * Owns: the two reads the real-Xen benches measure, as fio does them in dom0 (bench_blk.py),
  * without fio's 64 shared libraries in a guest initramfs: built static by the bench's make

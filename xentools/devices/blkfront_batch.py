@@ -27,20 +27,21 @@ Fewer Python steps per request: register one buffer per lane once, then read by 
     done, failed = io.reap_tags(1)              # tags; (tag, status) of the failed ones
 Many reads into one buffer, the ring kept full until all are done (a quiet batch):
     io.read_many(sectors, into)     # the k-th into into[k * request_bytes : (k + 1) * request_bytes]
-  On the software Xen one compiled call (xt_front_stream) fills the free lanes once half
-  are free, publishes and notifies, sleeps and reaps, round after round (`Stream` holds its
+  With a direct event channel (below) one compiled call (xt_front_stream) fills the free
+  lanes once half are free, publishes and notifies, sleeps and reaps, round after round (`Stream` holds its
   state); it comes back to Python for what is Python's (as the wait below), for another
   thread's request on the queue (it gives way: the rest goes on in the Python loop beside
   the futures) and every 50 ms. Elsewhere the same loop runs in Python over fill and reap.
-Waiting: on the software Xen (a handle whose only port is this queue's:
-SoftwareEventChannels.direct_link) a reap that must wait makes one compiled call
-(blkfront_ringloop.c, xt_front_wait) that reaps, arms rsp_event at the response that makes
+Waiting: with a direct event channel (EventChannels.direct_link: the software Xen's, or on
+real Xen a libxenevtchn handle whose only port is this queue's) a reap that must wait makes
+one compiled call (blkfront_ringloop.c, xt_front_wait) that reaps, arms rsp_event at the response that makes
 `min_done` (ring.h's final check; never past what is in flight), sleeps on the doorbell,
 takes and unmasks the event, and reaps again; read_sectors and the submits publish and
 notify through xt_front_push. A larger `min_done` means fewer wake-ups per request. What is
 not plainly valid comes back to Python as before (the response judged by take_responses;
 an event-channel state for the Python handle; an event with nothing behind it, counted and
-throttled as the completion thread does, XSA-391). Real Xen keeps the Python wait.
+throttled as the completion thread does, XSA-391). Without one (a handle with several
+queues' ports) the Python wait takes the events.
 Zeroing (XSA-403: zero pages before sharing them; never share a page that also holds
 unrelated data). A lane's pages come zeroed from the pool (fresh pages are zero, and
 blkfront_pool zeroes a run when it is given back) and go back zeroed at close(); in
@@ -493,7 +494,7 @@ class BatchLanes:
         )
         return self.settle_compiled(got)
 
-    # -- the direct event channel (software Xen) --------------------------------------------
+    # -- the direct event channel (software Xen's words, real Xen's libxenevtchn) -------------
 
     def attach_events(self, link: Any) -> None:
         """Let push_compiled and wait_compiled send, take and unmask the queue's events
@@ -931,8 +932,8 @@ class BatchIO:
     def read_many(self, sectors: list[int], into: Any) -> None:
         """Read `request_bytes` at each of `sectors`, the k-th into
         into[k * request_bytes : (k + 1) * request_bytes] (`into`: a writable contiguous
-        buffer), keeping the ring full (every lane) and returning when all are done. On the
-        software Xen it runs in one compiled loop (xt_front_stream) that comes back to
+        buffer), keeping the ring full (every lane) and returning when all are done. With a
+        direct event channel it runs in one compiled loop (xt_front_stream) that comes back to
         Python only for what is Python's; elsewhere (or once it gave way) the same loop runs
         here over fill and reap. Needs a quiet batch (nothing in flight or unreaped).
         Futures submitted on the same queue meanwhile wait in the backlog until the
@@ -1161,19 +1162,18 @@ class BatchIO:
 
     def _direct_events(self) -> bool:
         """True when the compiled wait may take, unmask and send the queue's events itself
-        (EventChannels.direct_link of kind "words": the software Xen's direct event
-        channels): the lanes are (re)attached whenever the handle's links changed.
-        Real Xen's links (kind "xenevtchn") are not attached: this wait runs without the
-        device lock, and a close of the device meanwhile would close the libxenevtchn
-        handle under it (a freed handle used); there the Python wait takes the events."""
+        (EventChannels.direct_link: the software Xen's direct event channels, kind "words",
+        or real Xen's libxenevtchn handle, kind "xenevtchn", when the queue's port is the
+        handle's only one): the lanes are (re)attached whenever the handle's links changed.
+        The compiled calls run without the device lock, with BlkFront._event_waiter set:
+        close() waits for it before the handle is closed, so the handle outlives them."""
         lanes = self.lanes
         evtchn = self.dev._evtchn
         if not lanes.compiled or evtchn is None:
             return False
         changed = evtchn.links_changed
         if changed != self._link_generation:
-            link = evtchn.direct_link(lanes.queue.port)
-            lanes.attach_events(link if link is not None and link.kind == "words" else None)
+            lanes.attach_events(evtchn.direct_link(lanes.queue.port))
             self._link_generation = changed
         return lanes.events_attached
 
