@@ -517,15 +517,8 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
             shutil.rmtree(workdir, ignore_errors=True)
     timings["total_s"] = round(time.monotonic() - started, 1)
 
-    def ratio(a: float, b: float) -> float:
-        return round(a / b, 3) if b else 0.0
-
-    figures: dict[str, dict] = {}
+    figures = medians(per_round, SETUPS)
     for setup in SETUPS:
-        figures[setup] = {}
-        for kind, (_, key) in FIGURES.items():
-            value = statistics.median([one[setup][key] for one in per_round])
-            figures[setup][key] = round(value, 1) if kind == "seq" else round(value)
         for extra in ("dom0_idle", "backend_cpu_s"):
             if extra in per_round[0][setup]:
                 figures[setup][extra] = {kind: round(sum(one[setup][extra][kind] for one in per_round), 3)
@@ -533,16 +526,9 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
                                          statistics.median([one[setup][extra][kind] for one in per_round])
                                          for kind in FIGURES}
     figures[SETUPS[2]]["backend_memory_mib"] = memory
-    ratios_per_round: dict[str, list[float]] = {}
-    for name, (top, bottom) in RATIOS.items():
-        for kind, (suffix, key) in FIGURES.items():
-            ratios_per_round[f"{name}_{suffix}"] = [ratio(one[top][key], one[bottom][key]) for one in per_round]
-
     return {
         **figures,
-        "ratios": {name: round(statistics.median(values), 3) for name, values in ratios_per_round.items()},
-        "ratios_per_round": ratios_per_round,
-        "verdicts": {name: verdict(ratios_per_round[name], target) for name, target in TARGETS.items()},
+        **judged(per_round, RATIOS, TARGETS),
         "rounds": per_round,
         "targets": TARGETS,
         "our_blkback_violations": report.get("total"),
@@ -594,6 +580,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def medians(per_round: list[dict[str, dict]], setups) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+    """{setup: {figure: its median over the rounds}} for each figure of FIGURES (MB/s to 0.1,
+    IOPS whole)."""
+    return {setup: {key: round(statistics.median([one[setup][key] for one in per_round]), 1 if kind == "seq" else None)
+                    for kind, (_, key) in FIGURES.items()} for setup in setups}
+
+
+def judged(per_round: list[dict[str, dict]], ratios: dict[str, tuple[str, str]], targets: dict[str, float]) -> dict:
+    """Each round's ratio of every figure of FIGURES for each of `ratios` ({name: (numerator
+    setup, denominator setup)}: "<name>_<figure>"), their medians, and each target's verdict
+    (bench_verdict) from its rounds."""
+    per_round_ratios = {
+        f"{name}_{suffix}": [round(one[top][key] / one[bottom][key], 3) if one[bottom][key] else 0.0 for one in per_round]
+        for name, (top, bottom) in ratios.items() for suffix, key in FIGURES.values()
+    }
+    return {
+        "ratios": {name: round(statistics.median(values), 3) for name, values in per_round_ratios.items()},
+        "ratios_per_round": per_round_ratios,
+        "verdicts": {name: verdict(per_round_ratios[name], target) for name, target in targets.items()},
+    }
+
+
 def keep_result(line: str, filename: str) -> None:
     """Keep a result's JSON line as $NESTED_RESULTS/<filename>, when the nested harness set
     that directory (the host keeps it after dom0 powers off)."""
@@ -605,8 +613,8 @@ def keep_result(line: str, filename: str) -> None:
 def publish(result: dict, who: str, filename: str) -> None:
     """A bench's output: one line per verdict on stderr ("<who>: <target>: met ..."), then the
     result as ONE JSON line on stdout, also kept as `filename` (keep_result)."""
-    for name, judged in result["verdicts"].items():
-        print(f"{who}: {verdict_line(name, judged)}", file=sys.stderr)
+    for name, outcome in result["verdicts"].items():
+        print(f"{who}: {verdict_line(name, outcome)}", file=sys.stderr)
     line = json.dumps(result, sort_keys=True)
     print(line, flush=True)
     keep_result(line, filename)

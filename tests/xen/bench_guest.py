@@ -42,7 +42,6 @@ import contextlib
 import random
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_blk import QemuDom0Backend, publish, qdisk_vbd, ring_loop_counts, ring_profile  # noqa: E402
+from bench_blk import FIGURES, QemuDom0Backend, judged, medians, publish, qdisk_vbd, ring_loop_counts, ring_profile  # noqa: E402
 from bench_front import RAND_DEPTH, BenchError  # noqa: E402
 from blk_helpers import INIT_WAIT, MiB, OurBlkback, our_vbd  # noqa: E402
 from domu import domu_config, domu_initramfs  # noqa: E402
@@ -62,7 +61,6 @@ from xentools.core.vbd import encode_vbd  # noqa: E402
 from xentools.devices.blkback_ringloop import compiled  # noqa: E402
 from xentools.devices.toolstack import destroy_vbd  # noqa: E402
 from xentools.platform.xen.platform import XenPlatform  # noqa: E402
-from xentools.tools.bench_verdict import verdict  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 LOAD = REPO / "build" / "guest-load"  # make bench-xen-guest builds it from tests/xen/guest_load.c
@@ -84,7 +82,6 @@ RATIOS = {"ours_front_vs_kernel_front": ("ours_front", "kernel_back"),
           "ours_back_vs_kernel_back": ("ours_back", "kernel_back"),
           "ours_back_vs_qdisk": ("ours_back", "qdisk"),
           "qdisk_vs_kernel_back": ("qdisk", "kernel_back")}
-FIGURES = {"seq": "seq_1m_mbps", "rand": "rand_4k_qd32_iops"}
 _LOAD_LINE = re.compile(r"load (\d+) (\w+) (seq|rand) ([0-9.]+)$")
 
 
@@ -120,7 +117,7 @@ def parse(lines: list[str], rounds: int) -> list[dict[str, dict[str, float]]]:
     for line in lines:
         found = _LOAD_LINE.match(line)
         if found and int(found.group(1)) < rounds and found.group(2) in by_name:
-            per_round[int(found.group(1))][by_name[found.group(2)]][FIGURES[found.group(3)]] = float(found.group(4))
+            per_round[int(found.group(1))][by_name[found.group(2)]][FIGURES[found.group(3)][1]] = float(found.group(4))
     for number, one in enumerate(per_round):
         for setup, figures in one.items():
             if len(figures) != len(FIGURES):
@@ -215,19 +212,9 @@ def run(seconds: float, rounds: int, size_mib: int, workdir: Path) -> dict:
         xs.close()
     timings["total_s"] = round(time.monotonic() - started, 1)
 
-    ratios_per_round: dict[str, list[float]] = {}
-    for name, (top, bottom) in RATIOS.items():
-        for key in FIGURES.values():
-            ratios_per_round[f"{name}_{key.rsplit('_', 1)[0]}"] = [
-                round(one[top][key] / one[bottom][key], 3) if one[bottom][key] else 0.0 for one in per_round
-            ]
-    figures = {setup: {key: statistics.median(one[setup][key] for one in per_round) for key in FIGURES.values()}
-               for setup in SETUPS}
     return {
-        **figures,
-        "ratios": {name: round(statistics.median(values), 3) for name, values in ratios_per_round.items()},
-        "ratios_per_round": ratios_per_round,
-        "verdicts": {name: verdict(ratios_per_round[name], target) for name, target in TARGETS.items()},
+        **medians(per_round, SETUPS),
+        **judged(per_round, RATIOS, TARGETS),
         "rounds": per_round,
         "targets": TARGETS,
         "our_blkback_violations": report.get("total"),
