@@ -126,19 +126,32 @@ def parse(lines: list[str], rounds: int) -> list[dict[str, dict[str, float]]]:
 
 
 def run(seconds: float, rounds: int, size_mib: int, workdir: Path) -> dict:
+    """Boot the guest with its four disks (images in `workdir`), let it measure `rounds`
+    rounds of `seconds` per figure, and return the result: per setup the medians, the ratios
+    and verdicts, every round's figures, our blkback's report and profile. The images and
+    the initramfs are removed after, whatever happened (dom0's files are in RAM)."""
     if not LOAD.is_file():
         raise BenchError(f"no {LOAD}: run `make bench-xen-guest` (it builds it from tests/xen/guest_load.c "
                          "with gcc -static)")
+    images = {setup: workdir / f"guest-{setup}.raw" for setup in SETUPS}
+    initramfs = workdir / "initramfs.cpio"
+    try:
+        return _run(seconds, rounds, size_mib, workdir, images, initramfs)
+    finally:
+        for path in (*images.values(), initramfs):  # dom0's files live in RAM (tests/nested/dom0/init)
+            path.unlink(missing_ok=True)
+
+
+def _run(seconds: float, rounds: int, size_mib: int, workdir: Path, images: dict[str, Path], initramfs: Path) -> dict:
     size = size_mib * MiB
     data = random.Random(SEED).randbytes(size)
     want = fnv1a64(data[:MiB])
-    images = {setup: workdir / f"guest-{setup}.raw" for setup in SETUPS}
     for image in images.values():
         image.write_bytes(data)
     del data
     kernel = guest_kernel()
-    initramfs = domu_initramfs(workdir / "initramfs.cpio", kernel, modules=("xen-blkfront", "xen-gntalloc", "xen-evtchn"),
-                               extra_files={"bin/guest-load": LOAD.read_bytes()}, executables=("bin/guest-load",))
+    domu_initramfs(initramfs, kernel, modules=("xen-blkfront", "xen-gntalloc", "xen-evtchn"),
+                   extra_files={"bin/guest-load": LOAD.read_bytes()}, executables=("bin/guest-load",))
     disks = [name for setup, name in SETUPS.items() if setup != "ours_front"]
     cfg = domu_config(unique_name("xt-bench"), kernel, initramfs, memory=GUEST_MEMORY, task="bench",
                       load="xen-blkfront+xen-gntalloc+xen-evtchn", disks="+".join(disks), ours=OURS_FRONT_DEVID,
