@@ -28,15 +28,16 @@ Fewer Python steps per request: register one buffer per lane once, then read by 
 Many reads into one buffer, the ring kept full until all are done (a quiet batch):
     io.read_many(sectors, into)     # the k-th into into[k * request_bytes : (k + 1) * request_bytes]
   With a direct event channel (below) one compiled call (xt_front_stream) fills the free
-  lanes once half are free, publishes and notifies, sleeps and reaps, round after round (`Stream` holds its
-  state); it comes back to Python for what is Python's (as the wait below), for another
-  thread's request on the queue (it gives way: the rest goes on in the Python loop beside
-  the futures) and every 50 ms. Elsewhere the same loop runs in Python over fill and reap.
+  lanes once half are free, publishes and notifies, sleeps and reaps, round after round
+  (`Stream` holds its state); it comes back to Python for what is Python's (as the wait
+  below), for another thread's request on the queue (it gives way: the rest goes on in the
+  Python loop beside the futures) and every 50 ms. Elsewhere the same loop runs in Python
+  over fill and reap.
 Waiting: with a direct event channel (EventChannels.direct_link: the software Xen's, or on
 real Xen a libxenevtchn handle whose only port is this queue's) a reap that must wait makes
-one compiled call (blkfront_ringloop.c, xt_front_wait) that reaps, arms rsp_event at the response that makes
-`min_done` (ring.h's final check; never past what is in flight), sleeps on the doorbell,
-takes and unmasks the event, and reaps again; read_sectors and the submits publish and
+one compiled call (blkfront_ringloop.c, xt_front_wait) that reaps, arms rsp_event at the
+response that makes `min_done` (ring.h's final check; never past what is in flight), sleeps
+on the doorbell, takes and unmasks the event, and reaps again; read_sectors and the submits publish and
 notify through xt_front_push. A larger `min_done` means fewer wake-ups per request. What is
 not plainly valid comes back to Python as before (the response judged by take_responses;
 an event-channel state for the Python handle; an event with nothing behind it, counted and
