@@ -604,6 +604,12 @@ def judged(per_round: list[dict[str, dict]], ratios: dict[str, tuple[str, str]],
     }
 
 
+def ratios_line(ratios: dict[str, float], targets: dict[str, float]) -> str:
+    """Every ratio, each with its target where it has one: "name value (>= target), ..."."""
+    return ", ".join(f"{name} {value}" + (f" (>= {targets[name]})" if name in targets else "")
+                     for name, value in sorted(ratios.items()))
+
+
 def keep_result(line: str, filename: str) -> None:
     """Keep a result's JSON line as $NESTED_RESULTS/<filename>, when the nested harness set
     that directory (the host keeps it after dom0 powers off)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 
 import bench_guest
-from bench_blk import keep_result
+from bench_blk import keep_result, ratios_line
 from blk_helpers import no_vbd_left  # noqa: F401 - fixture
 import pytest
 
@@ -31,9 +31,7 @@ def test_guest_benchmark_runs_and_prints_its_ratios(tmp_path, capsys):
     ratios = result["ratios"]
     with capsys.disabled():
         print(f"\nbench-guest: {line}")
-        print("bench-guest ratios (target, not asserted): " + ", ".join(
-            f"{name} {value}" + (f" (>= {bench_guest.TARGETS[name]})" if name in bench_guest.TARGETS else "")
-            for name, value in sorted(ratios.items())))
+        print(f"bench-guest ratios (target, not asserted): {ratios_line(ratios, bench_guest.TARGETS)}")
     for setup in bench_guest.SETUPS:
         assert result[setup]["seq_1m_mbps"] > 0 and result[setup]["rand_4k_qd32_iops"] > 0, (setup, result[setup])
     assert all(value > 0 for value in ratios.values()), ratios
