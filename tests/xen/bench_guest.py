@@ -57,6 +57,7 @@ from domu import domu_config, domu_initramfs  # noqa: E402
 from domu_guest import BENCH_FRONTEND_DIR  # noqa: E402
 from guests import RERUNS, Guest, GuestError, guest_kernel, guest_lines, unique_name  # noqa: E402
 
+from xentools.core.errors import XentoolsError  # noqa: E402
 from xentools.core.vbd import encode_vbd  # noqa: E402
 from xentools.devices.blkback_ringloop import compiled  # noqa: E402
 from xentools.devices.toolstack import destroy_vbd  # noqa: E402
@@ -270,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-guest-"))
     try:
         result = run(args.seconds, args.rounds, args.size_mib, workdir)
-    except (BenchError, GuestError, AssertionError) as err:
-        print(f"bench_guest: error: {err}", file=sys.stderr)
+    except (BenchError, GuestError, XentoolsError, AssertionError, OSError, subprocess.SubprocessError) as err:
+        print(f"bench_guest: error: {err}", file=sys.stderr)  # e.g. not in dom0: PlatformError says so
         return 1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
