@@ -150,9 +150,10 @@ bench-xen: $(STAMP) debs-xen $(RINGLOOP)
 # in a PV guest, its own xen-blkfront reads disks on Linux's xen-blkback, on our blkback and on
 # QEMU's qdisk (build/guest-load, from tests/xen/guest_load.c, static: no fio in the guest), and
 # our blkfront one on xen-blkback; 1 MiB sequential and 4 KiB QD32 random reads; dom0 pinned
-# to CPU 0 and the guest to CPU 1; one JSON line (also build/nested/run-*/results/bench-guest.json) after one verdict
-# line per target. BENCH_SECONDS and BENCH_ROUNDS as for bench-xen; GUEST_BENCH_SMP: the
-# nested machine's CPUs (1: dom0 and the guest share one).
+# to CPU 0 and the guest to CPU 1; one JSON line (also build/nested/run-*/results/
+# bench-guest.json) after one verdict line per target. BENCH_SECONDS and BENCH_ROUNDS as for
+# bench-xen (9 rounds of 3 s took 5 minutes); GUEST_BENCH_SMP: the nested machine's CPUs (1:
+# dom0 and the guest share one).
 GUEST_BENCH_SMP ?= 2
 $(GUEST_LOAD): tests/xen/guest_load.c | $(APT_STAMP)
 	@mkdir -p build

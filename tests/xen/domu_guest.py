@@ -27,7 +27,9 @@ host: keep the imports and the workload small).
 
 Parameters come from the kernel command line (xentools.KEY=VALUE, tests/xen/guests.py
 guest_extra): task, vbds (devids joined by "+"), seed (the i-th vbd's image has seed + i);
-good, denied (task_bad_input). Output lines start with "GUEST: " (guests.guest_lines reads them):
+good, denied (task_bad_input); disks (names joined by "+"), ours (our frontend's devid), rounds,
+seconds, size_mib, seed (every disk's image is random.Random(seed).randbytes) (task_bench).
+Output lines start with "GUEST: " (guests.guest_lines reads them):
   GUEST: attached DEVID {info json}
   GUEST: workload DEVID {stats json}
   GUEST: released DEVID {"refs": [...], "ports": [...], "close_report": {...}, "gntalloc_maps": N}
