@@ -55,12 +55,13 @@ from bench_front import RAND_DEPTH, BenchError  # noqa: E402
 from blk_helpers import INIT_WAIT, MiB, OurBlkback, our_vbd  # noqa: E402
 from domu import domu_config, domu_initramfs  # noqa: E402
 from domu_guest import BENCH_FRONTEND_DIR  # noqa: E402
-from guests import RERUNS, Guest, GuestError, guest_kernel, guest_lines, unique_name  # noqa: E402
+from guests import RERUNS, Guest, GuestError, guest_kernel, guest_lines, record_rerun, unique_name  # noqa: E402
 
 from xentools.core.errors import XentoolsError  # noqa: E402
 from xentools.core.vbd import encode_vbd  # noqa: E402
 from xentools.devices.blkback_ringloop import compiled  # noqa: E402
 from xentools.devices.toolstack import destroy_vbd  # noqa: E402
+from xentools.tools.images.xl import check_xl  # noqa: E402
 from xentools.platform.xen.platform import XenPlatform  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,11 +96,9 @@ def fnv1a64(data: bytes) -> str:
 
 
 def xl(*argv: str) -> str:
-    """`xl ARGV`'s output; BenchError with its stderr when it fails."""
-    result = subprocess.run(["xl", *argv], capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        raise BenchError(f"xl {' '.join(argv)} exited {result.returncode}: {result.stderr.strip()[-300:]}")
-    return result.stdout
+    """`xl ARGV`'s output (the tools layer's check_xl: a crashed xl repeated and recorded as a
+    re-run, a failure raised as a XentoolsError with xl's last line)."""
+    return check_xl(argv, timeout=60, on_rerun=record_rerun).stdout
 
 
 def physical_cpus() -> int:

@@ -37,7 +37,6 @@ Output lines start with "GUEST: " (guests.guest_lines reads them):
   GUEST: cli LABEL rc=RC stdout=JSON stderr=JSON   (task bad-input)
   GUEST: sum DISK HEX                  (task bench) FNV-1a 64 of a kernel disk's first MiB
   GUEST: load ROUND SETUP seq|rand VALUE   (task bench) MB/s or IOPS; SETUP "ours" or a disk
-  GUEST: note guest-load killed by signal N, running it again   (task bench: an emulator fault)
   GUEST: note read at ...               a read that differed from the model: how (diagnose)
   GUEST: FAIL reason
 """
@@ -254,13 +253,9 @@ def wait_for_disk(name: str) -> None:
 
 
 def guest_load(*argv: str) -> str:
-    """guest-load's one line, without its first word; run again when a signal killed it
-    before it printed (an emulator fault, said in a note line that dom0 records)."""
-    for _ in range(3):
-        result = subprocess.run([GUEST_LOAD, *argv], capture_output=True, text=True, timeout=600)
-        if result.returncode >= 0:
-            break
-        say(f"note guest-load killed by signal {-result.returncode}, running it again")
+    """guest-load's one line, without its first word. Never run twice: it is our program,
+    and a signal that ends it is its failure (as guest_init/python.sh treats this one)."""
+    result = subprocess.run([GUEST_LOAD, *argv], capture_output=True, text=True, timeout=600)
     if result.returncode != 0 or not result.stdout.strip():
         raise AssertionError(f"guest-load {' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}")
     return result.stdout.split()[1]
