@@ -25,7 +25,10 @@ from xentools.core.blkif import (  # noqa: E402
     BLKIF_OP_WRITE_BARRIER,
     BLKIF_RSP_ERROR,
     BLKIF_RSP_OKAY,
+    X86_64,
+    codec_for,
 )
+from xentools.core.ring import BackRing, FrontRing, SharedRing  # noqa: E402
 from xentools.core.xenbus import XenbusState  # noqa: E402
 from xentools.devices.blkback_faults import (  # noqa: E402
     CONNECT_KINDS,
@@ -70,6 +73,40 @@ def _fired(spec: str, ops: list[int]) -> list[int]:
         if out != [(n, op, BLKIF_RSP_OKAY)]:
             changed.append(n)
     return changed
+
+
+def test_unsolicited_halts_its_ring_so_the_fake_cannot_vanish() -> None:
+    """The fake response goes in the slot of the frontend's next request. A frontend that
+    writes that request before it reads the fake (its submitting thread ahead of its
+    completion thread) must not then find an honest answer there under the same rsp_prod
+    (the fake gone unseen, as once in CI): the ring serves nothing more after the fake."""
+    codec = codec_for(X86_64)
+    size = 32
+    shared = SharedRing(bytearray(4096), X86_64.entry_size, size)
+    front, back = FrontRing.create(shared, None), BackRing(shared, None)
+    faults = FaultSet([parse_fault("unsolicited")])
+    stop = threading.Event()
+    notified = []
+
+    def request(req_id: int) -> bytes:
+        slot = bytearray(codec.request_size)
+        codec.request_header.pack_into(slot, 0, BLKIF_OP_READ, 0, 0xCA00, req_id, 0)
+        return bytes(slot)
+
+    front.put_request(request(7))
+    front.push_requests_and_check_notify()
+    assert back.unconsumed_requests() == 1 and back.get_request()
+    [answer] = faults.responses(0, [(7, BLKIF_OP_READ, BLKIF_RSP_OKAY)], stop)
+    back.put_response(codec.response.pack(*answer))
+    faults.push(0, back, codec.response.pack, lambda: notified.append(1))
+    assert faults.halted(0) and notified and shared.rsp_prod == 2  # the honest answer and the fake
+    front.put_request(request(8))  # into the fake's slot, before the fake was read
+    front.push_requests_and_check_notify()
+    assert back.rsp_prod_pvt == 2  # not rewound: request 8 is never answered in slot 1
+    assert front.unconsumed_responses() == 2
+    assert codec.response.unpack_from(front.get_response())[0] == 7
+    assert codec.response.unpack_from(front.get_response())[0] != 8  # its own request, not an answer
+    assert faults.responses(0, [], stop) == [] and faults.halted(0)
 
 
 def test_triggers() -> None:

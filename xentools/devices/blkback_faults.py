@@ -62,7 +62,8 @@ __all__ = ["CONNECT_KINDS", "DATA_KINDS", "GRANT_KINDS", "KINDS", "RESPONSE_KIND
 RESPONSE_KINDS: dict[str, str] = {
     "unknown-id": "the response carries an id no request has",
     "duplicate": "another request's response is sent twice in one push, the second in place of this one's",
-    "unsolicited": "after this response, one more in a slot the frontend never filled (rsp_prod passes req_prod)",
+    "unsolicited": "after this response, one more in a slot the frontend never filled (rsp_prod passes req_prod); "
+                   "that ring then serves nothing more",
     "wrong-op": "the response names another operation than the request's",
     "bad-status": "the response's status is 2, not OKAY/ERROR/EOPNOTSUPP",
     "error": "a valid request is answered ERROR (after it was carried out)",
@@ -385,6 +386,7 @@ class FaultSet:
         self._after: dict[int, list[str]] = {}  # ring id -> faults to apply after publishing
         self._pending_unsolicited: set[int] = set()
         self._overrun: set[int] = set()  # rings whose rsp_prod stays broken
+        self._halted: set[int] = set()  # rings past an unsolicited response: nothing more is served
         # Set by the backend: asks it to close the device with this message (any thread).
         self.closing: Callable[[str], None] | None = None
 
@@ -476,6 +478,10 @@ class FaultSet:
         held = self._held.get(ring)
         return held is not None and time.monotonic() >= held[1]
 
+    def halted(self, ring: int) -> bool:
+        """Whether ring `ring` serves nothing more (it sent an unsolicited response)."""
+        return ring in self._halted
+
     def _remember(self, ring: int, answer: tuple[int, int, int]) -> None:
         self._previous[ring] = answer
 
@@ -487,24 +493,27 @@ class FaultSet:
         """Publish the responses written on ring `ring` (its BackRing `back`) and notify as
         the honest path does (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY), misbehaving around it.
         Ring thread only."""
-        fake = None
+        fake = False
         if ring in self._pending_unsolicited and ring in self._previous:
             # One more response, in slot rsp_prod_pvt, only while the frontend has not filled
             # it: every request it produced is consumed and answered (else on a later push).
-            # Written past the private producer's check (put_response refuses it), published
-            # with the others, then the private producer goes back: the next honest
-            # response takes that slot again and the ring accounting stays right.
+            # Written past the private producer's check (put_response refuses it) and
+            # published with the others. That slot is the frontend's next request's: it may
+            # be writing there already, and a rewound producer would answer that request in
+            # the same slot, under the same rsp_prod, maybe before the frontend read the
+            # fake (which then never existed for it). So the ring stops here (`halted`): the
+            # frontend reads in that slot the fake, or its own request, never an honest answer,
+            # and a request of its that the fake overwrote is never taken for its own.
             pvt = back.rsp_prod_pvt
             if back.req_cons == back.shared.req_prod == pvt:
                 self._pending_unsolicited.discard(ring)
                 req_id, op, _ = self._previous[ring]
                 back.shared.write_slot(pvt, pack(req_id, op, BLKIF_RSP_OKAY))
                 back.rsp_prod_pvt = pvt + 1
-                fake = pvt
-        if back.push_responses_and_check_notify() or fake is not None:
+                self._halted.add(ring)
+                fake = True
+        if back.push_responses_and_check_notify() or fake:
             notify()
-        if fake is not None:
-            back.rsp_prod_pvt = fake
         kinds = self._after.pop(ring, None) or []
         if "rsp-overrun" in kinds:
             self._overrun.add(ring)

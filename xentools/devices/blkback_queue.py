@@ -572,6 +572,8 @@ class QueueWorker:
         while not self._stop.is_set():
             if self._done:
                 self._reap()
+            if self.faults is not None and self.faults.halted(self.index):
+                return  # FAULT HOOK: past an unsolicited response, nothing more is served
             available = ring.unconsumed_requests()  # RingError on overflow: fatal
             if available:
                 slots = [get() for _ in range(available)]  # one private copy each (XSA-155)
