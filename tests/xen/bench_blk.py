@@ -15,9 +15,11 @@ harness set it):
      starts it; the vbd under backend/qdisk/ with the keys libxl writes for backendtype=qdisk).
 Each does a 1 MiB sequential read at queue depth 1 (what `dd iflag=direct bs=1M` does) and a
 4 KiB random read at queue depth 32. The kernel frontend is driven by fio (O_DIRECT; psync
-for the sequential read, libaio for the random one), ours by BlkFront (readinto at depth 1;
-the batch API's read_many with 32 lanes in flight, as `xentools bench`'s 4 KiB headline: a
-future per read with a completion callback costs far more Python per request).
+for the sequential read, libaio for the random one), ours by BlkFront (bench_front.py: 1 MiB
+at depth 1 into the batch API's granted pages, judged, and through readinto, copied into the
+caller's buffer, reported beside it; the batch API's read_many with 32 lanes in flight, as
+`xentools bench`'s 4 KiB headline: a future per read with a completion callback costs far
+more Python per request).
 On a dom0 of several vCPUs the last vCPU stands for the guest before the rounds, for every
 setup alike, and everything is put back after (Placement: the frontends' threads and interrupts
 there, the backends' on the others; in real use the frontend is in a domU, and where its work
@@ -59,11 +61,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_front import RAND_DEPTH, READ_MANY_CHUNK, BenchError, frontend_config, ours_rand, ours_seq  # noqa: E402
+from bench_front import (  # noqa: E402
+    RAND_DEPTH,
+    READ_MANY_CHUNK,
+    BenchError,
+    frontend_config,
+    ours_rand,
+    ours_seq,
+    ours_seq_readinto,
+)
 from blk_helpers import (  # noqa: E402
     DOM0,
     INIT_WAIT,
@@ -409,6 +420,11 @@ RATIOS = {
     "kernel_front_on_qdisk_vs_kernel_back": ("kernel_front_on_qdisk", "kernel_front_on_kernel_back"),
 }
 FIGURES = {"seq": ("seq_1m", "seq_1m_mbps"), "rand": ("rand_4k_qd32", "rand_4k_qd32_iops")}
+# Our blkfront's sequential figure (FIGURES' seq, judged) reads into the batch API's granted
+# pages; the same reads through readinto, copied into the caller's buffer as pread(2) gives
+# them, are measured beside it (right after it) and reported against the kernel frontend's
+# sequential figure, with no target: READINTO's (name, key), and in `judged` an extra ratio.
+READINTO = ("seq_1m_readinto", "seq_1m_readinto_mbps")
 
 
 def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, rounds: int = 1,
@@ -482,9 +498,12 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
                 for kind in ("seq", "rand"):
                     for setup in order:
                         if setup == SETUPS[1]:
-                            measure = ours_seq if kind == "seq" else ours_rand
-                            figure = measure(dev, size, seconds, lambda o, n, i=images[setup]: image_bytes(i, o, n))
-                            one[setup][FIGURES[kind][1]] = round(figure, 1 if kind == "seq" else None)
+                            expect = partial(image_bytes, images[setup])
+                            if kind == "seq":
+                                one[setup][FIGURES[kind][1]] = round(ours_seq(dev, size, seconds, expect), 1)
+                                one[setup][READINTO[1]] = round(ours_seq_readinto(dev, size, seconds, expect), 1)
+                            else:
+                                one[setup][FIGURES[kind][1]] = round(ours_rand(dev, size, seconds, expect))
                             continue
                         got = kernel_front(disks[setup], kind, size, seconds, pids.get(setup))
                         one[setup][FIGURES[kind][1]] = got["mbps" if kind == "seq" else "iops"]
@@ -530,7 +549,7 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
     figures[SETUPS[2]]["backend_memory_mib"] = memory
     return {
         **figures,
-        **judged(per_round, RATIOS, TARGETS),
+        **judged(per_round, RATIOS, TARGETS, readinto="ours_vs_kernel_front"),
         "rounds": per_round,
         "targets": TARGETS,
         "our_blkback_violations": report.get("total"),
@@ -546,7 +565,8 @@ def run(seconds: float = 2.0, size_mib: int = 64, workdir: Path | None = None, r
             "our_blkback_args": list(blkback_args),
             "figures": "per setup, the median over the rounds (backend_cpu_s: the sum); ratios: the median of "
                        "each round's ratios",
-            "seq": "1 MiB reads, depth 1 (fio psync O_DIRECT; BlkFront.readinto)",
+            "seq": "1 MiB reads, depth 1 (fio psync O_DIRECT; ours: BatchIO, one lane of 1 MiB, used in its granted "
+                   "pages; seq_1m_readinto: BlkFront.readinto, copied into the caller's buffer)",
             "rand": f"4 KiB random reads, depth {RAND_DEPTH} (fio libaio O_DIRECT; BatchIO.read_many, {READ_MANY_CHUNK} reads per call)",
             "order": "each round: " + ", ".join(ORDER) + " (sequential, then random); reversed every other round",
             "images": "one copy of the same bytes per setup, all attached at once",
@@ -583,20 +603,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def medians(per_round: list[dict[str, dict]], setups) -> dict[str, dict]:  # type: ignore[no-untyped-def]
-    """{setup: {figure: its median over the rounds}} for each figure of FIGURES (MB/s to 0.1,
-    IOPS whole)."""
-    return {setup: {key: round(statistics.median([one[setup][key] for one in per_round]), 1 if kind == "seq" else None)
-                    for kind, (_, key) in FIGURES.items()} for setup in setups}
+    """{setup: {figure: its median over the rounds}} for each figure of FIGURES, and
+    READINTO's where the setup has it (MB/s to 0.1, IOPS whole)."""
+    keys = {key: 1 if kind == "seq" else None for kind, (_, key) in FIGURES.items()} | {READINTO[1]: 1}
+    return {setup: {key: round(statistics.median([one[setup][key] for one in per_round]), digits)
+                    for key, digits in keys.items() if key in per_round[0][setup]} for setup in setups}
 
 
-def judged(per_round: list[dict[str, dict]], ratios: dict[str, tuple[str, str]], targets: dict[str, float]) -> dict:
+def judged(per_round: list[dict[str, dict]], ratios: dict[str, tuple[str, str]], targets: dict[str, float],
+           readinto: str | None = None) -> dict:
     """Each round's ratio of every figure of FIGURES for each of `ratios` ({name: (numerator
     setup, denominator setup)}: "<name>_<figure>"), their medians, and each target's verdict
-    (bench_verdict) from its rounds."""
+    (bench_verdict) from its rounds. `readinto`: the name of a ratio whose numerator is our
+    blkfront, also given as its READINTO figure over the denominator's sequential one
+    ("<name>_<READINTO name>")."""
+    def ratio(top: float, bottom: float) -> float:
+        return round(top / bottom, 3) if bottom else 0.0
+
     per_round_ratios = {
-        f"{name}_{suffix}": [round(one[top][key] / one[bottom][key], 3) if one[bottom][key] else 0.0 for one in per_round]
+        f"{name}_{suffix}": [ratio(one[top][key], one[bottom][key]) for one in per_round]
         for name, (top, bottom) in ratios.items() for suffix, key in FIGURES.values()
     }
+    if readinto is not None:
+        top, bottom = ratios[readinto]
+        per_round_ratios[f"{readinto}_{READINTO[0]}"] = [ratio(one[top][READINTO[1]], one[bottom][FIGURES["seq"][1]])
+                                                         for one in per_round]
     return {
         "ratios": {name: round(statistics.median(values), 3) for name, values in per_round_ratios.items()},
         "ratios_per_round": per_round_ratios,

@@ -2,8 +2,9 @@
 (bench_blk.py) or in a guest (domu_guest.py's "bench" task, for bench_guest.py).
 
 Owns: what is measured through our BlkFront and how its data is checked (`ours_seq`: 1 MiB
-readinto calls at depth 1; `ours_rand`: 4 KiB reads at depth RAND_DEPTH through the batch
-API's read_many), the frontend configuration the benches ask for (frontend_config), the
+reads at depth 1 into the batch API's granted pages, no copy; `ours_seq_readinto`: the same
+through readinto, copied into the caller's buffer; `ours_rand`: 4 KiB reads at depth
+RAND_DEPTH through the batch API's read_many), the frontend configuration the benches ask for (frontend_config), the
 random reads' depth for every frontend (RAND_DEPTH), and BenchError.
 Must not: import anything of dom0's (it runs in a guest too, whose Python is ~18x slower and
 carries only what it imports), or decide a verdict.
@@ -37,25 +38,61 @@ class BenchError(Exception):
 
 
 def ours_seq(dev: Any, size: int, seconds: float, expect: Expect) -> float:
-    """MB/s of 1 MiB readinto calls one after the other (depth 1), wrapping at the end; the
-    first is checked against expect()."""
-    buf = bytearray(MiB)
+    """MB/s of 1 MiB reads one after the other (depth 1), wrapping at the end, through the
+    batch API with one lane of 1 MiB: each read lands in the lane's granted pages and is
+    used there (`view`, no copy: the buffers from the grant pool that the batch API offers
+    for this). The first and the last read are checked against expect()."""
+    from xentools.devices.blkfront import BlkfrontError
+
     per = MiB // SECTOR
-    dev.readinto(0, buf)
-    if buf != expect(0, MiB):
-        raise BenchError("the first MiB read through our frontend differs from the image")
-    done = 0
-    sector = 0
+    io = dev.batch_io(depth=1, request_bytes=MiB)
+    try:
+        def one(sector: int) -> memoryview:
+            [tag] = io.submit_reads([(sector, per)])
+            [(tag, status)] = io.reap(1)
+            if status:
+                raise BenchError(f"the 1 MiB read at sector {sector} failed with status {status}")
+            return io.view(tag)
+
+        return _sequential(one, size, seconds, expect)
+    except BlkfrontError as err:
+        raise BenchError(f"sequential reads through the batch API: {err}") from err
+    finally:
+        io.close()
+
+
+def ours_seq_readinto(dev: Any, size: int, seconds: float, expect: Expect) -> float:
+    """As ours_seq, through readinto: each 1 MiB copied from the granted pages into the
+    caller's buffer, as pread(2) gives it (reported beside ours_seq, with no target)."""
+    buf = bytearray(MiB)
+
+    def one(sector: int) -> bytearray:
+        dev.readinto(sector, buf)
+        return buf
+
+    return _sequential(one, size, seconds, expect)
+
+
+def _sequential(read: Callable[[int], Any], size: int, seconds: float, expect: Expect) -> float:
+    """MB/s of read(sector) calls of 1 MiB each at consecutive MiBs, wrapping at the end,
+    until `seconds` passed; the bytes of the first and the last call (what read returned)
+    checked against expect()."""
+    per = MiB // SECTOR
     end = size // SECTOR
+    if read(0) != expect(0, MiB):
+        raise BenchError("the first MiB read through our frontend differs from the image")
+    done = sector = 0
     started = time.perf_counter()
     deadline = started + seconds
     while True:
-        dev.readinto(sector, buf)
+        data = read(sector)
         done += MiB
-        sector = (sector + per) % end
         now = time.perf_counter()
         if now >= deadline:
+            if data != expect(sector * SECTOR, MiB):
+                raise BenchError(f"the MiB at {sector * SECTOR} read through our frontend differs from the image")
             return done / (now - started) / 1e6
+        sector = (sector + per) % end
 
 
 def ours_rand(dev: Any, size: int, seconds: float, expect: Expect) -> float:

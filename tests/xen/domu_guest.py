@@ -36,7 +36,8 @@ Output lines start with "GUEST: " (guests.guest_lines reads them):
   GUEST: checked DEVID                  dom0 answered; the next vbd follows
   GUEST: cli LABEL rc=RC stdout=JSON stderr=JSON   (task bad-input)
   GUEST: sum DISK HEX                  (task bench) FNV-1a 64 of a kernel disk's first MiB
-  GUEST: load ROUND SETUP seq|rand VALUE   (task bench) MB/s or IOPS; SETUP "ours" or a disk
+  GUEST: load ROUND SETUP seq|readinto|rand VALUE   (task bench) MB/s or IOPS; SETUP "ours"
+                                       or a disk (readinto: ours only)
   GUEST: note read at ...               a read that differed from the model: how (diagnose)
   GUEST: FAIL reason
 """
@@ -240,6 +241,8 @@ def task_blkfront(params: dict[str, str]) -> None:
 # generator in the initramfs, and how long its disks may take to appear.
 BENCH_FRONTEND_DIR = "xentools-frontend/vbd"
 GUEST_LOAD = "/bin/guest-load"
+# Our frontend's measurements by the name the load lines give them ("readinto" right after "seq").
+OURS = {"seq": bench_front.ours_seq, "readinto": bench_front.ours_seq_readinto, "rand": bench_front.ours_rand}
 DISK_TIMEOUT = 120.0
 
 
@@ -282,11 +285,13 @@ def task_bench(params: dict[str, str]) -> None:
             for kind in ("seq", "rand"):
                 for setup in order if number % 2 == 0 else order[::-1]:
                     if setup == "ours":
-                        measure = bench_front.ours_seq if kind == "seq" else bench_front.ours_rand
-                        value = f"{measure(dev, size, seconds, lambda o, n: content[o : o + n]):.1f}"
+                        kinds = ("seq", "readinto") if kind == "seq" else ("rand",)
+                        for measured in kinds:
+                            value = OURS[measured](dev, size, seconds, lambda o, n: content[o : o + n])
+                            say(f"load {number} {setup} {measured} {value:.1f}")
                     else:
                         value = guest_load(kind, f"/dev/{setup}", str(seconds), str(bench_front.RAND_DEPTH))
-                    say(f"load {number} {setup} {kind} {value}")
+                        say(f"load {number} {setup} {kind} {value}")
     finally:
         dev.close()
 

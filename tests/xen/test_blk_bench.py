@@ -35,6 +35,8 @@ def test_benchmark_runs_and_prints_its_ratios(tmp_path, capsys):
     for setup in ("kernel_front_on_kernel_back", "ours_front_on_kernel_back", "kernel_front_on_ours_back",
                   "kernel_front_on_qdisk"):
         assert result[setup]["seq_1m_mbps"] > 0 and result[setup]["rand_4k_qd32_iops"] > 0, (setup, result[setup])
+    assert result["ours_front_on_kernel_back"]["seq_1m_readinto_mbps"] > 0, result["ours_front_on_kernel_back"]
+    assert "ours_vs_kernel_front_seq_1m_readinto" in ratios
     assert all(value > 0 for value in ratios.values()), ratios
     assert result["our_blkback_violations"] == 0
     # Every target is judged, and one round decides none of them (its interval covers nothing).

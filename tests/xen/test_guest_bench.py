@@ -34,6 +34,8 @@ def test_guest_benchmark_runs_and_prints_its_ratios(tmp_path, capsys):
         print(f"bench-guest ratios (target, not asserted): {ratios_line(ratios, bench_guest.TARGETS)}")
     for setup in bench_guest.SETUPS:
         assert result[setup]["seq_1m_mbps"] > 0 and result[setup]["rand_4k_qd32_iops"] > 0, (setup, result[setup])
+    assert result["ours_front"]["seq_1m_readinto_mbps"] > 0, result["ours_front"]
+    assert "ours_front_vs_kernel_front_seq_1m_readinto" in ratios
     assert all(value > 0 for value in ratios.values()), ratios
     assert result["our_blkback_violations"] == 0
     served = result["our_blkback_requests"]
