@@ -74,10 +74,12 @@ test: $(STAMP) $(APT_STAMP) $(RINGLOOP) $(GUEST_LOAD) debs-xen
 	echo "make test: the host suite (compiled, then pure-Python data path) runs beside the nested suite; its log: build/test-host.log"; \
 	( export PYTEST_ADDOPTS="-p no:cacheprovider"; $(MAKE) --no-print-directory test-host; a=$$?; \
 	  $(MAKE) --no-print-directory test-host-pure; b=$$?; [ $$a -eq 0 ] && [ $$b -eq 0 ] ) >build/test-host.log 2>&1 & host=$$!; \
-	$(MAKE) --no-print-directory test-xen; xen=$$?; \
+	rm -f build/nested-reruns.log; \
+	NESTED_RERUN_LOG=$(CURDIR)/build/nested-reruns.log $(MAKE) --no-print-directory test-xen; xen=$$?; \
 	wait $$host; hostrc=$$?; \
 	echo "==== host suite (build/test-host.log) ===="; cat build/test-host.log; \
-	echo "make test: host suite exit $$hostrc, nested suite exit $$xen"; \
+	cat build/nested-reruns.log 2>/dev/null; \
+	echo "make test: host suite exit $$hostrc, nested suite exit $$xen, nested machine booted again $$(cat build/nested-reruns.log 2>/dev/null | wc -l) time(s) (a freeze: tests/nested/run.py)"; \
 	[ $$hostrc -eq 0 ] && [ $$xen -eq 0 ]
 
 demo: $(STAMP)

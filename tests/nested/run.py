@@ -112,6 +112,7 @@ EXIT_FROZEN = 123
 # stderr with the reason, and counted in the last line.
 FROZEN_S = 120.0
 FROZEN_RERUNS = 1
+RERUN_LOG_ENV = "NESTED_RERUN_LOG"  # a file each such re-run is also appended to (one line)
 
 
 class HarnessError(Exception):
@@ -492,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
                 break
             reruns.append(f"the emulated machine froze (QEMU used no CPU for {FROZEN_S:.0f} s)")
             log(f"RE-RUN {len(reruns)} of at most {FROZEN_RERUNS}: the whole command, in a new boot: {reruns[-1]}")
+            if os.environ.get(RERUN_LOG_ENV):  # make test prints these in its summary
+                with open(os.environ[RERUN_LOG_ENV], "a") as f:
+                    f.write(f"nested machine RE-RUN: {shlex.join(args.command)}: {reruns[-1]}\n")
     except HarnessError as err:
         log(f"FAIL: {err}")
         rc = EXIT_CANNOT_TEST
