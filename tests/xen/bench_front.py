@@ -4,8 +4,9 @@
 Owns: what is measured through our BlkFront and how its data is checked (`ours_seq`: 1 MiB
 reads at depth 1 into the batch API's granted pages, no copy; `ours_seq_readinto`: the same
 through readinto, copied into the caller's buffer; `ours_rand`: 4 KiB reads at depth
-RAND_DEPTH through the batch API's read_many), the frontend configuration the benches ask for (frontend_config), the
-random reads' depth for every frontend (RAND_DEPTH), and BenchError.
+RAND_DEPTH through the batch API's read_many), the frontend configuration the benches ask
+for (frontend_config), the random reads' depth for every frontend (RAND_DEPTH), and
+BenchError.
 Must not: import anything of dom0's (it runs in a guest too, whose Python is ~18x slower and
 carries only what it imports), or decide a verdict.
 """
